@@ -1,0 +1,273 @@
+"""Thin assets: read from the warehouse, call a transform, write one partition, report metadata."""
+
+
+import datetime as dt
+
+import pandas as pd
+from dagster import AssetExecutionContext, DynamicPartitionsDefinition, MaterializeResult, MetadataValue, asset
+
+from exp_pipeline import results, transforms
+from exp_pipeline.registry import Experiment, Registry
+from exp_pipeline.reports import results_markdown
+from exp_pipeline.resources import RegistryResource
+from exp_pipeline.warehouse import Warehouse, WarehouseSession
+
+experiment_partitions = DynamicPartitionsDefinition(name="experiment")
+
+GROUP = "experiment_analysis"
+OWNERS = ["team:experimentation"]
+# Every asset writing the DuckDB file shares one pool so that writers queue instead of colliding.
+WRITER_POOL = "warehouse_writer"
+
+
+def _experiment(context: AssetExecutionContext, registry: Registry) -> Experiment:
+    try:
+        return registry.experiment(context.partition_key)
+    except KeyError:
+        raise ValueError(
+            f"partition {context.partition_key!r} is not an experiment in the registry; "
+            "remove the partition or add the experiment to the registry"
+        ) from None
+
+
+def _events_source(session: WarehouseSession, registry: Registry, experiment: Experiment):
+    source = registry.sources.events
+    path = registry.resolve_path(source.path) if source.path else None
+    rows = session.read_source(source, path, "events source")
+    event_names = sorted({m.event_name for m in registry.metrics_of(experiment)})
+    return transforms.canonical_events(rows, source, event_names)
+
+
+@asset(
+    group_name=GROUP, owners=OWNERS, kinds={"duckdb"}, pool=WRITER_POOL,
+    description="Experiments from the registry: dates, status and analysis settings.",
+)
+def dim_experiments(registry: RegistryResource, warehouse: Warehouse) -> MaterializeResult:
+    reg = registry.load()
+    now = dt.datetime.now(dt.timezone.utc)
+    frame = pd.DataFrame(
+        [
+            {
+                "experiment_id": e.id,
+                "name": e.name,
+                "description": e.description,
+                "start_at": e.start_at,
+                "end_at": e.end_at,
+                "status": e.status(now),
+                "metrics": ",".join(e.metrics),
+                "alpha": e.alpha,
+                "srm_p_threshold": e.srm.p_threshold,
+                "srm_min_subjects": e.srm.min_subjects,
+                "srm_blocks_metrics": e.srm.blocks_metrics,
+                "cuped_pre_window_days": e.cuped_pre_window_days,
+                "multi_variant_warn_share": e.multi_variant.warn_share,
+                "multi_variant_error_share": e.multi_variant.error_share,
+            }
+            for e in reg.experiments
+        ]
+    )
+    frame["end_at"] = pd.to_datetime(frame["end_at"], utc=True)
+    with warehouse.session() as session:
+        rows = session.replace_table("dim_experiments", frame)
+    return MaterializeResult(metadata={"rows": rows, "preview": MetadataValue.md(frame.to_markdown(index=False))})
+
+
+@asset(
+    group_name=GROUP, owners=OWNERS, kinds={"duckdb"}, pool=WRITER_POOL,
+    description="Variants per experiment: expected traffic share and which one is the control.",
+)
+def dim_variants(registry: RegistryResource, warehouse: Warehouse) -> MaterializeResult:
+    reg = registry.load()
+    frame = pd.DataFrame(
+        [
+            {"experiment_id": e.id, "variant_id": v.id, "is_control": v.control, "weight": v.weight}
+            for e in reg.experiments
+            for v in e.variants
+        ]
+    )
+    with warehouse.session() as session:
+        rows = session.replace_table("dim_variants", frame)
+    return MaterializeResult(metadata={"rows": rows, "preview": MetadataValue.md(frame.to_markdown(index=False))})
+
+
+@asset(
+    group_name=GROUP, owners=OWNERS, kinds={"duckdb"}, pool=WRITER_POOL,
+    partitions_def=experiment_partitions,
+    description="The experiment's exposure log as ingested, many rows per subject, canonical names.",
+)
+def raw_assignments(
+    context: AssetExecutionContext, registry: RegistryResource, warehouse: Warehouse
+) -> MaterializeResult:
+    reg = registry.load()
+    experiment = _experiment(context, reg)
+    source = reg.sources.assignments
+    path = reg.resolve_path(source.path) if source.path else None
+    with warehouse.session() as session:
+        rows = session.read_source(source, path, "assignments source")
+        canonical = transforms.canonical_assignments(rows, source, experiment.id)
+        written = session.replace_partition("raw_assignments", experiment.id, canonical)
+    return MaterializeResult(metadata={"rows": written})
+
+
+@asset(
+    group_name=GROUP, owners=OWNERS, kinds={"duckdb"}, pool=WRITER_POOL,
+    partitions_def=experiment_partitions, deps=[raw_assignments],
+    description=(
+        "One row per (experiment, subject) among active rows: first exposure wins, properties frozen "
+        "at it, subjects exposed to several variants kept but excluded, corrections keep history."
+    ),
+)
+def deduped_assignments(
+    context: AssetExecutionContext, registry: RegistryResource, warehouse: Warehouse
+) -> MaterializeResult:
+    reg = registry.load()
+    experiment = _experiment(context, reg)
+    properties = reg.sources.assignments.properties
+    with warehouse.session() as session:
+        raw = session.partition("raw_assignments", experiment.id)
+        current = transforms.first_exposures(raw, experiment, properties)
+        previous = (
+            session.partition("deduped_assignments", experiment.id)
+            if session.has_table("deduped_assignments")
+            else None
+        )
+        if previous is not None:
+            # Materialize the previous state first: the write below replaces it.
+            previous = session.ibis.create_table(
+                "_previous_deduped", previous, temp=True, overwrite=True
+            )
+        recorded_at = dt.datetime.now(dt.timezone.utc)
+        new_state = transforms.apply_assignment_history(current, previous, recorded_at)
+        written = session.replace_partition("deduped_assignments", experiment.id, new_state)
+        row_counts = session.to_pandas(transforms.exposure_row_counts(raw, experiment))
+        analysable = transforms.analysable_assignments(session.partition("deduped_assignments", experiment.id))
+        counts = session.to_pandas(transforms.assignment_counts(analysable, []))
+        excluded = session.count(
+            session.partition("deduped_assignments", experiment.id).filter(
+                lambda t: t.is_active & t.exclusion_reason.notnull()
+            )
+        )
+    observed = dict(zip(counts["variant_id"], counts["n"].astype(int)))
+    total_subjects = sum(observed.values()) + excluded
+    reasons = dict(zip(row_counts["reason"], row_counts["rows"].astype(int)))
+    per_variant = pd.DataFrame(
+        [
+            {
+                "variant": v.id,
+                "subjects": observed.get(v.id, 0),
+                "observed_share": observed.get(v.id, 0) / max(sum(observed.values()), 1),
+                "expected_share": v.weight,
+            }
+            for v in experiment.variants
+        ]
+    )
+    return MaterializeResult(
+        metadata={
+            "rows": written,
+            "analysable_subjects": sum(observed.values()),
+            "multi_variant_subjects": excluded,
+            "multi_variant_share": excluded / total_subjects if total_subjects else 0.0,
+            "exposure_rows_by_reason": reasons,
+            "subjects_per_variant": MetadataValue.md(per_variant.to_markdown(index=False, floatfmt=".4f")),
+        }
+    )
+
+
+@asset(
+    group_name=GROUP, owners=OWNERS, kinds={"duckdb"}, pool=WRITER_POOL,
+    partitions_def=experiment_partitions, deps=[deduped_assignments],
+    description=(
+        "Events of analysable subjects at or after their assignment (event_at >= assigned_at) and "
+        "inside the widest metric window."
+    ),
+)
+def post_assignment_events(
+    context: AssetExecutionContext, registry: RegistryResource, warehouse: Warehouse
+) -> MaterializeResult:
+    reg = registry.load()
+    experiment = _experiment(context, reg)
+    with warehouse.session() as session:
+        events = _events_source(session, reg, experiment)
+        assignments = transforms.analysable_assignments(session.partition("deduped_assignments", experiment.id))
+        joined = transforms.join_post_assignment_events(assignments, events, reg.metrics_of(experiment))
+        written = session.replace_partition("post_assignment_events", experiment.id, joined)
+    return MaterializeResult(metadata={"rows": written})
+
+
+@asset(
+    group_name=GROUP, owners=OWNERS, kinds={"duckdb"}, pool=WRITER_POOL,
+    partitions_def=experiment_partitions, deps=[deduped_assignments],
+    description=(
+        "Events of analysable subjects in the pre-assignment window (the CUPED covariate period)."
+    ),
+)
+def pre_assignment_events(
+    context: AssetExecutionContext, registry: RegistryResource, warehouse: Warehouse
+) -> MaterializeResult:
+    reg = registry.load()
+    experiment = _experiment(context, reg)
+    with warehouse.session() as session:
+        events = _events_source(session, reg, experiment)
+        assignments = transforms.analysable_assignments(session.partition("deduped_assignments", experiment.id))
+        joined = transforms.join_pre_assignment_events(assignments, events, experiment.cuped_pre_window_days)
+        written = session.replace_partition("pre_assignment_events", experiment.id, joined)
+    return MaterializeResult(metadata={"rows": written})
+
+
+@asset(
+    group_name=GROUP, owners=OWNERS, kinds={"duckdb", "pandas"}, pool=WRITER_POOL,
+    partitions_def=experiment_partitions,
+    deps=[deduped_assignments, post_assignment_events, pre_assignment_events],
+    description=(
+        "Per (experiment, variant, metric): sufficient statistics, lift vs control with its interval "
+        "and p-value, CUPED-adjusted lift, Holm-adjusted p-values and the SRM verdict."
+    ),
+)
+def variant_metrics(
+    context: AssetExecutionContext, registry: RegistryResource, warehouse: Warehouse
+) -> MaterializeResult:
+    reg = registry.load()
+    experiment = _experiment(context, reg)
+    metrics = reg.metrics_of(experiment)
+    properties = reg.sources.assignments.properties
+    with warehouse.session() as session:
+        assignments = transforms.analysable_assignments(session.partition("deduped_assignments", experiment.id))
+        post = transforms.cap_subject_values(
+            transforms.subject_metric_values(
+                assignments, session.partition("post_assignment_events", experiment.id), metrics
+            ),
+            metrics,
+        )
+        pre = None
+        if experiment.cuped_pre_window_days > 0:
+            pre = transforms.cap_subject_values(
+                transforms.subject_metric_values(
+                    assignments,
+                    session.partition("pre_assignment_events", experiment.id),
+                    metrics,
+                    apply_metric_windows=False,
+                ),
+                metrics,
+            )
+        # Only these small tables leave the engine.
+        sufficient = session.to_pandas(transforms.sufficient_statistics(post, pre))
+        counts = session.to_pandas(transforms.assignment_counts(assignments, properties))
+        srm, causes = results.srm_of(counts, experiment)
+        frame = results.variant_metric_rows(sufficient, experiment, metrics, srm)
+        written = session.replace_partition("variant_metrics", experiment.id, frame)
+    metadata = {
+        "rows": written,
+        "srm_p_value": float(srm.p_value),
+        "srm_flagged": srm.flagged,
+        "results": MetadataValue.md(results_markdown(frame)),
+    }
+    if causes:
+        top = causes[0]
+        metadata["srm_likely_cause"] = f"{top.property} = {top.value} (p = {top.p_value_bonferroni:.2e})"
+    return MaterializeResult(metadata=metadata)
+
+
+ANALYSIS_ASSETS = [
+    raw_assignments, deduped_assignments, post_assignment_events, pre_assignment_events, variant_metrics,
+]
+REGISTRY_ASSETS = [dim_experiments, dim_variants]

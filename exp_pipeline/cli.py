@@ -1,0 +1,96 @@
+"""`python -m exp_pipeline.cli run`: the main job on the bundled sample data, results printed.
+
+It generates the sample data if missing, registers every experiment as a partition of the Dagster
+instance (DAGSTER_HOME, so `dagster dev` shows the same runs), materializes the registry tables and
+every experiment's partition in process, and prints one results table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from exp_pipeline.resources import PROJECT_ROOT, duckdb_path, registry_path
+
+SAMPLE_DIR = PROJECT_ROOT / "data" / "sample"
+DEFAULT_DAGSTER_HOME = PROJECT_ROOT / ".dagster_home"
+
+
+def _ensure_sample_data(users: int, seed: int) -> None:
+    if (SAMPLE_DIR / "ground_truth.json").exists():
+        return
+    from exp_pipeline.sample_data import generate
+
+    print(f"generating sample data for {users} users into {SAMPLE_DIR} ...", flush=True)
+    generate(SAMPLE_DIR, n_users=users, seed=seed)
+
+
+def run(experiment_ids: list[str] | None, users: int, seed: int) -> int:
+    os.environ.setdefault("DAGSTER_HOME", str(DEFAULT_DAGSTER_HOME))
+    Path(os.environ["DAGSTER_HOME"]).mkdir(parents=True, exist_ok=True)
+    if registry_path() == str(PROJECT_ROOT / "data" / "registry.yaml"):
+        _ensure_sample_data(users, seed)
+
+    # Imported late so that DAGSTER_HOME is set before Dagster reads it.
+    from dagster import DagsterInstance
+
+    from exp_pipeline.assets import experiment_partitions
+    from exp_pipeline.definitions import defs
+    from exp_pipeline.reports import results_text
+    from exp_pipeline.resources import RegistryResource
+    from exp_pipeline.warehouse import Warehouse
+
+    registry = RegistryResource(path=registry_path()).load()
+    wanted = experiment_ids or [e.id for e in registry.experiments]
+    for experiment_id in wanted:
+        registry.experiment(experiment_id)  # fails early, naming an unknown experiment
+
+    with DagsterInstance.get() as instance:
+        known = set(instance.get_dynamic_partitions(experiment_partitions.name))
+        new = [e for e in wanted if e not in known]
+        if new:
+            instance.add_dynamic_partitions(experiment_partitions.name, new)
+        failed = []
+        if not defs.resolve_job_def("refresh_registry").execute_in_process(
+            instance=instance, raise_on_error=False
+        ).success:
+            failed.append("refresh_registry")
+        job = defs.resolve_job_def("analyze_experiment")
+        for experiment_id in wanted:
+            print(f"analysing {experiment_id} ...", flush=True)
+            result = job.execute_in_process(
+                partition_key=experiment_id, instance=instance, raise_on_error=False
+            )
+            if not result.success:
+                failed.append(experiment_id)
+
+    warehouse: Warehouse = defs.resources["warehouse"]
+    with warehouse.session() as session:
+        table = session.table("variant_metrics")
+        frame = session.to_pandas(
+            table.filter(table.experiment_id.isin(wanted)).order_by("experiment_id", "metric", "variant_id")
+        )
+    print()
+    print(results_text(frame))
+    print(f"\nwarehouse: {duckdb_path()}  (schema exp)")
+    if failed:
+        print(f"FAILED: {', '.join(failed)}; see the run logs in the Dagster UI", file=sys.stderr)
+        return 1
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="exp_pipeline", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    run_parser = sub.add_parser("run", help="materialize the pipeline and print results")
+    run_parser.add_argument("--experiment", action="append", help="only this experiment (repeatable)")
+    run_parser.add_argument("--users", type=int, default=100_000, help="sample size if generating")
+    run_parser.add_argument("--seed", type=int, default=20261123, help="sample seed if generating")
+    args = parser.parse_args(argv)
+    return run(args.experiment, args.users, args.seed)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

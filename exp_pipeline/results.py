@@ -1,0 +1,125 @@
+"""Pure assembly of an experiment's results from its (small) sufficient-statistics table.
+
+Input and output are small pandas frames: one row per (variant, metric). The numbers come from
+stats.py; this module only decides which comparisons to make and lays the rows out.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pandas as pd
+
+from exp_pipeline import stats
+from exp_pipeline.registry import Experiment, Metric
+
+SUFFICIENT_COLUMNS = ("n", "sum_y", "sum_y2", "sum_x", "sum_x2", "sum_xy")
+
+VARIANT_METRICS_COLUMNS = (
+    "experiment_id", "variant_id", "metric", "is_control", "aggregation",
+    *SUFFICIENT_COLUMNS,
+    "mean", "std",
+    "abs_lift", "abs_lift_ci_low", "abs_lift_ci_high",
+    "rel_lift", "ci_low", "ci_high", "df", "p_value", "p_value_holm",
+    "cuped_theta", "cuped_rel_lift", "cuped_ci_low", "cuped_ci_high", "cuped_p_value",
+    "cuped_p_value_holm", "cuped_variance_reduction",
+    "expected_share", "srm_p_value", "srm_flagged",
+)
+
+
+def _stats_of(row: pd.Series) -> stats.SufficientStats:
+    return stats.SufficientStats(
+        n=int(row["n"]), **{c: float(row[c]) for c in SUFFICIENT_COLUMNS if c != "n"}
+    )
+
+
+def _empty_stats() -> stats.SufficientStats:
+    return stats.SufficientStats(n=0, sum_y=0.0, sum_y2=0.0)
+
+
+def variant_metric_rows(
+    sufficient: pd.DataFrame,
+    experiment: Experiment,
+    metrics: list[Metric],
+    srm: stats.SrmResult,
+) -> pd.DataFrame:
+    """One row per (variant, metric) with the inference of each treatment against the control.
+
+    Variants or metrics without any subject still get a row (n = 0, statistics NaN), so an empty
+    arm is visible rather than missing.
+    """
+    by_key = {(row["variant_id"], row["metric"]): _stats_of(row) for _, row in sufficient.iterrows()}
+    control_id = experiment.control.id
+    rows = []
+    for metric in metrics:
+        control = by_key.get((control_id, metric.id), _empty_stats())
+        for variant in experiment.variants:
+            s = by_key.get((variant.id, metric.id), _empty_stats())
+            row = {
+                "experiment_id": experiment.id,
+                "variant_id": variant.id,
+                "metric": metric.id,
+                "is_control": variant.control,
+                "aggregation": metric.aggregation,
+                "n": s.n, "sum_y": s.sum_y, "sum_y2": s.sum_y2,
+                "sum_x": s.sum_x, "sum_x2": s.sum_x2, "sum_xy": s.sum_xy,
+                "mean": s.mean,
+                "std": math.sqrt(s.variance) if s.variance == s.variance else math.nan,
+                "expected_share": variant.weight,
+                "srm_p_value": srm.p_value,
+                "srm_flagged": srm.flagged,
+            }
+            if variant.control:
+                rows.append(row)
+                continue
+            raw = stats.compare(s, control, alpha=experiment.alpha)
+            row.update(
+                abs_lift=raw.abs_lift, abs_lift_ci_low=raw.abs_ci_low,
+                abs_lift_ci_high=raw.abs_ci_high,
+                rel_lift=raw.rel_lift, ci_low=raw.ci_low, ci_high=raw.ci_high,
+                df=raw.df, p_value=raw.p_value,
+            )
+            if experiment.cuped_pre_window_days > 0:
+                theta = stats.cuped_theta([s, control])
+                adjusted = stats.compare_cuped(s, control, alpha=experiment.alpha, theta=theta)
+                row.update(
+                    cuped_theta=theta,
+                    cuped_rel_lift=adjusted.rel_lift,
+                    cuped_ci_low=adjusted.ci_low,
+                    cuped_ci_high=adjusted.ci_high,
+                    cuped_p_value=adjusted.p_value,
+                    cuped_variance_reduction=1 - (adjusted.rel_se / raw.rel_se) ** 2
+                    if raw.rel_se and raw.rel_se == raw.rel_se else math.nan,
+                )
+            rows.append(row)
+    frame = pd.DataFrame(rows).reindex(columns=list(VARIANT_METRICS_COLUMNS))
+    # Holm across the experiment's treatment x metric comparisons (the family a reader scans).
+    for raw_col, adjusted_col in (("p_value", "p_value_holm"), ("cuped_p_value", "cuped_p_value_holm")):
+        compared = ~frame["is_control"].astype(bool)
+        frame.loc[compared, adjusted_col] = stats.holm(frame.loc[compared, raw_col].astype(float).tolist())
+    float_columns = [c for c in VARIANT_METRICS_COLUMNS if c not in (
+        "experiment_id", "variant_id", "metric", "is_control", "aggregation", "n", "srm_flagged")]
+    frame[float_columns] = frame[float_columns].astype("float64")
+    frame["n"] = frame["n"].astype("int64")
+    frame["is_control"] = frame["is_control"].astype(bool)
+    frame["srm_flagged"] = frame["srm_flagged"].astype(bool)
+    return frame
+
+
+def srm_of(counts: pd.DataFrame, experiment: Experiment) -> tuple[stats.SrmResult, list[stats.SrmCause]]:
+    """SRM verdict from the assignment_counts table, and per-property causes when it fires."""
+    overall = counts[counts["property"] == ""]
+    observed = {v: int(n) for v, n in zip(overall["variant_id"], overall["n"])}
+    result = stats.srm_test(
+        observed,
+        experiment.weights,
+        threshold=experiment.srm.p_threshold,
+        min_total=experiment.srm.min_subjects,
+    )
+    if not result.flagged:
+        return result, []
+    segments: dict[tuple[str, str], dict[str, int]] = {}
+    for row in counts[counts["property"] != ""].itertuples(index=False):
+        segments.setdefault((row.property, row.value), {})[row.variant_id] = int(row.n)
+    causes = stats.srm_by_property(segments, experiment.weights, min_total=experiment.srm.min_subjects)
+    return result, causes

@@ -1,0 +1,348 @@
+"""Pure table -> table functions (Ibis expressions): they run inside the engine, on any backend.
+
+Nothing here executes a query or pulls rows into Python; assets decide when to run and where to
+write. No engine-specific SQL: only Ibis.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Sequence
+
+import ibis
+import ibis.expr.datatypes as dtypes
+import ibis.expr.types as ir
+import pandas as pd
+
+from exp_pipeline.registry import Experiment, Metric, Source
+
+UTC_TIMESTAMP = dtypes.Timestamp(timezone="UTC", scale=6)
+SECONDS_PER_DAY = 86_400
+
+# Why an exposure row is not used for a subject's assignment.
+EXCLUDED_ROW_REASONS = ("missing_key", "unknown_variant", "outside_window")
+MULTIPLE_VARIANTS = "multiple_variants"
+
+
+def to_utc_timestamp(column: ir.Value) -> ir.TimestampValue:
+    """Normalize any timestamp form to one type: UTC, microseconds.
+
+    Naive timestamps are taken as UTC (the session's time zone); aware ones are converted; strings
+    are parsed, unparsable ones become null. Doing this once at ingestion is what lets later
+    comparisons work whatever wrote the source (pandas writes nanoseconds, others microseconds).
+    """
+    if column.type().is_string():
+        return column.try_cast(UTC_TIMESTAMP)
+    return column.cast(UTC_TIMESTAMP)
+
+
+def _require_columns(table: ir.Table, source: Source, canonical: Sequence[str], what: str) -> None:
+    missing = []
+    for name in canonical:
+        column = source.source_column(name)
+        if column not in table.columns:
+            mapped = f" (mapped from {name!r})" if column != name else ""
+            missing.append(f"{column!r}{mapped}")
+    if missing:
+        raise ValueError(
+            f"{what}: missing columns {', '.join(missing)}; the source has {list(table.columns)}. "
+            "Fix the column mapping under sources in the registry."
+        )
+
+
+def canonical_assignments(source_rows: ir.Table, source: Source, experiment_id: str) -> ir.Table:
+    """One experiment's exposure rows, mapped onto canonical names and types."""
+    _require_columns(
+        source_rows,
+        source,
+        ("subject_id", "experiment_id", "variant_id", "assigned_at", *source.properties),
+        "assignments source",
+    )
+    experiment_column = source_rows[source.source_column("experiment_id")].cast("string")
+    rows = source_rows.filter(experiment_column == experiment_id)
+    return rows.select(
+        experiment_id=rows[source.source_column("experiment_id")].cast("string"),
+        subject_id=rows[source.source_column("subject_id")].cast("string"),
+        variant_id=rows[source.source_column("variant_id")].cast("string"),
+        assigned_at=to_utc_timestamp(rows[source.source_column("assigned_at")]),
+        **{p: rows[p].cast("string") for p in source.properties},
+        source_file=rows.source_file.cast("string"),
+    )
+
+
+def canonical_events(source_rows: ir.Table, source: Source, event_names: Sequence[str]) -> ir.Table:
+    """Event rows of the named events, mapped onto canonical names and types."""
+    _require_columns(source_rows, source, ("subject_id", "event_at", "event_name"), "events source")
+    name_column = source.source_column("event_name")
+    rows = source_rows.filter(source_rows[name_column].cast("string").isin(list(event_names)))
+    value_column = source.source_column("value")
+    if value_column in rows.columns:
+        value = rows[value_column].try_cast("float64")
+    else:
+        value = ibis.null("float64")  # a count-only event log
+    return rows.select(
+        subject_id=rows[source.source_column("subject_id")].cast("string"),
+        event_at=to_utc_timestamp(rows[source.source_column("event_at")]),
+        event_name=rows[name_column].cast("string"),
+        value=value,
+    )
+
+
+def _row_reason(rows: ir.Table, experiment: Experiment) -> ir.StringValue:
+    """Why a raw exposure row cannot be used, or null when it can."""
+    known = [v.id for v in experiment.variants]
+    in_window = rows.assigned_at >= experiment.start_at
+    if experiment.end_at is not None:
+        in_window &= rows.assigned_at < experiment.end_at
+    return (
+        ibis.cases(
+            (rows.subject_id.isnull() | (rows.subject_id.strip() == "") | rows.assigned_at.isnull(),
+             "missing_key"),
+            (~rows.variant_id.isin(known) | rows.variant_id.isnull(), "unknown_variant"),
+            (~in_window, "outside_window"),
+            else_=ibis.null(),
+        )
+    )
+
+
+def classify_exposures(raw: ir.Table, experiment: Experiment) -> ir.Table:
+    """Raw exposure rows with `exclusion_reason` (null for usable rows)."""
+    return raw.mutate(exclusion_reason=_row_reason(raw, experiment))
+
+
+def exposure_row_counts(raw: ir.Table, experiment: Experiment) -> ir.Table:
+    """Small table: raw rows per exclusion reason ('used' for usable rows)."""
+    classified = classify_exposures(raw, experiment)
+    return classified.group_by(
+        reason=classified.exclusion_reason.fill_null("used")
+    ).aggregate(rows=classified.count())
+
+
+def first_exposures(raw: ir.Table, experiment: Experiment, properties: Sequence[str]) -> ir.Table:
+    """One row per subject: the first usable exposure wins, with its properties.
+
+    Subjects whose usable exposures name more than one variant keep a row too, marked
+    `exclusion_reason = 'multiple_variants'`, so they are counted and reported, not lost.
+    """
+    usable = classify_exposures(raw, experiment)
+    usable = usable.filter(usable.exclusion_reason.isnull()).drop("exclusion_reason")
+    per_subject = ibis.window(
+        group_by=usable.subject_id,
+        # Ties on the timestamp are broken deterministically so reruns give the same answer.
+        order_by=[usable.assigned_at, usable.variant_id, *(usable[p] for p in properties), usable.source_file],
+    )
+    ranked = usable.mutate(
+        _rank=ibis.row_number().over(per_subject),
+    )
+    summary = usable.group_by("subject_id").aggregate(
+        n_exposures=usable.count(),
+        n_variants_seen=usable.variant_id.nunique(),
+    )
+    first = ranked.filter(ranked._rank == 0).drop("_rank", "source_file")
+    joined = first.join(summary, "subject_id")
+    return joined.select(
+        "experiment_id",
+        "subject_id",
+        "variant_id",
+        "assigned_at",
+        *properties,
+        n_exposures=joined.n_exposures.cast("int64"),
+        n_variants_seen=joined.n_variants_seen.cast("int64"),
+        exclusion_reason=ibis.ifelse(
+            joined.n_variants_seen > 1, ibis.literal(MULTIPLE_VARIANTS), ibis.null("string")
+        ),
+    )
+
+
+# Columns that, when they change for a subject, make a correction (old row kept inactive).
+TRACKED_COLUMNS = ("variant_id", "assigned_at", "exclusion_reason")
+
+
+def apply_assignment_history(
+    current: ir.Table, previous: ir.Table | None, recorded_at: dt.datetime
+) -> ir.Table:
+    """The new contents of an experiment's deduped_assignments partition, history included.
+
+    `current` is the assignment state computed from the log now; `previous` is what the table held.
+    Unchanged subjects keep their row (and `valid_from`) as it was, so reruns are idempotent.
+    A subject whose variant, first exposure or exclusion changed is a correction: the old row is
+    kept with `is_active = false` and `valid_to` set, and the new row is inserted active. Rows that
+    were already inactive stay forever. Nothing is deleted.
+    """
+    recorded = ibis.literal(recorded_at, type=UTC_TIMESTAMP)
+    fresh = current.mutate(
+        is_active=ibis.literal(True),
+        valid_from=recorded,
+        valid_to=ibis.null(UTC_TIMESTAMP),
+    )
+    if previous is None:
+        return fresh
+    columns = fresh.columns
+    previous = previous.select(*columns)
+    history = previous.filter(~previous.is_active)
+    active = previous.filter(previous.is_active)
+
+    key = ["experiment_id", "subject_id"]
+    # Unchanged subjects: the previous active row stays as it is.
+    same = [active[c].identical_to(current[c]) for c in TRACKED_COLUMNS]
+    kept = active.semi_join(current, [*(active[k] == current[k] for k in key), *same])
+    # Changed or vanished subjects: the previous active row closes.
+    closed = active.anti_join(kept, key).mutate(is_active=ibis.literal(False), valid_to=recorded)
+    # New or changed subjects: the current row opens.
+    opened = fresh.anti_join(kept, key)
+    return ibis.union(history, kept, closed, opened.select(*columns), distinct=False)
+
+
+def analysable_assignments(deduped: ir.Table) -> ir.Table:
+    """Active, not excluded assignments: the subjects whose metrics are analysed."""
+    return deduped.filter(deduped.is_active & deduped.exclusion_reason.isnull())
+
+
+def metric_windows(metrics: Sequence[Metric]) -> ir.Table:
+    """Small in-engine table of the metric definitions the per-subject computation joins on."""
+    frame = pd.DataFrame(
+        {
+            "metric": [m.id for m in metrics],
+            "event_name": [m.event_name for m in metrics],
+            "aggregation": [m.aggregation for m in metrics],
+            "start_seconds": [int(round(m.window_start_days * SECONDS_PER_DAY)) for m in metrics],
+            "end_seconds": [int(round(m.window_end_days * SECONDS_PER_DAY)) for m in metrics],
+        }
+    )
+    return ibis.memtable(frame)
+
+
+def join_post_assignment_events(
+    assignments: ir.Table, events: ir.Table, metrics: Sequence[Metric]
+) -> ir.Table:
+    """The temporal join: events of assigned subjects at or after assignment, inside a metric window.
+
+    An event exactly at `assigned_at` counts; the window end is exclusive.
+    """
+    start = min(m.window_start_days for m in metrics) * SECONDS_PER_DAY
+    end = max(m.window_end_days for m in metrics) * SECONDS_PER_DAY
+    subjects = assignments.select("experiment_id", "subject_id", "variant_id", "assigned_at")
+    joined = subjects.join(events, "subject_id")
+    joined = joined.filter(
+        joined.event_at >= joined.assigned_at + ibis.interval(seconds=int(start)),
+        joined.event_at < joined.assigned_at + ibis.interval(seconds=int(round(end))),
+    )
+    return joined.select(
+        "experiment_id", "subject_id", "variant_id", "assigned_at", "event_at", "event_name", "value"
+    )
+
+
+def join_pre_assignment_events(
+    assignments: ir.Table, events: ir.Table, pre_window_days: float
+) -> ir.Table:
+    """Events of assigned subjects in the pre-assignment window [assigned_at - window, assigned_at)."""
+    window = ibis.interval(seconds=int(round(pre_window_days * SECONDS_PER_DAY)))
+    subjects = assignments.select("experiment_id", "subject_id", "variant_id", "assigned_at")
+    joined = subjects.join(events, "subject_id")
+    joined = joined.filter(
+        joined.event_at >= joined.assigned_at - window,
+        joined.event_at < joined.assigned_at,
+    )
+    return joined.select(
+        "experiment_id", "subject_id", "variant_id", "assigned_at", "event_at", "event_name", "value"
+    )
+
+
+def subject_metric_values(
+    assignments: ir.Table,
+    events: ir.Table,
+    metrics: Sequence[Metric],
+    *,
+    apply_metric_windows: bool = True,
+) -> ir.Table:
+    """Per (subject, metric) value; subjects without events count as zero.
+
+    For post-assignment events each metric's own window applies. Pre-assignment events (the CUPED
+    covariate) are already cut to the pre window: pass `apply_metric_windows=False`.
+    Capping is applied separately (`cap_subject_values`).
+    """
+    windows = metric_windows(metrics)
+    matched = events.join(windows, "event_name")
+    if apply_metric_windows:
+        matched = matched.filter(
+            matched.event_at >= matched.assigned_at + matched.start_seconds.as_interval("s"),
+            matched.event_at < matched.assigned_at + matched.end_seconds.as_interval("s"),
+        )
+    per_subject = matched.group_by("experiment_id", "subject_id", "metric").aggregate(
+        sum_value=matched.value.fill_null(0).sum(),
+        n_events=matched.count(),
+    )
+
+    subjects = assignments.select("experiment_id", "subject_id", "variant_id")
+    grid = subjects.cross_join(windows.select("metric", "aggregation"))
+    valued = grid.left_join(per_subject, ["experiment_id", "subject_id", "metric"])
+    n_events = valued.n_events.fill_null(0)
+    value = ibis.cases(
+        (valued.aggregation == "sum", valued.sum_value.fill_null(0.0)),
+        (valued.aggregation == "count", n_events.cast("float64")),
+        else_=ibis.ifelse(n_events > 0, 1.0, 0.0),
+    )
+    return valued.select("experiment_id", "subject_id", "variant_id", "metric", value=value)
+
+
+def cap_subject_values(values: ir.Table, metrics: Sequence[Metric]) -> ir.Table:
+    """Winsorize per-subject values at each capped metric's percentile over all of its subjects."""
+    capped = [m for m in metrics if m.cap_percentile is not None]
+    if not capped:
+        return values
+    caps = []
+    for metric in capped:
+        of_metric = values.filter(values.metric == metric.id)
+        caps.append(
+            of_metric.aggregate(cap=of_metric.value.quantile(metric.cap_percentile)).mutate(
+                metric=ibis.literal(metric.id)
+            )
+        )
+    caps = ibis.union(*caps, distinct=False) if len(caps) > 1 else caps[0]
+    joined = values.left_join(caps, "metric")
+    value = ibis.ifelse(
+        joined.cap.notnull() & (joined.value > joined.cap), joined.cap, joined.value
+    )
+    return joined.select("experiment_id", "subject_id", "variant_id", "metric", value=value)
+
+
+def sufficient_statistics(post_values: ir.Table, pre_values: ir.Table | None) -> ir.Table:
+    """Per (experiment, variant, metric): n, sums and cross products of y and its covariate x.
+
+    This small table is all that leaves the engine for inference.
+    """
+    if pre_values is None:
+        joined = post_values.mutate(x=ibis.literal(0.0))
+    else:
+        joined = post_values.join(
+            pre_values.select("experiment_id", "subject_id", "metric", x="value"),
+            ["experiment_id", "subject_id", "metric"],
+            how="left",
+        )
+        joined = joined.mutate(x=joined.x.fill_null(0.0))
+    y = joined.value.cast("float64")
+    x = joined.x.cast("float64")
+    return joined.group_by("experiment_id", "variant_id", "metric").aggregate(
+        n=joined.count(),
+        sum_y=y.sum(),
+        sum_y2=(y * y).sum(),
+        sum_x=x.sum(),
+        sum_x2=(x * x).sum(),
+        sum_xy=(x * y).sum(),
+    )
+
+
+def assignment_counts(assignments: ir.Table, properties: Sequence[str]) -> ir.Table:
+    """Small table of subject counts per variant, overall (property '') and per property value."""
+    overall = assignments.group_by("variant_id").aggregate(n=assignments.count()).mutate(
+        property=ibis.literal(""), value=ibis.literal("")
+    )
+    parts = [overall]
+    for prop in properties:
+        parts.append(
+            assignments.group_by("variant_id", value=assignments[prop].cast("string").fill_null("(null)"))
+            .aggregate(n=assignments.count())
+            .mutate(property=ibis.literal(prop))
+        )
+    columns = ["property", "value", "variant_id", "n"]
+    return ibis.union(*(p.select(*columns) for p in parts), distinct=False)

@@ -1,0 +1,169 @@
+"""The engine resource: DuckDB by default (through dagster-duckdb), Ibis tables out.
+
+Everything engine-specific lives here: opening the connection, reading sources, and atomic writes.
+Transforms only ever see Ibis tables, so they run unchanged on another Ibis backend.
+"""
+
+from __future__ import annotations
+
+import glob as globlib
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import ibis
+import ibis.expr.types as ir
+import pandas as pd
+from dagster import ConfigurableResource
+from dagster_duckdb import DuckDBResource
+from pydantic import Field
+
+from exp_pipeline.registry import SAFE_ID_PATTERN, Source
+
+
+class SourceError(ValueError):
+    """A source cannot be read at all; the message names the file and says how to fix it."""
+
+
+def _quote(identifier: str) -> str:
+    # Only identifiers that passed SAFE_ID_PATTERN reach SQL text; values always go as parameters.
+    if not SAFE_ID_PATTERN.match(identifier):
+        raise ValueError(f"unsafe identifier {identifier!r}")
+    return f'"{identifier}"'
+
+
+class WarehouseSession:
+    """One open connection: read tables and sources as Ibis tables, write partitions atomically."""
+
+    def __init__(self, raw_connection, schema: str):
+        self.raw = raw_connection
+        self.schema = schema
+        self.ibis = ibis.duckdb.from_connection(raw_connection)
+        self.raw.execute(f"CREATE SCHEMA IF NOT EXISTS {_quote(schema)}")
+
+    # -- reading -------------------------------------------------------------------------------
+
+    def has_table(self, name: str) -> bool:
+        # Not ibis' list_tables: with DuckDB 2.0 it calls a removed fetch_arrow_table().
+        found = self.raw.execute(
+            "SELECT count(*) FROM information_schema.tables WHERE table_schema = ? AND table_name = ?",
+            [self.schema, name],
+        ).fetchone()[0]
+        return found > 0
+
+    def table(self, name: str) -> ir.Table:
+        if not self.has_table(name):
+            raise LookupError(
+                f"table {self.schema}.{name} does not exist yet: materialize its asset first"
+            )
+        return self.ibis.table(name, database=self.schema)
+
+    def partition(self, name: str, experiment_id: str) -> ir.Table:
+        table = self.table(name)
+        return table.filter(table.experiment_id == experiment_id)
+
+    def read_source(self, source: Source, resolved_path: str | None, description: str) -> ir.Table:
+        """The source as an Ibis table, with a `source_file` column naming where each row came from."""
+        if source.table is not None:
+            database, _, table_name = source.table.rpartition(".")
+            try:
+                table = self.ibis.table(table_name, database=database or None)
+            except Exception as exc:  # the backend's own error type varies
+                raise SourceError(
+                    f"{description}: table {source.table!r} is not in the warehouse ({exc})"
+                ) from None
+            return table.mutate(source_file=ibis.literal(source.table))
+        assert resolved_path is not None
+        if not globlib.glob(resolved_path):
+            raise SourceError(
+                f"{description}: no file matches {resolved_path!r}; check 'path' in the registry "
+                "(relative paths are relative to the registry file's folder)"
+            )
+        try:
+            if source.file_format == "parquet":
+                table = self.ibis.read_parquet(resolved_path, filename=True)
+            else:
+                table = self.ibis.read_csv(resolved_path, filename=True, all_varchar=True)
+        except Exception as exc:
+            raise SourceError(
+                f"{description}: cannot read {resolved_path!r} as {source.file_format}: {exc}"
+            ) from None
+        return table.rename(source_file="filename")
+
+    def to_pandas(self, expr: ir.Table) -> pd.DataFrame:
+        """Only for small results: sufficient statistics, counts, previews."""
+        return self.ibis.to_pandas(expr)
+
+    def count(self, expr: ir.Table) -> int:
+        return int(self.ibis.execute(expr.count()))
+
+    # -- writing -------------------------------------------------------------------------------
+
+    def _ensure_table(self, name: str, schema: ibis.Schema) -> None:
+        if not self.has_table(name):
+            self.ibis.create_table(name, schema=schema, database=self.schema)
+            return
+        existing = self.ibis.table(name, database=self.schema).schema()
+        for column, dtype in schema.items():
+            if column not in existing:
+                # A newer pipeline version added a column: older partitions read it as null.
+                sql_type = self.ibis.compiler.type_mapper.to_string(dtype)
+                self.raw.execute(
+                    f"ALTER TABLE {_quote(self.schema)}.{_quote(name)} "
+                    f"ADD COLUMN {_quote(column)} {sql_type}"
+                )
+
+    @contextmanager
+    def _transaction(self) -> Iterator[None]:
+        self.raw.begin()
+        try:
+            yield
+        except BaseException:
+            self.raw.rollback()
+            raise
+        self.raw.commit()
+
+    def replace_partition(self, name: str, experiment_id: str, rows: ir.Table | pd.DataFrame) -> int:
+        """Replace one experiment's rows of `name` in one transaction; returns the rows written.
+
+        A failure (or a killed process) before the commit leaves the previous rows in place.
+        """
+        expr = rows if isinstance(rows, ir.Table) else ibis.memtable(rows)
+        with self._transaction():
+            self._ensure_table(name, expr.schema())
+            self.raw.execute(
+                f"DELETE FROM {_quote(self.schema)}.{_quote(name)} WHERE experiment_id = ?",
+                [experiment_id],
+            )
+            self.ibis.insert(name, expr, database=self.schema)
+            written = self.raw.execute(
+                f"SELECT count(*) FROM {_quote(self.schema)}.{_quote(name)} WHERE experiment_id = ?",
+                [experiment_id],
+            ).fetchone()[0]
+        return int(written)
+
+    def replace_table(self, name: str, rows: ir.Table | pd.DataFrame) -> int:
+        """Replace a whole (small, unpartitioned) table in one transaction."""
+        expr = rows if isinstance(rows, ir.Table) else ibis.memtable(rows)
+        with self._transaction():
+            self.ibis.create_table(name, expr, database=self.schema, overwrite=True)
+        return self.count(self.table(name))
+
+
+class Warehouse(ConfigurableResource):
+    """The analytics warehouse. DuckDB file by default; opened only when an asset runs."""
+
+    duckdb: DuckDBResource
+    schema_name: str = Field(default="exp", description="schema holding the pipeline's tables")
+
+    @contextmanager
+    def session(self) -> Iterator[WarehouseSession]:
+        database = self.duckdb.database
+        if database != ":memory:":
+            Path(database).parent.mkdir(parents=True, exist_ok=True)
+        with self.duckdb.get_connection() as raw:
+            try:
+                yield WarehouseSession(raw, self.schema_name)
+            finally:
+                # dagster-duckdb skips close() when the body raises; never leave the file locked.
+                raw.close()

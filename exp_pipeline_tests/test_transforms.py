@@ -1,0 +1,342 @@
+"""Transforms on small tables built here, executed by an in-memory DuckDB through Ibis."""
+
+import datetime as dt
+
+import duckdb
+import ibis
+import numpy as np
+import pandas as pd
+import pytest
+
+from exp_pipeline import transforms
+from exp_pipeline.registry import Experiment, Metric, Source
+
+UTC = dt.timezone.utc
+START = dt.datetime(2026, 10, 1, tzinfo=UTC)
+END = dt.datetime(2026, 10, 29, tzinfo=UTC)
+
+
+def ts(text: str) -> pd.Timestamp:
+    return pd.Timestamp(text, tz="UTC")
+
+
+@pytest.fixture()
+def con():
+    return ibis.duckdb.connect()
+
+
+def experiment(**overrides) -> Experiment:
+    fields = dict(
+        id="exp",
+        name="Exp",
+        start_at=START,
+        end_at=END,
+        variants=[{"id": "control", "weight": 0.5, "control": True}, {"id": "treatment", "weight": 0.5}],
+        metrics=["revenue"],
+    )
+    fields.update(overrides)
+    return Experiment.model_validate(fields)
+
+
+def raw_rows(con, rows):
+    frame = pd.DataFrame(rows, columns=["subject_id", "variant_id", "assigned_at", "device_type"])
+    frame["assigned_at"] = pd.to_datetime(frame["assigned_at"], utc=True, format="ISO8601")
+    frame.insert(0, "experiment_id", "exp")
+    frame["source_file"] = "f.parquet"
+    return con.create_table("raw", frame, overwrite=True)
+
+
+def dedupe(con, rows, exp=None) -> pd.DataFrame:
+    raw = raw_rows(con, rows)
+    out = transforms.first_exposures(raw, exp or experiment(), ["device_type"])
+    return con.to_pandas(out).set_index("subject_id").sort_index()
+
+
+# -- assignment rules ---------------------------------------------------------------------------
+
+def test_only_exposures_inside_the_experiment_window_count(con):
+    out = dedupe(con, [
+        ("before", "control", "2026-09-30T23:59:59.999999Z", "ios"),
+        ("at_start", "control", "2026-10-01T00:00:00Z", "ios"),
+        ("at_end", "control", "2026-10-29T00:00:00Z", "ios"),
+        ("late_first", "treatment", "2026-09-25T00:00:00Z", "ios"),   # QA exposure before start
+        ("late_first", "control", "2026-10-03T00:00:00Z", "web"),     # the real one
+    ])
+    assert sorted(out.index) == ["at_start", "late_first"]
+    # The pre-start exposure of another variant neither wins nor makes the subject multi-variant.
+    assert out.loc["late_first", "variant_id"] == "control"
+    assert out.loc["late_first", "exclusion_reason"] is None
+
+
+def test_first_exposure_wins_and_freezes_properties(con):
+    out = dedupe(con, [
+        ("s1", "treatment", "2026-10-05T10:00:00Z", "android"),
+        ("s1", "treatment", "2026-10-02T08:00:00Z", "ios"),
+        ("s1", "treatment", "2026-10-09T00:00:00Z", "web"),
+    ])
+    row = out.loc["s1"]
+    assert row["assigned_at"] == ts("2026-10-02T08:00:00Z")
+    assert row["device_type"] == "ios"
+    assert row["n_exposures"] == 3 and row["n_variants_seen"] == 1
+
+
+def test_subjects_seeing_two_variants_are_kept_but_excluded(con):
+    out = dedupe(con, [
+        ("both", "control", "2026-10-02T00:00:00Z", "ios"),
+        ("both", "treatment", "2026-10-03T00:00:00Z", "ios"),
+        ("clean", "treatment", "2026-10-02T00:00:00Z", "ios"),
+    ])
+    assert out.loc["both", "exclusion_reason"] == transforms.MULTIPLE_VARIANTS
+    assert out.loc["both", "n_variants_seen"] == 2
+    assert out.loc["clean", "exclusion_reason"] is None
+
+
+def test_unusable_rows_are_classified_with_a_reason(con):
+    raw = raw_rows(con, [
+        ("ok", "control", "2026-10-02T00:00:00Z", "ios"),
+        (None, "control", "2026-10-02T00:00:00Z", "ios"),
+        ("  ", "control", "2026-10-02T00:00:00Z", "ios"),
+        ("bad_variant", "purple", "2026-10-02T00:00:00Z", "ios"),
+        ("early", "control", "2026-09-01T00:00:00Z", "ios"),
+        ("no_time", "control", None, "ios"),
+    ])
+    counts = con.to_pandas(transforms.exposure_row_counts(raw, experiment()))
+    got = dict(zip(counts["reason"], counts["rows"]))
+    assert got == {"used": 1, "missing_key": 3, "unknown_variant": 1, "outside_window": 1}
+    assert sum(got.values()) == 6  # every row accounted for
+
+
+def test_running_experiment_has_no_upper_bound(con):
+    out = dedupe(con, [("s", "control", "2027-01-01T00:00:00Z", "ios")], experiment(end_at=None))
+    assert list(out.index) == ["s"]
+
+
+def test_ties_on_the_first_timestamp_are_broken_deterministically(con):
+    rows = [
+        ("s", "treatment", "2026-10-02T00:00:00Z", "web"),
+        ("s", "treatment", "2026-10-02T00:00:00Z", "ios"),
+    ]
+    first = dedupe(con, rows)
+    again = dedupe(con, list(reversed(rows)))
+    assert first.loc["s", "device_type"] == again.loc["s", "device_type"]
+
+
+# -- corrections keep history -------------------------------------------------------------------
+
+def history(con, current_rows, previous: str | None, at: str, name: str) -> pd.DataFrame:
+    """Run one dedupe + history step; the state is kept as table `name` for the next step."""
+    current = transforms.first_exposures(raw_rows(con, current_rows), experiment(), ["device_type"])
+    prev = con.table(previous) if previous is not None else None
+    out = transforms.apply_assignment_history(current, prev, dt.datetime.fromisoformat(at))
+    con.create_table(name, out)
+    return con.to_pandas(con.table(name)).sort_values(["subject_id", "valid_from"]).reset_index(drop=True)
+
+
+def test_rerun_on_the_same_log_changes_nothing(con):
+    rows = [("a", "control", "2026-10-02T00:00:00Z", "ios"), ("b", "treatment", "2026-10-02T00:00:00Z", "ios")]
+    first = history(con, rows, None, "2026-10-10T00:00:00+00:00", "s1")
+    assert first["is_active"].all() and first["valid_to"].isna().all()
+    second = history(con, rows, "s1", "2026-10-11T00:00:00+00:00", "s2")
+    pd.testing.assert_frame_equal(first, second)
+
+
+def test_a_corrected_variant_closes_the_old_row_and_opens_a_new_one(con):
+    before = [("a", "control", "2026-10-02T00:00:00Z", "ios"), ("b", "treatment", "2026-10-02T00:00:00Z", "ios")]
+    history(con, before, None, "2026-10-10T00:00:00+00:00", "s1")
+    corrected = [("a", "treatment", "2026-10-02T00:00:00Z", "ios"), ("b", "treatment", "2026-10-02T00:00:00Z", "ios")]
+    second = history(con, corrected, "s1", "2026-10-11T00:00:00+00:00", "s2")
+    a = second[second.subject_id == "a"]
+    assert len(a) == 2
+    old, new = a.iloc[0], a.iloc[1]
+    assert (old.variant_id, old.is_active, old.valid_to) == ("control", False, ts("2026-10-11T00:00:00Z"))
+    assert (new.variant_id, new.is_active, new.valid_from) == ("treatment", True, ts("2026-10-11T00:00:00Z"))
+    # One active row per subject, and the untouched subject keeps its original row.
+    assert second[second.is_active].groupby("subject_id").size().max() == 1
+    b = second[second.subject_id == "b"]
+    assert len(b) == 1 and b.iloc[0].valid_from == ts("2026-10-10T00:00:00Z")
+    # A third run keeps the closed row forever.
+    third = history(con, corrected, "s2", "2026-10-12T00:00:00+00:00", "s3")
+    pd.testing.assert_frame_equal(second, third)
+
+
+# -- temporal join edges ------------------------------------------------------------------------
+
+def metric(**overrides) -> Metric:
+    fields = dict(id="revenue", event_name="purchase", aggregation="sum", window_start_days=0, window_end_days=14)
+    fields.update(overrides)
+    return Metric.model_validate(fields)
+
+
+def assignments_table(con, rows):
+    frame = pd.DataFrame(rows, columns=["subject_id", "variant_id", "assigned_at"])
+    frame["assigned_at"] = pd.to_datetime(frame["assigned_at"], utc=True)
+    frame.insert(0, "experiment_id", "exp")
+    return con.create_table("assignments", frame, overwrite=True)
+
+
+def events_table(con, rows):
+    frame = pd.DataFrame(rows, columns=["subject_id", "event_at", "event_name", "value"])
+    frame["event_at"] = pd.to_datetime(frame["event_at"], utc=True, format="ISO8601")
+    frame["value"] = frame["value"].astype("float64")
+    return con.create_table("events", frame, overwrite=True)
+
+
+def test_temporal_join_edges(con):
+    a = assignments_table(con, [("s", "control", "2026-10-02T12:00:00Z")])
+    e = events_table(con, [
+        ("s", "2026-10-02T12:00:00Z", "purchase", 1.0),          # exactly at assignment: in
+        ("s", "2026-10-02T11:59:59.999999Z", "purchase", 2.0),   # just before: out
+        ("s", "2026-10-16T11:59:59.999999Z", "purchase", 4.0),   # just before window end: in
+        ("s", "2026-10-16T12:00:00Z", "purchase", 8.0),          # at window end (exclusive): out
+        ("other", "2026-10-03T00:00:00Z", "purchase", 16.0),     # not assigned: out
+    ])
+    out = con.to_pandas(transforms.join_post_assignment_events(a, e, [metric()]))
+    assert sorted(out["value"]) == [1.0, 4.0]
+    assert (out["event_at"] >= out["assigned_at"]).all()
+
+
+def test_pre_assignment_window_edges(con):
+    a = assignments_table(con, [("s", "control", "2026-10-15T00:00:00Z")])
+    e = events_table(con, [
+        ("s", "2026-10-01T00:00:00Z", "purchase", 1.0),          # exactly 14 days before: in
+        ("s", "2026-09-30T23:59:59.999999Z", "purchase", 2.0),   # older: out
+        ("s", "2026-10-14T23:59:59.999999Z", "purchase", 4.0),   # just before assignment: in
+        ("s", "2026-10-15T00:00:00Z", "purchase", 8.0),          # at assignment: post, out
+    ])
+    out = con.to_pandas(transforms.join_pre_assignment_events(a, e, 14))
+    assert sorted(out["value"]) == [1.0, 4.0]
+
+
+# -- per-subject metrics and sufficient statistics ----------------------------------------------
+
+def test_per_subject_values_with_zeros_and_metric_windows(con):
+    a = assignments_table(con, [
+        ("buyer", "treatment", "2026-10-02T00:00:00Z"),
+        ("idle", "control", "2026-10-02T00:00:00Z"),
+    ])
+    e = events_table(con, [
+        ("buyer", "2026-10-02T01:00:00Z", "purchase", 10.0),
+        ("buyer", "2026-10-03T01:00:00Z", "purchase", None),      # value missing: counts, sums 0
+        ("buyer", "2026-10-10T00:00:00Z", "purchase", 5.0),       # day 8: outside the 7-day metric
+        ("buyer", "2026-10-02T02:00:00Z", "session", None),
+    ])
+    metrics = [
+        metric(),
+        metric(id="purchases_7d", aggregation="count", window_end_days=7),
+        metric(id="conversion", aggregation="conversion"),
+        metric(id="sessions", event_name="session", aggregation="count"),
+    ]
+    post = transforms.join_post_assignment_events(a, e, metrics)
+    values = con.to_pandas(transforms.subject_metric_values(a, post, metrics))
+    got = values.set_index(["subject_id", "metric"])["value"].to_dict()
+    assert got == {
+        ("buyer", "revenue"): 15.0, ("buyer", "purchases_7d"): 2.0,
+        ("buyer", "conversion"): 1.0, ("buyer", "sessions"): 1.0,
+        ("idle", "revenue"): 0.0, ("idle", "purchases_7d"): 0.0,
+        ("idle", "conversion"): 0.0, ("idle", "sessions"): 0.0,
+    }
+
+
+def test_capping_winsorizes_at_the_percentile(con):
+    values = pd.DataFrame({
+        "experiment_id": "exp", "subject_id": [f"s{i}" for i in range(101)],
+        "variant_id": "control", "metric": "revenue", "value": np.arange(101, dtype=float),
+    })
+    t = con.create_table("values", values)
+    capped = con.to_pandas(transforms.cap_subject_values(t, [metric(cap_percentile=0.9)]))
+    assert capped["value"].max() == pytest.approx(np.quantile(np.arange(101), 0.9))
+    uncapped = con.to_pandas(transforms.cap_subject_values(t, [metric()]))
+    assert uncapped["value"].max() == 100
+
+
+def test_sufficient_statistics_match_numpy(con):
+    rng = np.random.default_rng(7)
+    n = 500
+    frame = pd.DataFrame({
+        "experiment_id": "exp", "subject_id": [f"s{i}" for i in range(n)],
+        "variant_id": rng.choice(["control", "treatment"], n), "metric": "revenue",
+        "value": rng.gamma(2, 10, n),
+    })
+    pre = frame.assign(value=frame["value"] * 0.5 + rng.normal(0, 1, n))
+    pre = pre[pre.index % 10 != 0]  # subjects without pre-period events get x = 0
+    post_t = con.create_table("post", frame)
+    pre_t = con.create_table("pre", pre)
+    out = con.to_pandas(transforms.sufficient_statistics(post_t, pre_t)).set_index("variant_id")
+    merged = frame.merge(pre[["subject_id", "value"]].rename(columns={"value": "x"}), on="subject_id", how="left")
+    merged["x"] = merged["x"].fillna(0.0)
+    for variant, group in merged.groupby("variant_id"):
+        row = out.loc[variant]
+        assert row["n"] == len(group)
+        assert row["sum_y"] == pytest.approx(group["value"].sum())
+        assert row["sum_y2"] == pytest.approx((group["value"] ** 2).sum())
+        assert row["sum_x"] == pytest.approx(group["x"].sum())
+        assert row["sum_x2"] == pytest.approx((group["x"] ** 2).sum())
+        assert row["sum_xy"] == pytest.approx((group["x"] * group["value"]).sum())
+
+
+def test_assignment_counts_overall_and_per_property(con):
+    frame = pd.DataFrame({
+        "variant_id": ["control", "control", "treatment"],
+        "device_type": ["ios", None, "ios"],
+    })
+    out = con.to_pandas(transforms.assignment_counts(con.create_table("a", frame), ["device_type"]))
+    got = {(r.property, r.value, r.variant_id): r.n for r in out.itertuples()}
+    assert got == {
+        ("", "", "control"): 2, ("", "", "treatment"): 1,
+        ("device_type", "ios", "control"): 1, ("device_type", "(null)", "control"): 1,
+        ("device_type", "ios", "treatment"): 1,
+    }
+
+
+# -- ingestion: canonical names and timestamps from different writers ---------------------------
+
+SOURCE = Source(
+    path="x.parquet",
+    columns={"subject_id": "user_id", "experiment_id": "exp_key", "variant_id": "arm", "assigned_at": "ts"},
+    properties=["device_type"],
+)
+
+
+def _expected_instants():
+    return [ts("2026-10-02T10:00:00.000001Z"), ts("2026-10-02T08:00:00Z")]
+
+
+def test_canonical_assignments_from_pandas_nanosecond_parquet(con, tmp_path):
+    frame = pd.DataFrame({
+        "user_id": ["a", "b"], "exp_key": "exp", "arm": "control", "device_type": "ios",
+        "ts": pd.to_datetime(["2026-10-02T10:00:00.000001Z", "2026-10-02T08:00:00Z"], format="ISO8601"),
+    })
+    frame.to_parquet(tmp_path / "a.parquet")
+    raw = con.read_parquet(tmp_path / "a.parquet").mutate(source_file=ibis.literal("a.parquet"))
+    out = con.to_pandas(transforms.canonical_assignments(raw, SOURCE, "exp"))
+    assert list(out["assigned_at"]) == _expected_instants()
+    assert str(out["assigned_at"].dt.tz) == "UTC"
+
+
+def test_canonical_assignments_from_duckdb_parquet_and_csv_with_offsets(con, tmp_path):
+    db = duckdb.connect()
+    db.execute(
+        "COPY (SELECT * FROM (VALUES ('a', 'exp', 'control', 'ios', TIMESTAMPTZ '2026-10-02 12:00:00.000001+02'),"
+        " ('b', 'exp', 'control', 'ios', TIMESTAMPTZ '2026-10-02 08:00:00+00'))"
+        " t(user_id, exp_key, arm, device_type, ts)) TO ? (FORMAT parquet)",
+        [str(tmp_path / "b.parquet")],
+    )
+    raw = con.read_parquet(tmp_path / "b.parquet").mutate(source_file=ibis.literal("b.parquet"))
+    out = con.to_pandas(transforms.canonical_assignments(raw, SOURCE, "exp"))
+    assert list(out["assigned_at"]) == _expected_instants()
+    # CSV: an offset, and a naive timestamp taken as UTC, in one file.
+    (tmp_path / "c.csv").write_text(
+        "user_id,exp_key,arm,device_type,ts\n"
+        "a,exp,control,ios,2026-10-02T12:00:00.000001+02:00\n"
+        "b,exp,control,ios,2026-10-02 08:00:00\n"
+        "c,other,control,ios,2026-10-02 08:00:00\n"
+    )
+    raw = con.read_csv(tmp_path / "c.csv", all_varchar=True).mutate(source_file=ibis.literal("c.csv"))
+    out = con.to_pandas(transforms.canonical_assignments(raw, SOURCE, "exp"))
+    assert list(out["assigned_at"]) == _expected_instants()
+
+
+def test_a_mapping_to_a_missing_column_names_it(con):
+    raw = ibis.memtable(pd.DataFrame({"user_id": ["a"], "exp_key": ["exp"], "source_file": ["f"]}))
+    with pytest.raises(ValueError, match=r"'arm' \(mapped from 'variant_id'\)"):
+        transforms.canonical_assignments(raw, SOURCE, "exp")
