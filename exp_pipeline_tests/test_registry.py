@@ -1,0 +1,97 @@
+"""Registry loading: the bundled registry is valid; invalid content names experiment and field."""
+
+import copy
+import datetime as dt
+from pathlib import Path
+
+import pytest
+import yaml
+
+from exp_pipeline.registry import RegistryError, load_registry, parse_registry
+from exp_pipeline.resources import DEFAULT_REGISTRY
+
+BASE = yaml.safe_load(DEFAULT_REGISTRY.read_text())
+
+
+def parse(mutate, tmp_path: Path):
+    raw = copy.deepcopy(BASE)
+    mutate(raw)
+    return parse_registry(raw, tmp_path / "registry.yaml")
+
+
+def test_bundled_registry_loads():
+    registry = load_registry(DEFAULT_REGISTRY)
+    ids = [e.id for e in registry.experiments]
+    assert ids == ["checkout_redesign", "aa_homepage", "pricing_three_arm", "onboarding_srm"]
+    pricing = registry.experiment("pricing_three_arm")
+    assert pricing.control.id == "control"
+    assert pricing.weights == {"control": 0.5, "price_low": 0.25, "price_high": 0.25}
+    assert registry.metrics["purchases"].cap_percentile == 0.99
+    assert registry.experiment("aa_homepage").end_at is None
+    assert registry.experiment("checkout_redesign").start_at.tzinfo is not None
+
+
+def test_status_follows_the_dates():
+    exp = load_registry(DEFAULT_REGISTRY).experiment("checkout_redesign")
+    utc = dt.timezone.utc
+    assert exp.status(dt.datetime(2026, 9, 1, tzinfo=utc)) == "scheduled"
+    assert exp.status(dt.datetime(2026, 10, 10, tzinfo=utc)) == "running"
+    assert exp.status(dt.datetime(2026, 10, 29, tzinfo=utc)) == "stopped"
+
+
+@pytest.mark.parametrize(
+    ("mutate", "message"),
+    [
+        (lambda r: r["experiments"][2]["variants"][1].update(control=True),
+         r"experiment 'pricing_three_arm', field 'variants': exactly one variant must have control: true, found 2"),
+        (lambda r: r["experiments"][0]["variants"][1].update(weight=0.6),
+         r"experiment 'checkout_redesign', field 'variants': variant weights must sum to 1, they sum to 1.1"),
+        (lambda r: r["experiments"][1].pop("start_at"),
+         r"experiment 'aa_homepage', field 'start_at': Field required"),
+        (lambda r: r["experiments"][0].update(end_at="2026-09-01T00:00:00Z"),
+         r"experiment 'checkout_redesign': end_at must be after start_at"),
+        (lambda r: r["experiments"][0].update(id="Bad-ID"),
+         r"experiment 'Bad-ID', field 'id': 'Bad-ID' is not a valid id: use lowercase"),
+        (lambda r: r["experiments"][3]["metrics"].append("nope"),
+         r"experiment 'onboarding_srm', field 'metrics': unknown metrics \['nope'\]"),
+        (lambda r: r["experiments"][0]["variants"][0].update(id="treatment"),
+         r"experiment 'checkout_redesign', field 'variants': variant ids must be unique"),
+        (lambda r: r["experiments"][0].update(srm={"p_threshold": 2}),
+         r"experiment 'checkout_redesign', field 'srm.p_threshold'"),
+        (lambda r: r["experiments"][0].update(colour="blue"),
+         r"experiment 'checkout_redesign', field 'colour': Extra inputs are not permitted"),
+        (lambda r: r["metrics"]["revenue"].update(aggregation="median"),
+         r"metric 'revenue', field 'aggregation'"),
+        (lambda r: r["metrics"]["revenue"].update(window_end_days=0),
+         r"metric 'revenue', field 'window_end_days'"),
+        (lambda r: r["sources"]["events"]["columns"].update(colour="x"),
+         r"sources: events.columns maps unknown canonical names \['colour'\]"),
+        (lambda r: r["sources"]["events"].update(path="../../etc/*.parquet"),
+         r"sources, field 'events.path'.*outside the data root"),
+        (lambda r: r["sources"]["assignments"].update(path="logs/exposures.json"),
+         r"sources, field 'assignments.path'.*cannot tell the format"),
+        (lambda r: r["experiments"].append(copy.deepcopy(r["experiments"][0])),
+         r"experiment 'checkout_redesign', field 'id': defined twice"),
+    ],
+)
+def test_invalid_registry_names_experiment_and_field(tmp_path, mutate, message):
+    with pytest.raises(RegistryError, match=message):
+        parse(mutate, tmp_path)
+
+
+def test_error_names_the_file(tmp_path):
+    bad = tmp_path / "registry.yaml"
+    bad.write_text("experiments: [\n")
+    with pytest.raises(RegistryError, match=f"registry file {bad} is not valid YAML"):
+        load_registry(bad)
+    with pytest.raises(RegistryError, match="does not exist"):
+        load_registry(tmp_path / "missing.yaml")
+
+
+def test_paths_outside_the_data_root_can_be_allowed_explicitly(tmp_path):
+    def outside(raw):
+        raw["sources"]["events"]["path"] = "/somewhere/else/*.parquet"
+        raw["allow_paths_outside_data_root"] = True
+
+    registry = parse(outside, tmp_path)
+    assert registry.resolve_path(registry.sources.events.path) == "/somewhere/else/*.parquet"
