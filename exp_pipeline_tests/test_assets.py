@@ -171,3 +171,23 @@ def test_rematerializing_a_partition_gives_identical_tables(pipeline):
     after = snapshot()
     for table in tables:
         pd.testing.assert_frame_equal(before[table], after[table], obj=table)
+
+
+def test_no_large_table_passes_through_pandas(pipeline, monkeypatch):
+    """Only small results (sufficient statistics, counts) are ever fetched into Python."""
+    from exp_pipeline.warehouse import WarehouseSession
+
+    workspace, _, instance = pipeline
+    fetched = []
+    original = WarehouseSession.to_pandas
+
+    def spy(self, expr):
+        frame = original(self, expr)
+        fetched.append(len(frame))
+        return frame
+
+    monkeypatch.setattr(WarehouseSession, "to_pandas", spy)
+    assert materialize_experiment(workspace, instance, "checkout_redesign").success
+    assert fetched, "the spy saw nothing: the test would pass vacuously"
+    subjects = sum(workspace.truth["experiments"]["checkout_redesign"]["analysable_subjects"].values())
+    assert max(fetched) <= 100 < subjects
