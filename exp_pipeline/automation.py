@@ -1,19 +1,31 @@
-"""Partitions, jobs and sensors: one dynamic partition per experiment in the registry."""
+"""Partitions, jobs, schedules and sensors: one dynamic partition per experiment in the registry."""
 
+import datetime as dt
+import os
 
 from dagster import (
     AssetSelection,
+    DagsterEventType,
+    DefaultScheduleStatus,
     DefaultSensorStatus,
+    EventRecordsFilter,
+    RunFailureSensorContext,
     RunRequest,
+    ScheduleEvaluationContext,
     SensorEvaluationContext,
     SensorResult,
+    SkipReason,
     define_asset_job,
+    run_failure_sensor,
+    schedule,
     sensor,
 )
 
+from exp_pipeline import alerts
 from exp_pipeline.assets import ANALYSIS_ASSETS, REGISTRY_ASSETS, experiment_partitions
-from exp_pipeline.registry import Registry
+from exp_pipeline.registry import Experiment, Registry
 from exp_pipeline.resources import RegistryResource
+from exp_pipeline.warehouse import Warehouse
 
 analyze_experiment_job = define_asset_job(
     "analyze_experiment",
@@ -52,3 +64,118 @@ def register_new_experiments(
         dynamic_partitions_requests=[experiment_partitions.build_add_request(new_ids)],
         run_requests=[RunRequest(partition_key=e, run_key=f"register-{e}") for e in new_ids],
     )
+
+
+def analysis_window_open(experiment: Experiment, registry: Registry, now: dt.datetime) -> bool:
+    """Whether a refresh can still change the results.
+
+    Running experiments, and stopped ones until the last subject's longest metric window has
+    closed (a subject assigned just before the end still has events to come). After that an
+    experiment is final and only refreshed when someone asks (a manual run or backfill).
+    """
+    if now < experiment.start_at:
+        return False
+    if experiment.end_at is None:
+        return True
+    longest = max(m.window_end_days for m in registry.metrics_of(experiment))
+    return now < experiment.end_at + dt.timedelta(days=longest)
+
+
+def experiments_to_refresh(registry: Registry, known_partitions: set[str], now: dt.datetime) -> list[str]:
+    return [
+        e.id for e in registry.experiments
+        if e.id in known_partitions and analysis_window_open(e, registry, now)
+    ]
+
+
+@schedule(
+    job=analyze_experiment_job,
+    cron_schedule="0 6 * * *",
+    execution_timezone="UTC",
+    default_status=DefaultScheduleStatus.RUNNING,
+    description="Every day at 06:00 UTC: one run per experiment whose analysis window is open.",
+)
+def daily_experiment_refresh(context: ScheduleEvaluationContext, registry: RegistryResource):
+    now = context.scheduled_execution_time or dt.datetime.now(dt.timezone.utc)
+    known = set(context.instance.get_dynamic_partitions(experiment_partitions.name))
+    ids = experiments_to_refresh(registry.load(), known, now)
+    if not ids:
+        return SkipReason("no experiment has an open analysis window")
+    day = now.strftime("%Y-%m-%d")
+    return [RunRequest(partition_key=e, run_key=f"daily-{day}-{e}") for e in ids]
+
+
+# -- alerts ----------------------------------------------------------------------------------------
+
+CHECK_EVENTS_PER_TICK = 500
+
+
+def _check_alert(record) -> alerts.Alert | None:
+    evaluation = record.event_log_entry.dagster_event.event_specific_data
+    if evaluation.passed:
+        return None
+    run_id = record.event_log_entry.run_id
+    return alerts.Alert(
+        alert_id=f"check-{record.storage_id}",
+        kind="asset_check",
+        experiment_id=evaluation.partition,
+        source=f"{evaluation.asset_key.to_user_string()} / {evaluation.check_name}",
+        severity=evaluation.severity.value,
+        summary=evaluation.description or "check failed",
+        run_id=run_id,
+        run_url=alerts.run_url(run_id),
+        created_at=dt.datetime.fromtimestamp(record.event_log_entry.timestamp, dt.timezone.utc),
+        figures=alerts.key_figures(dict(evaluation.metadata)),
+    )
+
+
+@sensor(
+    minimum_interval_seconds=30,
+    default_status=DefaultSensorStatus.RUNNING,
+    description=(
+        "Reads asset check evaluations (a failed WARN check leaves its run green) and alerts once per "
+        "failed evaluation; retries undelivered webhook alerts every tick."
+    ),
+)
+def alert_on_failed_checks(context: SensorEvaluationContext, warehouse: Warehouse):
+    after = int(context.cursor) if context.cursor else None
+    records = context.instance.event_log_storage.get_event_records(
+        EventRecordsFilter(event_type=DagsterEventType.ASSET_CHECK_EVALUATION, after_cursor=after),
+        limit=CHECK_EVENTS_PER_TICK,
+        ascending=True,
+    )
+    found = [a for a in (_check_alert(r) for r in records) if a is not None]
+    with warehouse.session() as session:
+        new = alerts.record_alerts(session, found)
+        for alert in new:
+            context.log.warning(alert.log_line())
+        delivered, pending = alerts.deliver_pending(session, os.environ.get(alerts.WEBHOOK_ENV))
+    if records:
+        context.update_cursor(str(records[-1].storage_id))
+    return SkipReason(
+        f"{len(records)} check evaluations read, {len(new)} new alerts, "
+        f"{delivered} delivered, {pending} undelivered"
+    )
+
+
+@run_failure_sensor(
+    default_status=DefaultSensorStatus.RUNNING,
+    description="Alerts once per failed run (log, alerts table, webhook when configured).",
+)
+def alert_on_run_failure(context: RunFailureSensorContext, warehouse: Warehouse):
+    run = context.dagster_run
+    alert = alerts.Alert(
+        alert_id=f"run-{run.run_id}",
+        kind="run_failure",
+        experiment_id=run.tags.get("dagster/partition"),
+        source=f"job {run.job_name}",
+        severity="ERROR",
+        summary=(context.failure_event.message or "run failed")[:500],
+        run_id=run.run_id,
+        run_url=alerts.run_url(run.run_id),
+        created_at=dt.datetime.now(dt.timezone.utc),
+    )
+    with warehouse.session() as session:
+        if alerts.record_alerts(session, [alert]):
+            context.log.error(alert.log_line())
+        alerts.deliver_pending(session, os.environ.get(alerts.WEBHOOK_ENV))

@@ -1,14 +1,24 @@
-"""The one Definitions object: assets, jobs, sensors and resources."""
+"""The one Definitions object: assets, checks, jobs, schedules, sensors and resources."""
 
 from dagster import Definitions
 
 from exp_pipeline.assets import ANALYSIS_ASSETS, REGISTRY_ASSETS
-from exp_pipeline.automation import analyze_experiment_job, refresh_registry_job, register_new_experiments
+from exp_pipeline.checks import ASSET_CHECKS
+from exp_pipeline.automation import (
+    alert_on_failed_checks,
+    alert_on_run_failure,
+    analyze_experiment_job,
+    daily_experiment_refresh,
+    refresh_registry_job,
+    register_new_experiments,
+)
 from exp_pipeline.resources import default_resources
 
 defs = Definitions(
     assets=[*REGISTRY_ASSETS, *ANALYSIS_ASSETS],
+    asset_checks=ASSET_CHECKS,
     jobs=[analyze_experiment_job, refresh_registry_job],
-    sensors=[register_new_experiments],
+    schedules=[daily_experiment_refresh],
+    sensors=[register_new_experiments, alert_on_failed_checks, alert_on_run_failure],
     resources=default_resources(),
 )

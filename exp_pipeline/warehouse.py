@@ -142,6 +142,20 @@ class WarehouseSession:
             ).fetchone()[0]
         return int(written)
 
+    def append(self, name: str, rows: ir.Table) -> None:
+        """Append rows (creating the table on first use) in one transaction."""
+        with self._transaction():
+            self._ensure_table(name, rows.schema())
+            self.ibis.insert(name, rows, database=self.schema)
+
+    def update_row(self, name: str, key_column: str, key: str, values: dict) -> None:
+        """Set `values` on the rows where key_column = key (values bound as parameters)."""
+        assignments = ", ".join(f"{_quote(column)} = ?" for column in values)
+        self.raw.execute(
+            f"UPDATE {_quote(self.schema)}.{_quote(name)} SET {assignments} WHERE {_quote(key_column)} = ?",
+            [*values.values(), key],
+        )
+
     def replace_table(self, name: str, rows: ir.Table | pd.DataFrame) -> int:
         """Replace a whole (small, unpartitioned) table in one transaction."""
         expr = rows if isinstance(rows, ir.Table) else ibis.memtable(rows)

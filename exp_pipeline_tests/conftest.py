@@ -1,5 +1,6 @@
 """Shared fixtures: a generated sample with its registry, warehouse and Dagster instance in tmp."""
 
+import os
 import shutil
 from pathlib import Path
 
@@ -10,6 +11,9 @@ from dagster_duckdb import DuckDBResource
 from exp_pipeline.resources import DEFAULT_REGISTRY, RegistryResource
 from exp_pipeline.sample_data import generate
 from exp_pipeline.warehouse import Warehouse
+
+# Temporary test instances would otherwise send and log telemetry.
+os.environ.setdefault("DAGSTER_DISABLE_TELEMETRY", "1")
 
 # Big enough that a 12% revenue lift is clearly detectable (same size as the README's run).
 E2E_USERS = 100_000
@@ -22,6 +26,16 @@ class Workspace:
         shutil.copy(DEFAULT_REGISTRY, self.registry_path)
         self.truth = generate(root / "sample", n_users=users)
         self.database = root / "warehouse" / "warehouse.duckdb"
+
+    @classmethod
+    def existing(cls, root: Path) -> "Workspace":
+        """A workspace whose registry and logs are already written in `root`."""
+        workspace = cls.__new__(cls)
+        workspace.root = root
+        workspace.registry_path = root / "registry.yaml"
+        workspace.truth = None
+        workspace.database = root / "warehouse" / "warehouse.duckdb"
+        return workspace
 
     def resources(self) -> dict:
         return {
@@ -42,3 +56,72 @@ def sample_workspace(tmp_path_factory) -> Workspace:
 def instance(tmp_path):
     with DagsterInstance.local_temp(str(tmp_path)) as dagster_instance:
         yield dagster_instance
+
+
+TINY_REGISTRY = """
+sources:
+  assignments:
+    path: logs/assignments.parquet
+    columns: {subject_id: user_id, experiment_id: experiment_key, variant_id: variation, assigned_at: exposed_at}
+    properties: [device_type]
+  events:
+    path: logs/events.parquet
+    columns: {subject_id: user_id, event_at: event_ts, event_name: event_type, value: amount}
+metrics:
+  revenue: {event_name: purchase, aggregation: sum, window_end_days: 14}
+experiments:
+  - id: exp_a
+    name: Experiment A
+    start_at: 2026-10-01T00:00:00Z
+    end_at: 2026-10-29T00:00:00Z
+    variants:
+      - {id: control, weight: 0.5, control: true}
+      - {id: treatment, weight: 0.5}
+    metrics: [revenue]
+    srm: {blocks_metrics: BLOCKS}
+  - id: exp_b
+    name: Experiment B
+    start_at: 2026-10-01T00:00:00Z
+    variants:
+      - {id: control, weight: 0.5, control: true}
+      - {id: treatment, weight: 0.5}
+    metrics: [revenue]
+"""
+
+
+def write_tiny_workspace(
+    root: Path,
+    *,
+    arms: dict[str, dict[str, int]] | None = None,
+    multi_variant: int = 0,
+    srm_blocks: bool = False,
+) -> Workspace:
+    """A small hand-made workspace: per experiment, subjects per variant (and per device), some
+    multi-variant subjects in exp_a, one purchase per subject 1 hour after exposure."""
+    import numpy as np
+    import pandas as pd
+
+    arms = arms or {"exp_a": {"control": 300, "treatment": 300}, "exp_b": {"control": 300, "treatment": 300}}
+    rng = np.random.default_rng(5)
+    exposures, events = [], []
+    base = pd.Timestamp("2026-10-02T00:00:00Z")
+    for experiment_id, variants in arms.items():
+        for variant, count in variants.items():
+            for i in range(count):
+                user = f"{experiment_id}_{variant}_{i}"
+                at = base + pd.Timedelta(minutes=int(rng.integers(0, 10_000)))
+                device = ("ios", "android", "web")[i % 3]
+                exposures.append((user, experiment_id, variant, at, device))
+                events.append((user, at + pd.Timedelta(hours=1), "purchase", float(rng.gamma(2, 10))))
+                events.append((user, at - pd.Timedelta(days=1), "purchase", float(rng.gamma(2, 10))))
+    for i in range(multi_variant):
+        user = f"exp_a_control_{i}"
+        exposures.append((user, "exp_a", "treatment", base + pd.Timedelta(days=8), "ios"))
+    logs = root / "logs"
+    logs.mkdir(parents=True)
+    pd.DataFrame(exposures, columns=["user_id", "experiment_key", "variation", "exposed_at", "device_type"]).to_parquet(
+        logs / "assignments.parquet"
+    )
+    pd.DataFrame(events, columns=["user_id", "event_ts", "event_type", "amount"]).to_parquet(logs / "events.parquet")
+    (root / "registry.yaml").write_text(TINY_REGISTRY.replace("BLOCKS", "true" if srm_blocks else "false"))
+    return Workspace.existing(root)

@@ -1,0 +1,180 @@
+"""Where alerts go: the log always, the warehouse's `alerts` table always, a webhook when configured.
+
+An alert is recorded first (undelivered) and delivered after, so a webhook that is down or slow
+loses nothing: every tick retries what is still undelivered. The webhook URL is a secret: it is read
+from the environment when needed and never logged or stored.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import urllib.error
+import urllib.request
+from dataclasses import asdict, dataclass, field
+
+import ibis
+import pandas as pd
+
+from exp_pipeline.warehouse import WarehouseSession
+
+WEBHOOK_ENV = "EXP_PIPELINE_ALERT_WEBHOOK_URL"
+UI_URL_ENV = "EXP_PIPELINE_UI_URL"
+DEFAULT_UI_URL = "http://127.0.0.1:3000"
+WEBHOOK_TIMEOUT_SECONDS = 5.0
+ALERTS_TABLE = "alerts"
+MAX_FIGURES = 12
+
+
+@dataclass(frozen=True)
+class Alert:
+    alert_id: str  # stable per failed evaluation / failed run, so nothing is sent twice
+    kind: str  # "asset_check" or "run_failure"
+    experiment_id: str | None
+    source: str  # "deduped_assignments / no_sample_ratio_mismatch" or the job name
+    severity: str  # "ERROR" or "WARN"
+    summary: str
+    run_id: str
+    run_url: str
+    created_at: dt.datetime
+    figures: dict = field(default_factory=dict)
+
+    def log_line(self) -> str:
+        where = f" [{self.experiment_id}]" if self.experiment_id else ""
+        return f"ALERT {self.severity}{where} {self.source}: {self.summary} ({self.run_url})"
+
+
+def ui_url() -> str:
+    return os.environ.get(UI_URL_ENV, DEFAULT_UI_URL).rstrip("/")
+
+
+def run_url(run_id: str) -> str:
+    return f"{ui_url()}/runs/{run_id}"
+
+
+def key_figures(metadata: dict) -> dict:
+    """The scalar figures of a check's metadata (counts, shares, p-values), for the message."""
+    figures = {}
+    for name, value in metadata.items():
+        raw = getattr(value, "value", value)
+        if isinstance(raw, bool | int | float | str) and len(figures) < MAX_FIGURES:
+            figures[name] = raw
+    return figures
+
+
+def slack_payload(alert: Alert) -> dict:
+    """Slack-compatible message (incoming webhooks accept `text` and `blocks`)."""
+    icon = ":rotating_light:" if alert.severity == "ERROR" else ":warning:"
+    experiment = alert.experiment_id or "-"
+    figures = "\n".join(f"• {k}: {v:.4g}" if isinstance(v, float) else f"• {k}: {v}" for k, v in alert.figures.items())
+    title = f"{icon} {alert.severity}: {alert.source} failed for experiment {experiment}"
+    return {
+        "text": f"{title}. {alert.summary}",
+        "blocks": [
+            {"type": "section", "text": {"type": "mrkdwn", "text": f"*{title}*\n{alert.summary}"}},
+            *([{"type": "section", "text": {"type": "mrkdwn", "text": figures}}] if figures else []),
+            {"type": "context", "elements": [{"type": "mrkdwn", "text": f"<{alert.run_url}|Open the run>"}]},
+        ],
+        "experiment_id": alert.experiment_id,
+        "check": alert.source,
+        "severity": alert.severity,
+        "figures": alert.figures,
+        "run_url": alert.run_url,
+    }
+
+
+class DeliveryError(RuntimeError):
+    """The webhook did not accept the alert (the message never contains the URL)."""
+
+
+def post_webhook(url: str, payload: dict, timeout: float = WEBHOOK_TIMEOUT_SECONDS) -> None:
+    request = urllib.request.Request(
+        url,
+        data=json.dumps(payload, default=str).encode(),
+        headers={"Content-Type": "application/json"},
+        method="POST",
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            if not 200 <= response.status < 300:
+                raise DeliveryError(f"webhook answered HTTP {response.status}")
+    except urllib.error.HTTPError as exc:
+        raise DeliveryError(f"webhook answered HTTP {exc.code}") from None
+    except (urllib.error.URLError, TimeoutError, OSError) as exc:
+        reason = getattr(exc, "reason", exc)
+        raise DeliveryError(f"webhook unreachable: {type(reason).__name__}") from None
+
+
+# -- the alerts table ------------------------------------------------------------------------------
+
+_COLUMNS = {
+    "alert_id": "string", "kind": "string", "experiment_id": "string", "source": "string",
+    "severity": "string", "summary": "string", "run_id": "string", "run_url": "string",
+    "created_at": "timestamp('UTC')", "figures": "string", "delivered": "boolean",
+    "delivered_at": "timestamp('UTC')", "attempts": "int64", "last_error": "string",
+}
+
+
+def _frame(alerts: list[Alert]) -> pd.DataFrame:
+    rows = []
+    for alert in alerts:
+        row = asdict(alert)
+        row["figures"] = json.dumps(alert.figures, default=str)
+        row.update(delivered=False, delivered_at=None, attempts=0, last_error=None)
+        rows.append(row)
+    return pd.DataFrame(rows, columns=list(_COLUMNS))
+
+
+def record_alerts(session: WarehouseSession, alerts: list[Alert]) -> list[Alert]:
+    """Insert alerts not seen before (by alert_id); returns the new ones."""
+    if not alerts:
+        return []
+    incoming = ibis.memtable(_frame(alerts), schema=ibis.schema(_COLUMNS))
+    if session.has_table(ALERTS_TABLE):
+        known = set(session.to_pandas(session.table(ALERTS_TABLE).select("alert_id"))["alert_id"])
+    else:
+        known = set()
+    new = [a for a in alerts if a.alert_id not in known]
+    if new:
+        fresh = incoming.filter(incoming.alert_id.isin([a.alert_id for a in new]))
+        session.append(ALERTS_TABLE, fresh)
+    return new
+
+
+def undelivered(session: WarehouseSession) -> pd.DataFrame:
+    if not session.has_table(ALERTS_TABLE):
+        return pd.DataFrame(columns=list(_COLUMNS))
+    table = session.table(ALERTS_TABLE)
+    return session.to_pandas(table.filter(~table.delivered).order_by("created_at", "alert_id"))
+
+
+def deliver_pending(session: WarehouseSession, webhook_url: str | None) -> tuple[int, int]:
+    """Try to POST every undelivered alert; returns (delivered, still undelivered)."""
+    if not webhook_url:
+        return 0, 0
+    delivered = failed = 0
+    for row in undelivered(session).to_dict("records"):
+        payload = slack_payload(
+            Alert(
+                alert_id=row["alert_id"], kind=row["kind"], experiment_id=row["experiment_id"],
+                source=row["source"], severity=row["severity"], summary=row["summary"],
+                run_id=row["run_id"], run_url=row["run_url"], created_at=row["created_at"],
+                figures=json.loads(row["figures"] or "{}"),
+            )
+        )
+        attempts = int(row["attempts"]) + 1
+        try:
+            post_webhook(webhook_url, payload)
+        except DeliveryError as exc:
+            failed += 1
+            session.update_row(ALERTS_TABLE, "alert_id", row["alert_id"],
+                               {"attempts": attempts, "last_error": str(exc)})
+            continue
+        delivered += 1
+        session.update_row(
+            ALERTS_TABLE, "alert_id", row["alert_id"],
+            {"attempts": attempts, "delivered": True, "delivered_at": dt.datetime.now(dt.timezone.utc),
+             "last_error": None},
+        )
+    return delivered, failed

@@ -1,0 +1,304 @@
+"""Asset checks per experiment partition, built on the Pandera schemas and on stats.py.
+
+Each `evaluate_*` function takes an open warehouse session and the experiment and returns the
+AssetCheckResult, so it is tested on tables built in the tests; the `@asset_check` functions at the
+bottom only wire them to Dagster. Blocking checks that fail with ERROR stop the downstream assets
+of that experiment's run (and only that experiment's).
+"""
+
+import warnings
+
+from dagster import (
+    AssetCheckExecutionContext,
+    PreviewWarning,
+    AssetCheckResult,
+    AssetCheckSeverity,
+    MetadataValue,
+    asset_check,
+)
+
+from exp_pipeline import results, schemas, transforms
+from exp_pipeline.assets import (
+    WRITER_POOL,
+    deduped_assignments,
+    experiment_partitions,
+    post_assignment_events,
+    pre_assignment_events,
+    raw_assignments,
+    variant_metrics,
+)
+from exp_pipeline.registry import Experiment, Registry
+from exp_pipeline.resources import RegistryResource
+from exp_pipeline.warehouse import Warehouse, WarehouseSession
+
+SAMPLE_SIZE = 20
+
+# Partitioned asset checks are a Dagster preview feature; they are what lets each experiment's
+# checks run, fail and alert on their own, so we use them knowingly.
+warnings.filterwarnings("ignore", message="Specifying a partitions_def on an AssetCheckSpec", category=PreviewWarning)
+
+
+def _schema_result(outcome: schemas.ValidationOutcome, rows: int) -> AssetCheckResult:
+    return AssetCheckResult(
+        passed=outcome.passed,
+        severity=AssetCheckSeverity.ERROR,
+        description=None if outcome.passed else "failed: " + "; ".join(outcome.failed_checks),
+        metadata={
+            "rows": rows,
+            "failed_checks": len(outcome.failures),
+            "failures": MetadataValue.json(outcome.failures),
+        },
+    )
+
+
+def evaluate_schema(
+    session: WarehouseSession, table: str, experiment: Experiment, registry: Registry
+) -> AssetCheckResult:
+    properties = registry.sources.assignments.properties
+    schema = {
+        "raw_assignments": lambda: schemas.raw_assignments_schema(experiment, properties),
+        "deduped_assignments": lambda: schemas.deduped_assignments_schema(experiment, properties),
+        "post_assignment_events": lambda: schemas.post_assignment_events_schema(experiment),
+        "pre_assignment_events": lambda: schemas.pre_assignment_events_schema(experiment),
+        "variant_metrics": lambda: schemas.variant_metrics_schema(experiment, experiment.metrics),
+    }[table]()
+    rows = session.partition(table, experiment.id)
+    return _schema_result(schemas.validate(schema, rows), session.count(rows))
+
+
+def evaluate_unique_active_subject(session: WarehouseSession, experiment: Experiment) -> AssetCheckResult:
+    deduped = session.partition("deduped_assignments", experiment.id)
+    active = deduped.filter(deduped.is_active).select("experiment_id", "subject_id")
+    outcome = schemas.validate(schemas.active_assignments_unique_schema(), active)
+    # pandera names no offending keys on failure: find them in the engine.
+    duplicated = active.group_by("experiment_id", "subject_id").aggregate(active_rows=active.count())
+    duplicated = duplicated.filter(duplicated.active_rows > 1)
+    count = session.count(duplicated)
+    sample = session.to_pandas(duplicated.order_by("subject_id").limit(SAMPLE_SIZE))
+    return AssetCheckResult(
+        passed=outcome.passed and count == 0,
+        severity=AssetCheckSeverity.ERROR,
+        description=None if count == 0 else f"{count} subjects have more than one active assignment",
+        metadata={
+            "duplicated_subjects": count,
+            "sample_duplicated_keys": MetadataValue.json(sample.to_dict("records")),
+        },
+    )
+
+
+def evaluate_multi_variant_share(session: WarehouseSession, experiment: Experiment) -> AssetCheckResult:
+    deduped = session.partition("deduped_assignments", experiment.id)
+    active = deduped.filter(deduped.is_active)
+    total = session.count(active)
+    excluded = session.count(active.filter(active.exclusion_reason == transforms.MULTIPLE_VARIANTS))
+    share = excluded / total if total else 0.0
+    bounds = experiment.multi_variant
+    if share > bounds.error_share:
+        passed, severity = False, AssetCheckSeverity.ERROR
+    elif share > bounds.warn_share:
+        passed, severity = False, AssetCheckSeverity.WARN
+    else:
+        passed, severity = True, AssetCheckSeverity.WARN
+    return AssetCheckResult(
+        passed=passed,
+        severity=severity,
+        description=(
+            f"{share:.2%} of subjects ({excluded} of {total}) saw more than one variant "
+            f"(warn above {bounds.warn_share:.2%}, error above {bounds.error_share:.2%})"
+        ),
+        metadata={
+            "subjects": total,
+            "multi_variant_subjects": excluded,
+            "multi_variant_share": share,
+            "warn_share": bounds.warn_share,
+            "error_share": bounds.error_share,
+        },
+    )
+
+
+def evaluate_sample_ratio(
+    session: WarehouseSession, experiment: Experiment, registry: Registry
+) -> AssetCheckResult:
+    analysable = transforms.analysable_assignments(session.partition("deduped_assignments", experiment.id))
+    counts = session.to_pandas(
+        transforms.assignment_counts(analysable, registry.sources.assignments.properties)
+    )
+    srm, causes = results.srm_of(counts, experiment)
+    severity = AssetCheckSeverity.ERROR if experiment.srm.blocks_metrics else AssetCheckSeverity.WARN
+    observed = srm.observed
+    metadata = {
+        "observed": MetadataValue.json(observed),
+        "expected": MetadataValue.json({k: round(v, 1) for k, v in srm.expected.items()}),
+        "chi2": float(srm.chi2),
+        "p_value": float(srm.p_value),
+        "threshold": experiment.srm.p_threshold,
+        "verdict": "SRM" if srm.flagged else ("ok" if srm.judged else "not judged"),
+    }
+    if not srm.judged:
+        description = (
+            f"not judged: {sum(observed.values())} subjects, fewer than {experiment.srm.min_subjects}"
+        )
+    elif not srm.flagged:
+        description = f"no sample ratio mismatch (p = {srm.p_value:.3g})"
+    else:
+        description = f"sample ratio mismatch: observed {observed}, p = {srm.p_value:.3g}"
+        if causes:
+            top = causes[0]
+            description += (
+                f". Likely cause: {top.property} = {top.value} (observed {top.observed}, "
+                f"Bonferroni p = {top.p_value_bonferroni:.3g})"
+            )
+            metadata["likely_cause"] = f"{top.property} = {top.value}"
+            metadata["segments"] = MetadataValue.json(
+                [
+                    {"property": c.property, "value": c.value, "observed": c.observed,
+                     "p_value_bonferroni": c.p_value_bonferroni}
+                    for c in causes[:10]
+                ]
+            )
+    return AssetCheckResult(
+        passed=not srm.flagged, severity=severity, description=description, metadata=metadata
+    )
+
+
+def evaluate_no_pre_assignment_events(session: WarehouseSession, experiment: Experiment) -> AssetCheckResult:
+    events = session.partition("post_assignment_events", experiment.id)
+    leaked = events.filter(events.event_at < events.assigned_at)
+    count = session.count(leaked)
+    sample = session.to_pandas(
+        leaked.select("subject_id", "assigned_at", "event_at", "event_name")
+        .order_by("subject_id", "event_at")
+        .limit(SAMPLE_SIZE)
+    )
+    for column in ("assigned_at", "event_at"):
+        sample[column] = sample[column].astype(str)
+    return AssetCheckResult(
+        passed=count == 0,
+        severity=AssetCheckSeverity.ERROR,
+        description=None if count == 0 else f"{count} events happened before their subject's assignment",
+        metadata={"leaked_events": count, "sample": MetadataValue.json(sample.to_dict("records"))},
+    )
+
+
+# -- Dagster glue --------------------------------------------------------------------------------
+
+
+def _context(context: AssetCheckExecutionContext, registry: RegistryResource) -> tuple[Registry, Experiment]:
+    reg = registry.load()
+    return reg, reg.experiment(context.partition_key)
+
+
+def _logged(context: AssetCheckExecutionContext, result: AssetCheckResult) -> AssetCheckResult:
+    """Failed checks also go to the run log, where a person reading the run sees them first."""
+    if not result.passed:
+        log = context.log.error if result.severity == AssetCheckSeverity.ERROR else context.log.warning
+        log(f"check {context.check_specs[0].name} failed for {context.partition_key}: {result.description}")
+    return result
+
+
+def _schema_check(asset_def, table: str, blocking: bool):
+    @asset_check(
+        asset=asset_def,
+        name="matches_schema",
+        partitions_def=experiment_partitions,
+    pool=WRITER_POOL,
+        blocking=blocking,
+        description=f"{table} matches its Pandera schema (types, nulls, allowed values), validated in the engine.",
+    )
+    def _check(
+        context: AssetCheckExecutionContext, registry: RegistryResource, warehouse: Warehouse
+    ) -> AssetCheckResult:
+        reg, experiment = _context(context, registry)
+        with warehouse.session() as session:
+            return _logged(context, evaluate_schema(session, table, experiment, reg))
+
+    return _check
+
+
+raw_assignments_matches_schema = _schema_check(raw_assignments, "raw_assignments", blocking=True)
+deduped_assignments_matches_schema = _schema_check(deduped_assignments, "deduped_assignments", blocking=True)
+post_assignment_events_matches_schema = _schema_check(
+    post_assignment_events, "post_assignment_events", blocking=True
+)
+pre_assignment_events_matches_schema = _schema_check(pre_assignment_events, "pre_assignment_events", blocking=True)
+variant_metrics_matches_schema = _schema_check(variant_metrics, "variant_metrics", blocking=False)
+
+
+@asset_check(
+    asset=deduped_assignments,
+    name="one_active_row_per_subject",
+    partitions_def=experiment_partitions,
+    pool=WRITER_POOL,
+    blocking=True,
+    description="UNIQUE(experiment_id, subject_id) among active rows: one subject, one experiment, one variant.",
+)
+def one_active_row_per_subject(
+    context: AssetCheckExecutionContext, registry: RegistryResource, warehouse: Warehouse
+) -> AssetCheckResult:
+    _, experiment = _context(context, registry)
+    with warehouse.session() as session:
+        return _logged(context, evaluate_unique_active_subject(session, experiment))
+
+
+@asset_check(
+    asset=deduped_assignments,
+    name="multi_variant_share_within_bounds",
+    partitions_def=experiment_partitions,
+    pool=WRITER_POOL,
+    blocking=True,
+    description="Share of subjects excluded for seeing several variants: WARN above warn_share, ERROR above error_share.",
+)
+def multi_variant_share_within_bounds(
+    context: AssetCheckExecutionContext, registry: RegistryResource, warehouse: Warehouse
+) -> AssetCheckResult:
+    _, experiment = _context(context, registry)
+    with warehouse.session() as session:
+        return _logged(context, evaluate_multi_variant_share(session, experiment))
+
+
+@asset_check(
+    asset=deduped_assignments,
+    name="no_sample_ratio_mismatch",
+    partitions_def=experiment_partitions,
+    pool=WRITER_POOL,
+    blocking=True,
+    description=(
+        "Chi-square test of subjects per variant against the weights; when it fires, the same test per "
+        "assignment property names the likely cause. Blocks variant_metrics if the registry says so."
+    ),
+)
+def no_sample_ratio_mismatch(
+    context: AssetCheckExecutionContext, registry: RegistryResource, warehouse: Warehouse
+) -> AssetCheckResult:
+    reg, experiment = _context(context, registry)
+    with warehouse.session() as session:
+        return _logged(context, evaluate_sample_ratio(session, experiment, reg))
+
+
+@asset_check(
+    asset=post_assignment_events,
+    name="no_events_before_assignment",
+    partitions_def=experiment_partitions,
+    pool=WRITER_POOL,
+    blocking=True,
+    description="No pre-assignment leakage: every event has event_at >= assigned_at.",
+)
+def no_events_before_assignment(
+    context: AssetCheckExecutionContext, registry: RegistryResource, warehouse: Warehouse
+) -> AssetCheckResult:
+    _, experiment = _context(context, registry)
+    with warehouse.session() as session:
+        return _logged(context, evaluate_no_pre_assignment_events(session, experiment))
+
+
+ASSET_CHECKS = [
+    raw_assignments_matches_schema,
+    deduped_assignments_matches_schema,
+    one_active_row_per_subject,
+    multi_variant_share_within_bounds,
+    no_sample_ratio_mismatch,
+    post_assignment_events_matches_schema,
+    no_events_before_assignment,
+    pre_assignment_events_matches_schema,
+    variant_metrics_matches_schema,
+]

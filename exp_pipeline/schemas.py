@@ -1,0 +1,186 @@
+"""Pandera schemas of every table, validated inside the engine with pandera.ibis.
+
+Schemas depend on the experiment (its variants and window), so they are built per experiment.
+pandera.ibis ignores Column(unique=True): uniqueness is declared at schema level.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import ibis
+import ibis.expr.datatypes as dt
+import ibis.expr.types as ir
+import pandera.ibis as pa
+from pandera.errors import SchemaErrors
+
+from exp_pipeline.registry import Experiment
+from exp_pipeline.transforms import MULTIPLE_VARIANTS, UTC_TIMESTAMP
+
+STRING = dt.String()
+BOOLEAN = dt.Boolean()
+INT64 = dt.Int64()
+FLOAT64 = dt.Float64()
+
+
+def _non_empty(data) -> ir.BooleanColumn:
+    column = data.table[data.key]
+    return column.strip().length() > 0
+
+
+def _experiment_column(experiment: Experiment) -> pa.Column:
+    return pa.Column(STRING, pa.Check.equal_to(experiment.id), nullable=False)
+
+
+def _inside_window(experiment: Experiment) -> pa.Check:
+    def check(data) -> ir.BooleanColumn:
+        column = data.table[data.key]
+        inside = column >= ibis.literal(experiment.start_at, type=UTC_TIMESTAMP)
+        if experiment.end_at is not None:
+            inside &= column < ibis.literal(experiment.end_at, type=UTC_TIMESTAMP)
+        return inside
+
+    return pa.Check(check, name="inside_experiment_window")
+
+
+def _variants(experiment: Experiment) -> pa.Check:
+    return pa.Check.isin([v.id for v in experiment.variants])
+
+
+def raw_assignments_schema(experiment: Experiment, properties: list[str]) -> pa.DataFrameSchema:
+    # The raw log may hold unusable rows (they are classified downstream), so only types and the
+    # partition key are enforced here.
+    return pa.DataFrameSchema(
+        {
+            "experiment_id": _experiment_column(experiment),
+            "subject_id": pa.Column(STRING, nullable=True),
+            "variant_id": pa.Column(STRING, nullable=True),
+            "assigned_at": pa.Column(UTC_TIMESTAMP, nullable=True),
+            **{p: pa.Column(STRING, nullable=True) for p in properties},
+            "source_file": pa.Column(STRING, nullable=False),
+        },
+        strict=True,
+        name="raw_assignments",
+    )
+
+
+def deduped_assignments_schema(experiment: Experiment, properties: list[str]) -> pa.DataFrameSchema:
+    return pa.DataFrameSchema(
+        {
+            "experiment_id": _experiment_column(experiment),
+            "subject_id": pa.Column(STRING, pa.Check(_non_empty, name="non_empty"), nullable=False),
+            "variant_id": pa.Column(STRING, _variants(experiment), nullable=False),
+            "assigned_at": pa.Column(UTC_TIMESTAMP, _inside_window(experiment), nullable=False),
+            **{p: pa.Column(STRING, nullable=True) for p in properties},
+            "n_exposures": pa.Column(INT64, pa.Check.ge(1), nullable=False),
+            "n_variants_seen": pa.Column(INT64, pa.Check.ge(1), nullable=False),
+            "exclusion_reason": pa.Column(STRING, pa.Check.isin([MULTIPLE_VARIANTS]), nullable=True),
+            "is_active": pa.Column(BOOLEAN, nullable=False),
+            "valid_from": pa.Column(UTC_TIMESTAMP, nullable=False),
+            "valid_to": pa.Column(UTC_TIMESTAMP, nullable=True),
+        },
+        strict=True,
+        name="deduped_assignments",
+    )
+
+
+def active_assignments_unique_schema() -> pa.DataFrameSchema:
+    """UNIQUE(experiment_id, subject_id), validated on the active rows only."""
+    return pa.DataFrameSchema(
+        {"experiment_id": pa.Column(STRING), "subject_id": pa.Column(STRING)},
+        unique=["experiment_id", "subject_id"],
+        name="active_deduped_assignments",
+    )
+
+
+def _event_columns(experiment: Experiment) -> dict[str, pa.Column]:
+    return {
+        "experiment_id": _experiment_column(experiment),
+        "subject_id": pa.Column(STRING, nullable=False),
+        "variant_id": pa.Column(STRING, _variants(experiment), nullable=False),
+        "assigned_at": pa.Column(UTC_TIMESTAMP, nullable=False),
+        "event_at": pa.Column(UTC_TIMESTAMP, nullable=False),
+        "event_name": pa.Column(STRING, nullable=False),
+        "value": pa.Column(FLOAT64, nullable=True),
+    }
+
+
+def post_assignment_events_schema(experiment: Experiment) -> pa.DataFrameSchema:
+    return pa.DataFrameSchema(
+        _event_columns(experiment),
+        checks=[pa.Check(lambda d: d.table.event_at >= d.table.assigned_at, name="event_at_not_before_assigned_at")],
+        strict=True,
+        name="post_assignment_events",
+    )
+
+
+def pre_assignment_events_schema(experiment: Experiment) -> pa.DataFrameSchema:
+    return pa.DataFrameSchema(
+        _event_columns(experiment),
+        checks=[pa.Check(lambda d: d.table.event_at < d.table.assigned_at, name="event_at_before_assigned_at")],
+        strict=True,
+        name="pre_assignment_events",
+    )
+
+
+def _probability(name: str) -> pa.Column:
+    return pa.Column(FLOAT64, pa.Check.in_range(0, 1), nullable=True, name=name)
+
+
+def variant_metrics_schema(experiment: Experiment, metric_ids: list[str]) -> pa.DataFrameSchema:
+    floats = [
+        "sum_y", "sum_y2", "sum_x", "sum_x2", "sum_xy", "mean", "std", "abs_lift", "abs_lift_ci_low",
+        "abs_lift_ci_high", "rel_lift", "ci_low", "ci_high", "df", "cuped_theta", "cuped_rel_lift",
+        "cuped_ci_low", "cuped_ci_high", "cuped_variance_reduction", "expected_share",
+    ]
+    probabilities = ["p_value", "p_value_holm", "cuped_p_value", "cuped_p_value_holm", "srm_p_value"]
+    return pa.DataFrameSchema(
+        {
+            "experiment_id": _experiment_column(experiment),
+            "variant_id": pa.Column(STRING, _variants(experiment), nullable=False),
+            "metric": pa.Column(STRING, pa.Check.isin(metric_ids), nullable=False),
+            "is_control": pa.Column(BOOLEAN, nullable=False),
+            "aggregation": pa.Column(STRING, pa.Check.isin(["sum", "count", "conversion"])),
+            "n": pa.Column(INT64, pa.Check.ge(0), nullable=False),
+            **{c: pa.Column(FLOAT64, nullable=True) for c in floats},
+            **{c: _probability(c) for c in probabilities},
+            "srm_flagged": pa.Column(BOOLEAN, nullable=False),
+        },
+        unique=["experiment_id", "variant_id", "metric"],
+        strict=True,
+        name="variant_metrics",
+    )
+
+
+@dataclass(frozen=True)
+class ValidationOutcome:
+    passed: bool
+    failures: list[dict]  # one per failed check: schema, column, check, error (truncated)
+
+    @property
+    def failed_checks(self) -> list[str]:
+        return sorted({f"{f['column']}: {f['check']}" for f in self.failures})
+
+
+MAX_ERROR_CHARS = 300
+
+
+def validate(schema: pa.DataFrameSchema, table: ir.Table) -> ValidationOutcome:
+    """Run every check of `schema` in the engine; collect failures instead of raising."""
+    try:
+        schema.validate(table, lazy=True)
+    except SchemaErrors as exc:
+        failures = []
+        for category in exc.message.values():
+            for items in category.values():
+                for item in items:
+                    failures.append(
+                        {
+                            "schema": item.get("schema"),
+                            "column": item.get("column"),
+                            "check": item.get("check"),
+                            "error": str(item.get("error"))[:MAX_ERROR_CHARS],
+                        }
+                    )
+        return ValidationOutcome(passed=False, failures=failures)
+    return ValidationOutcome(passed=True, failures=[])
