@@ -5,10 +5,8 @@ import os
 
 from dagster import (
     AssetSelection,
-    DagsterEventType,
     DefaultScheduleStatus,
     DefaultSensorStatus,
-    EventRecordsFilter,
     RunFailureSensorContext,
     RunRequest,
     ScheduleEvaluationContext,
@@ -21,8 +19,14 @@ from dagster import (
     sensor,
 )
 
+from dagster._core.storage.asset_check_execution_record import (
+    AssetCheckExecutionRecord,
+    AssetCheckExecutionRecordStatus,
+)
+
 from exp_pipeline import alerts
 from exp_pipeline.assets import ANALYSIS_ASSETS, REGISTRY_ASSETS, experiment_partitions
+from exp_pipeline.checks import ASSET_CHECKS
 from exp_pipeline.registry import Experiment, Registry
 from exp_pipeline.resources import RegistryResource
 from exp_pipeline.warehouse import Warehouse
@@ -30,7 +34,6 @@ from exp_pipeline.warehouse import Warehouse
 analyze_experiment_job = define_asset_job(
     "analyze_experiment",
     selection=AssetSelection.assets(*ANALYSIS_ASSETS),
-    partitions_def=experiment_partitions,
     description="Ingest, dedupe, join and analyse one experiment (one partition).",
 )
 
@@ -107,24 +110,44 @@ def daily_experiment_refresh(context: ScheduleEvaluationContext, registry: Regis
 
 # -- alerts ----------------------------------------------------------------------------------------
 
-CHECK_EVENTS_PER_TICK = 500
+CHECK_HISTORY_PAGE = 100
+CHECK_KEYS = [key for check_def in ASSET_CHECKS for key in check_def.check_keys]
 
 
-def _check_alert(record) -> alerts.Alert | None:
-    evaluation = record.event_log_entry.dagster_event.event_specific_data
-    if evaluation.passed:
-        return None
-    run_id = record.event_log_entry.run_id
+def failed_check_executions(storage, after_id: int | None) -> list[AssetCheckExecutionRecord]:
+    """Failed check executions (WARN or ERROR) with an id above `after_id`, oldest first.
+
+    Read per check key from the check execution index, which every event log storage keeps (the
+    default SQLite storage cannot list evaluation events across runs).
+    """
+    found = []
+    for key in CHECK_KEYS:
+        cursor = None
+        while True:
+            page = storage.get_asset_check_execution_history(
+                key, limit=CHECK_HISTORY_PAGE, cursor=cursor,
+                status={AssetCheckExecutionRecordStatus.FAILED},
+            )
+            new = [r for r in page if after_id is None or r.id > after_id]
+            found.extend(new)
+            if len(page) < CHECK_HISTORY_PAGE or len(new) < len(page):
+                break
+            cursor = page[-1].id
+    return sorted(found, key=lambda r: r.id)
+
+
+def check_alert(record: AssetCheckExecutionRecord) -> alerts.Alert:
+    evaluation = record.event.dagster_event.event_specific_data
     return alerts.Alert(
-        alert_id=f"check-{record.storage_id}",
+        alert_id=f"check-{record.id}",
         kind="asset_check",
-        experiment_id=evaluation.partition,
+        experiment_id=record.partition,
         source=f"{evaluation.asset_key.to_user_string()} / {evaluation.check_name}",
         severity=evaluation.severity.value,
         summary=evaluation.description or "check failed",
-        run_id=run_id,
-        run_url=alerts.run_url(run_id),
-        created_at=dt.datetime.fromtimestamp(record.event_log_entry.timestamp, dt.timezone.utc),
+        run_id=record.run_id,
+        run_url=alerts.run_url(record.run_id),
+        created_at=dt.datetime.fromtimestamp(record.create_timestamp, dt.timezone.utc),
         figures=alerts.key_figures(dict(evaluation.metadata)),
     )
 
@@ -139,21 +162,17 @@ def _check_alert(record) -> alerts.Alert | None:
 )
 def alert_on_failed_checks(context: SensorEvaluationContext, warehouse: Warehouse):
     after = int(context.cursor) if context.cursor else None
-    records = context.instance.event_log_storage.get_event_records(
-        EventRecordsFilter(event_type=DagsterEventType.ASSET_CHECK_EVALUATION, after_cursor=after),
-        limit=CHECK_EVENTS_PER_TICK,
-        ascending=True,
-    )
-    found = [a for a in (_check_alert(r) for r in records) if a is not None]
+    records = failed_check_executions(context.instance.event_log_storage, after)
+    found = [check_alert(r) for r in records]
     with warehouse.session() as session:
         new = alerts.record_alerts(session, found)
         for alert in new:
             context.log.warning(alert.log_line())
         delivered, pending = alerts.deliver_pending(session, os.environ.get(alerts.WEBHOOK_ENV))
     if records:
-        context.update_cursor(str(records[-1].storage_id))
+        context.update_cursor(str(records[-1].id))
     return SkipReason(
-        f"{len(records)} check evaluations read, {len(new)} new alerts, "
+        f"{len(records)} failed check evaluations read, {len(new)} new alerts, "
         f"{delivered} delivered, {pending} undelivered"
     )
 

@@ -38,6 +38,11 @@ SAMPLE_SIZE = 20
 warnings.filterwarnings("ignore", message="Specifying a partitions_def on an AssetCheckSpec", category=PreviewWarning)
 
 
+def _p(value: float, label: str = "p") -> str:
+    # Chi-square p-values of large mismatches underflow to 0.0; say so rather than print "p = 0".
+    return f"{label} < 1e-300" if value == 0 else f"{label} = {value:.3g}"
+
+
 def _schema_result(outcome: schemas.ValidationOutcome, rows: int) -> AssetCheckResult:
     return AssetCheckResult(
         passed=outcome.passed,
@@ -141,12 +146,12 @@ def evaluate_sample_ratio(
     elif not srm.flagged:
         description = f"no sample ratio mismatch (p = {srm.p_value:.3g})"
     else:
-        description = f"sample ratio mismatch: observed {observed}, p = {srm.p_value:.3g}"
+        description = f"sample ratio mismatch: observed {observed}, {_p(srm.p_value)}"
         if causes:
             top = causes[0]
             description += (
                 f". Likely cause: {top.property} = {top.value} (observed {top.observed}, "
-                f"Bonferroni p = {top.p_value_bonferroni:.3g})"
+                f"{_p(top.p_value_bonferroni, 'Bonferroni p')})"
             )
             metadata["likely_cause"] = f"{top.property} = {top.value}"
             metadata["segments"] = MetadataValue.json(
@@ -156,6 +161,13 @@ def evaluate_sample_ratio(
                     for c in causes[:10]
                 ]
             )
+        else:
+            description += (
+                ". The imbalance is in every segment of "
+                f"{', '.join(registry.sources.assignments.properties) or 'the data'}: no single property "
+                "value explains it; look at assignment or exposure logging as a whole"
+            )
+            metadata["likely_cause"] = "none: imbalance in every segment"
     return AssetCheckResult(
         passed=not srm.flagged, severity=severity, description=description, metadata=metadata
     )

@@ -27,6 +27,10 @@ def _ensure_sample_data(users: int, seed: int) -> None:
     generate(SAMPLE_DIR, n_users=users, seed=seed)
 
 
+# Dagster's step-by-step DEBUG log drowns the results; warnings (failed checks) still show.
+QUIET_LOGS = {"loggers": {"console": {"config": {"log_level": "WARNING"}}}}
+
+
 def run(experiment_ids: list[str] | None, users: int, seed: int) -> int:
     os.environ.setdefault("DAGSTER_HOME", str(DEFAULT_DAGSTER_HOME))
     Path(os.environ["DAGSTER_HOME"]).mkdir(parents=True, exist_ok=True)
@@ -53,18 +57,24 @@ def run(experiment_ids: list[str] | None, users: int, seed: int) -> int:
         if new:
             instance.add_dynamic_partitions(experiment_partitions.name, new)
         failed = []
+        failed_checks = []
         if not defs.resolve_job_def("refresh_registry").execute_in_process(
-            instance=instance, raise_on_error=False
+            instance=instance, raise_on_error=False, run_config=QUIET_LOGS
         ).success:
             failed.append("refresh_registry")
         job = defs.resolve_job_def("analyze_experiment")
         for experiment_id in wanted:
             print(f"analysing {experiment_id} ...", flush=True)
             result = job.execute_in_process(
-                partition_key=experiment_id, instance=instance, raise_on_error=False
+                partition_key=experiment_id, instance=instance, raise_on_error=False, run_config=QUIET_LOGS
             )
             if not result.success:
                 failed.append(experiment_id)
+            failed_checks += [
+                (experiment_id, f"{e.asset_key.to_user_string()}.{e.check_name}", e.severity.value, e.description)
+                for e in result.get_asset_check_evaluations()
+                if not e.passed
+            ]
 
     warehouse: Warehouse = defs.resources["warehouse"]
     with warehouse.session() as session:
@@ -74,6 +84,12 @@ def run(experiment_ids: list[str] | None, users: int, seed: int) -> int:
         )
     print()
     print(results_text(frame))
+    if failed_checks:
+        print("\nFailed checks:")
+        for experiment_id, check_name, severity, description in failed_checks:
+            print(f"  {severity:5} {experiment_id}: {check_name}: {description}")
+    else:
+        print("\nAll checks passed.")
     print(f"\nwarehouse: {duckdb_path()}  (schema exp)")
     if failed:
         print(f"FAILED: {', '.join(failed)}; see the run logs in the Dagster UI", file=sys.stderr)

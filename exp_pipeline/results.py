@@ -107,19 +107,27 @@ def variant_metric_rows(
 
 
 def srm_of(counts: pd.DataFrame, experiment: Experiment) -> tuple[stats.SrmResult, list[stats.SrmCause]]:
-    """SRM verdict from the assignment_counts table, and per-property causes when it fires."""
+    """SRM verdict from the assignment_counts table, and the property values that explain it.
+
+    A segment explains the mismatch when it is itself imbalanced (Bonferroni-corrected) and the
+    subjects outside it are balanced. An imbalance present in every segment (a global assignment or
+    logging bug) has no single cause, and then the list is empty.
+    """
     overall = counts[counts["property"] == ""]
     observed = {v: int(n) for v, n in zip(overall["variant_id"], overall["n"])}
-    result = stats.srm_test(
-        observed,
-        experiment.weights,
-        threshold=experiment.srm.p_threshold,
-        min_total=experiment.srm.min_subjects,
-    )
+    threshold, min_total = experiment.srm.p_threshold, experiment.srm.min_subjects
+    result = stats.srm_test(observed, experiment.weights, threshold=threshold, min_total=min_total)
     if not result.flagged:
         return result, []
     segments: dict[tuple[str, str], dict[str, int]] = {}
     for row in counts[counts["property"] != ""].itertuples(index=False):
         segments.setdefault((row.property, row.value), {})[row.variant_id] = int(row.n)
-    causes = stats.srm_by_property(segments, experiment.weights, min_total=experiment.srm.min_subjects)
+    causes = []
+    for cause in stats.srm_by_property(segments, experiment.weights, min_total=min_total):
+        if cause.p_value_bonferroni >= threshold:
+            continue
+        segment = segments[(cause.property, cause.value)]
+        rest = {v: observed.get(v, 0) - segment.get(v, 0) for v in observed}
+        if not stats.srm_test(rest, experiment.weights, threshold=threshold, min_total=min_total).flagged:
+            causes.append(cause)
     return result, causes

@@ -5,13 +5,17 @@ import pytest
 from dagster import DagsterInstance, materialize
 
 from exp_pipeline.assets import ANALYSIS_ASSETS, REGISTRY_ASSETS, experiment_partitions
+from exp_pipeline.checks import ASSET_CHECKS
 
 EXPERIMENTS = ["checkout_redesign", "aa_homepage", "pricing_three_arm", "onboarding_srm"]
 
 
 def materialize_experiment(workspace, instance, experiment_id):
     return materialize(
-        ANALYSIS_ASSETS, partition_key=experiment_id, instance=instance, resources=workspace.resources()
+        [*ANALYSIS_ASSETS, *ASSET_CHECKS],
+        partition_key=experiment_id,
+        instance=instance,
+        resources=workspace.resources(),
     )
 
 
@@ -140,6 +144,21 @@ def test_srm_fires_only_where_injected_and_names_the_cause(pipeline):
         if truth["srm_injected"]:
             cause = truth["srm_cause"]
             assert meta["srm_likely_cause"].startswith(f"{cause['property']} = {cause['value']}")
+
+
+def test_on_the_sample_only_the_srm_experiment_fails_a_check_naming_the_device(pipeline):
+    workspace, results, _ = pipeline
+    for experiment_id in EXPERIMENTS:
+        evaluations = results[experiment_id].get_asset_check_evaluations()
+        assert len(evaluations) == len(ASSET_CHECKS)
+        failed = {e.check_name: e for e in evaluations if not e.passed}
+        if experiment_id == "onboarding_srm":
+            assert list(failed) == ["no_sample_ratio_mismatch"]
+            srm = failed["no_sample_ratio_mismatch"]
+            assert srm.metadata["likely_cause"].value == "device_type = android"
+            assert "Likely cause: device_type = android" in srm.description
+        else:
+            assert failed == {}, experiment_id
 
 
 def test_variant_metrics_columns_and_sufficient_statistics(pipeline):

@@ -1,6 +1,9 @@
 """The new-experiment sensor against a real (temporary) Dagster instance."""
 
 import copy
+import datetime as dt
+
+import pytest
 
 import yaml
 from dagster import SensorResult, build_sensor_context
@@ -40,3 +43,50 @@ def test_sensor_registers_new_experiments_once_and_analyses_them(instance, tmp_p
     third = evaluate(instance, registry_path)
     assert list(third.dynamic_partitions_requests[0].partition_keys) == ["search_ranking"]
     assert [r.partition_key for r in third.run_requests] == ["search_ranking"]
+
+
+def schedule_requests(instance, when: str):
+    from dagster import build_schedule_context
+
+    from exp_pipeline.automation import daily_experiment_refresh
+
+    with build_schedule_context(
+        instance=instance,
+        scheduled_execution_time=dt.datetime.fromisoformat(when),
+        resources={"registry": RegistryResource(path=str(DEFAULT_REGISTRY))},
+    ) as context:
+        return daily_experiment_refresh(context)
+
+
+ALL = ["checkout_redesign", "aa_homepage", "pricing_three_arm", "onboarding_srm"]
+
+
+@pytest.mark.parametrize(
+    ("when", "expected"),
+    [
+        # Before any experiment starts: nothing to refresh.
+        ("2026-09-20T06:00:00+00:00", []),
+        # Early October: pricing (starts 10-05) has not started yet.
+        ("2026-10-03T06:00:00+00:00", ["checkout_redesign", "aa_homepage", "onboarding_srm"]),
+        ("2026-10-10T06:00:00+00:00", ALL),
+        # Checkout and onboarding ended 10-29 but their last subjects' 14-day windows are open.
+        ("2026-11-05T06:00:00+00:00", ALL),
+        # After 11-12 checkout/onboarding are final; pricing (ended 11-02) stays open until 11-16.
+        ("2026-11-13T06:00:00+00:00", ["aa_homepage", "pricing_three_arm"]),
+        # Months later only the running A/A test is refreshed.
+        ("2027-02-01T06:00:00+00:00", ["aa_homepage"]),
+    ],
+)
+def test_daily_schedule_refreshes_experiments_with_open_windows(instance, when, expected):
+    instance.add_dynamic_partitions(experiment_partitions.name, ALL)
+    result = schedule_requests(instance, when)
+    requests = result if isinstance(result, list) else []
+    assert [r.partition_key for r in requests] == expected
+    day = when[:10]
+    assert [r.run_key for r in requests] == [f"daily-{day}-{e}" for e in expected]
+
+
+def test_schedule_skips_experiments_without_a_partition_yet(instance):
+    instance.add_dynamic_partitions(experiment_partitions.name, ["aa_homepage"])
+    requests = schedule_requests(instance, "2026-10-10T06:00:00+00:00")
+    assert [r.partition_key for r in requests] == ["aa_homepage"]

@@ -123,6 +123,9 @@ def test_injected_srm_fails_and_names_the_device(tmp_path, instance):
     assert srm.metadata["verdict"].value == "SRM"
     assert srm.metadata["likely_cause"].value == "device_type = android"
     assert "Likely cause: device_type = android" in srm.description
+    # The failure is written to the run log, where a person reading the run sees it.
+    logged = [e.user_message for e in instance.all_logs(result.run_id)]
+    assert any("no_sample_ratio_mismatch failed for exp_a" in m for m in logged)
     # WARN does not block: the results are still computed, and the run is green.
     assert result.success
     assert any(m.asset_key.path[-1] == "variant_metrics" for m in result.get_asset_materialization_events())
