@@ -4,9 +4,17 @@
 import datetime as dt
 
 import pandas as pd
-from dagster import AssetExecutionContext, DynamicPartitionsDefinition, MaterializeResult, MetadataValue, asset
+from dagster import (
+    AssetExecutionContext,
+    DynamicPartitionsDefinition,
+    MaterializeResult,
+    MetadataValue,
+    TableColumn,
+    TableSchema,
+    asset,
+)
 
-from exp_pipeline import results, transforms
+from exp_pipeline import results, schemas, transforms
 from exp_pipeline.registry import Experiment, Registry
 from exp_pipeline.reports import results_markdown
 from exp_pipeline.resources import RegistryResource
@@ -18,6 +26,28 @@ GROUP = "experiment_analysis"
 OWNERS = ["team:experimentation"]
 # Every asset writing the DuckDB file shares one pool so that writers queue instead of colliding.
 WRITER_POOL = "warehouse_writer"
+
+
+PREVIEW_ROWS = 5
+
+
+def _columns(table: str) -> dict:
+    """Static asset metadata: the documented column schema the UI shows."""
+    return {
+        "dagster/column_schema": TableSchema(
+            columns=[TableColumn(name, type_, description) for name, type_, description in schemas.COLUMN_DOCS[table]]
+        )
+    }
+
+
+def _written(session: WarehouseSession, table: str, experiment_id: str, rows: int) -> dict:
+    """Row count and a small preview of what was written (a few rows only)."""
+    written = session.partition(table, experiment_id)
+    preview = session.to_pandas(written.order_by(*written.columns[:3]).limit(PREVIEW_ROWS))
+    return {
+        "dagster/row_count": rows,
+        "preview": MetadataValue.md(preview.to_markdown(index=False) if len(preview) else "(no rows)"),
+    }
 
 
 def _experiment(context: AssetExecutionContext, registry: Registry) -> Experiment:
@@ -69,7 +99,9 @@ def dim_experiments(registry: RegistryResource, warehouse: Warehouse) -> Materia
     frame["end_at"] = pd.to_datetime(frame["end_at"], utc=True)
     with warehouse.session() as session:
         rows = session.replace_table("dim_experiments", frame)
-    return MaterializeResult(metadata={"rows": rows, "preview": MetadataValue.md(frame.to_markdown(index=False))})
+    return MaterializeResult(
+        metadata={"dagster/row_count": rows, "preview": MetadataValue.md(frame.to_markdown(index=False))}
+    )
 
 
 @asset(
@@ -87,12 +119,14 @@ def dim_variants(registry: RegistryResource, warehouse: Warehouse) -> Materializ
     )
     with warehouse.session() as session:
         rows = session.replace_table("dim_variants", frame)
-    return MaterializeResult(metadata={"rows": rows, "preview": MetadataValue.md(frame.to_markdown(index=False))})
+    return MaterializeResult(
+        metadata={"dagster/row_count": rows, "preview": MetadataValue.md(frame.to_markdown(index=False))}
+    )
 
 
 @asset(
-    group_name=GROUP, owners=OWNERS, kinds={"duckdb"}, pool=WRITER_POOL,
-    partitions_def=experiment_partitions,
+    group_name=GROUP, owners=OWNERS, kinds={"duckdb", "pandera"}, pool=WRITER_POOL,
+    partitions_def=experiment_partitions, metadata=_columns("raw_assignments"),
     description="The experiment's exposure log as ingested, many rows per subject, canonical names.",
 )
 def raw_assignments(
@@ -106,12 +140,13 @@ def raw_assignments(
         rows = session.read_source(source, path, "assignments source")
         canonical = transforms.canonical_assignments(rows, source, experiment.id)
         written = session.replace_partition("raw_assignments", experiment.id, canonical)
-    return MaterializeResult(metadata={"rows": written})
+        metadata = _written(session, "raw_assignments", experiment.id, written)
+    return MaterializeResult(metadata=metadata)
 
 
 @asset(
-    group_name=GROUP, owners=OWNERS, kinds={"duckdb"}, pool=WRITER_POOL,
-    partitions_def=experiment_partitions, deps=[raw_assignments],
+    group_name=GROUP, owners=OWNERS, kinds={"duckdb", "pandera"}, pool=WRITER_POOL,
+    partitions_def=experiment_partitions, metadata=_columns("deduped_assignments"), deps=[raw_assignments],
     description=(
         "One row per (experiment, subject) among active rows: first exposure wins, properties frozen "
         "at it, subjects exposed to several variants kept but excluded, corrections keep history."
@@ -142,6 +177,7 @@ def deduped_assignments(
         row_counts = session.to_pandas(transforms.exposure_row_counts(raw, experiment))
         analysable = transforms.analysable_assignments(session.partition("deduped_assignments", experiment.id))
         counts = session.to_pandas(transforms.assignment_counts(analysable, []))
+        written_metadata = _written(session, "deduped_assignments", experiment.id, written)
         excluded = session.count(
             session.partition("deduped_assignments", experiment.id).filter(
                 lambda t: t.is_active & t.exclusion_reason.notnull()
@@ -163,7 +199,7 @@ def deduped_assignments(
     )
     return MaterializeResult(
         metadata={
-            "rows": written,
+            **written_metadata,
             "analysable_subjects": sum(observed.values()),
             "multi_variant_subjects": excluded,
             "multi_variant_share": excluded / total_subjects if total_subjects else 0.0,
@@ -174,8 +210,8 @@ def deduped_assignments(
 
 
 @asset(
-    group_name=GROUP, owners=OWNERS, kinds={"duckdb"}, pool=WRITER_POOL,
-    partitions_def=experiment_partitions, deps=[deduped_assignments],
+    group_name=GROUP, owners=OWNERS, kinds={"duckdb", "pandera"}, pool=WRITER_POOL,
+    partitions_def=experiment_partitions, metadata=_columns("post_assignment_events"), deps=[deduped_assignments],
     description=(
         "Events of analysable subjects at or after their assignment (event_at >= assigned_at) and "
         "inside the widest metric window."
@@ -191,12 +227,13 @@ def post_assignment_events(
         assignments = transforms.analysable_assignments(session.partition("deduped_assignments", experiment.id))
         joined = transforms.join_post_assignment_events(assignments, events, reg.metrics_of(experiment))
         written = session.replace_partition("post_assignment_events", experiment.id, joined)
-    return MaterializeResult(metadata={"rows": written})
+        metadata = _written(session, "post_assignment_events", experiment.id, written)
+    return MaterializeResult(metadata=metadata)
 
 
 @asset(
-    group_name=GROUP, owners=OWNERS, kinds={"duckdb"}, pool=WRITER_POOL,
-    partitions_def=experiment_partitions, deps=[deduped_assignments],
+    group_name=GROUP, owners=OWNERS, kinds={"duckdb", "pandera"}, pool=WRITER_POOL,
+    partitions_def=experiment_partitions, metadata=_columns("pre_assignment_events"), deps=[deduped_assignments],
     description=(
         "Events of analysable subjects in the pre-assignment window (the CUPED covariate period)."
     ),
@@ -211,12 +248,13 @@ def pre_assignment_events(
         assignments = transforms.analysable_assignments(session.partition("deduped_assignments", experiment.id))
         joined = transforms.join_pre_assignment_events(assignments, events, experiment.cuped_pre_window_days)
         written = session.replace_partition("pre_assignment_events", experiment.id, joined)
-    return MaterializeResult(metadata={"rows": written})
+        metadata = _written(session, "pre_assignment_events", experiment.id, written)
+    return MaterializeResult(metadata=metadata)
 
 
 @asset(
-    group_name=GROUP, owners=OWNERS, kinds={"duckdb", "pandas"}, pool=WRITER_POOL,
-    partitions_def=experiment_partitions,
+    group_name=GROUP, owners=OWNERS, kinds={"duckdb", "pandas", "pandera"}, pool=WRITER_POOL,
+    partitions_def=experiment_partitions, metadata=_columns("variant_metrics"),
     deps=[deduped_assignments, post_assignment_events, pre_assignment_events],
     description=(
         "Per (experiment, variant, metric): sufficient statistics, lift vs control with its interval "
@@ -256,7 +294,7 @@ def variant_metrics(
         frame = results.variant_metric_rows(sufficient, experiment, metrics, srm)
         written = session.replace_partition("variant_metrics", experiment.id, frame)
     metadata = {
-        "rows": written,
+        "dagster/row_count": written,
         "srm_p_value": float(srm.p_value),
         "srm_flagged": srm.flagged,
         "results": MetadataValue.md(results_markdown(frame)),

@@ -184,3 +184,61 @@ def validate(schema: pa.DataFrameSchema, table: ir.Table) -> ValidationOutcome:
                     )
         return ValidationOutcome(passed=False, failures=failures)
     return ValidationOutcome(passed=True, failures=[])
+
+
+# Column documentation shown in the Dagster UI (the schemas above enforce; these explain).
+# Assignment properties named in the registry (device_type, country, ...) come after assigned_at.
+COLUMN_DOCS: dict[str, list[tuple[str, str, str]]] = {
+    "raw_assignments": [
+        ("experiment_id", "string", "experiment (the partition)"),
+        ("subject_id", "string", "randomization unit, a user by default"),
+        ("variant_id", "string", "variant the subject was exposed to"),
+        ("assigned_at", "timestamp UTC", "exposure time"),
+        ("source_file", "string", "file (or table) the row was read from"),
+    ],
+    "deduped_assignments": [
+        ("experiment_id", "string", "experiment (the partition)"),
+        ("subject_id", "string", "unique per experiment among active rows"),
+        ("variant_id", "string", "variant of the first exposure"),
+        ("assigned_at", "timestamp UTC", "first exposure inside the experiment window"),
+        ("n_exposures", "int64", "usable exposure rows of the subject"),
+        ("n_variants_seen", "int64", "distinct variants in those rows"),
+        ("exclusion_reason", "string", "'multiple_variants' when excluded from analysis, else null"),
+        ("is_active", "boolean", "false for rows superseded by a correction"),
+        ("valid_from", "timestamp UTC", "when this row became the subject's assignment"),
+        ("valid_to", "timestamp UTC", "when a correction superseded it (null while active)"),
+    ],
+    "post_assignment_events": [
+        ("experiment_id", "string", "experiment (the partition)"),
+        ("subject_id", "string", "analysable subject"),
+        ("variant_id", "string", "the subject's variant"),
+        ("assigned_at", "timestamp UTC", "the subject's assignment"),
+        ("event_at", "timestamp UTC", "event time, assigned_at <= event_at < end of the widest window"),
+        ("event_name", "string", "event name (only those used by the experiment's metrics)"),
+        ("value", "float64", "event value (null when the log has none)"),
+    ],
+    "pre_assignment_events": [
+        ("experiment_id", "string", "experiment (the partition)"),
+        ("subject_id", "string", "analysable subject"),
+        ("variant_id", "string", "the subject's variant"),
+        ("assigned_at", "timestamp UTC", "the subject's assignment"),
+        ("event_at", "timestamp UTC", "event time in [assigned_at - pre window, assigned_at)"),
+        ("event_name", "string", "event name"),
+        ("value", "float64", "event value"),
+    ],
+    "variant_metrics": [
+        ("experiment_id", "string", "experiment (the partition)"),
+        ("variant_id", "string", "variant"),
+        ("metric", "string", "metric id from the registry"),
+        ("is_control", "boolean", "the control of the experiment"),
+        ("n", "int64", "analysable subjects"),
+        ("sum_y, sum_y2", "float64", "sufficient statistics of the per-subject metric value"),
+        ("sum_x, sum_x2, sum_xy", "float64", "same for the pre-period covariate (CUPED)"),
+        ("mean, std", "float64", "per-subject mean and standard deviation"),
+        ("rel_lift, ci_low, ci_high", "float64", "relative lift vs control and its 95% CI (delta method, Welch df)"),
+        ("p_value, p_value_holm", "float64", "two-sided p-value and Holm-adjusted across the experiment"),
+        ("abs_lift, abs_lift_ci_low, abs_lift_ci_high", "float64", "difference in means and its Welch CI"),
+        ("cuped_*", "float64", "the same, CUPED-adjusted, with theta and the variance reduction"),
+        ("expected_share, srm_p_value, srm_flagged", "mixed", "configured weight and the SRM verdict"),
+    ],
+}
