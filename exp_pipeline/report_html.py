@@ -35,7 +35,7 @@ GROUP_GAP = 8  # extra space between metrics so groups read as blocks
 AXIS_HEIGHT = 50  # tick labels + axis caption
 POINT_RADIUS = 4
 CAP_HALF_HEIGHT = 3  # whisker end caps
-LABEL_MAX_CHARS = 34  # longer labels are cut (full text in the tooltip) so they stay in the column
+LABEL_MAX_CHARS = 30  # longer labels are cut (full text in the tooltip) so they stay in the column
 LEGEND_CHAR_WIDTH = 6.4  # rough width of one 12 px character, to space legend entries
 TARGET_TICKS = 6
 X_MARGIN = 0.06  # share of the data span kept free on each side of the intervals
@@ -58,9 +58,8 @@ SRM_HEADLINES = {
     "SRM": "Sample ratio mismatch (SRM) detected",
     "not judged": "Sample ratio: not judged",
 }
-SRM_EXPLANATIONS = {
+SRM_EXPLANATIONS = {  # an SRM gets SRM_WARNING instead
     "ok": "The observed traffic split matches the configured one.",
-    "SRM": "",  # the warning paragraph says it
     "not judged": "Too few subjects to test the traffic split yet: treat the results as preliminary.",
 }
 SRM_WARNING = (
@@ -204,13 +203,17 @@ def _truncate(text: str) -> str:
     return text if len(text) <= LABEL_MAX_CHARS else text[: LABEL_MAX_CHARS - 1] + "…"
 
 
+def _na_svg(kind: str, y: float, colour: str, x_of) -> str:
+    return (
+        f'<text class="na {kind}" x="{x_of(0.0) + 6:.1f}" y="{y:.1f}" dy="0.35em" '
+        f'fill="{colour}" font-size="11" font-style="italic">n/a</text>'
+    )
+
+
 def _estimate_svg(estimate: _Estimate, kind: str, y: float, colour: str, x_of) -> list[str]:
     """One interval: whiskered CI line and the point, filled when significant; "n/a" without CI."""
     if not estimate.drawable:
-        return [
-            f'<text class="na {kind}" x="{x_of(0.0) + 6:.1f}" y="{y:.1f}" dy="0.35em" '
-            f'fill="{colour}" font-size="11" font-style="italic">n/a</text>'
-        ]
+        return [_na_svg(kind, y, colour, x_of)]
     x1, x2, xp = x_of(estimate.low), x_of(estimate.high), x_of(estimate.lift)
     significance = "significant" if estimate.significant else "not-significant"
     fill = colour if estimate.significant else "#ffffff"
@@ -311,10 +314,15 @@ def forest_plot_svg(frame: pd.DataFrame, title: str = "") -> str:
             f"<title>{_esc(_tooltip(comparison, with_cuped))}</title>",
             f'<text class="label" x="{plot_left - 12}" y="{centre:.1f}" dy="0.35em" text-anchor="end" '
             f'font-size="12">{_esc(_truncate(comparison.label))}</text>',
-            *_estimate_svg(comparison.raw, "raw", raw_y, RAW_COLOUR, x_of),
         ]
+        lines = [("raw", comparison.raw, raw_y, RAW_COLOUR)]
         if with_cuped:
-            row += _estimate_svg(comparison.cuped, "cuped", raw_y + CUPED_OFFSET, CUPED_COLOUR, x_of)
+            lines.append(("cuped", comparison.cuped, raw_y + CUPED_OFFSET, CUPED_COLOUR))
+        if any(estimate.drawable for _, estimate, _, _ in lines):
+            for kind, estimate, y, colour in lines:
+                row += _estimate_svg(estimate, kind, y, colour, x_of)
+        else:
+            row.append(_na_svg("raw", centre, MUTED_COLOUR, x_of))  # one mark when the row has nothing to draw
         body.append("\n".join([*row, "</g>"]))
 
     grid = [
@@ -431,7 +439,8 @@ def _srm_section(srm: dict) -> str:
             )
         )
     if rows:
-        parts.append(_table("", ["variant", "observed", "observed share", "expected", "observed vs expected"], rows))
+        header = ["variant", "observed", "observed share", "expected", "observed vs expected"]
+        parts.append(_table("", header, rows))
     return f'<section id="srm" class="srm {SRM_CLASSES[verdict]}">\n' + "\n".join(parts) + "\n</section>"
 
 

@@ -161,9 +161,15 @@ def test_cuped_drawn_below_raw_in_another_colour_when_present(two_arm):
 
 def test_nan_interval_is_labelled_na_without_a_bar(two_arm):
     row = rows_of(parse_svg(forest_plot_svg(two_arm)))[("empty", "treatment")]
-    assert [el.text for el in row.iter(f"{SVG}text") if "na" in el.get("class").split()] == ["n/a", "n/a"]
+    assert [el.text for el in row.iter(f"{SVG}text") if "na" in el.get("class").split()] == ["n/a"]
     assert not [el for el in row.iter(f"{SVG}line") if el.get("class", "").startswith("ci")]
     assert not list(row.iter(f"{SVG}circle"))
+
+
+def test_missing_cuped_interval_is_labelled_na_next_to_the_raw_one(two_arm):
+    row = rows_of(parse_svg(forest_plot_svg(two_arm)))[("rev<&>", "treatment")]
+    assert interval(row)  # the raw interval is drawn
+    assert [el.get("class") for el in row.iter(f"{SVG}text") if el.text == "n/a"] == ["na cuped"]
 
 
 def test_forest_plot_refuses_several_experiments(two_arm, three_arm):
