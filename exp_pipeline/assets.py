@@ -14,7 +14,7 @@ from dagster import (
     asset,
 )
 
-from exp_pipeline import results, schemas, transforms
+from exp_pipeline import report_html, results, schemas, transforms
 from exp_pipeline.registry import Experiment, Registry
 from exp_pipeline.reports import results_markdown
 from exp_pipeline.resources import RegistryResource
@@ -293,11 +293,13 @@ def variant_metrics(
         srm, causes = results.srm_of(counts, experiment)
         frame = results.variant_metric_rows(sufficient, experiment, metrics, srm)
         written = session.replace_partition("variant_metrics", experiment.id, frame)
+    plot = report_html.forest_plot_svg(frame, title=f"{experiment.name}: relative lift vs control (95% CI)")
     metadata = {
         "dagster/row_count": written,
         "srm_p_value": float(srm.p_value),
         "srm_flagged": srm.flagged,
         "results": MetadataValue.md(results_markdown(frame)),
+        "forest_plot": MetadataValue.md(f"![forest plot of relative lifts]({report_html.svg_data_uri(plot)})"),
     }
     if causes:
         top = causes[0]
@@ -305,7 +307,76 @@ def variant_metrics(
     return MaterializeResult(metadata=metadata)
 
 
+def _latest_check_results(context: AssetExecutionContext, experiment_id: str) -> list[dict]:
+    """The newest evaluation of every check of this experiment's partition, from the instance."""
+    from exp_pipeline.checks import ASSET_CHECKS  # checks import this module
+
+    storage = context.instance.event_log_storage
+    found = []
+    for key in [k for check_def in ASSET_CHECKS for k in check_def.check_keys]:
+        history = storage.get_asset_check_execution_history(key, limit=CHECK_HISTORY_DEPTH)
+        latest = next((r for r in history if r.partition == experiment_id and r.event is not None), None)
+        evaluation = getattr(latest.event.dagster_event, "event_specific_data", None) if latest else None
+        if evaluation is None or not hasattr(evaluation, "passed"):
+            continue
+        found.append(
+            {
+                "asset": key.asset_key.to_user_string(),
+                "check": key.name,
+                "passed": evaluation.passed,
+                "severity": evaluation.severity.value,
+                "description": evaluation.description,
+            }
+        )
+    return found
+
+
+# How far back to look for a partition's latest check evaluation (one entry per run and partition).
+CHECK_HISTORY_DEPTH = 200
+
+
+@asset(
+    group_name=GROUP, owners=OWNERS, kinds={"html"}, pool=WRITER_POOL,
+    partitions_def=experiment_partitions, deps=[variant_metrics],
+    description=(
+        "A self-contained HTML report per experiment (results table, forest plot, SRM verdict, check "
+        "results) written under the data root's reports/ folder, for attaching to a decision."
+    ),
+)
+def experiment_report(
+    context: AssetExecutionContext, registry: RegistryResource, warehouse: Warehouse
+) -> MaterializeResult:
+    reg = registry.load()
+    experiment = _experiment(context, reg)
+    with warehouse.session() as session:
+        metrics = session.partition("variant_metrics", experiment.id)
+        frame = session.to_pandas(metrics.order_by("metric", "variant_id"))
+        assignments = transforms.analysable_assignments(session.partition("deduped_assignments", experiment.id))
+        counts = session.to_pandas(transforms.assignment_counts(assignments, reg.sources.assignments.properties))
+    srm, causes = results.srm_of(counts, experiment)
+    verdict = "SRM" if srm.flagged else ("ok" if srm.judged else "not judged")
+    html_text = report_html.experiment_report_html(
+        experiment_id=experiment.id,
+        name=experiment.name,
+        frame=frame,
+        checks=_latest_check_results(context, experiment.id),
+        srm={
+            "verdict": verdict,
+            "p_value": float(srm.p_value),
+            "observed": srm.observed,
+            "expected": srm.expected,
+            "likely_cause": f"{causes[0].property} = {causes[0].value}" if causes else None,
+        },
+        generated_at=dt.datetime.now(dt.timezone.utc),
+    )
+    path = report_html.write_report(reg.data_root / "reports" / f"{experiment.id}.html", html_text)
+    return MaterializeResult(
+        metadata={"report_path": MetadataValue.path(str(path)), "report_url": MetadataValue.url(path.as_uri())}
+    )
+
+
 ANALYSIS_ASSETS = [
     raw_assignments, deduped_assignments, post_assignment_events, pre_assignment_events, variant_metrics,
+    experiment_report,
 ]
 REGISTRY_ASSETS = [dim_experiments, dim_variants]

@@ -210,3 +210,29 @@ def test_no_large_table_passes_through_pandas(pipeline, monkeypatch):
     assert fetched, "the spy saw nothing: the test would pass vacuously"
     subjects = sum(workspace.truth["experiments"]["checkout_redesign"]["analysable_subjects"].values())
     assert max(fetched) <= 100 < subjects
+
+
+def test_the_html_report_is_written_with_checks_and_srm(pipeline):
+    workspace, results, _ = pipeline
+    for experiment_id in ("checkout_redesign", "onboarding_srm"):
+        [event] = [
+            e for e in results[experiment_id].get_asset_materialization_events()
+            if e.asset_key.path[-1] == "experiment_report"
+        ]
+        path = event.materialization.metadata["report_path"].value
+        html_text = open(path, encoding="utf-8").read()
+        assert path == str(workspace.root / "reports" / f"{experiment_id}.html")
+        assert 'id="results"' in html_text and 'id="forest-plot"' in html_text and "<svg" in html_text
+        assert "no_sample_ratio_mismatch" in html_text and "one_active_row_per_subject" in html_text
+        if experiment_id == "onboarding_srm":
+            assert "device_type = android" in html_text and 'id="srm-warning"' in html_text
+        else:
+            assert 'id="srm-warning"' not in html_text
+
+
+def test_variant_metrics_metadata_embeds_the_forest_plot(pipeline):
+    _, results, _ = pipeline
+    meta = metadata(results["checkout_redesign"], "variant_metrics")
+    assert meta["forest_plot"].startswith("![forest plot of relative lifts](data:image/svg+xml;base64,")
+    rows = [[cell.strip() for cell in line.split("|")[1:3]] for line in meta["results"].splitlines()]
+    assert ["treatment", "revenue"] in rows
