@@ -50,10 +50,13 @@ def new_experiment_ids(registry: Registry, known_partitions: set[str]) -> list[s
 
 
 @sensor(
-    job=analyze_experiment_job,
+    jobs=[analyze_experiment_job, refresh_registry_job],
     minimum_interval_seconds=60,
     default_status=DefaultSensorStatus.RUNNING,
-    description="Adds a partition for every experiment new to the registry and analyses it once.",
+    description=(
+        "Adds a partition for every experiment new to the registry, analyses it once and refreshes "
+        "dim_experiments / dim_variants."
+    ),
 )
 def register_new_experiments(
     context: SensorEvaluationContext, registry: RegistryResource
@@ -65,7 +68,13 @@ def register_new_experiments(
     context.log.info(f"registering new experiments: {new_ids}")
     return SensorResult(
         dynamic_partitions_requests=[experiment_partitions.build_add_request(new_ids)],
-        run_requests=[RunRequest(partition_key=e, run_key=f"register-{e}") for e in new_ids],
+        run_requests=[
+            RunRequest(job_name=refresh_registry_job.name, run_key=f"registry-{'-'.join(new_ids)}"),
+            *(
+                RunRequest(job_name=analyze_experiment_job.name, partition_key=e, run_key=f"register-{e}")
+                for e in new_ids
+            ),
+        ],
     )
 
 
@@ -164,11 +173,15 @@ def alert_on_failed_checks(context: SensorEvaluationContext, warehouse: Warehous
     after = int(context.cursor) if context.cursor else None
     records = failed_check_executions(context.instance.event_log_storage, after)
     found = [check_alert(r) for r in records]
+    webhook_url = os.environ.get(alerts.WEBHOOK_ENV)
+    if not found and not webhook_url:
+        # Nothing to record or retry: leave the DuckDB file to the runs.
+        return SkipReason("no new failed check evaluations")
     with warehouse.session() as session:
         new = alerts.record_alerts(session, found)
         for alert in new:
             context.log.warning(alert.log_line())
-        delivered, pending = alerts.deliver_pending(session, os.environ.get(alerts.WEBHOOK_ENV))
+        delivered, pending = alerts.deliver_pending(session, webhook_url)
     if records:
         context.update_cursor(str(records[-1].id))
     return SkipReason(

@@ -162,6 +162,9 @@ def test_no_alert_when_every_check_passes(tmp_path, instance, monkeypatch):
         _, result = tick(instance, workspace)
         assert receiver.received == []
         assert "0 failed check evaluations read, 0 new alerts" in result.skip_message
+        monkeypatch.delenv(alerts.WEBHOOK_ENV)
+        _, result = tick(instance, workspace)
+        assert result.skip_message == "no new failed check evaluations"
     finally:
         receiver.close()
 

@@ -29,7 +29,8 @@ def test_sensor_registers_new_experiments_once_and_analyses_them(instance, tmp_p
     [request] = first.dynamic_partitions_requests
     expected = ["checkout_redesign", "aa_homepage", "pricing_three_arm", "onboarding_srm"]
     assert list(request.partition_keys) == expected
-    assert [r.partition_key for r in first.run_requests] == expected
+    assert [r.partition_key for r in first.run_requests] == [None, *expected]
+    assert [r.job_name for r in first.run_requests] == ["refresh_registry"] + ["analyze_experiment"] * 4
     instance.add_dynamic_partitions(experiment_partitions.name, list(request.partition_keys))
 
     second = evaluate(instance, registry_path)
@@ -42,7 +43,7 @@ def test_sensor_registers_new_experiments_once_and_analyses_them(instance, tmp_p
     registry_path.write_text(yaml.safe_dump(raw))
     third = evaluate(instance, registry_path)
     assert list(third.dynamic_partitions_requests[0].partition_keys) == ["search_ranking"]
-    assert [r.partition_key for r in third.run_requests] == ["search_ranking"]
+    assert [r.partition_key for r in third.run_requests] == [None, "search_ranking"]
 
 
 def schedule_requests(instance, when: str):
