@@ -3,6 +3,7 @@
 
 import datetime as dt
 
+import ibis
 import pandas as pd
 from dagster import (
     AssetExecutionContext,
@@ -60,12 +61,17 @@ def _experiment(context: AssetExecutionContext, registry: Registry) -> Experimen
         ) from None
 
 
-def _events_source(session: WarehouseSession, registry: Registry, experiment: Experiment):
-    source = registry.sources.events
+def _read_source(session: WarehouseSession, registry: Registry, kind: str):
+    source = getattr(registry.sources, kind)
     path = registry.resolve_path(source.path) if source.path else None
-    rows = session.read_source(source, path, "events source")
+    return session.read_source(source, path, f"{kind} source")
+
+
+def _usable_events(session: WarehouseSession, registry: Registry, experiment: Experiment):
+    """The experiment's metric events, without the rows source_audit rejects."""
+    events = transforms.canonical_events(_read_source(session, registry, "events"), registry.sources.events)
     event_names = sorted({m.event_name for m in registry.metrics_of(experiment)})
-    return transforms.canonical_events(rows, source, event_names)
+    return transforms.usable_events(events, event_names)
 
 
 @asset(
@@ -125,6 +131,57 @@ def dim_variants(registry: RegistryResource, warehouse: Warehouse) -> Materializ
 
 
 @asset(
+    group_name=GROUP, owners=OWNERS, kinds={"duckdb"}, pool=WRITER_POOL,
+    description=(
+        "Row accounting of both logs as a whole: exposure rows of no known experiment and event rows "
+        "that cannot be used (missing ids or timestamps, unparsable timestamps, non-numeric values, "
+        "exact duplicates) are kept in rejected_source_rows with their reason and file."
+    ),
+)
+def source_audit(registry: RegistryResource, warehouse: Warehouse) -> MaterializeResult:
+    reg = registry.load()
+    with warehouse.session() as session:
+        exposures = transforms.canonical_assignments(
+            _read_source(session, reg, "assignments"), reg.sources.assignments, None
+        )
+        unassignable = transforms.unassignable_rows(exposures, [e.id for e in reg.experiments])
+        events = transforms.classify_events(
+            transforms.canonical_events(_read_source(session, reg, "events"), reg.sources.events)
+        )
+        exposure_counts = session.to_pandas(transforms.rejection_counts(unassignable))
+        event_counts = session.to_pandas(transforms.rejection_counts(events))
+        rejected = ibis.union(
+            transforms.rejected(unassignable, "assignments", None),
+            transforms.rejected(events, "events", None),
+            distinct=False,
+        )
+        written = session.replace_table("rejected_source_rows", rejected)
+    exposure_by_reason = dict(zip(exposure_counts["reason"], exposure_counts["rows"].astype(int)))
+    event_by_reason = dict(zip(event_counts["reason"], event_counts["rows"].astype(int)))
+    exposures_read = sum(exposure_by_reason.values())
+    events_read = sum(event_by_reason.values())
+    exposures_rejected = exposures_read - exposure_by_reason.get("ingested", 0)
+    events_rejected = events_read - event_by_reason.get("ingested", 0)
+    if written != exposures_rejected + events_rejected:
+        raise RuntimeError(
+            f"row accounting broke: {exposures_rejected} + {events_rejected} rows rejected, {written} written"
+        )
+    return MaterializeResult(
+        metadata={
+            "dagster/row_count": written,
+            "assignment_rows_read": exposures_read,
+            "assignment_rows_of_no_known_experiment": exposures_rejected,
+            "assignment_rejected_by_reason": {k: v for k, v in exposure_by_reason.items() if k != "ingested"},
+            "event_rows_read": events_read,
+            "event_rows_usable": events_read - events_rejected,
+            "event_rows_rejected": events_rejected,
+            "event_rejected_share": events_rejected / events_read if events_read else 0.0,
+            "event_rejected_by_reason": {k: v for k, v in event_by_reason.items() if k != "ingested"},
+        }
+    )
+
+
+@asset(
     group_name=GROUP, owners=OWNERS, kinds={"duckdb", "pandera"}, pool=WRITER_POOL,
     partitions_def=experiment_partitions, metadata=_columns("raw_assignments"),
     description="The experiment's exposure log as ingested, many rows per subject, canonical names.",
@@ -135,13 +192,39 @@ def raw_assignments(
     reg = registry.load()
     experiment = _experiment(context, reg)
     source = reg.sources.assignments
-    path = reg.resolve_path(source.path) if source.path else None
     with warehouse.session() as session:
-        rows = session.read_source(source, path, "assignments source")
-        canonical = transforms.canonical_assignments(rows, source, experiment.id)
-        written = session.replace_partition("raw_assignments", experiment.id, canonical)
-        metadata = _written(session, "raw_assignments", experiment.id, written)
-    return MaterializeResult(metadata=metadata)
+        rows = transforms.canonical_assignments(_read_source(session, reg, "assignments"), source, experiment.id)
+        classified = transforms.classify_assignments(rows, experiment, source.properties)
+        # Materialized once so that the counts and both writes see exactly the same rows.
+        classified = session.ibis.create_table("_classified_assignments", classified, temp=True, overwrite=True)
+        counts = session.to_pandas(transforms.rejection_counts(classified))
+        written = session.replace_partitions(
+            experiment.id,
+            {
+                "raw_assignments": transforms.ingested(classified),
+                "rejected_rows": transforms.rejected(classified, "assignments", experiment.id),
+            },
+        )
+        metadata = _written(session, "raw_assignments", experiment.id, written["raw_assignments"])
+    by_reason = dict(zip(counts["reason"], counts["rows"].astype(int)))
+    read = sum(by_reason.values())
+    rejected = read - by_reason.get("ingested", 0)
+    # Every row read is either ingested or kept aside with its reason.
+    if (written["raw_assignments"], written["rejected_rows"]) != (read - rejected, rejected):
+        raise RuntimeError(
+            f"row accounting broke for {experiment.id}: read {read}, wrote {written} (expected "
+            f"{read - rejected} ingested and {rejected} rejected)"
+        )
+    return MaterializeResult(
+        metadata={
+            **metadata,
+            "rows_read": read,
+            "rows_ingested": read - rejected,
+            "rows_rejected": rejected,
+            "rejected_share": rejected / read if read else 0.0,
+            "rejected_by_reason": {k: v for k, v in by_reason.items() if k != "ingested"},
+        }
+    )
 
 
 @asset(
@@ -223,7 +306,7 @@ def post_assignment_events(
     reg = registry.load()
     experiment = _experiment(context, reg)
     with warehouse.session() as session:
-        events = _events_source(session, reg, experiment)
+        events = _usable_events(session, reg, experiment)
         assignments = transforms.analysable_assignments(session.partition("deduped_assignments", experiment.id))
         joined = transforms.join_post_assignment_events(assignments, events, reg.metrics_of(experiment))
         written = session.replace_partition("post_assignment_events", experiment.id, joined)
@@ -244,7 +327,7 @@ def pre_assignment_events(
     reg = registry.load()
     experiment = _experiment(context, reg)
     with warehouse.session() as session:
-        events = _events_source(session, reg, experiment)
+        events = _usable_events(session, reg, experiment)
         assignments = transforms.analysable_assignments(session.partition("deduped_assignments", experiment.id))
         joined = transforms.join_pre_assignment_events(assignments, events, experiment.cuped_pre_window_days)
         written = session.replace_partition("pre_assignment_events", experiment.id, joined)
@@ -379,4 +462,4 @@ ANALYSIS_ASSETS = [
     raw_assignments, deduped_assignments, post_assignment_events, pre_assignment_events, variant_metrics,
     experiment_report,
 ]
-REGISTRY_ASSETS = [dim_experiments, dim_variants]
+REGISTRY_ASSETS = [dim_experiments, dim_variants, source_audit]

@@ -20,6 +20,7 @@ from dagster import (
 from exp_pipeline import results, schemas, transforms
 from exp_pipeline.assets import (
     WRITER_POOL,
+    source_audit,
     deduped_assignments,
     experiment_partitions,
     post_assignment_events,
@@ -173,6 +174,31 @@ def evaluate_sample_ratio(
     )
 
 
+def _rejected_share_result(rejected: int, read: int, bound: float, what: str, by_reason: dict) -> AssetCheckResult:
+    share = rejected / read if read else 0.0
+    return AssetCheckResult(
+        passed=share <= bound,
+        severity=AssetCheckSeverity.ERROR,
+        description=f"{share:.2%} of {what} rows rejected ({rejected} of {read}; bound {bound:.2%})",
+        metadata={
+            "rows_read": read, "rows_rejected": rejected, "rejected_share": share, "bound": bound,
+            "rejected_by_reason": MetadataValue.json(by_reason),
+        },
+    )
+
+
+def evaluate_rejected_share(session: WarehouseSession, experiment: Experiment, registry: Registry) -> AssetCheckResult:
+    rejected_rows = session.partition("rejected_rows", experiment.id)
+    rejected_rows = rejected_rows.filter(rejected_rows.source == "assignments")
+    by_reason = session.to_pandas(rejected_rows.group_by("reason").aggregate(rows=rejected_rows.count()))
+    rejected = int(by_reason["rows"].sum()) if len(by_reason) else 0
+    read = session.count(session.partition("raw_assignments", experiment.id)) + rejected
+    return _rejected_share_result(
+        rejected, read, registry.sources.assignments.max_rejected_share, f"{experiment.id} exposure",
+        dict(zip(by_reason["reason"], by_reason["rows"].astype(int))),
+    )
+
+
 def evaluate_no_pre_assignment_events(session: WarehouseSession, experiment: Experiment) -> AssetCheckResult:
     events = session.partition("post_assignment_events", experiment.id)
     leaked = events.filter(events.event_at < events.assigned_at)
@@ -303,7 +329,52 @@ def no_events_before_assignment(
         return _logged(context, evaluate_no_pre_assignment_events(session, experiment))
 
 
-ASSET_CHECKS = [
+@asset_check(
+    asset=raw_assignments,
+    name="rejected_share_within_bound",
+    partitions_def=experiment_partitions,
+    pool=WRITER_POOL,
+    blocking=True,
+    description=(
+        "Share of the experiment's exposure rows rejected at ingestion (kept in rejected_rows) is at "
+        "most sources.assignments.max_rejected_share."
+    ),
+)
+def raw_assignments_rejected_share(
+    context: AssetCheckExecutionContext, registry: RegistryResource, warehouse: Warehouse
+) -> AssetCheckResult:
+    reg, experiment = _context(context, registry)
+    with warehouse.session() as session:
+        return _logged(context, evaluate_rejected_share(session, experiment, reg))
+
+
+@asset_check(
+    asset=source_audit,
+    name="rejected_share_within_bound",
+    pool=WRITER_POOL,
+    description="Share of event rows rejected (kept in rejected_source_rows) is at most sources.events.max_rejected_share.",
+)
+def source_audit_rejected_share(context: AssetCheckExecutionContext, registry: RegistryResource, warehouse: Warehouse):
+    reg = registry.load()
+    with warehouse.session() as session:
+        table = session.table("rejected_source_rows")
+        events = table.filter(table.source == "events")
+        by_reason = session.to_pandas(events.group_by("reason").aggregate(rows=events.count()))
+    materialization = context.instance.get_latest_materialization_event(source_audit.key)
+    read = materialization.asset_materialization.metadata["event_rows_read"].value
+    rejected = int(by_reason["rows"].sum()) if len(by_reason) else 0
+    result = _rejected_share_result(
+        rejected, read, reg.sources.events.max_rejected_share, "event",
+        dict(zip(by_reason["reason"], by_reason["rows"].astype(int))),
+    )
+    if not result.passed:
+        context.log.error(f"check rejected_share_within_bound failed: {result.description}")
+    return result
+
+
+# Checks of one experiment's partition (they run in its analyze_experiment run).
+EXPERIMENT_CHECKS = [
+    raw_assignments_rejected_share,
     raw_assignments_matches_schema,
     deduped_assignments_matches_schema,
     one_active_row_per_subject,
@@ -314,3 +385,4 @@ ASSET_CHECKS = [
     pre_assignment_events_matches_schema,
     variant_metrics_matches_schema,
 ]
+ASSET_CHECKS = [*EXPERIMENT_CHECKS, source_audit_rejected_share]

@@ -177,6 +177,9 @@ class Source(_Strict):
     format: Literal["parquet", "csv"] | None = None
     columns: dict[str, str] = Field(default_factory=dict, description="canonical name -> source column")
     properties: list[str] = Field(default_factory=list, description="assignment properties to keep")
+    max_rejected_share: float = Field(
+        default=0.01, ge=0, le=1, description="share of rejected rows above which ingestion is an ERROR"
+    )
 
     @model_validator(mode="after")
     def _one_location(self) -> Source:

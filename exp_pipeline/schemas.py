@@ -48,14 +48,14 @@ def _variants(experiment: Experiment) -> pa.Check:
 
 
 def raw_assignments_schema(experiment: Experiment, properties: list[str]) -> pa.DataFrameSchema:
-    # The raw log may hold unusable rows (they are classified downstream), so only types and the
-    # partition key are enforced here.
+    # Unusable rows were set aside at ingestion (rejected_rows); exposures outside the window are
+    # valid log rows, excluded later by the assignment rules.
     return pa.DataFrameSchema(
         {
             "experiment_id": _experiment_column(experiment),
-            "subject_id": pa.Column(STRING, nullable=True),
-            "variant_id": pa.Column(STRING, nullable=True),
-            "assigned_at": pa.Column(UTC_TIMESTAMP, nullable=True),
+            "subject_id": pa.Column(STRING, pa.Check(_non_empty, name="non_empty"), nullable=False),
+            "variant_id": pa.Column(STRING, _variants(experiment), nullable=False),
+            "assigned_at": pa.Column(UTC_TIMESTAMP, nullable=False),
             **{p: pa.Column(STRING, nullable=True) for p in properties},
             "source_file": pa.Column(STRING, nullable=False),
         },

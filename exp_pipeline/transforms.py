@@ -19,8 +19,6 @@ from exp_pipeline.registry import Experiment, Metric, Source
 UTC_TIMESTAMP = dtypes.Timestamp(timezone="UTC", scale=6)
 SECONDS_PER_DAY = 86_400
 
-# Why an exposure row is not used for a subject's assignment.
-EXCLUDED_ROW_REASONS = ("missing_key", "unknown_variant", "outside_window")
 MULTIPLE_VARIANTS = "multiple_variants"
 
 
@@ -50,8 +48,11 @@ def _require_columns(table: ir.Table, source: Source, canonical: Sequence[str], 
         )
 
 
-def canonical_assignments(source_rows: ir.Table, source: Source, experiment_id: str) -> ir.Table:
-    """One experiment's exposure rows, mapped onto canonical names and types."""
+def canonical_assignments(source_rows: ir.Table, source: Source, experiment_id: str | None) -> ir.Table:
+    """One experiment's exposure rows (all rows with None), mapped onto canonical names and types.
+
+    `assigned_at_text` keeps the timestamp as logged, so a rejected row shows what was wrong.
+    """
     _require_columns(
         source_rows,
         source,
@@ -59,50 +60,168 @@ def canonical_assignments(source_rows: ir.Table, source: Source, experiment_id: 
         "assignments source",
     )
     experiment_column = source_rows[source.source_column("experiment_id")].cast("string")
-    rows = source_rows.filter(experiment_column == experiment_id)
+    rows = source_rows if experiment_id is None else source_rows.filter(experiment_column.strip() == experiment_id)
+    logged_at = rows[source.source_column("assigned_at")]
     return rows.select(
-        experiment_id=rows[source.source_column("experiment_id")].cast("string"),
+        experiment_id=rows[source.source_column("experiment_id")].cast("string").strip(),
         subject_id=rows[source.source_column("subject_id")].cast("string"),
         variant_id=rows[source.source_column("variant_id")].cast("string"),
-        assigned_at=to_utc_timestamp(rows[source.source_column("assigned_at")]),
+        assigned_at=to_utc_timestamp(logged_at),
         **{p: rows[p].cast("string") for p in source.properties},
         source_file=rows.source_file.cast("string"),
+        assigned_at_text=logged_at.cast("string"),
     )
 
 
-def canonical_events(source_rows: ir.Table, source: Source, event_names: Sequence[str]) -> ir.Table:
-    """Event rows of the named events, mapped onto canonical names and types."""
+def canonical_events(source_rows: ir.Table, source: Source) -> ir.Table:
+    """Every event row, mapped onto canonical names and types, with the logged text kept.
+
+    Unparsable timestamps and non-numeric values become null here; `classify_events` says why.
+    """
     _require_columns(source_rows, source, ("subject_id", "event_at", "event_name"), "events source")
-    name_column = source.source_column("event_name")
-    rows = source_rows.filter(source_rows[name_column].cast("string").isin(list(event_names)))
     value_column = source.source_column("value")
-    if value_column in rows.columns:
-        value = rows[value_column].try_cast("float64")
+    if value_column in source_rows.columns:
+        logged_value = source_rows[value_column]
+        value = logged_value.try_cast("float64")
+        value_text = logged_value.cast("string")
     else:
         value = ibis.null("float64")  # a count-only event log
-    return rows.select(
-        subject_id=rows[source.source_column("subject_id")].cast("string"),
-        event_at=to_utc_timestamp(rows[source.source_column("event_at")]),
-        event_name=rows[name_column].cast("string"),
+        value_text = ibis.null("string")
+    logged_at = source_rows[source.source_column("event_at")]
+    return source_rows.select(
+        subject_id=source_rows[source.source_column("subject_id")].cast("string"),
+        event_at=to_utc_timestamp(logged_at),
+        event_name=source_rows[source.source_column("event_name")].cast("string"),
         value=value,
+        source_file=source_rows.source_file.cast("string"),
+        event_at_text=logged_at.cast("string"),
+        value_text=value_text,
+    )
+
+
+def _blank(column: ir.StringValue) -> ir.BooleanValue:
+    return column.isnull() | (column.strip() == "")
+
+
+def _duplicate_rank(rows: ir.Table, columns: Sequence[str]) -> ir.IntegerValue:
+    """0 for the first copy of a row (by source file), 1, 2, ... for exact repeats of it."""
+    window = ibis.window(group_by=[rows[c] for c in columns], order_by=[rows.source_file])
+    return ibis.row_number().over(window)
+
+
+# Why a source row cannot be ingested at all. Such rows go to rejected_rows, never silently away.
+ASSIGNMENT_REJECTIONS = (
+    "missing_subject_id", "missing_variant_id", "missing_timestamp", "unparsable_timestamp",
+    "unknown_variant", "duplicate_row",
+)
+EVENT_REJECTIONS = (
+    "missing_subject_id", "missing_event_name", "missing_timestamp", "unparsable_timestamp",
+    "non_numeric_value", "duplicate_row",
+)
+
+
+def classify_assignments(rows: ir.Table, experiment: Experiment, properties: Sequence[str]) -> ir.Table:
+    """Canonical exposure rows with `rejection_reason` (null for rows that are ingested)."""
+    ranked = rows.mutate(
+        _copy=_duplicate_rank(
+            rows, ["experiment_id", "subject_id", "variant_id", "assigned_at_text", *properties]
+        )
+    )
+    known = [v.id for v in experiment.variants]
+    reason = ibis.cases(
+        (_blank(ranked.subject_id), "missing_subject_id"),
+        (_blank(ranked.variant_id), "missing_variant_id"),
+        (_blank(ranked.assigned_at_text), "missing_timestamp"),
+        (ranked.assigned_at.isnull(), "unparsable_timestamp"),
+        (~ranked.variant_id.isin(known), "unknown_variant"),
+        (ranked._copy > 0, "duplicate_row"),
+        else_=ibis.null("string"),
+    )
+    return ranked.mutate(rejection_reason=reason).drop("_copy")
+
+
+def classify_events(rows: ir.Table, detect_duplicates: bool = True) -> ir.Table:
+    """Canonical event rows with `rejection_reason` (null for usable events).
+
+    Finding duplicates needs a window over every event; the per-experiment path skips it and
+    drops exact duplicates after the (much smaller) temporal join instead.
+    """
+    if detect_duplicates:
+        ranked = rows.mutate(
+            _copy=_duplicate_rank(rows, ["subject_id", "event_at_text", "event_name", "value_text"])
+        )
+    else:
+        ranked = rows.mutate(_copy=ibis.literal(0))
+    reason = ibis.cases(
+        (_blank(ranked.subject_id), "missing_subject_id"),
+        (_blank(ranked.event_name), "missing_event_name"),
+        (_blank(ranked.event_at_text), "missing_timestamp"),
+        (ranked.event_at.isnull(), "unparsable_timestamp"),
+        (ranked.value_text.notnull() & (ranked.value_text.strip() != "") & ranked.value.isnull(),
+         "non_numeric_value"),
+        (ranked._copy > 0, "duplicate_row"),
+        else_=ibis.null("string"),
+    )
+    return ranked.mutate(rejection_reason=reason).drop("_copy")
+
+
+def usable_events(rows: ir.Table, event_names: Sequence[str]) -> ir.Table:
+    """The events a metric may use: of the named events, not rejected, canonical columns only."""
+    named = rows.filter(rows.event_name.isin(list(event_names)))
+    classified = classify_events(named, detect_duplicates=False)
+    kept = classified.filter(classified.rejection_reason.isnull())
+    return kept.select("subject_id", "event_at", "event_name", "value")
+
+
+def ingested(classified: ir.Table) -> ir.Table:
+    return classified.filter(classified.rejection_reason.isnull()).drop(
+        "rejection_reason", *[c for c in classified.columns if c.endswith("_text")]
+    )
+
+
+def rejected(classified: ir.Table, source_name: str, experiment_id: str | None) -> ir.Table:
+    """Rejected rows in the rejected_rows layout: where from, why, and the row as logged."""
+    rows = classified.filter(classified.rejection_reason.notnull())
+    # Show each value as logged: the *_text copy stands in for its parsed column.
+    parsed_twins = {c.removesuffix("_text") for c in rows.columns if c.endswith("_text")}
+    shown = [c for c in rows.columns if c not in ("rejection_reason", "source_file", *parsed_twins)]
+    record = ibis.literal("")
+    for i, column in enumerate(shown):
+        name = column.removesuffix("_text")
+        text = rows[column].cast("string").fill_null("<null>")
+        record = record + ibis.literal(("; " if i else "") + f"{name}=") + text
+    return rows.select(
+        experiment_id=ibis.literal(experiment_id, type="string"),
+        source=ibis.literal(source_name),
+        source_file=rows.source_file,
+        reason=rows.rejection_reason,
+        record=record,
+    )
+
+
+def unassignable_rows(rows: ir.Table, experiment_ids: Sequence[str]) -> ir.Table:
+    """Exposure rows that belong to no experiment of the registry, with the reason."""
+    reason = ibis.cases(
+        (_blank(rows.experiment_id), "missing_experiment_id"),
+        (~rows.experiment_id.strip().isin(list(experiment_ids)), "unknown_experiment"),
+        else_=ibis.null("string"),
+    )
+    return rows.mutate(rejection_reason=reason)
+
+
+def rejection_counts(classified: ir.Table) -> ir.Table:
+    """Small table: rows per rejection reason ('ingested' for the rows kept)."""
+    return classified.group_by(reason=classified.rejection_reason.fill_null("ingested")).aggregate(
+        rows=classified.count()
     )
 
 
 def _row_reason(rows: ir.Table, experiment: Experiment) -> ir.StringValue:
-    """Why a raw exposure row cannot be used, or null when it can."""
-    known = [v.id for v in experiment.variants]
+    """Why an ingested exposure row does not count for the assignment, or null when it does."""
     in_window = rows.assigned_at >= experiment.start_at
     if experiment.end_at is not None:
         in_window &= rows.assigned_at < experiment.end_at
-    return (
-        ibis.cases(
-            (rows.subject_id.isnull() | (rows.subject_id.strip() == "") | rows.assigned_at.isnull(),
-             "missing_key"),
-            (~rows.variant_id.isin(known) | rows.variant_id.isnull(), "unknown_variant"),
-            (~in_window, "outside_window"),
-            else_=ibis.null(),
-        )
-    )
+    return ibis.ifelse(in_window, ibis.null("string"), ibis.literal("outside_window"))
 
 
 def classify_exposures(raw: ir.Table, experiment: Experiment) -> ir.Table:
@@ -227,9 +346,10 @@ def join_post_assignment_events(
         joined.event_at >= joined.assigned_at + ibis.interval(seconds=int(start)),
         joined.event_at < joined.assigned_at + ibis.interval(seconds=int(round(end))),
     )
+    # Exact duplicate events (logged twice) count once.
     return joined.select(
         "experiment_id", "subject_id", "variant_id", "assigned_at", "event_at", "event_name", "value"
-    )
+    ).distinct()
 
 
 def join_pre_assignment_events(
@@ -245,7 +365,7 @@ def join_pre_assignment_events(
     )
     return joined.select(
         "experiment_id", "subject_id", "variant_id", "assigned_at", "event_at", "event_name", "value"
-    )
+    ).distinct()
 
 
 def subject_metric_values(

@@ -7,10 +7,12 @@ Transforms only ever see Ibis tables, so they run unchanged on another Ibis back
 from __future__ import annotations
 
 import glob as globlib
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import duckdb
 import ibis
 import ibis.expr.types as ir
 import pandas as pd
@@ -19,6 +21,11 @@ from dagster_duckdb import DuckDBResource
 from pydantic import Field
 
 from exp_pipeline.registry import SAFE_ID_PATTERN, Source
+
+
+# CSV is read as text (types come from the column mapping, and unparsable values are rejected row by
+# row); a short last line (a truncated file) is padded with nulls so its row is rejected, not lost.
+CSV_OPTIONS = {"header": True, "all_varchar": True, "null_padding": True, "union_by_name": True}
 
 
 class SourceError(ValueError):
@@ -39,6 +46,7 @@ class WarehouseSession:
         self.raw = raw_connection
         self.schema = schema
         self.ibis = ibis.duckdb.from_connection(raw_connection)
+        self.skipped_empty_files: list[str] = []
         self.raw.execute(f"CREATE SCHEMA IF NOT EXISTS {_quote(schema)}")
 
     # -- reading -------------------------------------------------------------------------------
@@ -74,21 +82,45 @@ class WarehouseSession:
                 ) from None
             return table.mutate(source_file=ibis.literal(source.table))
         assert resolved_path is not None
-        if not globlib.glob(resolved_path):
+        files = sorted(globlib.glob(resolved_path))
+        if not files:
             raise SourceError(
                 f"{description}: no file matches {resolved_path!r}; check 'path' in the registry "
                 "(relative paths are relative to the registry file's folder)"
             )
-        try:
-            if source.file_format == "parquet":
-                table = self.ibis.read_parquet(resolved_path, filename=True)
-            else:
-                table = self.ibis.read_csv(resolved_path, filename=True, all_varchar=True)
-        except Exception as exc:
+        # A 0-byte file holds no rows (and no header or footer to read): skip it, say so.
+        empty = [f for f in files if os.path.getsize(f) == 0]
+        self.skipped_empty_files.extend(empty)
+        files = [f for f in files if f not in empty]
+        if not files:
             raise SourceError(
-                f"{description}: cannot read {resolved_path!r} as {source.file_format}: {exc}"
-            ) from None
+                f"{description}: every file matching {resolved_path!r} is empty (0 bytes): "
+                f"{', '.join(empty)}"
+            )
+        for path in files:
+            self._probe(path, source.file_format, description)
+        if source.file_format == "parquet":
+            table = self.ibis.read_parquet(files, filename=True, union_by_name=True)
+        else:
+            table = self.ibis.read_csv(files, filename=True, **CSV_OPTIONS)
         return table.rename(source_file="filename")
+
+    def _probe(self, path: str, file_format: str, description: str) -> None:
+        """Fail on a file that is not what the registry says, naming the file and the fix."""
+        try:
+            if file_format == "parquet":
+                self.raw.execute("SELECT * FROM parquet_schema(?)", [path]).fetchall()
+            else:
+                self.raw.execute(
+                    "SELECT count(*) FROM read_csv(?, header = true, all_varchar = true, null_padding = true)",
+                    [path],
+                ).fetchall()
+        except duckdb.Error as exc:
+            reason = str(exc).splitlines()[0]
+            raise SourceError(
+                f"{description}: {path} is not a readable {file_format} file ({reason}). Fix or remove "
+                f"the file, or set 'format' for this source in the registry if it is not {file_format}."
+            ) from None
 
     def to_pandas(self, expr: ir.Table) -> pd.DataFrame:
         """Only for small results: sufficient statistics, counts, previews."""
@@ -128,19 +160,29 @@ class WarehouseSession:
 
         A failure (or a killed process) before the commit leaves the previous rows in place.
         """
-        expr = rows if isinstance(rows, ir.Table) else ibis.memtable(rows)
+        return self.replace_partitions(experiment_id, {name: rows})[name]
+
+    def replace_partitions(
+        self, experiment_id: str, tables: dict[str, ir.Table | pd.DataFrame]
+    ) -> dict[str, int]:
+        """Replace one experiment's rows of several tables in ONE transaction (all or nothing)."""
+        written = {}
         with self._transaction():
-            self._ensure_table(name, expr.schema())
-            self.raw.execute(
-                f"DELETE FROM {_quote(self.schema)}.{_quote(name)} WHERE experiment_id = ?",
-                [experiment_id],
-            )
-            self.ibis.insert(name, expr, database=self.schema)
-            written = self.raw.execute(
-                f"SELECT count(*) FROM {_quote(self.schema)}.{_quote(name)} WHERE experiment_id = ?",
-                [experiment_id],
-            ).fetchone()[0]
-        return int(written)
+            for name, rows in tables.items():
+                expr = rows if isinstance(rows, ir.Table) else ibis.memtable(rows)
+                self._ensure_table(name, expr.schema())
+                self.raw.execute(
+                    f"DELETE FROM {_quote(self.schema)}.{_quote(name)} WHERE experiment_id = ?",
+                    [experiment_id],
+                )
+                self.ibis.insert(name, expr, database=self.schema)
+                written[name] = int(
+                    self.raw.execute(
+                        f"SELECT count(*) FROM {_quote(self.schema)}.{_quote(name)} WHERE experiment_id = ?",
+                        [experiment_id],
+                    ).fetchone()[0]
+                )
+        return written
 
     def append(self, name: str, rows: ir.Table) -> None:
         """Append rows (creating the table on first use) in one transaction."""
@@ -157,10 +199,12 @@ class WarehouseSession:
         )
 
     def replace_table(self, name: str, rows: ir.Table | pd.DataFrame) -> int:
-        """Replace a whole (small, unpartitioned) table in one transaction."""
+        """Replace a whole (unpartitioned) table in one transaction."""
         expr = rows if isinstance(rows, ir.Table) else ibis.memtable(rows)
         with self._transaction():
-            self.ibis.create_table(name, expr, database=self.schema, overwrite=True)
+            if self.has_table(name):
+                self.raw.execute(f"DROP TABLE {_quote(self.schema)}.{_quote(name)}")
+            self.ibis.create_table(name, expr, database=self.schema)
         return self.count(self.table(name))
 
 

@@ -5,14 +5,14 @@ import pytest
 from dagster import DagsterInstance, materialize
 
 from exp_pipeline.assets import ANALYSIS_ASSETS, REGISTRY_ASSETS, experiment_partitions
-from exp_pipeline.checks import ASSET_CHECKS
+from exp_pipeline.checks import EXPERIMENT_CHECKS
 
 EXPERIMENTS = ["checkout_redesign", "aa_homepage", "pricing_three_arm", "onboarding_srm"]
 
 
 def materialize_experiment(workspace, instance, experiment_id):
     return materialize(
-        [*ANALYSIS_ASSETS, *ASSET_CHECKS],
+        [*ANALYSIS_ASSETS, *EXPERIMENT_CHECKS],
         partition_key=experiment_id,
         instance=instance,
         resources=workspace.resources(),
@@ -150,7 +150,7 @@ def test_on_the_sample_only_the_srm_experiment_fails_a_check_naming_the_device(p
     workspace, results, _ = pipeline
     for experiment_id in EXPERIMENTS:
         evaluations = results[experiment_id].get_asset_check_evaluations()
-        assert len(evaluations) == len(ASSET_CHECKS)
+        assert len(evaluations) == len(EXPERIMENT_CHECKS)
         failed = {e.check_name: e for e in evaluations if not e.passed}
         if experiment_id == "onboarding_srm":
             assert list(failed) == ["no_sample_ratio_mismatch"]

@@ -5,7 +5,7 @@ from dagster import AssetCheckSeverity, DagsterInstance, materialize
 
 from exp_pipeline import checks
 from exp_pipeline.assets import ANALYSIS_ASSETS, experiment_partitions
-from exp_pipeline.checks import ASSET_CHECKS
+from exp_pipeline.checks import EXPERIMENT_CHECKS
 from exp_pipeline.registry import load_registry
 
 from .conftest import write_tiny_workspace
@@ -16,7 +16,7 @@ def run(workspace, instance, experiment_id="exp_a"):
     if experiment_id not in known:
         instance.add_dynamic_partitions(experiment_partitions.name, [experiment_id])
     return materialize(
-        [*ANALYSIS_ASSETS, *ASSET_CHECKS],
+        [*ANALYSIS_ASSETS, *EXPERIMENT_CHECKS],
         partition_key=experiment_id,
         instance=instance,
         resources=workspace.resources(),
@@ -35,7 +35,7 @@ def test_every_check_passes_on_clean_data(tmp_path, instance):
     result = run(workspace, instance)
     assert result.success
     found = evaluations(result)
-    assert len(found) == len(ASSET_CHECKS)
+    assert len(found) == len(EXPERIMENT_CHECKS)
     failed = [name for name, e in found.items() if not e.passed]
     assert failed == []
     srm = found["deduped_assignments.no_sample_ratio_mismatch"]

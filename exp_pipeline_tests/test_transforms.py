@@ -91,19 +91,94 @@ def test_subjects_seeing_two_variants_are_kept_but_excluded(con):
     assert out.loc["clean", "exclusion_reason"] is None
 
 
-def test_unusable_rows_are_classified_with_a_reason(con):
+def test_exposures_outside_the_window_are_counted_per_reason(con):
     raw = raw_rows(con, [
         ("ok", "control", "2026-10-02T00:00:00Z", "ios"),
-        (None, "control", "2026-10-02T00:00:00Z", "ios"),
-        ("  ", "control", "2026-10-02T00:00:00Z", "ios"),
-        ("bad_variant", "purple", "2026-10-02T00:00:00Z", "ios"),
         ("early", "control", "2026-09-01T00:00:00Z", "ios"),
-        ("no_time", "control", None, "ios"),
+        ("late", "control", "2026-11-01T00:00:00Z", "ios"),
     ])
     counts = con.to_pandas(transforms.exposure_row_counts(raw, experiment()))
+    assert dict(zip(counts["reason"], counts["rows"])) == {"used": 1, "outside_window": 2}
+
+
+# -- ingestion: every row ingested or rejected with a reason --------------------------------------
+
+def logged_exposures(con, rows):
+    frame = pd.DataFrame(rows, columns=["user_id", "exp_key", "arm", "device_type", "ts"])
+    frame["source_file"] = "log.csv"
+    return transforms.canonical_assignments(con.create_table("log", frame, overwrite=True), SOURCE, "exp")
+
+
+def test_assignment_rows_are_ingested_or_rejected_with_a_reason(con):
+    rows = logged_exposures(con, [
+        ("ok", "exp", "control", "ios", "2026-10-02T00:00:00Z"),
+        ("ok", "exp", "control", "ios", "2026-10-02T00:00:00Z"),       # exact duplicate
+        ("ok", "exp", "control", "ios", "2026-10-03T00:00:00Z"),       # a repeat exposure, not a duplicate
+        (None, "exp", "control", "ios", "2026-10-02T00:00:00Z"),
+        ("  ", "exp", "control", "ios", "2026-10-02T00:00:00Z"),
+        ("v", "exp", None, "ios", "2026-10-02T00:00:00Z"),
+        ("t", "exp", "control", "ios", None),
+        ("u", "exp", "control", "ios", "yesterday-ish"),
+        ("x", "exp", "purple", "ios", "2026-10-02T00:00:00Z"),
+        ("other", "exp2", "control", "ios", "2026-10-02T00:00:00Z"),   # another experiment: not read here
+    ])
+    classified = transforms.classify_assignments(rows, experiment(), ["device_type"])
+    counts = con.to_pandas(transforms.rejection_counts(classified))
     got = dict(zip(counts["reason"], counts["rows"]))
-    assert got == {"used": 1, "missing_key": 3, "unknown_variant": 1, "outside_window": 1}
-    assert sum(got.values()) == 6  # every row accounted for
+    assert got == {
+        "ingested": 2, "duplicate_row": 1, "missing_subject_id": 2, "missing_variant_id": 1,
+        "missing_timestamp": 1, "unparsable_timestamp": 1, "unknown_variant": 1,
+    }
+    ingested = con.to_pandas(transforms.ingested(classified))
+    assert list(ingested.columns) == [
+        "experiment_id", "subject_id", "variant_id", "assigned_at", "device_type", "source_file"
+    ]
+    rejected = con.to_pandas(transforms.rejected(classified, "assignments", "exp"))
+    assert len(ingested) + len(rejected) == 9  # ingested + rejected = read
+    unparsable = rejected[rejected.reason == "unparsable_timestamp"].iloc[0]
+    assert unparsable.source_file == "log.csv" and unparsable.experiment_id == "exp"
+    assert "assigned_at=yesterday-ish" in unparsable.record and "subject_id=u" in unparsable.record
+
+
+def test_rows_of_no_known_experiment_are_found(con):
+    frame = pd.DataFrame({
+        "user_id": ["a", "b", "c", "d"], "exp_key": ["exp", "nope", None, " "], "arm": "control",
+        "device_type": "ios", "ts": "2026-10-02T00:00:00Z", "source_file": "f",
+    })
+    rows = transforms.canonical_assignments(con.create_table("log", frame), SOURCE, None)
+    counts = con.to_pandas(transforms.rejection_counts(transforms.unassignable_rows(rows, ["exp"])))
+    assert dict(zip(counts["reason"], counts["rows"])) == {
+        "ingested": 1, "unknown_experiment": 1, "missing_experiment_id": 2,
+    }
+
+
+EVENT_SOURCE = Source(path="e.csv", columns={"subject_id": "user_id", "event_at": "ts", "event_name": "event", "value": "amount"})
+
+
+def test_event_rows_are_usable_or_rejected_with_a_reason(con):
+    frame = pd.DataFrame(
+        [
+            ("a", "2026-10-02T00:00:00Z", "purchase", "10.5"),
+            ("a", "2026-10-02T00:00:00Z", "purchase", "10.5"),   # logged twice
+            ("a", "2026-10-03T00:00:00Z", "session", None),       # no value: fine
+            ("b", "2026-10-02T00:00:00Z", "purchase", "ten"),
+            ("c", "not a time", "purchase", "1"),
+            ("d", None, "purchase", "1"),
+            (None, "2026-10-02T00:00:00Z", "purchase", "1"),
+            ("e", "2026-10-02T00:00:00Z", "", "1"),
+        ],
+        columns=["user_id", "ts", "event", "amount"],
+    )
+    frame["source_file"] = "events.csv"
+    events = transforms.canonical_events(con.create_table("ev", frame), EVENT_SOURCE)
+    counts = con.to_pandas(transforms.rejection_counts(transforms.classify_events(events)))
+    assert dict(zip(counts["reason"], counts["rows"])) == {
+        "ingested": 2, "duplicate_row": 1, "non_numeric_value": 1, "unparsable_timestamp": 1,
+        "missing_timestamp": 1, "missing_subject_id": 1, "missing_event_name": 1,
+    }
+    usable = con.to_pandas(transforms.usable_events(events, ["purchase"]))
+    # The per-experiment path keeps both copies here; the temporal join drops the duplicate.
+    assert sorted(usable["value"]) == [10.5, 10.5]
 
 
 def test_running_experiment_has_no_upper_bound(con):
