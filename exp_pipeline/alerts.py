@@ -76,6 +76,9 @@ def slack_payload(alert: Alert) -> dict:
             *([{"type": "section", "text": {"type": "mrkdwn", "text": figures}}] if figures else []),
             {"type": "context", "elements": [{"type": "mrkdwn", "text": f"<{alert.run_url}|Open the run>"}]},
         ],
+        # Delivery is at least once (a POST that times out after arriving is sent again): receivers
+        # can drop repeats by this id.
+        "alert_id": alert.alert_id,
         "experiment_id": alert.experiment_id,
         "check": alert.source,
         "severity": alert.severity,
@@ -89,13 +92,13 @@ class DeliveryError(RuntimeError):
 
 
 def post_webhook(url: str, payload: dict, timeout: float = WEBHOOK_TIMEOUT_SECONDS) -> None:
-    request = urllib.request.Request(
-        url,
-        data=json.dumps(payload, default=str).encode(),
-        headers={"Content-Type": "application/json"},
-        method="POST",
-    )
     try:
+        request = urllib.request.Request(
+            url,
+            data=json.dumps(payload, default=str).encode(),
+            headers={"Content-Type": "application/json"},
+            method="POST",
+        )
         with urllib.request.urlopen(request, timeout=timeout) as response:
             if not 200 <= response.status < 300:
                 raise DeliveryError(f"webhook answered HTTP {response.status}")
@@ -104,6 +107,9 @@ def post_webhook(url: str, payload: dict, timeout: float = WEBHOOK_TIMEOUT_SECON
     except (urllib.error.URLError, TimeoutError, OSError) as exc:
         reason = getattr(exc, "reason", exc)
         raise DeliveryError(f"webhook unreachable: {type(reason).__name__}") from None
+    except ValueError:
+        # urllib's message would quote the URL, which is a secret.
+        raise DeliveryError(f"webhook URL in {WEBHOOK_ENV} is not a valid http(s) URL") from None
 
 
 # -- the alerts table ------------------------------------------------------------------------------
@@ -149,12 +155,18 @@ def undelivered(session: WarehouseSession) -> pd.DataFrame:
     return session.to_pandas(table.filter(~table.delivered).order_by("created_at", "alert_id"))
 
 
-def deliver_pending(session: WarehouseSession, webhook_url: str | None) -> tuple[int, int]:
-    """Try to POST every undelivered alert; returns (delivered, still undelivered)."""
+def deliver_pending(warehouse, webhook_url: str | None) -> tuple[int, int]:
+    """POST every undelivered alert; returns (delivered, still undelivered).
+
+    The DuckDB file is not held while POSTing (a slow webhook must not keep runs waiting for the
+    lock): pending alerts are read, the connection closed, and the outcomes written afterwards.
+    """
     if not webhook_url:
         return 0, 0
-    delivered = failed = 0
-    for row in undelivered(session).to_dict("records"):
+    with warehouse.session() as session:
+        pending = undelivered(session).to_dict("records")
+    outcomes = []
+    for row in pending:
         payload = slack_payload(
             Alert(
                 alert_id=row["alert_id"], kind=row["kind"], experiment_id=row["experiment_id"],
@@ -163,18 +175,16 @@ def deliver_pending(session: WarehouseSession, webhook_url: str | None) -> tuple
                 figures=json.loads(row["figures"] or "{}"),
             )
         )
-        attempts = int(row["attempts"]) + 1
+        values = {"attempts": int(row["attempts"]) + 1}
         try:
             post_webhook(webhook_url, payload)
+            values.update(delivered=True, delivered_at=dt.datetime.now(dt.timezone.utc), last_error=None)
         except DeliveryError as exc:
-            failed += 1
-            session.update_row(ALERTS_TABLE, "alert_id", row["alert_id"],
-                               {"attempts": attempts, "last_error": str(exc)})
-            continue
-        delivered += 1
-        session.update_row(
-            ALERTS_TABLE, "alert_id", row["alert_id"],
-            {"attempts": attempts, "delivered": True, "delivered_at": dt.datetime.now(dt.timezone.utc),
-             "last_error": None},
-        )
-    return delivered, failed
+            values.update(last_error=str(exc))
+        outcomes.append((row["alert_id"], values))
+    if outcomes:
+        with warehouse.session() as session:
+            for alert_id, values in outcomes:
+                session.update_row(ALERTS_TABLE, "alert_id", alert_id, values)
+    delivered = sum(1 for _, values in outcomes if values.get("delivered"))
+    return delivered, len(outcomes) - delivered

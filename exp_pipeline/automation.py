@@ -121,10 +121,14 @@ def daily_experiment_refresh(context: ScheduleEvaluationContext, registry: Regis
 
 CHECK_HISTORY_PAGE = 100
 CHECK_KEYS = [key for check_def in ASSET_CHECKS for key in check_def.check_keys]
+# Execution ids are handed out when a run is planned, not when its check is evaluated, so runs that
+# interleave evaluate out of id order. The cursor is therefore the newest evaluation *time* seen,
+# and each tick rereads a margin before it; the alerts table's alert_id drops what was seen already.
+CURSOR_MARGIN_SECONDS = 15 * 60
 
 
-def failed_check_executions(storage, after_id: int | None) -> list[AssetCheckExecutionRecord]:
-    """Failed check executions (WARN or ERROR) with an id above `after_id`, oldest first.
+def failed_check_executions(storage, evaluated_after: float | None) -> list[AssetCheckExecutionRecord]:
+    """Failed check executions (WARN or ERROR) evaluated after `evaluated_after`, oldest first.
 
     Read per check key from the check execution index, which every event log storage keeps (the
     default SQLite storage cannot list evaluation events across runs).
@@ -137,12 +141,13 @@ def failed_check_executions(storage, after_id: int | None) -> list[AssetCheckExe
                 key, limit=CHECK_HISTORY_PAGE, cursor=cursor,
                 status={AssetCheckExecutionRecordStatus.FAILED},
             )
-            new = [r for r in page if after_id is None or r.id > after_id]
+            new = [r for r in page if evaluated_after is None or r.event.timestamp > evaluated_after]
             found.extend(new)
-            if len(page) < CHECK_HISTORY_PAGE or len(new) < len(page):
+            # Pages run newest-created first; stop once a whole page is older than the cursor.
+            if len(page) < CHECK_HISTORY_PAGE or not new:
                 break
             cursor = page[-1].id
-    return sorted(found, key=lambda r: r.id)
+    return sorted(found, key=lambda r: (r.event.timestamp, r.id))
 
 
 def check_alert(record: AssetCheckExecutionRecord) -> alerts.Alert:
@@ -170,20 +175,21 @@ def check_alert(record: AssetCheckExecutionRecord) -> alerts.Alert:
     ),
 )
 def alert_on_failed_checks(context: SensorEvaluationContext, warehouse: Warehouse):
-    after = int(context.cursor) if context.cursor else None
-    records = failed_check_executions(context.instance.event_log_storage, after)
-    found = [check_alert(r) for r in records]
+    newest_seen = float(context.cursor) if context.cursor else None
+    since = None if newest_seen is None else newest_seen - CURSOR_MARGIN_SECONDS
+    records = failed_check_executions(context.instance.event_log_storage, since)
+    fresh = [r for r in records if newest_seen is None or r.event.timestamp > newest_seen]
     webhook_url = os.environ.get(alerts.WEBHOOK_ENV)
-    if not found and not webhook_url:
-        # Nothing to record or retry: leave the DuckDB file to the runs.
+    if not fresh and not webhook_url:
+        # Nothing new to record or retry: leave the DuckDB file to the runs.
         return SkipReason("no new failed check evaluations")
     with warehouse.session() as session:
-        new = alerts.record_alerts(session, found)
-        for alert in new:
-            context.log.warning(alert.log_line())
-        delivered, pending = alerts.deliver_pending(session, webhook_url)
+        new = alerts.record_alerts(session, [check_alert(r) for r in records])
+    for alert in new:
+        context.log.warning(alert.log_line())
+    delivered, pending = alerts.deliver_pending(warehouse, webhook_url)
     if records:
-        context.update_cursor(str(records[-1].id))
+        context.update_cursor(str(max(newest_seen or 0.0, records[-1].event.timestamp)))
     return SkipReason(
         f"{len(records)} failed check evaluations read, {len(new)} new alerts, "
         f"{delivered} delivered, {pending} undelivered"
@@ -207,7 +213,12 @@ def alert_on_run_failure(context: RunFailureSensorContext, warehouse: Warehouse)
         run_url=alerts.run_url(run.run_id),
         created_at=dt.datetime.now(dt.timezone.utc),
     )
-    with warehouse.session() as session:
-        if alerts.record_alerts(session, [alert]):
-            context.log.error(alert.log_line())
-        alerts.deliver_pending(session, os.environ.get(alerts.WEBHOOK_ENV))
+    # Logged first: if the warehouse cannot be written now, the alert is still in the sensor's log.
+    context.log.error(alert.log_line())
+    try:
+        with warehouse.session() as session:
+            alerts.record_alerts(session, [alert])
+        alerts.deliver_pending(warehouse, os.environ.get(alerts.WEBHOOK_ENV))
+    except Exception as exc:  # the run-status cursor moves on regardless: never crash silently
+        context.log.error(f"alert {alert.alert_id} could not be stored or delivered: {type(exc).__name__}")
+        raise

@@ -406,13 +406,15 @@ def subject_metric_values(
 
 
 def cap_subject_values(values: ir.Table, metrics: Sequence[Metric]) -> ir.Table:
-    """Winsorize per-subject values at each capped metric's percentile over all of its subjects."""
+    """Winsorize per-subject values at each capped metric's percentile of its non-zero values."""
     capped = [m for m in metrics if m.cap_percentile is not None]
     if not capped:
         return values
     caps = []
     for metric in capped:
-        of_metric = values.filter(values.metric == metric.id)
+        # The percentile of the non-zero values (GrowthBook's "ignore zeros"): with few converters
+        # a percentile over everyone is 0 and would cap every value to nothing.
+        of_metric = values.filter((values.metric == metric.id) & (values.value != 0))
         caps.append(
             of_metric.aggregate(cap=of_metric.value.quantile(metric.cap_percentile)).mutate(
                 metric=ibis.literal(metric.id)

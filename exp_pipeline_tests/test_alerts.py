@@ -211,3 +211,103 @@ def test_slack_payload_carries_the_key_figures():
 @pytest.mark.parametrize("metadata, expected", [({"n": 3, "share": 0.5, "nested": {"a": 1}}, {"n": 3, "share": 0.5})])
 def test_key_figures_keep_scalars(metadata, expected):
     assert alerts.key_figures(metadata) == expected
+
+
+INTERLEAVED_DEFS = '''
+from dagster import Definitions, in_process_executor
+from dagster_duckdb import DuckDBResource
+from exp_pipeline.assets import ANALYSIS_ASSETS
+from exp_pipeline.automation import analyze_experiment_job
+from exp_pipeline.checks import EXPERIMENT_CHECKS
+from exp_pipeline.resources import RegistryResource
+from exp_pipeline.warehouse import Warehouse
+
+defs = Definitions(
+    assets=ANALYSIS_ASSETS, asset_checks=EXPERIMENT_CHECKS, jobs=[analyze_experiment_job],
+    resources={"registry": RegistryResource(path=REGISTRY), "warehouse": Warehouse(duckdb=DuckDBResource(database=DATABASE))},
+    executor=in_process_executor,
+)
+
+
+def job():
+    return defs.resolve_job_def("analyze_experiment")
+'''
+
+
+def test_runs_that_evaluate_out_of_creation_order_each_alert(tmp_path, instance, monkeypatch):
+    """The daily schedule creates several runs at once; the pool lets them run in any order."""
+    import importlib
+    import sys
+
+    from dagster import reconstructable
+    from dagster._core.execution.api import execute_run
+
+    from exp_pipeline.assets import experiment_partitions
+
+    monkeypatch.delenv(alerts.WEBHOOK_ENV, raising=False)
+    workspace = write_tiny_workspace(
+        tmp_path, arms={"exp_a": {"control": 400, "treatment": 200}, "exp_b": {"control": 400, "treatment": 200}}
+    )
+    module_dir = tmp_path / "defs_module"
+    module_dir.mkdir()
+    (module_dir / "interleaved_defs.py").write_text(
+        f"REGISTRY = {str(workspace.registry_path)!r}\nDATABASE = {str(workspace.database)!r}\n" + INTERLEAVED_DEFS
+    )
+    monkeypatch.syspath_prepend(str(module_dir))
+    module = importlib.import_module("interleaved_defs")
+    try:
+        instance.add_dynamic_partitions(experiment_partitions.name, ["exp_a", "exp_b"])
+        runs = {
+            e: instance.create_run_for_job(job_def=module.job(), tags={"dagster/partition": e})
+            for e in ("exp_a", "exp_b")
+        }
+        recon = reconstructable(module.job)
+        execute_run(recon, runs["exp_b"], instance)  # created second, evaluated first
+        cursor, _ = tick(instance, workspace)
+        execute_run(recon, runs["exp_a"], instance)
+        tick(instance, workspace, cursor)
+        assert sorted(alert_rows(workspace).experiment_id) == ["exp_a", "exp_b"]
+    finally:
+        sys.modules.pop("interleaved_defs", None)
+
+
+def test_a_malformed_webhook_url_is_reported_without_leaking_it(tmp_path, instance, monkeypatch):
+    secret = "hooks.example.invalid/services/T0/B0/SECRETTOKEN"
+    monkeypatch.setenv(alerts.WEBHOOK_ENV, secret)
+    workspace = srm_workspace(tmp_path)
+    assert run(workspace, instance, "exp_a").success
+    _, result = tick(instance, workspace)  # must not raise
+    rows = alert_rows(workspace)
+    assert not rows.delivered.iloc[0]
+    assert "not a valid http(s) URL" in rows.last_error.iloc[0]
+    assert "SECRETTOKEN" not in rows.to_string() and "SECRETTOKEN" not in result.skip_message
+    logged = " ".join(e.user_message for r in instance.get_runs() for e in instance.all_logs(r.run_id))
+    assert "SECRETTOKEN" not in logged
+
+
+def test_a_slow_webhook_times_out_and_the_alert_arrives_later(tmp_path, instance, monkeypatch):
+    import time
+
+    delay = {"seconds": alerts.WEBHOOK_TIMEOUT_SECONDS + 2}
+    receiver = Receiver()
+    original = receiver.server.RequestHandlerClass.do_POST
+
+    def slow_post(handler):
+        time.sleep(delay["seconds"])
+        original(handler)
+
+    receiver.server.RequestHandlerClass.do_POST = slow_post
+    try:
+        monkeypatch.setenv(alerts.WEBHOOK_ENV, receiver.url)
+        workspace = srm_workspace(tmp_path)
+        assert run(workspace, instance, "exp_a").success
+        cursor, result = tick(instance, workspace)  # times out after WEBHOOK_TIMEOUT_SECONDS
+        rows = alert_rows(workspace)
+        assert not rows.delivered.iloc[0] and rows.last_error.iloc[0].startswith("webhook unreachable")
+        delay["seconds"] = 0
+        tick(instance, workspace, cursor)
+        assert bool(alert_rows(workspace).delivered.iloc[0])
+        # At least once: the slow first POST arrived too; the alert_id lets the receiver drop it.
+        assert {m["alert_id"] for m in receiver.received} == {rows.alert_id.iloc[0]}
+    finally:
+        receiver.close()

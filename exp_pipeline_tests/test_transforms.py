@@ -319,9 +319,23 @@ def test_capping_winsorizes_at_the_percentile(con):
     })
     t = con.create_table("values", values)
     capped = con.to_pandas(transforms.cap_subject_values(t, [metric(cap_percentile=0.9)]))
-    assert capped["value"].max() == pytest.approx(np.quantile(np.arange(101), 0.9))
+    # The percentile is of the non-zero values (the zero of subject s0 does not pull it down).
+    assert capped["value"].max() == pytest.approx(np.quantile(np.arange(1, 101), 0.9))
     uncapped = con.to_pandas(transforms.cap_subject_values(t, [metric()]))
     assert uncapped["value"].max() == 100
+
+
+def test_capping_a_sparse_metric_keeps_its_signal(con):
+    # 8 buyers among 1000 subjects: a 99th percentile over everyone would be 0 and erase them.
+    values = np.zeros(1000)
+    values[:8] = [1, 1, 2, 1, 3, 1, 40, 2]
+    frame = pd.DataFrame({
+        "experiment_id": "exp", "subject_id": [f"s{i}" for i in range(1000)],
+        "variant_id": "control", "metric": "revenue", "value": values,
+    })
+    capped = con.to_pandas(transforms.cap_subject_values(con.create_table("v", frame), [metric(cap_percentile=0.99)]))
+    kept = np.sort(capped["value"].to_numpy())[-8:]
+    assert (kept > 0).all() and kept.max() < 40  # the outlier is capped, the buyers stay
 
 
 def test_sufficient_statistics_match_numpy(con):
