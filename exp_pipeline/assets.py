@@ -206,6 +206,7 @@ def raw_assignments(
             },
         )
         metadata = _written(session, "raw_assignments", experiment.id, written["raw_assignments"])
+        skipped = list(session.skipped_empty_files)
     by_reason = dict(zip(counts["reason"], counts["rows"].astype(int)))
     read = sum(by_reason.values())
     rejected = read - by_reason.get("ingested", 0)
@@ -223,6 +224,7 @@ def raw_assignments(
             "rows_rejected": rejected,
             "rejected_share": rejected / read if read else 0.0,
             "rejected_by_reason": {k: v for k, v in by_reason.items() if k != "ingested"},
+            "empty_files_skipped": skipped,
         }
     )
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import glob as globlib
 import os
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -26,6 +27,9 @@ from exp_pipeline.registry import SAFE_ID_PATTERN, Source
 # CSV is read as text (types come from the column mapping, and unparsable values are rejected row by
 # row); a short last line (a truncated file) is padded with nulls so its row is rejected, not lost.
 CSV_OPTIONS = {"header": True, "all_varchar": True, "null_padding": True, "union_by_name": True}
+
+
+LOCK_RETRY_SECONDS = 1.0
 
 
 class SourceError(ValueError):
@@ -208,20 +212,46 @@ class WarehouseSession:
         return self.count(self.table(name))
 
 
+class WarehouseBusy(RuntimeError):
+    """Another process held the DuckDB file for longer than the configured wait."""
+
+
 class Warehouse(ConfigurableResource):
     """The analytics warehouse. DuckDB file by default; opened only when an asset runs."""
 
     duckdb: DuckDBResource
     schema_name: str = Field(default="exp", description="schema holding the pipeline's tables")
+    lock_timeout_seconds: float = Field(
+        default=1800,
+        description=(
+            "how long to wait for another process's write lock on the DuckDB file before failing; "
+            "runs under `dagster dev` queue on the warehouse_writer pool and rarely wait here"
+        ),
+    )
 
     @contextmanager
     def session(self) -> Iterator[WarehouseSession]:
         database = self.duckdb.database
         if database != ":memory:":
             Path(database).parent.mkdir(parents=True, exist_ok=True)
-        with self.duckdb.get_connection() as raw:
+        deadline = time.monotonic() + self.lock_timeout_seconds
+        # Connected here rather than through DuckDBResource.get_connection(): its fixed backoff
+        # (about 100 s) would stack on top of, and override, the configured wait.
+        config = {"custom_user_agent": "dagster", **self.duckdb.connection_config}
+        while True:
             try:
-                yield WarehouseSession(raw, self.schema_name)
-            finally:
-                # dagster-duckdb skips close() when the body raises; never leave the file locked.
-                raw.close()
+                raw = duckdb.connect(database, read_only=False, config=config)
+                break
+            except duckdb.IOException as exc:
+                if "lock" not in str(exc).lower():
+                    raise
+                if time.monotonic() > deadline:
+                    raise WarehouseBusy(
+                        f"the warehouse {database} stayed locked by another process for "
+                        f"{self.lock_timeout_seconds:.0f}s; is a run or a DuckDB shell holding it?"
+                    ) from None
+                time.sleep(LOCK_RETRY_SECONDS)
+        try:
+            yield WarehouseSession(raw, self.schema_name)
+        finally:
+            raw.close()
