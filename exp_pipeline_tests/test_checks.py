@@ -1,5 +1,6 @@
 """Each check passes on clean data and fails, with the right severity and numbers, on broken data."""
 
+import pandas as pd
 import pytest
 from dagster import AssetCheckSeverity, DagsterInstance, materialize
 
@@ -155,3 +156,113 @@ def test_a_blocking_failure_stops_variant_metrics_of_that_experiment_only(tmp_pa
     with workspace.warehouse().session() as session:
         experiments = session.raw.execute("SELECT DISTINCT experiment_id FROM exp.variant_metrics").fetchall()
     assert experiments == [("exp_b",)]
+
+
+def csv_workspace(tmp_path, lines: list[str]):
+    """The tiny workspace with its exposure log replaced by a CSV file of the given data lines."""
+    workspace = write_tiny_workspace(tmp_path)
+    registry = workspace.registry_path.read_text().replace("logs/assignments.parquet", "logs/exposures*.csv")
+    workspace.registry_path.write_text(registry)
+    good = pd.read_parquet(tmp_path / "logs" / "assignments.parquet")
+    good["exposed_at"] = good["exposed_at"].dt.strftime("%Y-%m-%dT%H:%M:%S+00:00")
+    good.to_csv(tmp_path / "logs" / "exposures_1.csv", index=False)
+    header = ",".join(good.columns)
+    (tmp_path / "logs" / "exposures_2.csv").write_text("\n".join([header, *lines]))
+    (tmp_path / "logs" / "exposures_3.csv").write_bytes(b"")  # a writer that crashed
+    return workspace
+
+
+BAD_LINES = [
+    ",exp_a,control,2026-10-03T00:00:00Z,ios",                 # no subject id
+    "bad1,exp_a,,2026-10-03T00:00:00Z,ios",                    # no variant
+    "bad2,exp_a,control,,ios",                                 # no timestamp
+    "bad3,exp_a,control,last tuesday,ios",                     # unparsable timestamp
+    "bad4,exp_a,purple,2026-10-03T00:00:00Z,ios",              # unknown variant
+    "bad5,exp_a,control,2026-10-03T00:00:00Z,ios",             # fine ...
+    "bad5,exp_a,control,2026-10-03T00:00:00Z,ios",             # ... and its exact duplicate
+    "bad6,exp_a,control,2026-10-03 02:00:00,web",              # naive timestamp: UTC, fine
+    "bad7,exp_a,treatment,2026-10-03T04:00:00+02:00,web",      # aware timestamp: converted, fine
+    "bad8,exp_a,contr",                                        # truncated last line: no timestamp
+]
+
+
+def test_bad_rows_are_rejected_with_reasons_and_every_row_is_accounted_for(tmp_path, instance):
+    workspace = csv_workspace(tmp_path, BAD_LINES)
+    registry = workspace.registry_path.read_text()
+    workspace.registry_path.write_text(
+        registry.replace("properties: [device_type]", "properties: [device_type]\n    max_rejected_share: 0.005")
+    )
+    result = run(workspace, instance)
+    meta = {
+        k: v.value for e in result.get_asset_materialization_events()
+        if e.asset_key.path[-1] == "raw_assignments" for k, v in e.materialization.metadata.items()
+    }
+    assert meta["rows_read"] == 600 + len(BAD_LINES)
+    assert meta["rows_ingested"] + meta["rows_rejected"] == meta["rows_read"]
+    assert meta["rejected_by_reason"] == {
+        "missing_subject_id": 1, "missing_variant_id": 1, "missing_timestamp": 2,
+        "unparsable_timestamp": 1, "unknown_variant": 1, "duplicate_row": 1,
+    }
+    assert meta["empty_files_skipped"] == [str(tmp_path / "logs" / "exposures_3.csv")]
+    with workspace.warehouse().session() as session:
+        rejected = session.raw.execute(
+            "SELECT reason, source_file, record FROM exp.rejected_rows WHERE experiment_id = 'exp_a' ORDER BY record"
+        ).df()
+        times = dict(session.raw.execute(
+            "SELECT subject_id, assigned_at FROM exp.raw_assignments WHERE subject_id IN ('bad6', 'bad7')"
+        ).fetchall())
+    assert len(rejected) == 7 and rejected.source_file.str.endswith("exposures_2.csv").all()
+    assert any("assigned_at=last tuesday" in r for r in rejected.record)
+    assert times["bad6"] == times["bad7"] == pd.Timestamp("2026-10-03T02:00:00Z")
+    # 7 of 610 rows (6 not counting the duplicate) is above the configured 0.5%: an ERROR that
+    # blocks this experiment's results.
+    check = evaluations(result)["raw_assignments.rejected_share_within_bound"]
+    assert not check.passed and check.severity == AssetCheckSeverity.ERROR
+    assert check.metadata["rows_rejected"].value == 6
+    assert not result.success
+    assert "variant_metrics" not in {m.asset_key.path[-1] for m in result.get_asset_materialization_events()}
+
+
+def test_a_few_bad_rows_under_the_bound_pass(tmp_path, instance):
+    workspace = csv_workspace(tmp_path, BAD_LINES[:2])
+    result = run(workspace, instance)
+    assert result.success
+    assert evaluations(result)["raw_assignments.rejected_share_within_bound"].passed
+
+
+def test_an_experiment_with_an_empty_arm_still_reports_every_variant(tmp_path, instance):
+    workspace = write_tiny_workspace(tmp_path, arms={"exp_a": {"control": 300, "treatment": 0}})
+    result = run(workspace, instance)
+    srm = evaluations(result)["deduped_assignments.no_sample_ratio_mismatch"]
+    assert not srm.passed and srm.metadata["observed"].value == {"control": 300, "treatment": 0}
+    with workspace.warehouse().session() as session:
+        rows = session.raw.execute(
+            "SELECT variant_id, n, rel_lift FROM exp.variant_metrics WHERE experiment_id = 'exp_a' ORDER BY 1"
+        ).fetchall()
+    assert [(v, n) for v, n, _ in rows] == [("control", 300), ("treatment", 0)]
+    assert rows[1][2] is None  # no lift without subjects, and no crash
+
+
+@pytest.mark.parametrize(
+    ("mutate", "message"),
+    [
+        (lambda root: (root / "logs" / "assignments.parquet").unlink(),
+         "assignments source: no file matches"),
+        (lambda root: (root / "logs" / "assignments.parquet").write_bytes(b"garbage"),
+         "is not a readable parquet file"),
+        (lambda root: (root / "registry.yaml").write_text(
+            (root / "registry.yaml").read_text().replace("variant_id: variation", "variant_id: arm")),
+         "missing columns 'arm' (mapped from 'variant_id')"),
+        (lambda root: pd.read_parquet(root / "logs" / "assignments.parquet").drop(columns=["device_type"])
+         .to_parquet(root / "logs" / "assignments.parquet"),
+         "missing columns 'device_type'"),
+    ],
+)
+def test_sources_that_cannot_be_read_fail_the_step_with_a_clear_message(tmp_path, instance, mutate, message):
+    workspace = write_tiny_workspace(tmp_path)
+    mutate(tmp_path)
+    result = run(workspace, instance)
+    assert not result.success
+    [failure] = [e for e in result.all_events if e.event_type_value == "STEP_FAILURE"]
+    assert failure.step_key == "raw_assignments"
+    assert message in failure.event_specific_data.error.cause.message
