@@ -182,6 +182,7 @@ BAD_LINES = [
     "bad5,exp_a,control,2026-10-03T00:00:00Z,ios",             # ... and its exact duplicate
     "bad6,exp_a,control,2026-10-03 02:00:00,web",              # naive timestamp: UTC, fine
     "bad7,exp_a,treatment,2026-10-03T04:00:00+02:00,web",      # aware timestamp: converted, fine
+    "o'brien; DROP TABLE exp.raw_assignments; --,exp_a,control,2026-10-03T00:00:00Z,ios",  # just data
     "bad8,exp_a,contr",                                        # truncated last line: no timestamp
 ]
 
@@ -214,7 +215,12 @@ def test_bad_rows_are_rejected_with_reasons_and_every_row_is_accounted_for(tmp_p
     assert len(rejected) == 7 and rejected.source_file.str.endswith("exposures_2.csv").all()
     assert any("assigned_at=last tuesday" in r for r in rejected.record)
     assert times["bad6"] == times["bad7"] == pd.Timestamp("2026-10-03T02:00:00Z")
-    # 7 of 610 rows (6 not counting the duplicate) is above the configured 0.5%: an ERROR that
+    with workspace.warehouse().session() as session:
+        [(quoted,)] = session.raw.execute(
+            "SELECT subject_id FROM exp.raw_assignments WHERE subject_id LIKE 'o''brien%'"
+        ).fetchall()
+    assert quoted == "o'brien; DROP TABLE exp.raw_assignments; --"  # stored as a value, never run
+    # 7 of 611 rows (6 not counting the duplicate) is above the configured 0.5%: an ERROR that
     # blocks this experiment's results.
     check = evaluations(result)["raw_assignments.rejected_share_within_bound"]
     assert not check.passed and check.severity == AssetCheckSeverity.ERROR
