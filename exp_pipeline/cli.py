@@ -76,14 +76,21 @@ def run(experiment_ids: list[str] | None, users: int, seed: int) -> int:
                 if not e.passed
             ]
 
+    # Results of a failed (or blocked) run would be the previous run's: they are not shown as fresh.
+    fresh = [e for e in wanted if e not in failed]
     warehouse: Warehouse = defs.resources["warehouse"]
     with warehouse.session() as session:
-        table = session.table("variant_metrics")
-        frame = session.to_pandas(
-            table.filter(table.experiment_id.isin(wanted)).order_by("experiment_id", "metric", "variant_id")
+        table = session.table("variant_metrics") if session.has_table("variant_metrics") else None
+        frame = None if table is None or not fresh else session.to_pandas(
+            table.filter(table.experiment_id.isin(fresh)).order_by("experiment_id", "metric", "variant_id")
         )
     print()
-    print(results_text(frame))
+    if frame is not None and len(frame):
+        print(results_text(frame))
+    stale = [e for e in wanted if e in failed]
+    if stale:
+        print(f"\nNo fresh results for {', '.join(stale)}: the run failed or a blocking check stopped it "
+              "(earlier results, if any, stay in the warehouse).")
     if failed_checks:
         print("\nFailed checks:")
         for experiment_id, check_name, severity, description in failed_checks:
@@ -105,7 +112,14 @@ def main(argv: list[str] | None = None) -> int:
     run_parser.add_argument("--users", type=int, default=100_000, help="sample size if generating")
     run_parser.add_argument("--seed", type=int, default=20261123, help="sample seed if generating")
     args = parser.parse_args(argv)
-    return run(args.experiment, args.users, args.seed)
+    from exp_pipeline.registry import RegistryError
+
+    try:
+        return run(args.experiment, args.users, args.seed)
+    except (RegistryError, KeyError) as exc:
+        # A clear message, not a stack trace: what is wrong and where to fix it.
+        print(f"error: {exc.args[0] if exc.args else exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":
