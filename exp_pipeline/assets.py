@@ -51,6 +51,15 @@ def _written(session: WarehouseSession, table: str, experiment_id: str, rows: in
     }
 
 
+def _experiment_asset(description: str, deps=(), kinds=("duckdb", "pandera"), columns: str | None = None):
+    """The decorator of a per-experiment asset: one dynamic partition per experiment, one writer pool."""
+    return asset(
+        group_name=GROUP, owners=OWNERS, kinds=set(kinds), pool=WRITER_POOL,
+        partitions_def=experiment_partitions, deps=list(deps),
+        metadata=_columns(columns) if columns else None, description=description,
+    )
+
+
 def _experiment(context: AssetExecutionContext, registry: Registry) -> Experiment:
     try:
         return registry.experiment(context.partition_key)
@@ -181,10 +190,9 @@ def source_audit(registry: RegistryResource, warehouse: Warehouse) -> Materializ
     )
 
 
-@asset(
-    group_name=GROUP, owners=OWNERS, kinds={"duckdb", "pandera"}, pool=WRITER_POOL,
-    partitions_def=experiment_partitions, metadata=_columns("raw_assignments"),
-    description="The experiment's exposure log as ingested, many rows per subject, canonical names.",
+@_experiment_asset(
+    "The experiment's exposure log as ingested, many rows per subject, canonical names.",
+    columns="raw_assignments",
 )
 def raw_assignments(
     context: AssetExecutionContext, registry: RegistryResource, warehouse: Warehouse
@@ -229,13 +237,12 @@ def raw_assignments(
     )
 
 
-@asset(
-    group_name=GROUP, owners=OWNERS, kinds={"duckdb", "pandera"}, pool=WRITER_POOL,
-    partitions_def=experiment_partitions, metadata=_columns("deduped_assignments"), deps=[raw_assignments],
-    description=(
+@_experiment_asset(
+    (
         "One row per (experiment, subject) among active rows: first exposure wins, properties frozen "
         "at it, subjects exposed to several variants kept but excluded, corrections keep history."
     ),
+    deps=[raw_assignments], columns="deduped_assignments",
 )
 def deduped_assignments(
     context: AssetExecutionContext, registry: RegistryResource, warehouse: Warehouse
@@ -294,13 +301,12 @@ def deduped_assignments(
     )
 
 
-@asset(
-    group_name=GROUP, owners=OWNERS, kinds={"duckdb", "pandera"}, pool=WRITER_POOL,
-    partitions_def=experiment_partitions, metadata=_columns("post_assignment_events"), deps=[deduped_assignments],
-    description=(
+@_experiment_asset(
+    (
         "Events of analysable subjects at or after their assignment (event_at >= assigned_at) and "
         "inside the widest metric window."
     ),
+    deps=[deduped_assignments], columns="post_assignment_events",
 )
 def post_assignment_events(
     context: AssetExecutionContext, registry: RegistryResource, warehouse: Warehouse
@@ -316,12 +322,9 @@ def post_assignment_events(
     return MaterializeResult(metadata=metadata)
 
 
-@asset(
-    group_name=GROUP, owners=OWNERS, kinds={"duckdb", "pandera"}, pool=WRITER_POOL,
-    partitions_def=experiment_partitions, metadata=_columns("pre_assignment_events"), deps=[deduped_assignments],
-    description=(
-        "Events of analysable subjects in the pre-assignment window (the CUPED covariate period)."
-    ),
+@_experiment_asset(
+    "Events of analysable subjects in the pre-assignment window (the CUPED covariate period).",
+    deps=[deduped_assignments], columns="pre_assignment_events",
 )
 def pre_assignment_events(
     context: AssetExecutionContext, registry: RegistryResource, warehouse: Warehouse
@@ -337,14 +340,14 @@ def pre_assignment_events(
     return MaterializeResult(metadata=metadata)
 
 
-@asset(
-    group_name=GROUP, owners=OWNERS, kinds={"duckdb", "pandas", "pandera"}, pool=WRITER_POOL,
-    partitions_def=experiment_partitions, metadata=_columns("variant_metrics"),
-    deps=[deduped_assignments, post_assignment_events, pre_assignment_events],
-    description=(
+@_experiment_asset(
+    (
         "Per (experiment, variant, metric): sufficient statistics, lift vs control with its interval "
         "and p-value, CUPED-adjusted lift, Holm-adjusted p-values and the SRM verdict."
     ),
+    deps=[deduped_assignments, post_assignment_events, pre_assignment_events],
+    kinds=("duckdb", "pandas", "pandera"),
+    columns="variant_metrics",
 )
 def variant_metrics(
     context: AssetExecutionContext, registry: RegistryResource, warehouse: Warehouse
@@ -420,13 +423,12 @@ def _latest_check_results(context: AssetExecutionContext, experiment_id: str) ->
 CHECK_HISTORY_DEPTH = 200
 
 
-@asset(
-    group_name=GROUP, owners=OWNERS, kinds={"html"}, pool=WRITER_POOL,
-    partitions_def=experiment_partitions, deps=[variant_metrics],
-    description=(
+@_experiment_asset(
+    (
         "A self-contained HTML report per experiment (results table, forest plot, SRM verdict, check "
         "results) written under the data root's reports/ folder, for attaching to a decision."
     ),
+    deps=[variant_metrics], kinds=("html",),
 )
 def experiment_report(
     context: AssetExecutionContext, registry: RegistryResource, warehouse: Warehouse

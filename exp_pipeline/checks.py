@@ -259,118 +259,77 @@ def _logged(context: AssetCheckExecutionContext, result: AssetCheckResult) -> As
     return result
 
 
-def _schema_check(asset_def, table: str, blocking: bool):
+def _experiment_check(asset_def, name: str, evaluate, description: str, blocking: bool = True):
+    """An asset check of one experiment's partition: evaluate(session, experiment, registry)."""
+
     @asset_check(
         asset=asset_def,
-        name="matches_schema",
+        name=name,
         partitions_def=experiment_partitions,
-    pool=WRITER_POOL,
+        pool=WRITER_POOL,
         blocking=blocking,
-        description=f"{table} matches its Pandera schema (types, nulls, allowed values), validated in the engine.",
+        description=description,
     )
     def _check(
         context: AssetCheckExecutionContext, registry: RegistryResource, warehouse: Warehouse
     ) -> AssetCheckResult:
         reg, experiment = _context(context, registry)
         with warehouse.session() as session:
-            return _logged(context, evaluate_schema(session, table, experiment, reg))
+            return _logged(context, evaluate(session, experiment, reg))
 
     return _check
 
 
-raw_assignments_matches_schema = _schema_check(raw_assignments, "raw_assignments", blocking=True)
-deduped_assignments_matches_schema = _schema_check(deduped_assignments, "deduped_assignments", blocking=True)
-post_assignment_events_matches_schema = _schema_check(
-    post_assignment_events, "post_assignment_events", blocking=True
+def _schema_check(asset_def, blocking: bool = True):
+    table = asset_def.key.path[-1]
+    return _experiment_check(
+        asset_def,
+        "matches_schema",
+        lambda session, experiment, registry: evaluate_schema(session, table, experiment, registry),
+        f"{table} matches its Pandera schema (types, nulls, allowed values), validated in the engine.",
+        blocking=blocking,
+    )
+
+
+raw_assignments_matches_schema = _schema_check(raw_assignments)
+deduped_assignments_matches_schema = _schema_check(deduped_assignments)
+post_assignment_events_matches_schema = _schema_check(post_assignment_events)
+pre_assignment_events_matches_schema = _schema_check(pre_assignment_events)
+# The last asset: nothing downstream to block.
+variant_metrics_matches_schema = _schema_check(variant_metrics, blocking=False)
+
+raw_assignments_rejected_share = _experiment_check(
+    raw_assignments,
+    "rejected_share_within_bound",
+    evaluate_rejected_share,
+    "Share of the experiment's exposure rows rejected at ingestion (kept in rejected_rows) is at most "
+    "sources.assignments.max_rejected_share.",
 )
-pre_assignment_events_matches_schema = _schema_check(pre_assignment_events, "pre_assignment_events", blocking=True)
-variant_metrics_matches_schema = _schema_check(variant_metrics, "variant_metrics", blocking=False)
-
-
-@asset_check(
-    asset=deduped_assignments,
-    name="one_active_row_per_subject",
-    partitions_def=experiment_partitions,
-    pool=WRITER_POOL,
-    blocking=True,
-    description="UNIQUE(experiment_id, subject_id) among active rows: one subject, one experiment, one variant.",
+one_active_row_per_subject = _experiment_check(
+    deduped_assignments,
+    "one_active_row_per_subject",
+    lambda session, experiment, _registry: evaluate_unique_active_subject(session, experiment),
+    "UNIQUE(experiment_id, subject_id) among active rows: one subject, one experiment, one variant.",
 )
-def one_active_row_per_subject(
-    context: AssetCheckExecutionContext, registry: RegistryResource, warehouse: Warehouse
-) -> AssetCheckResult:
-    _, experiment = _context(context, registry)
-    with warehouse.session() as session:
-        return _logged(context, evaluate_unique_active_subject(session, experiment))
-
-
-@asset_check(
-    asset=deduped_assignments,
-    name="multi_variant_share_within_bounds",
-    partitions_def=experiment_partitions,
-    pool=WRITER_POOL,
-    blocking=True,
-    description="Share of subjects excluded for seeing several variants: WARN above warn_share, ERROR above error_share.",
+multi_variant_share_within_bounds = _experiment_check(
+    deduped_assignments,
+    "multi_variant_share_within_bounds",
+    lambda session, experiment, _registry: evaluate_multi_variant_share(session, experiment),
+    "Share of subjects excluded for seeing several variants: WARN above warn_share, ERROR above error_share.",
 )
-def multi_variant_share_within_bounds(
-    context: AssetCheckExecutionContext, registry: RegistryResource, warehouse: Warehouse
-) -> AssetCheckResult:
-    _, experiment = _context(context, registry)
-    with warehouse.session() as session:
-        return _logged(context, evaluate_multi_variant_share(session, experiment))
-
-
-@asset_check(
-    asset=deduped_assignments,
-    name="no_sample_ratio_mismatch",
-    partitions_def=experiment_partitions,
-    pool=WRITER_POOL,
-    blocking=True,
-    description=(
-        "Chi-square test of subjects per variant against the weights; when it fires, the same test per "
-        "assignment property names the likely cause. Blocks variant_metrics if the registry says so."
-    ),
+no_sample_ratio_mismatch = _experiment_check(
+    deduped_assignments,
+    "no_sample_ratio_mismatch",
+    evaluate_sample_ratio,
+    "Chi-square test of subjects per variant against the weights; when it fires, the same test per "
+    "assignment property names the likely cause. Blocks variant_metrics if the registry says so.",
 )
-def no_sample_ratio_mismatch(
-    context: AssetCheckExecutionContext, registry: RegistryResource, warehouse: Warehouse
-) -> AssetCheckResult:
-    reg, experiment = _context(context, registry)
-    with warehouse.session() as session:
-        return _logged(context, evaluate_sample_ratio(session, experiment, reg))
-
-
-@asset_check(
-    asset=post_assignment_events,
-    name="no_events_before_assignment",
-    partitions_def=experiment_partitions,
-    pool=WRITER_POOL,
-    blocking=True,
-    description="No pre-assignment leakage: every event has event_at >= assigned_at.",
+no_events_before_assignment = _experiment_check(
+    post_assignment_events,
+    "no_events_before_assignment",
+    lambda session, experiment, _registry: evaluate_no_pre_assignment_events(session, experiment),
+    "No pre-assignment leakage: every event has event_at >= its subject's current assigned_at.",
 )
-def no_events_before_assignment(
-    context: AssetCheckExecutionContext, registry: RegistryResource, warehouse: Warehouse
-) -> AssetCheckResult:
-    _, experiment = _context(context, registry)
-    with warehouse.session() as session:
-        return _logged(context, evaluate_no_pre_assignment_events(session, experiment))
-
-
-@asset_check(
-    asset=raw_assignments,
-    name="rejected_share_within_bound",
-    partitions_def=experiment_partitions,
-    pool=WRITER_POOL,
-    blocking=True,
-    description=(
-        "Share of the experiment's exposure rows rejected at ingestion (kept in rejected_rows) is at "
-        "most sources.assignments.max_rejected_share."
-    ),
-)
-def raw_assignments_rejected_share(
-    context: AssetCheckExecutionContext, registry: RegistryResource, warehouse: Warehouse
-) -> AssetCheckResult:
-    reg, experiment = _context(context, registry)
-    with warehouse.session() as session:
-        return _logged(context, evaluate_rejected_share(session, experiment, reg))
 
 
 @asset_check(
