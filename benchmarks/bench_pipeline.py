@@ -1,0 +1,162 @@
+"""Benchmark worker (a): the pipeline, every experiment materialized through Dagster in process.
+
+One run per experiment, as the `analyze_experiment` job runs it: ANALYSIS_ASSETS and the
+experiment's checks, partition = experiment, on a fresh warehouse and a fresh temporary Dagster
+instance. Per step it records the wall time Dagster reports (STEP_SUCCESS duration), the row counts
+from the materialization metadata and the highest RSS sampled while the step ran.
+
+Started by run_benchmark.py: `bench_pipeline.py --config CONFIG --scratch DIR --result FILE`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import measure
+
+started = time.perf_counter()
+from dagster import DagsterEventType, DagsterInstance, materialize  # noqa: E402
+from dagster_duckdb import DuckDBResource  # noqa: E402
+
+from exp_pipeline.assets import ANALYSIS_ASSETS, experiment_partitions  # noqa: E402
+from exp_pipeline.checks import EXPERIMENT_CHECKS  # noqa: E402
+from exp_pipeline.resources import RegistryResource  # noqa: E402
+from exp_pipeline.warehouse import Warehouse  # noqa: E402
+
+IMPORT_SECONDS = time.perf_counter() - started
+
+# Dagster's DEBUG console log per event would be part of what is timed; warnings still show.
+QUIET_LOGS = {"loggers": {"console": {"config": {"log_level": "WARNING"}}}}
+
+# Step (op) name -> (asset it belongs to, "asset" or "check").
+STEP_OWNERS = {
+    **{a.op.name: (a.key.path[-1], "asset") for a in ANALYSIS_ASSETS},
+    **{c.node_def.name: (c.check_keys[0].asset_key.path[-1], "check") for c in EXPERIMENT_CHECKS},
+}
+
+
+def step_records(instance: DagsterInstance, run_id: str) -> list[dict]:
+    """Start time, end time and duration of every step of a run, from its event log."""
+    steps: dict[str, dict] = {}
+    for entry in instance.all_logs(run_id):
+        event = entry.dagster_event
+        if event is None or event.step_key is None:
+            continue
+        record = steps.setdefault(event.step_key, {"step": event.step_key})
+        if event.event_type == DagsterEventType.STEP_START:
+            record["start"] = entry.timestamp
+        elif event.event_type == DagsterEventType.STEP_SUCCESS:
+            record["end"] = entry.timestamp
+            record["seconds"] = event.event_specific_data.duration_ms / 1000
+        elif event.event_type == DagsterEventType.STEP_FAILURE:
+            record["end"] = entry.timestamp
+            record["failed"] = True
+    return list(steps.values())
+
+
+def materialized_metadata(result) -> dict[str, dict]:
+    """Asset name -> its materialization metadata (plain values)."""
+    return {
+        event.asset_key.path[-1]: {k: v.value for k, v in event.materialization.metadata.items()}
+        for event in result.get_asset_materialization_events()
+    }
+
+
+def rows_of(metadata: dict[str, dict], events_rows: int) -> dict[str, tuple[int | None, int | None]]:
+    """Asset -> (rows in, rows out). Rows in are the rows the asset reads (see README.md)."""
+    out = {asset: meta.get("dagster/row_count") for asset, meta in metadata.items()}
+    raw_read = metadata.get("raw_assignments", {}).get("rows_read")
+
+    def total(*assets: str) -> int | None:
+        values = [out.get(a) for a in assets]
+        return None if any(v is None for v in values) else sum(values)
+
+    rows_in = {
+        "raw_assignments": raw_read,
+        "deduped_assignments": out.get("raw_assignments"),
+        # Each experiment's join scans the whole event log.
+        "post_assignment_events": events_rows,
+        "pre_assignment_events": events_rows,
+        "variant_metrics": total("deduped_assignments", "post_assignment_events", "pre_assignment_events"),
+        "experiment_report": out.get("variant_metrics"),
+    }
+    return {asset: (rows_in[asset], out.get(asset)) for asset in rows_in}
+
+
+def read_sufficient(database: str) -> list[dict]:
+    import duckdb
+
+    with duckdb.connect(database, read_only=True) as con:
+        cursor = con.execute(
+            "SELECT experiment_id, variant_id, metric, n, sum_y, sum_y2, sum_x, sum_x2, sum_xy "
+            "FROM exp.variant_metrics ORDER BY ALL"
+        )
+        columns = [d[0] for d in cursor.description]
+        return [dict(zip(columns, row)) for row in cursor.fetchall()]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--config", required=True)
+    parser.add_argument("--scratch", required=True)
+    parser.add_argument("--result", required=True)
+    args = parser.parse_args()
+    config = json.loads(open(args.config).read())
+    experiments = [e["id"] for e in config["experiments"]]
+    database = f"{args.scratch}/warehouse.duckdb"
+    resources = {
+        "registry": RegistryResource(path=config["registry_path"]),
+        "warehouse": Warehouse(duckdb=DuckDBResource(database=database)),
+    }
+    rss_after_imports = measure.current_rss_kib()
+    runs, steps = [], []
+    with measure.RssSampler() as sampler, DagsterInstance.local_temp(f"{args.scratch}/dagster") as instance:
+        instance.add_dynamic_partitions(experiment_partitions.name, experiments)
+        for experiment_id in experiments:
+            t0 = time.perf_counter()
+            result = materialize(
+                [*ANALYSIS_ASSETS, *EXPERIMENT_CHECKS],
+                partition_key=experiment_id,
+                instance=instance,
+                resources=resources,
+                run_config=QUIET_LOGS,
+                raise_on_error=False,
+            )
+            seconds = time.perf_counter() - t0
+            runs.append({"experiment": experiment_id, "seconds": seconds, "success": result.success})
+            rows = rows_of(materialized_metadata(result), config["events_rows"])
+            for record in step_records(instance, result.run_id):
+                asset, kind = STEP_OWNERS.get(record["step"], (record["step"], "other"))
+                rows_in, rows_out = rows.get(asset, (None, None))
+                steps.append({
+                    "experiment": experiment_id,
+                    "step": record["step"],
+                    "asset": asset,
+                    "kind": kind,
+                    "seconds": record.get("seconds"),
+                    "failed": record.get("failed", False),
+                    # A check reads its asset's table: its rows in are the asset's rows out.
+                    "rows_in": rows_out if kind == "check" else rows_in,
+                    "rows_out": None if kind == "check" else rows_out,
+                    "peak_rss_kib": sampler.peak_between(record.get("start", 0), record.get("end", 0)),
+                })
+    wall = sum(r["seconds"] for r in runs)
+    peak = measure.peak_rss_kib()
+    measure.write_result(args.result, {
+        "implementation": "pipeline",
+        "import_seconds": IMPORT_SECONDS,
+        "wall_seconds": wall,
+        "peak_rss_kib": peak,
+        "rss_after_imports_kib": rss_after_imports,
+        "runs": runs,
+        "steps": steps,
+        "success": all(r["success"] for r in runs),
+        # Read after the clock stopped: only for the comparison.
+        "sufficient": read_sufficient(database),
+    })
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,93 @@
+"""Benchmark worker (b): the hand-written DuckDB reference, reference.sql, on an in-memory database.
+
+Python only loads the registry's configuration (a few rows: experiments, variants, metrics) into
+small tables and variables; reference.sql does all the work on the data in one query.
+
+Started by run_benchmark.py: `bench_reference.py --config CONFIG --scratch DIR --result FILE`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import measure
+
+started = time.perf_counter()
+import duckdb  # noqa: E402
+
+IMPORT_SECONDS = time.perf_counter() - started
+SCRIPT = Path(__file__).with_name("reference.sql")
+
+CONFIG_TABLES = """
+CREATE TEMP TABLE bench_experiments (experiment_id VARCHAR, start_us BIGINT, end_us BIGINT, pre_window_us BIGINT);
+CREATE TEMP TABLE bench_variants (experiment_id VARCHAR, variant_id VARCHAR);
+CREATE TEMP TABLE bench_metrics (
+    experiment_id VARCHAR, metric VARCHAR, event_name VARCHAR, aggregation VARCHAR,
+    start_us BIGINT, end_us BIGINT, cap_percentile DOUBLE
+);
+"""
+
+
+def load_configuration(con: duckdb.DuckDBPyConnection, config: dict) -> None:
+    """The registry as the script's small config tables and variables (values bound as parameters)."""
+    con.execute(CONFIG_TABLES)
+    experiments = config["experiments"]
+    con.executemany(
+        "INSERT INTO bench_experiments VALUES (?, ?, ?, ?)",
+        [[e["id"], e["start_us"], e["end_us"], e["pre_window_us"]] for e in experiments],
+    )
+    con.executemany(
+        "INSERT INTO bench_variants VALUES (?, ?)",
+        [[e["id"], v] for e in experiments for v in e["variants"]],
+    )
+    con.executemany(
+        "INSERT INTO bench_metrics VALUES (?, ?, ?, ?, ?, ?, ?)",
+        [
+            [e["id"], m["id"], m["event_name"], m["aggregation"], m["start_us"], m["end_us"], m["cap_percentile"]]
+            for e in experiments
+            for m in e["metrics"]
+        ],
+    )
+    percentiles = sorted({m["cap_percentile"] for e in experiments for m in e["metrics"]} - {None})
+    con.execute("SET VARIABLE assignments_path = ?", [config["assignments_path"]])
+    con.execute("SET VARIABLE events_path = ?", [config["events_path"]])
+    # An empty list does not bind in quantile_cont; with no capped metric the value is never used.
+    con.execute("SET VARIABLE cap_percentiles = ?::DOUBLE[]", [percentiles or [0.5]])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--config", required=True)
+    parser.add_argument("--scratch", required=True)
+    parser.add_argument("--result", required=True)
+    args = parser.parse_args()
+    config = json.loads(Path(args.config).read_text())
+    script = SCRIPT.read_text()
+    rss_after_imports = measure.current_rss_kib()
+
+    t0 = time.perf_counter()
+    con = duckdb.connect()  # in memory: the reference writes nothing
+    load_configuration(con, config)
+    cursor = con.execute(script)
+    columns = [d[0] for d in cursor.description]
+    rows = cursor.fetchall()
+    wall = time.perf_counter() - t0
+    con.close()
+
+    measure.write_result(args.result, {
+        "implementation": "reference",
+        "import_seconds": IMPORT_SECONDS,
+        "wall_seconds": wall,
+        "peak_rss_kib": measure.peak_rss_kib(),
+        "rss_after_imports_kib": rss_after_imports,
+        "success": True,
+        "steps": [],
+        "sufficient": [dict(zip(columns, row)) for row in rows],
+    })
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,68 @@
+"""What every benchmark worker process shares: its peak memory, an RSS sampler, the result file.
+
+Each implementation runs in a process of its own (run_benchmark.py starts one per implementation
+and run), so the process's peak resident set size is the implementation's peak memory.
+Linux only: ru_maxrss is in KiB there, and the sampler reads /proc/self/statm.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import threading
+import time
+from pathlib import Path
+
+_PAGE_KIB = os.sysconf("SC_PAGE_SIZE") // 1024
+
+
+def peak_rss_kib() -> int:
+    """Peak RSS of this process and of any child it waited for, KiB."""
+    return max(
+        resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
+        resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss,
+    )
+
+
+def current_rss_kib() -> int:
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * _PAGE_KIB
+
+
+class RssSampler:
+    """Samples this process's RSS in a background thread, to attribute memory to steps.
+
+    ru_maxrss only says how high the whole process went; the samples say during which step.
+    DuckDB releases the GIL while it runs a query, so the thread keeps sampling then. A sample
+    can miss a short spike: the process peak (ru_maxrss) stays the authoritative figure.
+    """
+
+    def __init__(self, interval_seconds: float = 0.02):
+        self.interval = interval_seconds
+        self.samples: list[tuple[float, int]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="rss-sampler", daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.samples.append((time.time(), current_rss_kib()))
+            self._stop.wait(self.interval)
+
+    def __enter__(self) -> RssSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def peak_between(self, start: float, end: float) -> int | None:
+        """Highest sampled RSS (KiB) in [start, end] (time.time() seconds), None without a sample."""
+        inside = [rss for at, rss in self.samples if start <= at <= end]
+        return max(inside) if inside else None
+
+
+def write_result(path: str | Path, result: dict) -> None:
+    """The worker's answer to run_benchmark.py: one JSON file (stdout is left to the logs)."""
+    Path(path).write_text(json.dumps(result, indent=1) + "\n")
