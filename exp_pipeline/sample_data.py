@@ -307,12 +307,16 @@ def draw_experiment(
 
 
 def draw_events(
-    rng: np.random.Generator, population: Population, draws: Sequence[ExperimentDraw]
+    rng: np.random.Generator,
+    population: Population,
+    draws: Sequence[ExperimentDraw],
+    activity_scale: float = 1.0,
 ) -> Events:
     n_users = len(population.activity)
     days = (EVENTS_END - EVENTS_START) / US_PER_DAY
-    n_sessions = rng.poisson(SESSION_RATE_PER_DAY * days * population.activity)
-    n_purchases = rng.poisson(PURCHASE_RATE_PER_DAY * days * population.activity)
+    rate = days * activity_scale * population.activity
+    n_sessions = rng.poisson(SESSION_RATE_PER_DAY * rate)
+    n_purchases = rng.poisson(PURCHASE_RATE_PER_DAY * rate)
     user = np.concatenate([
         np.repeat(np.arange(n_users), n_sessions),
         np.repeat(np.arange(n_users), n_purchases),
@@ -342,12 +346,18 @@ def _user_ids(n_users: int) -> np.ndarray:
 
 
 def _write_daily(
-    folder: Path, prefix: str, columns: dict[str, np.ndarray], at: np.ndarray, user: np.ndarray
+    folder: Path,
+    prefix: str,
+    columns: dict[str, np.ndarray],
+    at: np.ndarray,
+    user: np.ndarray,
+    user_ids: np.ndarray,
 ) -> int:
     """Write one Parquet file per UTC day of `at`, rows sorted by time then user.
 
-    `columns` holds numpy arrays aligned with `at`; datetime64 columns are written as UTC.
-    Returns the number of files written.
+    `columns` holds numpy arrays (or (labels, codes) pairs, decoded per day) aligned with `at`;
+    the first column is `user_id`, looked up per day so that large logs never hold every row's
+    id string at once. datetime64 columns are written as UTC. Returns the number of files written.
     """
     order = np.lexsort((user, at))
     days, starts = np.unique(at[order] // US_PER_DAY, return_index=True)
@@ -355,7 +365,13 @@ def _write_daily(
     folder.mkdir(parents=True)
     for day, lo, hi in zip(days, starts, ends, strict=True):
         rows = order[lo:hi]
-        frame = pd.DataFrame({name: values[rows] for name, values in columns.items()})
+        frame = pd.DataFrame({
+            "user_id": user_ids[user[rows]],
+            **{
+                name: values[0][values[1][rows]] if isinstance(values, tuple) else values[rows]
+                for name, values in columns.items()
+            },
+        })
         for name in frame.select_dtypes("datetime64[ns]").columns:
             frame[name] = frame[name].dt.tz_localize("UTC")
         frame.to_parquet(folder / f"{prefix}_{np.datetime64(int(day), 'D')}.parquet", index=False)
@@ -373,7 +389,6 @@ def write_assignments(
     user = np.concatenate([d.rows.user for d in draws])
     at = np.concatenate([d.rows.at for d in draws])
     columns = {
-        "user_id": user_ids[user],
         "experiment_key": np.concatenate([np.full(len(d.rows.user), d.spec.key) for d in draws]),
         "variation": np.concatenate(
             [np.array([a.name for a in d.spec.arms])[d.rows.arm] for d in draws]
@@ -382,19 +397,18 @@ def write_assignments(
         "device_type": np.array(DEVICES)[np.concatenate([d.rows.device for d in draws])],
         "country": np.array(COUNTRIES)[population.country[user]],
     }
-    files = _write_daily(out_dir / ASSIGNMENTS_DIR, "exposures", columns, at, user)
+    files = _write_daily(out_dir / ASSIGNMENTS_DIR, "exposures", columns, at, user, user_ids)
     return files, len(user)
 
 
 def write_events(out_dir: Path, events: Events, user_ids: np.ndarray) -> tuple[int, int]:
     """Write the event log; returns (files, rows)."""
     columns = {
-        "user_id": user_ids[events.user],
         "event_ts": _as_datetime(events.at),
-        "event_type": np.where(events.is_purchase, PURCHASE, SESSION),
+        "event_type": (np.array([SESSION, PURCHASE]), events.is_purchase.astype(np.int8)),
         "amount": events.amount,
     }
-    files = _write_daily(out_dir / EVENTS_DIR, "events", columns, events.at, events.user)
+    files = _write_daily(out_dir / EVENTS_DIR, "events", columns, events.at, events.user, user_ids)
     return files, len(events.user)
 
 
@@ -457,24 +471,37 @@ def _prepare_out_dir(out_dir: Path, overwrite: bool) -> None:
 
 
 def generate(
-    out_dir: Path, n_users: int = DEFAULT_USERS, seed: int = DEFAULT_SEED, overwrite: bool = False
+    out_dir: Path,
+    n_users: int = DEFAULT_USERS,
+    seed: int = DEFAULT_SEED,
+    overwrite: bool = False,
+    *,
+    activity_scale: float = 1.0,
+    experiments: Sequence[ExperimentSpec] = EXPERIMENTS,
 ) -> dict:
-    """Write the sample logs and ground_truth.json into out_dir; return the ground truth."""
+    """Write the sample logs and ground_truth.json into out_dir; return the ground truth.
+
+    `activity_scale` multiplies every user's event rate (the benchmark's knob for events per
+    assignment); `experiments` defaults to the four of data/registry.yaml, whose streams stay the
+    same when specs are appended.
+    """
     if n_users < 1:
         raise ValueError(f"n_users must be positive, got {n_users}")
+    if activity_scale <= 0:
+        raise ValueError(f"activity_scale must be positive, got {activity_scale}")
     out_dir = Path(out_dir)
     _prepare_out_dir(out_dir, overwrite)
 
     # Independent streams per component: changing one experiment does not reshuffle the others.
     population_seed, events_seed, *experiment_seeds = np.random.SeedSequence(seed).spawn(
-        2 + len(EXPERIMENTS)
+        2 + len(experiments)
     )
     population = draw_population(np.random.default_rng(population_seed), n_users)
     draws = [
         draw_experiment(np.random.default_rng(s), spec, population)
-        for s, spec in zip(experiment_seeds, EXPERIMENTS, strict=True)
+        for s, spec in zip(experiment_seeds, experiments, strict=True)
     ]
-    events = draw_events(np.random.default_rng(events_seed), population, draws)
+    events = draw_events(np.random.default_rng(events_seed), population, draws, activity_scale)
 
     user_ids = _user_ids(n_users)
     assignment_files, assignment_rows = write_assignments(out_dir, draws, population, user_ids)
@@ -483,6 +510,7 @@ def generate(
     truth = {
         "seed": seed,
         "n_users": n_users,
+        "activity_scale": activity_scale,
         "generated_files": {"assignments": assignment_files, "events": event_files},
         "rows": {"assignments": assignment_rows, "events": event_rows},
         "inactive_users": int((population.activity == 0).sum()),
