@@ -7,19 +7,24 @@ import ibis
 import pandas as pd
 from dagster import (
     AssetExecutionContext,
+    AssetKey,
+    AssetSpec,
+    Config,
     DynamicPartitionsDefinition,
     MaterializeResult,
     MetadataValue,
     TableColumn,
     TableSchema,
     asset,
+    multi_asset,
 )
+from pydantic import Field
 
 from exp_pipeline import report_html, results, schemas, transforms
 from exp_pipeline.registry import Experiment, Registry
 from exp_pipeline.reports import results_markdown
 from exp_pipeline.resources import RegistryResource
-from exp_pipeline.warehouse import Warehouse, WarehouseSession
+from exp_pipeline.warehouse import PartitionRefresh, Warehouse, WarehouseSession
 
 experiment_partitions = DynamicPartitionsDefinition(name="experiment")
 
@@ -43,8 +48,8 @@ def _columns(table: str) -> dict:
 
 def _written(session: WarehouseSession, table: str, experiment_id: str, rows: int) -> dict:
     """Row count and a small preview of what was written (a few rows only)."""
-    written = session.partition(table, experiment_id)
-    preview = session.to_pandas(written.order_by(*written.columns[:3]).limit(PREVIEW_ROWS))
+    # Any few rows: ordering them would sort the whole partition (millions of events) for a preview.
+    preview = session.to_pandas(session.partition(table, experiment_id).limit(PREVIEW_ROWS))
     return {
         "dagster/row_count": rows,
         "preview": MetadataValue.md(preview.to_markdown(index=False) if len(preview) else "(no rows)"),
@@ -301,43 +306,142 @@ def deduped_assignments(
     )
 
 
-@_experiment_asset(
-    (
-        "Events of analysable subjects at or after their assignment (event_at >= assigned_at) and "
-        "inside the widest metric window."
+class WindowEventsConfig(Config):
+    full_refresh: bool = Field(
+        default=False,
+        description=(
+            "recompute the experiment's window events from the whole event log instead of refreshing "
+            "the days since the last run (use after backfilling events older than the late-arrival "
+            "lookback)"
+        ),
+    )
+
+
+WINDOW_EVENTS_STATE = "window_events_state"
+post_assignment_events = AssetKey("post_assignment_events")
+pre_assignment_events = AssetKey("pre_assignment_events")
+
+
+def _refresh_state(session: WarehouseSession, experiment_id: str) -> dict | None:
+    """What the last refresh of this experiment's window events recorded, if anything."""
+    if not session.has_table(WINDOW_EVENTS_STATE):
+        return None
+    rows = session.to_pandas(session.partition(WINDOW_EVENTS_STATE, experiment_id))
+    if not len(rows):
+        return None
+    return {k: _timestamp(v) if isinstance(v, pd.Timestamp) or v is pd.NaT else v for k, v in rows.iloc[0].items()}
+
+
+def _timestamp(value) -> dt.datetime | None:
+    """A timestamp from the engine as a datetime; None for null (NaT)."""
+    return None if pd.isna(value) else pd.Timestamp(value).to_pydatetime()
+
+
+@multi_asset(
+    specs=[
+        AssetSpec(
+            post_assignment_events, group_name=GROUP, owners=OWNERS, kinds={"duckdb", "pandera"},
+            deps=[deduped_assignments], metadata=_columns("post_assignment_events"),
+            description=(
+                "Events of analysable subjects at or after their assignment (event_at >= assigned_at) "
+                "and inside the widest window of a metric on that event."
+            ),
+        ),
+        AssetSpec(
+            pre_assignment_events, group_name=GROUP, owners=OWNERS, kinds={"duckdb", "pandera"},
+            deps=[deduped_assignments], metadata=_columns("pre_assignment_events"),
+            description="Events of analysable subjects in the pre-assignment window (the CUPED covariate period).",
+        ),
+    ],
+    name="window_events",
+    partitions_def=experiment_partitions,
+    pool=WRITER_POOL,
+    description=(
+        "One temporal join for both tables. Incremental: after the first run only events from the "
+        "newest one seen minus sources.events.late_arrival_days are recomputed, plus the whole window "
+        "of subjects assigned or changed since; a changed registry definition recomputes everything."
     ),
-    deps=[deduped_assignments], columns="post_assignment_events",
 )
-def post_assignment_events(
-    context: AssetExecutionContext, registry: RegistryResource, warehouse: Warehouse
-) -> MaterializeResult:
+def window_events(
+    context: AssetExecutionContext, config: WindowEventsConfig, registry: RegistryResource, warehouse: Warehouse
+):
     reg = registry.load()
     experiment = _experiment(context, reg)
+    metrics = reg.metrics_of(experiment)
+    pre_window = experiment.cuped_pre_window_days
+    fingerprint = reg.window_events_fingerprint(experiment)
     with warehouse.session() as session:
-        events = _usable_events(session, reg, experiment)
-        assignments = transforms.analysable_assignments(session.partition("deduped_assignments", experiment.id))
-        joined = transforms.join_post_assignment_events(assignments, events, reg.metrics_of(experiment))
-        written = session.replace_partition("post_assignment_events", experiment.id, joined)
-        metadata = _written(session, "post_assignment_events", experiment.id, written)
-    return MaterializeResult(metadata=metadata)
-
-
-@_experiment_asset(
-    "Events of analysable subjects in the pre-assignment window (the CUPED covariate period).",
-    deps=[deduped_assignments], columns="pre_assignment_events",
-)
-def pre_assignment_events(
-    context: AssetExecutionContext, registry: RegistryResource, warehouse: Warehouse
-) -> MaterializeResult:
-    reg = registry.load()
-    experiment = _experiment(context, reg)
-    with warehouse.session() as session:
-        events = _usable_events(session, reg, experiment)
-        assignments = transforms.analysable_assignments(session.partition("deduped_assignments", experiment.id))
-        joined = transforms.join_pre_assignment_events(assignments, events, experiment.cuped_pre_window_days)
-        written = session.replace_partition("pre_assignment_events", experiment.id, joined)
-        metadata = _written(session, "pre_assignment_events", experiment.id, written)
-    return MaterializeResult(metadata=metadata)
+        deduped = session.partition("deduped_assignments", experiment.id)
+        assignments_as_of = _timestamp(session.ibis.execute(deduped.valid_from.max()))
+        state = _refresh_state(session, experiment.id)
+        incremental = (
+            not config.full_refresh and state is not None and state["fingerprint"] == fingerprint
+            and state["events_through"] is not None and session.has_table("post_assignment_events") and session.has_table("pre_assignment_events")
+        )
+        previous_as_of = state["assignments_as_of"] if incremental else None
+        analysable = transforms.analysable_assignments(deduped)
+        analysable = analysable.mutate(
+            is_new=ibis.literal(True) if previous_as_of is None else analysable.valid_from > previous_as_of
+        )
+        # Small (one row per subject); materialized so every query below sees the same subjects.
+        analysable = session.ibis.create_table("tmp_analysable", analysable, temp=True, overwrite=True)
+        events = transforms.experiment_events(_usable_events(session, reg, experiment), experiment, metrics, pre_window)
+        if incremental:
+            earliest_new = session.ibis.execute(analysable.filter(analysable.is_new).assigned_at.min())
+            cutoff, scan_from = transforms.refresh_lower_bound(
+                state["events_through"], reg.sources.events.late_arrival_days,
+                _timestamp(earliest_new), pre_window,
+            )
+            rows = transforms.refreshed_window_events(analysable, events, metrics, pre_window, cutoff, scan_from)
+        else:
+            rows = transforms.join_window_events(analysable, events, metrics, pre_window)
+        rows = session.ibis.create_table("tmp_window_events", rows, temp=True, overwrite=True)
+        # The newest event processed: the next refresh recomputes from it minus the lookback.
+        candidates = [_timestamp(session.ibis.execute(rows.event_at.max()))]
+        if incremental:
+            candidates.append(state["events_through"])
+        events_through = max((t for t in candidates if t is not None), default=None)
+        new_state = pd.DataFrame([{
+            "experiment_id": experiment.id,
+            "fingerprint": fingerprint,
+            "events_through": events_through,
+            "assignments_as_of": assignments_as_of,
+            "refreshed_at": dt.datetime.now(dt.timezone.utc),
+            "mode": "incremental" if incremental else "full",
+        }])
+        for column in ("events_through", "assignments_as_of", "refreshed_at"):
+            new_state[column] = pd.to_datetime(new_state[column], utc=True)
+        tables = {
+            "post_assignment_events": transforms.post_assignment_rows(rows),
+            "pre_assignment_events": transforms.pre_assignment_rows(rows),
+        }
+        if incremental:
+            unchanged = analysable.filter(~analysable.is_new).select("subject_id", "variant_id", "assigned_at")
+            unchanged = session.ibis.create_table("tmp_unchanged", unchanged, temp=True, overwrite=True)
+            refreshed = session.refresh_partitions(
+                experiment.id,
+                {
+                    name: PartitionRefresh(
+                        rows=expr, stale_from=("event_at", cutoff), keep=unchanged,
+                        key_columns=("subject_id", "variant_id", "assigned_at"),
+                    )
+                    for name, expr in tables.items()
+                },
+                replace={WINDOW_EVENTS_STATE: new_state},
+            )
+            written = {name: counts.rows for name, counts in refreshed.items()}
+        else:
+            written = session.replace_partitions(experiment.id, {**tables, WINDOW_EVENTS_STATE: new_state})
+        results = []
+        for name in tables:
+            metadata = _written(session, name, experiment.id, written[name])
+            metadata["refresh_mode"] = "incremental" if incremental else "full"
+            if incremental:
+                metadata["refreshed_from"] = MetadataValue.timestamp(cutoff)
+                metadata["rows_deleted"] = refreshed[name].deleted
+                metadata["rows_inserted"] = refreshed[name].inserted
+            results.append(MaterializeResult(asset_key=AssetKey(name), metadata=metadata))
+    yield from results
 
 
 @_experiment_asset(
@@ -462,8 +566,5 @@ def experiment_report(
     )
 
 
-ANALYSIS_ASSETS = [
-    raw_assignments, deduped_assignments, post_assignment_events, pre_assignment_events, variant_metrics,
-    experiment_report,
-]
+ANALYSIS_ASSETS = [raw_assignments, deduped_assignments, window_events, variant_metrics, experiment_report]
 REGISTRY_ASSETS = [dim_experiments, dim_variants, source_audit]

@@ -10,6 +10,7 @@ import warnings
 
 from dagster import (
     AssetCheckExecutionContext,
+    AssetKey,
     PreviewWarning,
     AssetCheckResult,
     AssetCheckSeverity,
@@ -281,7 +282,7 @@ def _experiment_check(asset_def, name: str, evaluate, description: str, blocking
 
 
 def _schema_check(asset_def, blocking: bool = True):
-    table = asset_def.key.path[-1]
+    table = (asset_def if isinstance(asset_def, AssetKey) else asset_def.key).path[-1]
     return _experiment_check(
         asset_def,
         "matches_schema",

@@ -8,6 +8,8 @@ names the experiment (or metric, or source) and the field.
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
+import json
 import math
 import re
 from pathlib import Path
@@ -180,6 +182,13 @@ class Source(_Strict):
     max_rejected_share: float = Field(
         default=0.01, ge=0, le=1, description="share of rejected rows above which ingestion is an ERROR"
     )
+    late_arrival_days: float = Field(
+        default=2, ge=0,
+        description=(
+            "events: how late (by event time) rows may still arrive; an incremental refresh recomputes "
+            "this many days back from the newest event it has seen"
+        ),
+    )
 
     @model_validator(mode="after")
     def _one_location(self) -> Source:
@@ -240,6 +249,20 @@ class Registry(_Strict):
 
     def metrics_of(self, experiment: Experiment) -> list[Metric]:
         return [self.metrics[m] for m in experiment.metrics]
+
+    def window_events_fingerprint(self, experiment: Experiment) -> str:
+        """What the window events of `experiment` depend on besides the data: when it changes, an
+        incremental refresh cannot build on the stored rows and recomputes them in full."""
+        relevant = {
+            "events_source": self.sources.events.model_dump(exclude={"max_rejected_share", "late_arrival_days"}),
+            "start_at": experiment.start_at.isoformat(),
+            "end_at": experiment.end_at.isoformat() if experiment.end_at else None,
+            "pre_window_days": experiment.cuped_pre_window_days,
+            "metrics": [
+                [m.event_name, m.window_start_days, m.window_end_days] for m in self.metrics_of(experiment)
+            ],
+        }
+        return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:16]
 
     def resolve_path(self, path: str) -> str:
         """Absolute path (or glob) of a source, kept inside the data root unless allowed."""

@@ -69,8 +69,29 @@ def canonical_assignments(source_rows: ir.Table, source: Source, experiment_id: 
         assigned_at=to_utc_timestamp(logged_at),
         **{p: rows[p].cast("string") for p in source.properties},
         source_file=rows.source_file.cast("string"),
-        assigned_at_text=logged_at.cast("string"),
+        **_logged_text("assigned_at", logged_at),
     )
+
+
+def _logged_text(name: str, logged: ir.Value) -> dict[str, ir.Value]:
+    """`{name}_text`, the value as logged, for a column logged as text (CSV, or strings in Parquet):
+    parsing it may fail, and a rejected row must show what was there. A typed column cannot fail to
+    parse, so it gets no text twin: formatting every timestamp of a large log as text costs more
+    than the rest of the join.
+    """
+    return {f"{name}_text": logged} if logged.type().is_string() else {}
+
+
+def _text_or_value(rows: ir.Table, name: str) -> ir.Value:
+    """The logged text of a column when it was logged as text, else the typed value."""
+    return rows[f"{name}_text"] if f"{name}_text" in rows.columns else rows[name]
+
+
+def _missing(rows: ir.Table, name: str) -> ir.BooleanValue:
+    """Nothing logged in the column: null, or (logged as text) only whitespace."""
+    if f"{name}_text" in rows.columns:
+        return _blank(rows[f"{name}_text"])
+    return rows[name].isnull()
 
 
 def canonical_events(source_rows: ir.Table, source: Source) -> ir.Table:
@@ -83,10 +104,10 @@ def canonical_events(source_rows: ir.Table, source: Source) -> ir.Table:
     if value_column in source_rows.columns:
         logged_value = source_rows[value_column]
         value = logged_value.try_cast("float64")
-        value_text = logged_value.cast("string")
+        value_text = _logged_text("value", logged_value)
     else:
         value = ibis.null("float64")  # a count-only event log
-        value_text = ibis.null("string")
+        value_text = {}
     logged_at = source_rows[source.source_column("event_at")]
     return source_rows.select(
         subject_id=source_rows[source.source_column("subject_id")].cast("string"),
@@ -94,8 +115,8 @@ def canonical_events(source_rows: ir.Table, source: Source) -> ir.Table:
         event_name=source_rows[source.source_column("event_name")].cast("string"),
         value=value,
         source_file=source_rows.source_file.cast("string"),
-        event_at_text=logged_at.cast("string"),
-        value_text=value_text,
+        **_logged_text("event_at", logged_at),
+        **value_text,
     )
 
 
@@ -122,16 +143,15 @@ EVENT_REJECTIONS = (
 
 def classify_assignments(rows: ir.Table, experiment: Experiment, properties: Sequence[str]) -> ir.Table:
     """Canonical exposure rows with `rejection_reason` (null for rows that are ingested)."""
-    ranked = rows.mutate(
-        _copy=_duplicate_rank(
-            rows, ["experiment_id", "subject_id", "variant_id", "assigned_at_text", *properties]
-        )
-    )
+    keyed = rows.mutate(_at=_text_or_value(rows, "assigned_at"))
+    ranked = keyed.mutate(
+        _copy=_duplicate_rank(keyed, ["experiment_id", "subject_id", "variant_id", "_at", *properties])
+    ).drop("_at")
     known = [v.id for v in experiment.variants]
     reason = ibis.cases(
         (_blank(ranked.subject_id), "missing_subject_id"),
         (_blank(ranked.variant_id), "missing_variant_id"),
-        (_blank(ranked.assigned_at_text), "missing_timestamp"),
+        (_missing(ranked, "assigned_at"), "missing_timestamp"),
         (ranked.assigned_at.isnull(), "unparsable_timestamp"),
         (~ranked.variant_id.isin(known), "unknown_variant"),
         (ranked._copy > 0, "duplicate_row"),
@@ -147,18 +167,22 @@ def classify_events(rows: ir.Table, detect_duplicates: bool = True) -> ir.Table:
     drops exact duplicates after the (much smaller) temporal join instead.
     """
     if detect_duplicates:
-        ranked = rows.mutate(
-            _copy=_duplicate_rank(rows, ["subject_id", "event_at_text", "event_name", "value_text"])
-        )
+        keyed = rows.mutate(_at=_text_or_value(rows, "event_at"), _value=_text_or_value(rows, "value"))
+        ranked = keyed.mutate(
+            _copy=_duplicate_rank(keyed, ["subject_id", "_at", "event_name", "_value"])
+        ).drop("_at", "_value")
     else:
         ranked = rows.mutate(_copy=ibis.literal(0))
+    # Only a value logged as text can fail to parse.
+    non_numeric = (
+        ~_blank(ranked.value_text) & ranked.value.isnull() if "value_text" in ranked.columns else ibis.literal(False)
+    )
     reason = ibis.cases(
         (_blank(ranked.subject_id), "missing_subject_id"),
         (_blank(ranked.event_name), "missing_event_name"),
-        (_blank(ranked.event_at_text), "missing_timestamp"),
+        (_missing(ranked, "event_at"), "missing_timestamp"),
         (ranked.event_at.isnull(), "unparsable_timestamp"),
-        (ranked.value_text.notnull() & (ranked.value_text.strip() != "") & ranked.value.isnull(),
-         "non_numeric_value"),
+        (non_numeric, "non_numeric_value"),
         (ranked._copy > 0, "duplicate_row"),
         else_=ibis.null("string"),
     )
@@ -166,11 +190,17 @@ def classify_events(rows: ir.Table, detect_duplicates: bool = True) -> ir.Table:
 
 
 def usable_events(rows: ir.Table, event_names: Sequence[str]) -> ir.Table:
-    """The events a metric may use: of the named events, not rejected, canonical columns only."""
-    named = rows.filter(rows.event_name.isin(list(event_names)))
-    classified = classify_events(named, detect_duplicates=False)
-    kept = classified.filter(classified.rejection_reason.isnull())
-    return kept.select("subject_id", "event_at", "event_name", "value")
+    """The events a metric may use: of the named events, not rejected, canonical columns only.
+
+    The same rows `classify_events` accepts, less two tests that the temporal join makes for free:
+    a blank subject id equals no assigned subject's (blank ids are rejected at ingestion), and
+    exact duplicates are dropped after the (much smaller) join. Testing every id of the log for
+    whitespace would cost a third of the scan.
+    """
+    usable = rows.filter(rows.event_name.isin(list(event_names)), rows.event_at.notnull())
+    if "value_text" in rows.columns:
+        usable = usable.filter(_blank(usable.value_text) | usable.value.notnull())
+    return usable.select("subject_id", "event_at", "event_name", "value")
 
 
 def ingested(classified: ir.Table) -> ir.Table:
@@ -283,7 +313,8 @@ def apply_assignment_history(
     """The new contents of an experiment's deduped_assignments partition, history included.
 
     `current` is the assignment state computed from the log now; `previous` is what the table held.
-    Unchanged subjects keep their row (and `valid_from`) as it was, so reruns are idempotent.
+    Unchanged subjects keep their row (and `valid_from`), so reruns are idempotent; only their
+    counts (n_exposures, n_variants_seen) follow the log.
     A subject whose variant, first exposure or exclusion changed is a correction: the old row is
     kept with `is_active = false` and `valid_to` set, and the new row is inserted active. Rows that
     were already inactive stay forever. Nothing is deleted.
@@ -302,9 +333,16 @@ def apply_assignment_history(
     active = previous.filter(previous.is_active)
 
     key = ["experiment_id", "subject_id"]
-    # Unchanged subjects: the previous active row stays as it is.
+    # Unchanged subjects keep their row and its valid_from; counts (n_exposures, ...) are updated
+    # in place: they are not history.
     same = [active[c].identical_to(current[c]) for c in TRACKED_COLUMNS]
-    kept = active.semi_join(current, [*(active[k] == current[k] for k in key), *same])
+    unchanged = active.semi_join(current, [*(active[k] == current[k] for k in key), *same])
+    kept = current.join(unchanged.select(*key, _valid_from="valid_from"), key).select(
+        *current.columns,
+        is_active=ibis.literal(True),
+        valid_from="_valid_from",
+        valid_to=ibis.null(UTC_TIMESTAMP),
+    )
     # Changed or vanished subjects: the previous active row closes.
     closed = active.anti_join(kept, key).mutate(is_active=ibis.literal(False), valid_to=recorded)
     # New or changed subjects: the current row opens.
@@ -331,41 +369,120 @@ def metric_windows(metrics: Sequence[Metric]) -> ir.Table:
     return ibis.memtable(frame)
 
 
+def _seconds(days: float) -> int:
+    # Whole seconds, as the registry's day windows are turned into intervals everywhere.
+    return int(round(days * SECONDS_PER_DAY))
+
+
+def experiment_events(
+    events: ir.Table, experiment: Experiment, metrics: Sequence[Metric], pre_window_days: float
+) -> ir.Table:
+    """The events an experiment can use at all: from its start minus the pre-assignment window to
+    its end plus the widest metric window. Literal bounds, so the engine skips whole files and row
+    groups of a time-sorted log instead of joining every event ever logged.
+    """
+    lower = experiment.start_at - dt.timedelta(seconds=_seconds(pre_window_days))
+    rows = events.filter(events.event_at >= lower)
+    if experiment.end_at is not None and metrics:
+        widest = max(_seconds(m.window_end_days) for m in metrics)
+        rows = rows.filter(rows.event_at < experiment.end_at + dt.timedelta(seconds=widest))
+    return rows
+
+
+def join_window_events(
+    assignments: ir.Table, events: ir.Table, metrics: Sequence[Metric], pre_window_days: float
+) -> ir.Table:
+    """The temporal join, one pass for both periods: a subject's events from `pre_window_days`
+    before its assignment (the CUPED covariate period) to the end of the widest window of a metric
+    on that event name. Split it with `post_assignment_rows` and `pre_assignment_rows`.
+
+    Window ends are exclusive; an event exactly at `assigned_at` is post-assignment. Exact duplicate
+    events (logged twice) count once.
+    """
+    # Window bounds per subject, computed once on the (small) assignment side: the filter after the
+    # join then compares timestamps instead of adding intervals to every matched event.
+    bounds = {"_pre_start": assignments.assigned_at - ibis.interval(seconds=_seconds(pre_window_days))}
+    names = sorted({m.event_name for m in metrics})
+    for i, event_name in enumerate(names):
+        of_name = [m for m in metrics if m.event_name == event_name]
+        start = min(_seconds(m.window_start_days) for m in of_name)
+        end = max(_seconds(m.window_end_days) for m in of_name)
+        bounds[f"_start{i}"] = assignments.assigned_at + ibis.interval(seconds=start)
+        bounds[f"_end{i}"] = assignments.assigned_at + ibis.interval(seconds=end)
+    subjects = assignments.select("experiment_id", "subject_id", "variant_id", "assigned_at", **bounds)
+    joined = subjects.join(events, "subject_id")
+    in_window = (joined.event_at >= joined._pre_start) & (joined.event_at < joined.assigned_at)
+    for i, event_name in enumerate(names):
+        in_window |= (
+            (joined.event_name == event_name)
+            & (joined.event_at >= joined[f"_start{i}"])
+            & (joined.event_at < joined[f"_end{i}"])
+        )
+    return joined.filter(in_window).select(
+        "experiment_id", "subject_id", "variant_id", "assigned_at", "event_at", "event_name", "value"
+    ).distinct()
+
+
+def post_assignment_rows(window_events: ir.Table) -> ir.Table:
+    """The rows of `join_window_events` at or after assignment: post_assignment_events."""
+    return window_events.filter(window_events.event_at >= window_events.assigned_at)
+
+
+def pre_assignment_rows(window_events: ir.Table) -> ir.Table:
+    """The rows of `join_window_events` before assignment: pre_assignment_events."""
+    return window_events.filter(window_events.event_at < window_events.assigned_at)
+
+
 def join_post_assignment_events(
     assignments: ir.Table, events: ir.Table, metrics: Sequence[Metric]
 ) -> ir.Table:
-    """The temporal join: events of assigned subjects at or after assignment, inside a metric window.
-
-    An event exactly at `assigned_at` counts; the window end is exclusive.
-    """
-    start = min(m.window_start_days for m in metrics) * SECONDS_PER_DAY
-    end = max(m.window_end_days for m in metrics) * SECONDS_PER_DAY
-    subjects = assignments.select("experiment_id", "subject_id", "variant_id", "assigned_at")
-    joined = subjects.join(events, "subject_id")
-    joined = joined.filter(
-        joined.event_at >= joined.assigned_at + ibis.interval(seconds=int(start)),
-        joined.event_at < joined.assigned_at + ibis.interval(seconds=int(round(end))),
-    )
-    # Exact duplicate events (logged twice) count once.
-    return joined.select(
-        "experiment_id", "subject_id", "variant_id", "assigned_at", "event_at", "event_name", "value"
-    ).distinct()
+    """Events of assigned subjects at or after assignment, inside a metric window on their name."""
+    return post_assignment_rows(join_window_events(assignments, events, metrics, 0))
 
 
 def join_pre_assignment_events(
     assignments: ir.Table, events: ir.Table, pre_window_days: float
 ) -> ir.Table:
     """Events of assigned subjects in the pre-assignment window [assigned_at - window, assigned_at)."""
-    window = ibis.interval(seconds=int(round(pre_window_days * SECONDS_PER_DAY)))
-    subjects = assignments.select("experiment_id", "subject_id", "variant_id", "assigned_at")
-    joined = subjects.join(events, "subject_id")
-    joined = joined.filter(
-        joined.event_at >= joined.assigned_at - window,
-        joined.event_at < joined.assigned_at,
+    return pre_assignment_rows(join_window_events(assignments, events, [], pre_window_days))
+
+
+# -- incremental refresh of the window events ----------------------------------------------------
+
+
+def refresh_lower_bound(
+    events_through: dt.datetime, lookback_days: float, earliest_new_assignment: dt.datetime | None,
+    pre_window_days: float,
+) -> tuple[dt.datetime, dt.datetime]:
+    """(cutoff, scan_from) of an incremental refresh.
+
+    Events at or after `cutoff` (the newest event already processed minus the late-arrival
+    lookback) are recomputed for every subject. Subjects assigned or changed since the last
+    refresh need their whole window, back to `scan_from`.
+    """
+    cutoff = events_through - dt.timedelta(seconds=_seconds(lookback_days))
+    if earliest_new_assignment is None:
+        return cutoff, cutoff
+    window_start = earliest_new_assignment - dt.timedelta(seconds=_seconds(pre_window_days))
+    return cutoff, min(cutoff, window_start)
+
+
+def refreshed_window_events(
+    assignments: ir.Table, events: ir.Table, metrics: Sequence[Metric], pre_window_days: float,
+    cutoff: dt.datetime, scan_from: dt.datetime,
+) -> ir.Table:
+    """The rows an incremental refresh inserts: every subject's window events at or after `cutoff`,
+    and all window events of subjects flagged `is_new` (assigned or changed since the last refresh).
+
+    `assignments` carries a boolean `is_new`; `events` may be the whole log: only events from
+    `scan_from` on are read.
+    """
+    recent = events.filter(events.event_at >= scan_from)
+    window = join_window_events(assignments, recent, metrics, pre_window_days)
+    new_subjects = assignments.filter(assignments.is_new).select("subject_id")
+    return window.filter(
+        (window.event_at >= cutoff) | window.subject_id.isin(new_subjects.subject_id)
     )
-    return joined.select(
-        "experiment_id", "subject_id", "variant_id", "assigned_at", "event_at", "event_name", "value"
-    ).distinct()
 
 
 def subject_metric_values(

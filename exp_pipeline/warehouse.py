@@ -6,11 +6,13 @@ Transforms only ever see Ibis tables, so they run unchanged on another Ibis back
 
 from __future__ import annotations
 
+import datetime as dt
 import glob as globlib
 import os
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import duckdb
@@ -41,6 +43,28 @@ def _quote(identifier: str) -> str:
     if not SAFE_ID_PATTERN.match(identifier):
         raise ValueError(f"unsafe identifier {identifier!r}")
     return f'"{identifier}"'
+
+
+@dataclass(frozen=True)
+class PartitionRefresh:
+    """An incremental update of one experiment's rows of a table.
+
+    Deleted: rows whose `stale_from` column is at or after its value, and rows whose `key_columns`
+    match no row of `keep` (a table in the session, e.g. a temp table of unchanged subjects).
+    Inserted: `rows`.
+    """
+
+    rows: ir.Table
+    stale_from: tuple[str, dt.datetime]
+    keep: ir.Table
+    key_columns: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class RefreshCounts:
+    deleted: int
+    inserted: int
+    rows: int  # in the partition after the refresh
 
 
 class WarehouseSession:
@@ -170,23 +194,57 @@ class WarehouseSession:
         self, experiment_id: str, tables: dict[str, ir.Table | pd.DataFrame]
     ) -> dict[str, int]:
         """Replace one experiment's rows of several tables in ONE transaction (all or nothing)."""
-        written = {}
         with self._transaction():
-            for name, rows in tables.items():
-                expr = rows if isinstance(rows, ir.Table) else ibis.memtable(rows)
-                self._ensure_table(name, expr.schema())
-                self.raw.execute(
-                    f"DELETE FROM {_quote(self.schema)}.{_quote(name)} WHERE experiment_id = ?",
-                    [experiment_id],
-                )
-                self.ibis.insert(name, expr, database=self.schema)
-                written[name] = int(
-                    self.raw.execute(
-                        f"SELECT count(*) FROM {_quote(self.schema)}.{_quote(name)} WHERE experiment_id = ?",
-                        [experiment_id],
-                    ).fetchone()[0]
-                )
-        return written
+            return {name: self._replace(name, experiment_id, rows) for name, rows in tables.items()}
+
+    def _replace(self, name: str, experiment_id: str, rows: ir.Table | pd.DataFrame) -> int:
+        expr = rows if isinstance(rows, ir.Table) else ibis.memtable(rows)
+        self._ensure_table(name, expr.schema())
+        self.raw.execute(
+            f"DELETE FROM {_quote(self.schema)}.{_quote(name)} WHERE experiment_id = ?", [experiment_id]
+        )
+        self.ibis.insert(name, expr, database=self.schema)
+        return self._partition_rows(name, experiment_id)
+
+    def refresh_partitions(
+        self,
+        experiment_id: str,
+        refreshes: dict[str, PartitionRefresh],
+        replace: dict[str, ir.Table | pd.DataFrame] | None = None,
+    ) -> dict[str, RefreshCounts]:
+        """Update part of one experiment's rows of several tables in ONE transaction.
+
+        Per table: delete the stale rows (see PartitionRefresh), insert the new ones. `replace`
+        tables are replaced whole-partition in the same transaction (a state row, say).
+        """
+        counts = {}
+        with self._transaction():
+            for name, refresh in refreshes.items():
+                self._ensure_table(name, refresh.rows.schema())
+                table = f"{_quote(self.schema)}.{_quote(name)}"
+                column, since = refresh.stale_from
+                keep = ".".join(map(_quote, refresh.keep.get_name().split(".")))
+                keys = " AND ".join(f"k.{_quote(c)} = t.{_quote(c)}" for c in refresh.key_columns)
+                deleted = self.raw.execute(
+                    f"DELETE FROM {table} AS t WHERE t.experiment_id = ? AND (t.{_quote(column)} >= ? "
+                    f"OR NOT EXISTS (SELECT 1 FROM {keep} AS k WHERE {keys}))",
+                    [experiment_id, since],
+                ).fetchone()[0]
+                before = self._partition_rows(name, experiment_id)
+                self.ibis.insert(name, refresh.rows, database=self.schema)
+                after = self._partition_rows(name, experiment_id)
+                counts[name] = RefreshCounts(deleted=int(deleted), inserted=after - before, rows=after)
+            for name, rows in (replace or {}).items():
+                self._replace(name, experiment_id, rows)
+        return counts
+
+    def _partition_rows(self, name: str, experiment_id: str) -> int:
+        return int(
+            self.raw.execute(
+                f"SELECT count(*) FROM {_quote(self.schema)}.{_quote(name)} WHERE experiment_id = ?",
+                [experiment_id],
+            ).fetchone()[0]
+        )
 
     def append(self, name: str, rows: ir.Table) -> None:
         """Append rows (creating the table on first use) in one transaction."""

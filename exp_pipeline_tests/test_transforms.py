@@ -176,9 +176,13 @@ def test_event_rows_are_usable_or_rejected_with_a_reason(con):
         "ingested": 2, "duplicate_row": 1, "non_numeric_value": 1, "unparsable_timestamp": 1,
         "missing_timestamp": 1, "missing_subject_id": 1, "missing_event_name": 1,
     }
-    usable = con.to_pandas(transforms.usable_events(events, ["purchase"]))
-    # The per-experiment path keeps both copies here; the temporal join drops the duplicate.
-    assert sorted(usable["value"]) == [10.5, 10.5]
+    usable = transforms.usable_events(events, ["purchase"])
+    # The per-experiment path keeps both copies and the row without a subject here: the temporal
+    # join drops the duplicate, and a missing subject id matches no assigned subject.
+    assert sorted(con.to_pandas(usable)["value"]) == [1.0, 10.5, 10.5]
+    assigned = assignments_table(con, [("a", "control", "2026-10-01T00:00:00Z")])
+    joined = con.to_pandas(transforms.join_post_assignment_events(assigned, usable, [metric()]))
+    assert joined["value"].tolist() == [10.5]
 
 
 def test_running_experiment_has_no_upper_bound(con):
@@ -280,6 +284,68 @@ def test_pre_assignment_window_edges(con):
     ])
     out = con.to_pandas(transforms.join_pre_assignment_events(a, e, 14))
     assert sorted(out["value"]) == [1.0, 4.0]
+
+
+def test_one_window_join_splits_into_post_and_pre_with_each_event_names_window(con):
+    a = assignments_table(con, [("s", "control", "2026-10-15T00:00:00Z")])
+    e = events_table(con, [
+        ("s", "2026-10-01T00:00:00Z", "session", 1.0),     # pre-period start (14 days): pre
+        ("s", "2026-10-14T00:00:00Z", "purchase", 2.0),    # pre
+        ("s", "2026-10-21T23:59:59Z", "session", 4.0),     # inside the 7-day session window: post
+        ("s", "2026-10-22T00:00:00Z", "session", 8.0),     # day 7 on: no session metric reaches it
+        ("s", "2026-10-28T00:00:00Z", "purchase", 16.0),   # inside the 14-day purchase window: post
+        ("s", "2026-10-28T00:00:00Z", "purchase", 16.0),   # logged twice: counts once
+    ])
+    metrics = [metric(), metric(id="sessions", event_name="session", aggregation="count", window_end_days=7)]
+    window = transforms.join_window_events(a, e, metrics, 14)
+    assert sorted(con.to_pandas(transforms.post_assignment_rows(window))["value"]) == [4.0, 16.0]
+    assert sorted(con.to_pandas(transforms.pre_assignment_rows(window))["value"]) == [1.0, 2.0]
+
+
+def test_experiment_events_keep_only_the_span_the_experiment_can_use(con):
+    experiment = Experiment.model_validate({
+        "id": "exp", "name": "Exp", "start_at": "2026-10-15T00:00:00Z", "end_at": "2026-10-20T00:00:00Z",
+        "variants": [{"id": "control", "weight": 0.5, "control": True}, {"id": "treatment", "weight": 0.5}],
+        "metrics": ["revenue"],
+    })
+    e = events_table(con, [
+        ("s", "2026-09-30T23:59:59Z", "purchase", 1.0),    # before start minus the 15-day pre window
+        ("s", "2026-09-30T00:00:00Z", "purchase", 2.0),    # also before it
+        ("s", "2026-10-01T00:00:00Z", "purchase", 4.0),    # first usable instant (pre window)
+        ("s", "2026-11-02T23:59:59Z", "purchase", 8.0),    # before end + 14 days
+        ("s", "2026-11-03T00:00:00Z", "purchase", 16.0),   # end + 14 days: out
+    ])
+    kept = con.to_pandas(transforms.experiment_events(e, experiment, [metric()], 14))
+    assert sorted(kept["value"]) == [4.0, 8.0]
+
+
+def test_refresh_bounds_reach_back_for_the_windows_of_new_subjects():
+    through = dt.datetime(2026, 10, 29, 23, 0, tzinfo=dt.timezone.utc)
+    cutoff, scan_from = transforms.refresh_lower_bound(through, 2, None, 14)
+    assert cutoff == scan_from == dt.datetime(2026, 10, 27, 23, 0, tzinfo=dt.timezone.utc)
+    new = dt.datetime(2026, 10, 29, 12, 0, tzinfo=dt.timezone.utc)
+    cutoff, scan_from = transforms.refresh_lower_bound(through, 2, new, 14)
+    assert cutoff == dt.datetime(2026, 10, 27, 23, 0, tzinfo=dt.timezone.utc)
+    assert scan_from == dt.datetime(2026, 10, 15, 12, 0, tzinfo=dt.timezone.utc)
+
+
+def test_refreshed_rows_are_recent_events_and_whole_windows_of_new_subjects(con):
+    frame = pd.DataFrame({
+        "experiment_id": "exp", "subject_id": ["old", "new"], "variant_id": "control",
+        "assigned_at": pd.to_datetime(["2026-10-02T00:00:00Z", "2026-10-20T00:00:00Z"], utc=True),
+        "is_new": [False, True],
+    })
+    a = con.create_table("flagged", frame, overwrite=True)
+    e = events_table(con, [
+        ("old", "2026-10-10T00:00:00Z", "purchase", 1.0),   # old subject, before the cutoff: kept as stored
+        ("old", "2026-10-15T00:00:00Z", "purchase", 2.0),   # old subject, after the cutoff: refreshed
+        ("new", "2026-10-10T00:00:00Z", "purchase", 4.0),   # new subject's pre-period: needed
+        ("new", "2026-10-21T00:00:00Z", "purchase", 8.0),   # new subject's post-period
+    ])
+    cutoff = dt.datetime(2026, 10, 14, tzinfo=dt.timezone.utc)
+    scan_from = dt.datetime(2026, 10, 6, tzinfo=dt.timezone.utc)
+    rows = con.to_pandas(transforms.refreshed_window_events(a, e, [metric()], 14, cutoff, scan_from))
+    assert sorted(zip(rows["subject_id"], rows["value"])) == [("new", 4.0), ("new", 8.0), ("old", 2.0)]
 
 
 # -- per-subject metrics and sufficient statistics ----------------------------------------------
