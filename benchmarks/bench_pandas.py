@@ -175,7 +175,7 @@ def sufficient_statistics(values: pd.DataFrame) -> pd.DataFrame:
 def phase(phases: list[dict], name: str):
     t0 = time.perf_counter()
     yield
-    phases.append({"step": name, "seconds": time.perf_counter() - t0, "peak_rss_kib": measure.peak_rss_kib()})
+    phases.append({"step": name, "seconds": time.perf_counter() - t0, "peak_rss_kib": measure.hwm_rss_kib()})
 
 
 def main() -> None:
@@ -211,6 +211,7 @@ def main() -> None:
         "import_seconds": IMPORT_SECONDS,
         "wall_seconds": wall,
         "peak_rss_kib": measure.peak_rss_kib(),
+        "vm_hwm_kib": measure.hwm_rss_kib(),
         "rss_after_imports_kib": rss_after_imports,
         "success": True,
         "steps": phases,

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from pathlib import Path
 
 import measure
 
@@ -30,10 +31,16 @@ IMPORT_SECONDS = time.perf_counter() - started
 # Dagster's DEBUG console log per event would be part of what is timed; warnings still show.
 QUIET_LOGS = {"loggers": {"console": {"config": {"log_level": "WARNING"}}}}
 
-# Step (op) name -> (asset it belongs to, "asset" or "check").
+# The step (op) that writes each asset: window_events writes post_ and pre_assignment_events.
+OP_OF_ASSET = {key.path[-1]: a.op.name for a in ANALYSIS_ASSETS for key in a.keys}
+# Step (op) name -> (the op it belongs to, "asset" or "check", the table it reads or writes).
 STEP_OWNERS = {
-    **{a.op.name: (a.key.path[-1], "asset") for a in ANALYSIS_ASSETS},
-    **{c.node_def.name: (c.check_keys[0].asset_key.path[-1], "check") for c in EXPERIMENT_CHECKS},
+    **{a.op.name: (a.op.name, "asset", a.op.name) for a in ANALYSIS_ASSETS},
+    **{
+        c.node_def.name: (OP_OF_ASSET[key.path[-1]], "check", key.path[-1])
+        for c in EXPERIMENT_CHECKS
+        for key in [next(iter(c.check_keys)).asset_key]
+    },
 }
 
 
@@ -76,13 +83,18 @@ def rows_of(metadata: dict[str, dict], events_rows: int) -> dict[str, tuple[int 
     rows_in = {
         "raw_assignments": raw_read,
         "deduped_assignments": out.get("raw_assignments"),
-        # Each experiment's join scans the whole event log.
-        "post_assignment_events": events_rows,
-        "pre_assignment_events": events_rows,
+        # Each experiment's join scans the event log (less what its time span prunes).
+        "window_events": events_rows,
         "variant_metrics": total("deduped_assignments", "post_assignment_events", "pre_assignment_events"),
         "experiment_report": out.get("variant_metrics"),
     }
-    return {asset: (rows_in[asset], out.get(asset)) for asset in rows_in}
+    out["window_events"] = total("post_assignment_events", "pre_assignment_events")
+    tables = {
+        **{asset: (rows_in[asset], out.get(asset)) for asset in rows_in},
+        # What the checks of each table read.
+        **{name: (None, out.get(name)) for name in ("post_assignment_events", "pre_assignment_events")},
+    }
+    return tables
 
 
 def read_sufficient(database: str) -> list[dict]:
@@ -103,13 +115,14 @@ def main() -> None:
     parser.add_argument("--scratch", required=True)
     parser.add_argument("--result", required=True)
     args = parser.parse_args()
-    config = json.loads(open(args.config).read())
+    config = json.loads(Path(args.config).read_text())
     experiments = [e["id"] for e in config["experiments"]]
     database = f"{args.scratch}/warehouse.duckdb"
     resources = {
         "registry": RegistryResource(path=config["registry_path"]),
         "warehouse": Warehouse(duckdb=DuckDBResource(database=database)),
     }
+    Path(args.scratch, "dagster").mkdir(parents=True, exist_ok=True)
     rss_after_imports = measure.current_rss_kib()
     runs, steps = [], []
     with measure.RssSampler() as sampler, DagsterInstance.local_temp(f"{args.scratch}/dagster") as instance:
@@ -128,8 +141,8 @@ def main() -> None:
             runs.append({"experiment": experiment_id, "seconds": seconds, "success": result.success})
             rows = rows_of(materialized_metadata(result), config["events_rows"])
             for record in step_records(instance, result.run_id):
-                asset, kind = STEP_OWNERS.get(record["step"], (record["step"], "other"))
-                rows_in, rows_out = rows.get(asset, (None, None))
+                asset, kind, table = STEP_OWNERS.get(record["step"], (record["step"], "other", None))
+                rows_in, rows_out = rows.get(table, (None, None))
                 steps.append({
                     "experiment": experiment_id,
                     "step": record["step"],
@@ -143,15 +156,16 @@ def main() -> None:
                     "peak_rss_kib": sampler.peak_between(record.get("start", 0), record.get("end", 0)),
                 })
     wall = sum(r["seconds"] for r in runs)
-    peak = measure.peak_rss_kib()
     measure.write_result(args.result, {
         "implementation": "pipeline",
         "import_seconds": IMPORT_SECONDS,
         "wall_seconds": wall,
-        "peak_rss_kib": peak,
+        "peak_rss_kib": measure.peak_rss_kib(),
+        "vm_hwm_kib": measure.hwm_rss_kib(),
         "rss_after_imports_kib": rss_after_imports,
         "runs": runs,
         "steps": steps,
+        "asset_order": [a.op.name for a in ANALYSIS_ASSETS],
         "success": all(r["success"] for r in runs),
         # Read after the clock stopped: only for the comparison.
         "sufficient": read_sufficient(database),

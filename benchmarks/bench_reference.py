@@ -1,9 +1,12 @@
-"""Benchmark worker (b): the hand-written DuckDB reference, reference.sql, on an in-memory database.
+"""Benchmark worker (b): the hand-written DuckDB reference, reference.sql.
 
 Python only loads the registry's configuration (a few rows: experiments, variants, metrics) into
-small tables and variables; reference.sql does all the work on the data in one query.
+small tables and variables; reference.sql does all the work on the data. Two modes (see the
+script's header): `tables` writes the analysable subjects and the post- and pre-assignment events
+to a DuckDB file in --scratch, as the pipeline does; `statistics` computes only the sufficient
+statistics, in one query, in memory.
 
-Started by run_benchmark.py: `bench_reference.py --config CONFIG --scratch DIR --result FILE`.
+Started by run_benchmark.py: `bench_reference.py --mode MODE --config CONFIG --scratch DIR --result FILE`.
 """
 
 from __future__ import annotations
@@ -20,6 +23,20 @@ import duckdb  # noqa: E402
 
 IMPORT_SECONDS = time.perf_counter() - started
 SCRIPT = Path(__file__).with_name("reference.sql")
+# What the script's placeholders become in each mode.
+TABLES = {"{{table}}": "TABLE", "{{temp}}": "TEMP TABLE"}
+MODES = {
+    "tables": TABLES,
+    # The same, run once per experiment (a connection and a schema each), as the pipeline's
+    # per-experiment runs do: the cost of analysing experiments independently, without Dagster.
+    "tables_per_experiment": TABLES,
+    "statistics": {"{{table}}": "TEMP VIEW", "{{temp}}": "TEMP VIEW"},
+}
+IMPLEMENTATION = {
+    "tables": "reference",
+    "tables_per_experiment": "reference_per_experiment",
+    "statistics": "reference_stats",
+}
 
 CONFIG_TABLES = """
 CREATE TEMP TABLE bench_experiments (experiment_id VARCHAR, start_us BIGINT, end_us BIGINT, pre_window_us BIGINT);
@@ -60,32 +77,43 @@ def load_configuration(con: duckdb.DuckDBPyConnection, config: dict) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
+    parser.add_argument("--mode", choices=sorted(MODES), default="tables")
     parser.add_argument("--config", required=True)
     parser.add_argument("--scratch", required=True)
     parser.add_argument("--result", required=True)
     args = parser.parse_args()
     config = json.loads(Path(args.config).read_text())
     script = SCRIPT.read_text()
+    for placeholder, sql in MODES[args.mode].items():
+        script = script.replace(placeholder, sql)
     rss_after_imports = measure.current_rss_kib()
 
+    database = ":memory:" if args.mode == "statistics" else f"{args.scratch}/reference.duckdb"
+    if args.mode == "tables_per_experiment":
+        batches = [(f"experiment_{i}", {**config, "experiments": [e]}) for i, e in enumerate(config["experiments"])]
+    else:
+        batches = [("main", config)]
     t0 = time.perf_counter()
-    con = duckdb.connect()  # in memory: the reference writes nothing
-    load_configuration(con, config)
-    cursor = con.execute(script)
-    columns = [d[0] for d in cursor.description]
-    rows = cursor.fetchall()
+    rows = []
+    for schema, batch in batches:
+        with duckdb.connect(database) as con:
+            con.execute(f"CREATE SCHEMA IF NOT EXISTS {schema}; SET schema = '{schema}'")
+            load_configuration(con, batch)
+            cursor = con.execute(script)
+            columns = [d[0] for d in cursor.description]
+            rows += [dict(zip(columns, row)) for row in cursor.fetchall()]
     wall = time.perf_counter() - t0
-    con.close()
 
     measure.write_result(args.result, {
-        "implementation": "reference",
+        "implementation": IMPLEMENTATION[args.mode],
         "import_seconds": IMPORT_SECONDS,
         "wall_seconds": wall,
         "peak_rss_kib": measure.peak_rss_kib(),
+        "vm_hwm_kib": measure.hwm_rss_kib(),
         "rss_after_imports_kib": rss_after_imports,
         "success": True,
         "steps": [],
-        "sufficient": [dict(zip(columns, row)) for row in rows],
+        "sufficient": rows,
     })
 
 

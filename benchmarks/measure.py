@@ -18,11 +18,25 @@ _PAGE_KIB = os.sysconf("SC_PAGE_SIZE") // 1024
 
 
 def peak_rss_kib() -> int:
-    """Peak RSS of this process and of any child it waited for, KiB."""
+    """Peak RSS of this process and of any child it waited for, KiB (ru_maxrss).
+
+    Caveat: Linux carries the high-water mark of the process image replaced by exec into
+    ru_maxrss, so a child's figure is never below its parent's peak RSS before it started the
+    child. run_benchmark.py keeps itself small for that reason, and `hwm_rss_kib` cross-checks.
+    """
     return max(
         resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
         resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss,
     )
+
+
+def hwm_rss_kib() -> int:
+    """Peak RSS of this process image only (VmHWM: counted from its exec, nothing inherited), KiB."""
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1])
+    raise RuntimeError("no VmHWM in /proc/self/status")
 
 
 def current_rss_kib() -> int:

@@ -1,8 +1,15 @@
--- The reference implementation: the sufficient statistics of exp.variant_metrics (n, sum_y, sum_y2,
--- sum_x, sum_x2, sum_xy per experiment, variant and metric) computed by one DuckDB query straight
--- from the Parquet logs: no Dagster, no Ibis, no Python per row. It applies the pipeline's rules
--- (README "Assignment rules" and "Statistics"; exp_pipeline/transforms.py) and is what the engine
--- can do with them: the pipeline is measured against it.
+-- The reference implementation: what the pipeline computes, hand-written for DuckDB straight from
+-- the Parquet logs: no Dagster, no Ibis, no Python per row. It applies the pipeline's rules (README
+-- "Assignment rules" and "Statistics"; exp_pipeline/transforms.py) and is what the engine can do
+-- with them: the pipeline is measured against it. The last statement returns the sufficient
+-- statistics of exp.variant_metrics (n, sum_y, sum_y2, sum_x, sum_x2, sum_xy per experiment,
+-- variant and metric).
+--
+-- bench_reference.py runs it in one of two modes, by what it puts for {{table}} and {{temp}}:
+--   tables      the analysable subjects and the post- and pre-assignment events are written as
+--               tables to a DuckDB file, as the pipeline writes them ("TABLE" / "TEMP TABLE")
+--   statistics  everything is a view, so the last statement is one query and nothing is written
+--               (post_ and pre_assignment_events are then never computed) ("TEMP VIEW")
 --
 -- Set by bench_reference.py before this script runs (configuration from the registry, not data):
 --   getvariable('assignments_path'), getvariable('events_path')  the registry's source globs
@@ -21,6 +28,7 @@
 CREATE OR REPLACE TEMP MACRO is_blank(s) AS
     s IS NULL OR trim(s, ' ' || chr(9) || chr(10) || chr(11) || chr(12) || chr(13)) = '';
 
+CREATE {{table}} subjects AS
 WITH exposures AS (
     -- Exposure rows the pipeline ingests (transforms.classify_assignments): a subject id and a
     -- timestamp. Unknown variants and experiments go with the join below. Exact duplicates need no
@@ -32,7 +40,7 @@ WITH exposures AS (
     FROM read_parquet(getvariable('assignments_path')) AS a
     WHERE NOT is_blank(a.user_id) AND a.exposed_at IS NOT NULL
 ),
-subjects AS MATERIALIZED (
+analysable AS (
     -- Analysable subjects: exposures inside [start_at, end_at) naming exactly one variant. The first
     -- exposure is the assignment; with one variant seen, that variant is the subject's.
     SELECT e.experiment_id, e.subject_id, any_value(e.variant_id) AS variant_id, min(e.at_us) AS assigned_us
@@ -42,15 +50,19 @@ subjects AS MATERIALIZED (
     WHERE e.at_us >= x.start_us AND (x.end_us IS NULL OR e.at_us < x.end_us)
     GROUP BY e.experiment_id, e.subject_id
     HAVING count(DISTINCT e.variant_id) = 1
-),
-events AS (
-    -- Usable events (transforms.usable_events): subject, name and timestamp present.
+)
+SELECT * FROM analysable;
+
+CREATE {{temp}} matched AS
+WITH events AS (
+    -- Usable events (transforms.usable_events): a timestamp present. Blank subject ids and event
+    -- names need no test: the joins on them below match no blank value.
     SELECT e.user_id AS subject_id,
            epoch_us(e.event_ts::TIMESTAMPTZ) AS at_us,
            e.event_type AS event_name,
            e.amount::DOUBLE AS value
     FROM read_parquet(getvariable('events_path')) AS e
-    WHERE NOT is_blank(e.user_id) AND NOT is_blank(e.event_type) AND e.event_ts IS NOT NULL
+    WHERE e.event_ts IS NOT NULL
 ),
 event_spans AS (
     -- Per experiment and event name: the widest window of a metric on that event.
@@ -58,19 +70,24 @@ event_spans AS (
     FROM bench_metrics
     GROUP BY ALL
 ),
-matched AS (
+joined AS (
     -- The temporal join, one pass over the events for every experiment: a subject's events from the
     -- start of its CUPED pre-period to the end of the widest metric window. DISTINCT: an event
     -- logged twice counts once.
-    SELECT DISTINCT s.experiment_id, s.subject_id, s.assigned_us, ev.at_us, ev.event_name, ev.value
+    SELECT DISTINCT s.experiment_id, s.subject_id, s.variant_id, s.assigned_us, ev.at_us, ev.event_name, ev.value
     FROM subjects AS s
     JOIN bench_experiments AS x ON x.experiment_id = s.experiment_id
     JOIN events AS ev ON ev.subject_id = s.subject_id
     JOIN event_spans AS w ON w.experiment_id = s.experiment_id AND w.event_name = ev.event_name
     WHERE ev.at_us >= s.assigned_us - x.pre_window_us
       AND ev.at_us < s.assigned_us + w.end_us
-),
-per_subject AS (
+)
+SELECT * FROM joined;
+
+CREATE {{table}} post_assignment_events AS SELECT * FROM matched WHERE at_us >= assigned_us;
+CREATE {{table}} pre_assignment_events AS SELECT * FROM matched WHERE at_us < assigned_us;
+
+WITH per_subject AS (
     -- Per subject and metric: events inside the metric's own window after assignment (end
     -- exclusive; an event at the assignment instant counts) and events of the pre-period (every
     -- event of the metric's name before assignment: the CUPED covariate has no metric window).

@@ -1,0 +1,142 @@
+"""Benchmark worker (c): the daily incremental refresh of a running experiment against a full
+recomputation of the same data.
+
+The logs are cut at a day: the experiment's first DAYS days are processed (a full run, not timed
+as the refresh), then the files of the next day are added, and
+
+  refresh   the same run again on that warehouse: the window events are refreshed incrementally
+  full      the run on a fresh warehouse with the same files: everything recomputed
+
+are each timed as one Dagster run of the `analyze_experiment` job (all of the experiment's assets
+and checks), the way the daily schedule runs it. Both must give the same variant_metrics.
+
+Started by run_benchmark.py: `bench_incremental.py --config CONFIG --scratch DIR --result FILE`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import math
+import time
+from pathlib import Path
+
+import measure
+
+started = time.perf_counter()
+from bench_pipeline import QUIET_LOGS, read_sufficient, step_records  # noqa: E402
+from dagster import DagsterInstance, materialize  # noqa: E402
+from dagster_duckdb import DuckDBResource  # noqa: E402
+
+from exp_pipeline.assets import ANALYSIS_ASSETS, experiment_partitions  # noqa: E402
+from exp_pipeline.checks import EXPERIMENT_CHECKS  # noqa: E402
+from exp_pipeline.resources import RegistryResource  # noqa: E402
+from exp_pipeline.warehouse import Warehouse  # noqa: E402
+
+IMPORT_SECONDS = time.perf_counter() - started
+EXPERIMENT = "aa_homepage"  # the sample's running experiment (no end date)
+EXPERIMENT_START = dt.date(2026, 10, 1)
+DAYS = 28  # already processed when the refresh runs; it refreshes day DAYS + 1
+
+
+def link_logs_until(source_root: Path, target_root: Path, last_day: dt.date) -> None:
+    """Link the generated daily files up to `last_day` into target_root/sample/{kind}/."""
+    for kind in ("assignments", "events"):
+        folder = target_root / "sample" / kind
+        folder.mkdir(parents=True, exist_ok=True)
+        for path in sorted((source_root / "sample" / kind).glob("*.parquet")):
+            day = dt.date.fromisoformat(path.stem.rsplit("_", 1)[-1])
+            link = folder / path.name
+            if day <= last_day and not link.exists():
+                link.symlink_to(path)
+
+
+def run(instance, registry: Path, database: Path) -> dict:
+    resources = {
+        "registry": RegistryResource(path=str(registry)),
+        "warehouse": Warehouse(duckdb=DuckDBResource(database=str(database))),
+    }
+    t0 = time.perf_counter()
+    result = materialize(
+        [*ANALYSIS_ASSETS, *EXPERIMENT_CHECKS], partition_key=EXPERIMENT, instance=instance,
+        resources=resources, run_config=QUIET_LOGS, raise_on_error=False,
+    )
+    seconds = time.perf_counter() - t0
+    modes = {
+        e.asset_key.path[-1]: e.materialization.metadata["refresh_mode"].value
+        for e in result.get_asset_materialization_events()
+        if "refresh_mode" in e.materialization.metadata
+    }
+    steps = {r["step"]: r.get("seconds") for r in step_records(instance, result.run_id)}
+    return {"seconds": seconds, "success": result.success, "modes": modes, "steps": steps}
+
+
+def max_relative_difference(a: list[dict], b: list[dict]) -> float:
+    """Largest relative difference of any statistic; inf when the rows or counts differ."""
+    key = ("experiment_id", "variant_id", "metric")
+    left, right = ({tuple(r[k] for k in key): r for r in rows} for rows in (a, b))
+    if left.keys() != right.keys():
+        return math.inf
+    worst = 0.0
+    for k, row in left.items():
+        other = right[k]
+        if row["n"] != other["n"]:
+            return math.inf
+        for column in ("sum_y", "sum_y2", "sum_x", "sum_x2", "sum_xy"):
+            x, y = float(row[column]), float(other[column])
+            if x != y:
+                worst = max(worst, abs(x - y) / max(abs(x), abs(y)))
+    return worst
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--config", required=True)
+    parser.add_argument("--scratch", required=True)
+    parser.add_argument("--result", required=True)
+    args = parser.parse_args()
+    config = json.loads(Path(args.config).read_text())
+    data_root = Path(config["registry_path"]).parent
+    scratch = Path(args.scratch)
+    refreshed_day = EXPERIMENT_START + dt.timedelta(days=DAYS)
+
+    incremental_root, full_root = scratch / "incremental", scratch / "full"
+    for root in (incremental_root, full_root):
+        root.mkdir(parents=True)
+        (root / "registry.yaml").write_text((data_root / "registry.yaml").read_text())
+    link_logs_until(data_root, incremental_root, refreshed_day - dt.timedelta(days=1))
+
+    (scratch / "dagster").mkdir()
+    with DagsterInstance.local_temp(str(scratch / "dagster")) as instance:
+        instance.add_dynamic_partitions(experiment_partitions.name, [EXPERIMENT])
+        initial = run(instance, incremental_root / "registry.yaml", incremental_root / "warehouse.duckdb")
+        link_logs_until(data_root, incremental_root, refreshed_day)
+        refresh = run(instance, incremental_root / "registry.yaml", incremental_root / "warehouse.duckdb")
+        link_logs_until(data_root, full_root, refreshed_day)
+        full = run(instance, full_root / "registry.yaml", full_root / "warehouse.duckdb")
+
+    refreshed = read_sufficient(str(incremental_root / "warehouse.duckdb"))
+    recomputed = read_sufficient(str(full_root / "warehouse.duckdb"))
+    measure.write_result(args.result, {
+        "implementation": "incremental",
+        "import_seconds": IMPORT_SECONDS,
+        "experiment": EXPERIMENT,
+        "days_processed": DAYS,
+        "refreshed_day": refreshed_day.isoformat(),
+        "initial": initial,
+        "refresh": refresh,
+        "full": full,
+        "wall_seconds": refresh["seconds"],
+        "peak_rss_kib": measure.peak_rss_kib(),
+        "vm_hwm_kib": measure.hwm_rss_kib(),
+        "rss_after_imports_kib": None,
+        "success": initial["success"] and refresh["success"] and full["success"],
+        "identical_variant_metrics": refreshed == recomputed,
+        "max_relative_difference": max_relative_difference(refreshed, recomputed),
+        "steps": [],
+    })
+
+
+if __name__ == "__main__":
+    main()
