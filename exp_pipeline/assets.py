@@ -322,14 +322,19 @@ post_assignment_events = AssetKey("post_assignment_events")
 pre_assignment_events = AssetKey("pre_assignment_events")
 
 
-def _refresh_state(session: WarehouseSession, experiment_id: str) -> dict | None:
-    """What the last refresh of this experiment's window events recorded, if anything."""
-    if not session.has_table(WINDOW_EVENTS_STATE):
+def _refresh_state(session: WarehouseSession, experiment_id: str, fingerprint: str) -> dict | None:
+    """What the last refresh of this experiment's window events recorded, when an incremental
+    refresh can build on it: same registry definition, tables present, some event seen."""
+    tables = (WINDOW_EVENTS_STATE, "post_assignment_events", "pre_assignment_events")
+    if not all(session.has_table(t) for t in tables):
         return None
     rows = session.to_pandas(session.partition(WINDOW_EVENTS_STATE, experiment_id))
-    if not len(rows):
+    if len(rows) != 1 or rows.fingerprint.iloc[0] != fingerprint or pd.isna(rows.events_through.iloc[0]):
         return None
-    return {k: _timestamp(v) if isinstance(v, pd.Timestamp) or v is pd.NaT else v for k, v in rows.iloc[0].items()}
+    return {
+        "events_through": _timestamp(rows.events_through.iloc[0]),
+        "assignments_as_of": _timestamp(rows.assignments_as_of.iloc[0]),
+    }
 
 
 def _timestamp(value) -> dt.datetime | None:
@@ -370,43 +375,37 @@ def window_events(
     metrics = reg.metrics_of(experiment)
     pre_window = experiment.cuped_pre_window_days
     fingerprint = reg.window_events_fingerprint(experiment)
+    now = dt.datetime.now(dt.timezone.utc)
     with warehouse.session() as session:
         deduped = session.partition("deduped_assignments", experiment.id)
         assignments_as_of = _timestamp(session.ibis.execute(deduped.valid_from.max()))
-        state = _refresh_state(session, experiment.id)
-        incremental = (
-            not config.full_refresh and state is not None and state["fingerprint"] == fingerprint
-            and state["events_through"] is not None and session.has_table("post_assignment_events") and session.has_table("pre_assignment_events")
-        )
-        previous_as_of = state["assignments_as_of"] if incremental else None
+        state = None if config.full_refresh else _refresh_state(session, experiment.id, fingerprint)
         analysable = transforms.analysable_assignments(deduped)
         analysable = analysable.mutate(
-            is_new=ibis.literal(True) if previous_as_of is None else analysable.valid_from > previous_as_of
+            is_new=ibis.literal(True) if state is None else analysable.valid_from > state["assignments_as_of"]
         )
         # Small (one row per subject); materialized so every query below sees the same subjects.
         analysable = session.ibis.create_table("tmp_analysable", analysable, temp=True, overwrite=True)
         events = transforms.experiment_events(_usable_events(session, reg, experiment), experiment, metrics, pre_window)
+        incremental = state is not None
         if incremental:
             earliest_new = session.ibis.execute(analysable.filter(analysable.is_new).assigned_at.min())
             cutoff, scan_from = transforms.refresh_lower_bound(
-                state["events_through"], reg.sources.events.late_arrival_days,
-                _timestamp(earliest_new), pre_window,
+                state["events_through"], reg.sources.events.late_arrival_days, _timestamp(earliest_new), pre_window
             )
             rows = transforms.refreshed_window_events(analysable, events, metrics, pre_window, cutoff, scan_from)
         else:
             rows = transforms.join_window_events(analysable, events, metrics, pre_window)
         rows = session.ibis.create_table("tmp_window_events", rows, temp=True, overwrite=True)
-        # The newest event processed: the next refresh recomputes from it minus the lookback.
-        candidates = [_timestamp(session.ibis.execute(rows.event_at.max()))]
-        if incremental:
-            candidates.append(state["events_through"])
-        events_through = max((t for t in candidates if t is not None), default=None)
+        events_through = transforms.next_events_through(
+            _timestamp(session.ibis.execute(rows.event_at.max())), state and state["events_through"], now
+        )
         new_state = pd.DataFrame([{
             "experiment_id": experiment.id,
             "fingerprint": fingerprint,
             "events_through": events_through,
             "assignments_as_of": assignments_as_of,
-            "refreshed_at": dt.datetime.now(dt.timezone.utc),
+            "refreshed_at": now,
             "mode": "incremental" if incremental else "full",
         }])
         for column in ("events_through", "assignments_as_of", "refreshed_at"):

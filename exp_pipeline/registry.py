@@ -27,6 +27,8 @@ from pydantic import (
 )
 
 # Ids become partition keys, table filters and file names: keep them boring.
+# Bump when the temporal join's rules change: stored window events are then rebuilt in full.
+WINDOW_EVENTS_LOGIC_VERSION = 1
 SAFE_ID_PATTERN = re.compile(r"^[a-z][a-z0-9_]{0,63}$")
 
 ASSIGNMENT_COLUMNS = ("subject_id", "experiment_id", "variant_id", "assigned_at")
@@ -254,6 +256,7 @@ class Registry(_Strict):
         """What the window events of `experiment` depend on besides the data: when it changes, an
         incremental refresh cannot build on the stored rows and recomputes them in full."""
         relevant = {
+            "logic": WINDOW_EVENTS_LOGIC_VERSION,
             "events_source": self.sources.events.model_dump(exclude={"max_rejected_share", "late_arrival_days"}),
             "start_at": experiment.start_at.isoformat(),
             "end_at": experiment.end_at.isoformat() if experiment.end_at else None,

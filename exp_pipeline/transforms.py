@@ -69,17 +69,21 @@ def canonical_assignments(source_rows: ir.Table, source: Source, experiment_id: 
         assigned_at=to_utc_timestamp(logged_at),
         **{p: rows[p].cast("string") for p in source.properties},
         source_file=rows.source_file.cast("string"),
-        **_logged_text("assigned_at", logged_at),
+        **_logged_text("assigned_at", logged_at, _is_time(logged_at)),
     )
 
 
-def _logged_text(name: str, logged: ir.Value) -> dict[str, ir.Value]:
-    """`{name}_text`, the value as logged, for a column logged as text (CSV, or strings in Parquet):
-    parsing it may fail, and a rejected row must show what was there. A typed column cannot fail to
-    parse, so it gets no text twin: formatting every timestamp of a large log as text costs more
-    than the rest of the join.
+def _is_time(column: ir.Value) -> bool:
+    return column.type().is_timestamp() or column.type().is_date()
+
+
+def _logged_text(name: str, logged: ir.Value, parses: bool) -> dict[str, ir.Value]:
+    """`{name}_text`, the value as logged, for a column whose parsing may fail (text from CSV or
+    Parquet, or a type that does not convert, like a timestamp mapped as `value`): a rejected row
+    must show what was there. A column that `parses` (already the right kind of type) gets no
+    twin: formatting every timestamp of a large log as text costs more than the rest of the join.
     """
-    return {f"{name}_text": logged} if logged.type().is_string() else {}
+    return {} if parses else {f"{name}_text": logged.cast("string")}
 
 
 def _text_or_value(rows: ir.Table, name: str) -> ir.Value:
@@ -104,7 +108,8 @@ def canonical_events(source_rows: ir.Table, source: Source) -> ir.Table:
     if value_column in source_rows.columns:
         logged_value = source_rows[value_column]
         value = logged_value.try_cast("float64")
-        value_text = _logged_text("value", logged_value)
+        kind = logged_value.type()
+        value_text = _logged_text("value", logged_value, kind.is_numeric() or kind.is_boolean())
     else:
         value = ibis.null("float64")  # a count-only event log
         value_text = {}
@@ -115,7 +120,7 @@ def canonical_events(source_rows: ir.Table, source: Source) -> ir.Table:
         event_name=source_rows[source.source_column("event_name")].cast("string"),
         value=value,
         source_file=source_rows.source_file.cast("string"),
-        **_logged_text("event_at", logged_at),
+        **_logged_text("event_at", logged_at, _is_time(logged_at)),
         **value_text,
     )
 
@@ -305,6 +310,8 @@ def first_exposures(raw: ir.Table, experiment: Experiment, properties: Sequence[
 
 # Columns that, when they change for a subject, make a correction (old row kept inactive).
 TRACKED_COLUMNS = ("variant_id", "assigned_at", "exclusion_reason")
+# Counts of an unchanged subject follow the log in place; everything else stays as first recorded.
+COUNT_COLUMNS = ("n_exposures", "n_variants_seen")
 
 
 def apply_assignment_history(
@@ -313,8 +320,8 @@ def apply_assignment_history(
     """The new contents of an experiment's deduped_assignments partition, history included.
 
     `current` is the assignment state computed from the log now; `previous` is what the table held.
-    Unchanged subjects keep their row (and `valid_from`), so reruns are idempotent; only their
-    counts (n_exposures, n_variants_seen) follow the log.
+    Unchanged subjects keep their row (properties and `valid_from` included), so reruns are
+    idempotent; only their counts (n_exposures, n_variants_seen) follow the log.
     A subject whose variant, first exposure or exclusion changed is a correction: the old row is
     kept with `is_active = false` and `valid_to` set, and the new row is inserted active. Rows that
     were already inactive stay forever. Nothing is deleted.
@@ -337,12 +344,8 @@ def apply_assignment_history(
     # in place: they are not history.
     same = [active[c].identical_to(current[c]) for c in TRACKED_COLUMNS]
     unchanged = active.semi_join(current, [*(active[k] == current[k] for k in key), *same])
-    kept = current.join(unchanged.select(*key, _valid_from="valid_from"), key).select(
-        *current.columns,
-        is_active=ibis.literal(True),
-        valid_from="_valid_from",
-        valid_to=ibis.null(UTC_TIMESTAMP),
-    )
+    counts = current.select(*key, *(ibis._[c].name(f"_{c}") for c in COUNT_COLUMNS))
+    kept = unchanged.join(counts, key).mutate(**{c: ibis._[f"_{c}"] for c in COUNT_COLUMNS}).select(*columns)
     # Changed or vanished subjects: the previous active row closes.
     closed = active.anti_join(kept, key).mutate(is_active=ibis.literal(False), valid_to=recorded)
     # New or changed subjects: the current row opens.
@@ -465,6 +468,17 @@ def refresh_lower_bound(
         return cutoff, cutoff
     window_start = earliest_new_assignment - dt.timedelta(seconds=_seconds(pre_window_days))
     return cutoff, min(cutoff, window_start)
+
+
+def next_events_through(
+    newest_processed: dt.datetime | None, previous: dt.datetime | None, now: dt.datetime
+) -> dt.datetime | None:
+    """Where the next refresh starts from (less the lookback): the newest event processed so far,
+    but never later than now. An event from a client with a wrong clock would otherwise move the
+    start past days that have not arrived yet, and they would never be counted.
+    """
+    seen = [t for t in (newest_processed, previous) if t is not None]
+    return min(max(seen), now) if seen else None
 
 
 def refreshed_window_events(

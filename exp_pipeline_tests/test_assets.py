@@ -269,12 +269,27 @@ def _daily_logs_until(source: Path, target: Path, last_day: str, late_day: str |
                 shutil.copy(path, folder / path.name)
 
 
+def _expose_to_another_variant(root: Path, day: str, subject_id: str) -> None:
+    """A corrected log: on `day` the subject is logged in the other variant too, so it must leave
+    the analysis with its events."""
+    folder = root / "sample" / "assignments"
+    exposures = pd.concat(pd.read_parquet(p) for p in sorted(folder.glob("*.parquet")))
+    row = exposures[(exposures.experiment_key == RUNNING_EXPERIMENT) & (exposures.user_id == subject_id)].head(1)
+    row = row.assign(
+        variation=row.variation.map({"control": "treatment", "treatment": "control"}),
+        exposed_at=pd.Timestamp(f"{day}T12:00:00Z"),
+    )
+    row.to_parquet(folder / f"exposures_{day}_correction.parquet", index=False)
+
+
 def _analysis_tables(workspace) -> dict[str, pd.DataFrame]:
     tables = ["deduped_assignments", "post_assignment_events", "pre_assignment_events", "variant_metrics"]
-    drop = {"deduped_assignments": ["valid_from", "valid_to"]}  # recorded at run time
+    # History rows and validity times depend on when runs happened; the current state must not.
+    only = {"deduped_assignments": " AND is_active"}
+    drop = {"deduped_assignments": ["valid_from", "valid_to"]}
     return {
-        t: read(workspace, f"SELECT * EXCLUDE (experiment_id) FROM exp.{t} WHERE experiment_id = ? ORDER BY ALL",
-                [RUNNING_EXPERIMENT]).drop(columns=drop.get(t, []))
+        t: read(workspace, f"SELECT * EXCLUDE (experiment_id) FROM exp.{t} WHERE experiment_id = ?{only.get(t, '')} "
+                "ORDER BY ALL", [RUNNING_EXPERIMENT]).drop(columns=drop.get(t, []))
         for t in tables
     }
 
@@ -306,9 +321,16 @@ def test_incremental_refresh_equals_full_recomputation(tmp_path, processed_until
         first = materialize_experiment(incremental, instance, RUNNING_EXPERIMENT)
         assert metadata(first, "post_assignment_events")["refresh_mode"] == "full"
 
+        # A subject with stored events whose log is corrected on the refreshed day.
+        corrected = read(
+            incremental, "SELECT min(subject_id) AS s FROM exp.post_assignment_events WHERE experiment_id = ?",
+            [RUNNING_EXPERIMENT],
+        ).s.iloc[0]
         _daily_logs_until(generated, incremental.root, refreshed_day, late_day=None)
+        _expose_to_another_variant(incremental.root, refreshed_day, corrected)
         refresh = materialize_experiment(incremental, instance, RUNNING_EXPERIMENT)
         _daily_logs_until(generated, full.root, refreshed_day, late_day=None)
+        _expose_to_another_variant(full.root, refreshed_day, corrected)
         recomputed = materialize_experiment(full, instance, RUNNING_EXPERIMENT)
 
     refreshed_meta = metadata(refresh, "post_assignment_events")
@@ -317,6 +339,9 @@ def test_incremental_refresh_equals_full_recomputation(tmp_path, processed_until
     # It rebuilt only the recent rows, not the partition.
     assert 0 < refreshed_meta["rows_inserted"] < max_share_rebuilt * refreshed_meta["dagster/row_count"]
     got, want = _analysis_tables(incremental), _analysis_tables(full)
+    # The corrected subject left the analysis, with its events.
+    assert corrected not in set(got["post_assignment_events"].subject_id)
+    assert corrected in set(got["deduped_assignments"].query("exclusion_reason.notnull()").subject_id)
     for table in ("deduped_assignments", "post_assignment_events", "pre_assignment_events"):
         pd.testing.assert_frame_equal(got[table], want[table], check_exact=True, obj=table)
     # The same rows in; sums may differ in the last bit only through summation order.

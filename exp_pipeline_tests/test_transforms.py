@@ -329,6 +329,15 @@ def test_refresh_bounds_reach_back_for_the_windows_of_new_subjects():
     assert scan_from == dt.datetime(2026, 10, 15, 12, 0, tzinfo=dt.timezone.utc)
 
 
+def test_the_next_refresh_never_starts_in_the_future():
+    now = dt.datetime(2026, 11, 23, 6, 0, tzinfo=dt.timezone.utc)
+    yesterday, wrong_clock = now - dt.timedelta(days=1), now + dt.timedelta(days=9)
+    assert transforms.next_events_through(yesterday, None, now) == yesterday
+    assert transforms.next_events_through(None, yesterday, now) == yesterday
+    assert transforms.next_events_through(wrong_clock, yesterday, now) == now
+    assert transforms.next_events_through(None, None, now) is None
+
+
 def test_refreshed_rows_are_recent_events_and_whole_windows_of_new_subjects(con):
     frame = pd.DataFrame({
         "experiment_id": "exp", "subject_id": ["old", "new"], "variant_id": "control",
