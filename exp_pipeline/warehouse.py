@@ -279,6 +279,14 @@ class Warehouse(ConfigurableResource):
 
     duckdb: DuckDBResource
     schema_name: str = Field(default="exp", description="schema holding the pipeline's tables")
+    memory_limit: str = Field(
+        default="2.5GB",
+        description=(
+            "DuckDB's memory limit for the pipeline's queries; bigger joins spill to a temporary "
+            "folder next to the database file instead of growing the process (DuckDB's own default "
+            "is 80% of the machine). Set it in connection_config to override per deployment."
+        ),
+    )
     lock_timeout_seconds: float = Field(
         default=1800,
         description=(
@@ -295,7 +303,13 @@ class Warehouse(ConfigurableResource):
         deadline = time.monotonic() + self.lock_timeout_seconds
         # Connected here rather than through DuckDBResource.get_connection(): its fixed backoff
         # (about 100 s) would stack on top of, and override, the configured wait.
-        config = {"custom_user_agent": "dagster", **self.duckdb.connection_config}
+        config = {
+            "custom_user_agent": "dagster",
+            "memory_limit": self.memory_limit,
+            # No query relies on insertion order; without it, large inserts stream with less memory.
+            "preserve_insertion_order": False,
+            **self.duckdb.connection_config,
+        }
         while True:
             try:
                 raw = duckdb.connect(database, read_only=False, config=config)

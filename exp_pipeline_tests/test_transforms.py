@@ -185,6 +185,19 @@ def test_event_rows_are_usable_or_rejected_with_a_reason(con):
     assert joined["value"].tolist() == [10.5]
 
 
+def test_a_value_column_of_the_wrong_type_is_rejected_not_read_as_missing(con):
+    frame = pd.DataFrame({
+        "user_id": ["a", "b"],
+        "ts": pd.to_datetime(["2026-10-02T00:00:00Z", "2026-10-02T00:00:00Z"], utc=True),
+        "event": ["purchase", "purchase"],
+        "amount": pd.to_datetime(["2026-10-02T00:00:00Z", None], utc=True),  # mapped to the wrong column
+        "source_file": "events.parquet",
+    })
+    events = transforms.canonical_events(con.create_table("typed", frame), EVENT_SOURCE)
+    counts = con.to_pandas(transforms.rejection_counts(transforms.classify_events(events)))
+    assert dict(zip(counts["reason"], counts["rows"])) == {"non_numeric_value": 1, "ingested": 1}
+
+
 def test_running_experiment_has_no_upper_bound(con):
     out = dedupe(con, [("s", "control", "2027-01-01T00:00:00Z", "ios")], experiment(end_at=None))
     assert list(out.index) == ["s"]
