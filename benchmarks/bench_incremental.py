@@ -15,9 +15,7 @@ Started by run_benchmark.py: `bench_incremental.py --config CONFIG --scratch DIR
 
 from __future__ import annotations
 
-import argparse
 import datetime as dt
-import json
 import math
 import time
 from pathlib import Path
@@ -91,12 +89,7 @@ def max_relative_difference(a: list[dict], b: list[dict]) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--config", required=True)
-    parser.add_argument("--scratch", required=True)
-    parser.add_argument("--result", required=True)
-    args = parser.parse_args()
-    config = json.loads(Path(args.config).read_text())
+    args, config = measure.worker_args()
     data_root = Path(config["registry_path"]).parent
     scratch = Path(args.scratch)
     refreshed_day = EXPERIMENT_START + dt.timedelta(days=DAYS)
@@ -128,8 +121,6 @@ def main() -> None:
         "refresh": refresh,
         "full": full,
         "wall_seconds": refresh["seconds"],
-        "peak_rss_kib": measure.peak_rss_kib(),
-        "vm_hwm_kib": measure.hwm_rss_kib(),
         "rss_after_imports_kib": None,
         "success": initial["success"] and refresh["success"] and full["success"],
         "identical_variant_metrics": refreshed == recomputed,

@@ -9,12 +9,9 @@ Started by run_benchmark.py: `bench_pandas.py --config CONFIG --scratch DIR --re
 
 from __future__ import annotations
 
-import argparse
 import glob
-import json
 import time
 from contextlib import contextmanager
-from pathlib import Path
 
 import measure
 
@@ -179,12 +176,7 @@ def phase(phases: list[dict], name: str):
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--config", required=True)
-    parser.add_argument("--scratch", required=True)
-    parser.add_argument("--result", required=True)
-    args = parser.parse_args()
-    config = json.loads(Path(args.config).read_text())
+    args, config = measure.worker_args()
     rss_after_imports = measure.current_rss_kib()
 
     phases: list[dict] = []
@@ -210,8 +202,6 @@ def main() -> None:
         "implementation": "pandas",
         "import_seconds": IMPORT_SECONDS,
         "wall_seconds": wall,
-        "peak_rss_kib": measure.peak_rss_kib(),
-        "vm_hwm_kib": measure.hwm_rss_kib(),
         "rss_after_imports_kib": rss_after_imports,
         "success": True,
         "steps": phases,

@@ -10,8 +10,6 @@ Started by run_benchmark.py: `bench_pipeline.py --config CONFIG --scratch DIR --
 
 from __future__ import annotations
 
-import argparse
-import json
 import time
 from pathlib import Path
 
@@ -110,12 +108,7 @@ def read_sufficient(database: str) -> list[dict]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--config", required=True)
-    parser.add_argument("--scratch", required=True)
-    parser.add_argument("--result", required=True)
-    args = parser.parse_args()
-    config = json.loads(Path(args.config).read_text())
+    args, config = measure.worker_args()
     experiments = [e["id"] for e in config["experiments"]]
     database = f"{args.scratch}/warehouse.duckdb"
     resources = {
@@ -160,8 +153,6 @@ def main() -> None:
         "implementation": "pipeline",
         "import_seconds": IMPORT_SECONDS,
         "wall_seconds": wall,
-        "peak_rss_kib": measure.peak_rss_kib(),
-        "vm_hwm_kib": measure.hwm_rss_kib(),
         "rss_after_imports_kib": rss_after_imports,
         "runs": runs,
         "steps": steps,

@@ -11,8 +11,6 @@ Started by run_benchmark.py: `bench_reference.py --mode MODE --config CONFIG --s
 
 from __future__ import annotations
 
-import argparse
-import json
 import time
 from pathlib import Path
 
@@ -76,13 +74,9 @@ def load_configuration(con: duckdb.DuckDBPyConnection, config: dict) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--mode", choices=sorted(MODES), default="tables")
-    parser.add_argument("--config", required=True)
-    parser.add_argument("--scratch", required=True)
-    parser.add_argument("--result", required=True)
-    args = parser.parse_args()
-    config = json.loads(Path(args.config).read_text())
+    args, config = measure.worker_args(
+        lambda parser: parser.add_argument("--mode", choices=sorted(MODES), default="tables")
+    )
     script = SCRIPT.read_text()
     for placeholder, sql in MODES[args.mode].items():
         script = script.replace(placeholder, sql)
@@ -108,8 +102,6 @@ def main() -> None:
         "implementation": IMPLEMENTATION[args.mode],
         "import_seconds": IMPORT_SECONDS,
         "wall_seconds": wall,
-        "peak_rss_kib": measure.peak_rss_kib(),
-        "vm_hwm_kib": measure.hwm_rss_kib(),
         "rss_after_imports_kib": rss_after_imports,
         "success": True,
         "steps": [],

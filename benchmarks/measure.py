@@ -7,11 +7,13 @@ Linux only: ru_maxrss is in KiB there, and the sampler reads /proc/self/statm.
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import resource
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 _PAGE_KIB = os.sysconf("SC_PAGE_SIZE") // 1024
@@ -77,6 +79,20 @@ class RssSampler:
         return max(inside) if inside else None
 
 
+def worker_args(extra: Callable[[argparse.ArgumentParser], None] | None = None) -> tuple[argparse.Namespace, dict]:
+    """Every worker's command line (--config --scratch --result, plus `extra`'s) and its configuration."""
+    parser = argparse.ArgumentParser()
+    if extra is not None:
+        extra(parser)
+    parser.add_argument("--config", required=True)
+    parser.add_argument("--scratch", required=True)
+    parser.add_argument("--result", required=True)
+    args = parser.parse_args()
+    return args, json.loads(Path(args.config).read_text())
+
+
 def write_result(path: str | Path, result: dict) -> None:
-    """The worker's answer to run_benchmark.py: one JSON file (stdout is left to the logs)."""
+    """The worker's answer to run_benchmark.py: one JSON file (stdout is left to the logs), with the
+    process's peak memory added as measured at the end (`peak_rss_kib`, `vm_hwm_kib`)."""
+    result = {**result, "peak_rss_kib": peak_rss_kib(), "vm_hwm_kib": hwm_rss_kib()}
     Path(path).write_text(json.dumps(result, indent=1) + "\n")
