@@ -436,20 +436,6 @@ def pre_assignment_rows(window_events: ir.Table) -> ir.Table:
     return window_events.filter(window_events.event_at < window_events.assigned_at)
 
 
-def join_post_assignment_events(
-    assignments: ir.Table, events: ir.Table, metrics: Sequence[Metric]
-) -> ir.Table:
-    """Events of assigned subjects at or after assignment, inside a metric window on their name."""
-    return post_assignment_rows(join_window_events(assignments, events, metrics, 0))
-
-
-def join_pre_assignment_events(
-    assignments: ir.Table, events: ir.Table, pre_window_days: float
-) -> ir.Table:
-    """Events of assigned subjects in the pre-assignment window [assigned_at - window, assigned_at)."""
-    return pre_assignment_rows(join_window_events(assignments, events, [], pre_window_days))
-
-
 # -- incremental refresh of the window events ----------------------------------------------------
 
 

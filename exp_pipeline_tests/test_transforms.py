@@ -181,7 +181,7 @@ def test_event_rows_are_usable_or_rejected_with_a_reason(con):
     # join drops the duplicate, and a missing subject id matches no assigned subject.
     assert sorted(con.to_pandas(usable)["value"]) == [1.0, 10.5, 10.5]
     assigned = assignments_table(con, [("a", "control", "2026-10-01T00:00:00Z")])
-    joined = con.to_pandas(transforms.join_post_assignment_events(assigned, usable, [metric()]))
+    joined = con.to_pandas(post_rows(assigned, usable, [metric()]))
     assert joined["value"].tolist() == [10.5]
 
 
@@ -259,6 +259,11 @@ def metric(**overrides) -> Metric:
     return Metric.model_validate(fields)
 
 
+def post_rows(assignments, events, metrics):
+    """post_assignment_events as the pipeline builds it: the window join, post-assignment half."""
+    return transforms.post_assignment_rows(transforms.join_window_events(assignments, events, metrics, 0))
+
+
 def assignments_table(con, rows):
     frame = pd.DataFrame(rows, columns=["subject_id", "variant_id", "assigned_at"])
     frame["assigned_at"] = pd.to_datetime(frame["assigned_at"], utc=True)
@@ -282,7 +287,7 @@ def test_temporal_join_edges(con):
         ("s", "2026-10-16T12:00:00Z", "purchase", 8.0),          # at window end (exclusive): out
         ("other", "2026-10-03T00:00:00Z", "purchase", 16.0),     # not assigned: out
     ])
-    out = con.to_pandas(transforms.join_post_assignment_events(a, e, [metric()]))
+    out = con.to_pandas(post_rows(a, e, [metric()]))
     assert sorted(out["value"]) == [1.0, 4.0]
     assert (out["event_at"] >= out["assigned_at"]).all()
 
@@ -295,7 +300,7 @@ def test_pre_assignment_window_edges(con):
         ("s", "2026-10-14T23:59:59.999999Z", "purchase", 4.0),   # just before assignment: in
         ("s", "2026-10-15T00:00:00Z", "purchase", 8.0),          # at assignment: post, out
     ])
-    out = con.to_pandas(transforms.join_pre_assignment_events(a, e, 14))
+    out = con.to_pandas(transforms.pre_assignment_rows(transforms.join_window_events(a, e, [], 14)))
     assert sorted(out["value"]) == [1.0, 4.0]
 
 
@@ -389,7 +394,7 @@ def test_per_subject_values_with_zeros_and_metric_windows(con):
         metric(id="conversion", aggregation="conversion"),
         metric(id="sessions", event_name="session", aggregation="count"),
     ]
-    post = transforms.join_post_assignment_events(a, e, metrics)
+    post = post_rows(a, e, metrics)
     values = con.to_pandas(transforms.subject_metric_values(a, post, metrics))
     got = values.set_index(["subject_id", "metric"])["value"].to_dict()
     assert got == {

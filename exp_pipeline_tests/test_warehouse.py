@@ -2,6 +2,7 @@
 
 import multiprocessing
 import time
+from contextlib import contextmanager
 
 import duckdb
 import pandas as pd
@@ -102,36 +103,37 @@ def _hold_lock(path: str, seconds: float, ready) -> None:
     connection.close()
 
 
-def test_a_locked_file_is_waited_for_then_used(tmp_path):
-    path = str(tmp_path / "w.duckdb")
+@contextmanager
+def _lock_held(path: str, seconds: float):
+    """Another process holding the DuckDB file's write lock for `seconds` (stopped on exit)."""
     ready = multiprocessing.Event()
-    holder = multiprocessing.Process(target=_hold_lock, args=(path, 3, ready))
+    holder = multiprocessing.Process(target=_hold_lock, args=(path, seconds, ready))
     holder.start()
     try:
         assert ready.wait(30)
+        yield
+    finally:
+        holder.terminate()
+        holder.join()
+
+
+def test_a_locked_file_is_waited_for_then_used(tmp_path):
+    path = str(tmp_path / "w.duckdb")
+    with _lock_held(path, 3):
         started = time.monotonic()
         warehouse = Warehouse(duckdb=DuckDBResource(database=path), lock_timeout_seconds=60)
         with warehouse.session() as session:
             assert session.raw.execute("SELECT 1").fetchone() == (1,)
         assert time.monotonic() - started >= 1  # it did wait for the other process
-    finally:
-        holder.join()
 
 
 def test_a_lock_held_too_long_fails_with_a_clear_error(tmp_path):
     path = str(tmp_path / "w.duckdb")
-    ready = multiprocessing.Event()
-    holder = multiprocessing.Process(target=_hold_lock, args=(path, 20, ready))
-    holder.start()
-    try:
-        assert ready.wait(30)
+    with _lock_held(path, 20):
         warehouse = Warehouse(duckdb=DuckDBResource(database=path), lock_timeout_seconds=0.5)
         with pytest.raises(WarehouseBusy, match="stayed locked by another process"):
             with warehouse.session():
                 pass
-    finally:
-        holder.terminate()
-        holder.join()
 
 
 # -- kill -9 in the middle of writing ------------------------------------------------------------
