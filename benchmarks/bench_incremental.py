@@ -30,7 +30,7 @@ from dagster_duckdb import DuckDBResource  # noqa: E402
 from exp_pipeline.assets import ANALYSIS_ASSETS, experiment_partitions  # noqa: E402
 from exp_pipeline.checks import EXPERIMENT_CHECKS  # noqa: E402
 from exp_pipeline.resources import RegistryResource  # noqa: E402
-from exp_pipeline.warehouse import Warehouse  # noqa: E402
+from exp_pipeline.warehouse import DuckDBWarehouse  # noqa: E402
 
 IMPORT_SECONDS = time.perf_counter() - started
 EXPERIMENT = "aa_homepage"  # the sample's running experiment (no end date)
@@ -53,7 +53,7 @@ def link_logs_until(source_root: Path, target_root: Path, last_day: dt.date) -> 
 def run(instance, registry: Path, database: Path) -> dict:
     resources = {
         "registry": RegistryResource(path=str(registry)),
-        "warehouse": Warehouse(duckdb=DuckDBResource(database=str(database))),
+        "warehouse": DuckDBWarehouse(duckdb=DuckDBResource(database=str(database))),
     }
     t0 = time.perf_counter()
     result = materialize(

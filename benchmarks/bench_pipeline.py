@@ -22,7 +22,7 @@ from dagster_duckdb import DuckDBResource  # noqa: E402
 from exp_pipeline.assets import ANALYSIS_ASSETS, experiment_partitions  # noqa: E402
 from exp_pipeline.checks import EXPERIMENT_CHECKS  # noqa: E402
 from exp_pipeline.resources import RegistryResource  # noqa: E402
-from exp_pipeline.warehouse import Warehouse  # noqa: E402
+from exp_pipeline.warehouse import DuckDBWarehouse  # noqa: E402
 
 IMPORT_SECONDS = time.perf_counter() - started
 
@@ -113,7 +113,7 @@ def main() -> None:
     database = f"{args.scratch}/warehouse.duckdb"
     resources = {
         "registry": RegistryResource(path=config["registry_path"]),
-        "warehouse": Warehouse(duckdb=DuckDBResource(database=database)),
+        "warehouse": DuckDBWarehouse(duckdb=DuckDBResource(database=database)),
     }
     Path(args.scratch, "dagster").mkdir(parents=True, exist_ok=True)
     rss_after_imports = measure.current_rss_kib()

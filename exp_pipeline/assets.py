@@ -209,7 +209,7 @@ def raw_assignments(
         rows = transforms.canonical_assignments(_read_source(session, reg, "assignments"), source, experiment.id)
         classified = transforms.classify_assignments(rows, experiment, source.properties)
         # Materialized once so that the counts and both writes see exactly the same rows.
-        classified = session.ibis.create_table("_classified_assignments", classified, temp=True, overwrite=True)
+        classified = session.temp_table("_classified_assignments", classified)
         counts = session.to_pandas(transforms.rejection_counts(classified))
         written = session.replace_partitions(
             experiment.id,
@@ -265,9 +265,7 @@ def deduped_assignments(
         )
         if previous is not None:
             # Materialize the previous state first: the write below replaces it.
-            previous = session.ibis.create_table(
-                "_previous_deduped", previous, temp=True, overwrite=True
-            )
+            previous = session.temp_table("_previous_deduped", previous)
         recorded_at = dt.datetime.now(dt.timezone.utc)
         new_state = transforms.apply_assignment_history(current, previous, recorded_at)
         written = session.replace_partition("deduped_assignments", experiment.id, new_state)
@@ -378,27 +376,27 @@ def window_events(
     now = dt.datetime.now(dt.timezone.utc)
     with warehouse.session() as session:
         deduped = session.partition("deduped_assignments", experiment.id)
-        assignments_as_of = _timestamp(session.ibis.execute(deduped.valid_from.max()))
+        assignments_as_of = _timestamp(session.scalar(deduped.valid_from.max()))
         state = None if config.full_refresh else _refresh_state(session, experiment.id, fingerprint)
         analysable = transforms.analysable_assignments(deduped)
         analysable = analysable.mutate(
             is_new=ibis.literal(True) if state is None else analysable.valid_from > state["assignments_as_of"]
         )
         # Small (one row per subject); materialized so every query below sees the same subjects.
-        analysable = session.ibis.create_table("tmp_analysable", analysable, temp=True, overwrite=True)
+        analysable = session.temp_table("tmp_analysable", analysable)
         events = transforms.experiment_events(_usable_events(session, reg, experiment), experiment, metrics, pre_window)
         incremental = state is not None
         if incremental:
-            earliest_new = session.ibis.execute(analysable.filter(analysable.is_new).assigned_at.min())
+            earliest_new = session.scalar(analysable.filter(analysable.is_new).assigned_at.min())
             cutoff, scan_from = transforms.refresh_lower_bound(
                 state["events_through"], reg.sources.events.late_arrival_days, _timestamp(earliest_new), pre_window
             )
             rows = transforms.refreshed_window_events(analysable, events, metrics, pre_window, cutoff, scan_from)
         else:
             rows = transforms.join_window_events(analysable, events, metrics, pre_window)
-        rows = session.ibis.create_table("tmp_window_events", rows, temp=True, overwrite=True)
+        rows = session.temp_table("tmp_window_events", rows)
         events_through = transforms.next_events_through(
-            _timestamp(session.ibis.execute(rows.event_at.max())), state and state["events_through"], now
+            _timestamp(session.scalar(rows.event_at.max())), state and state["events_through"], now
         )
         new_state = pd.DataFrame([{
             "experiment_id": experiment.id,
@@ -416,7 +414,7 @@ def window_events(
         }
         if incremental:
             unchanged = analysable.filter(~analysable.is_new).select("subject_id", "variant_id", "assigned_at")
-            unchanged = session.ibis.create_table("tmp_unchanged", unchanged, temp=True, overwrite=True)
+            unchanged = session.temp_table("tmp_unchanged", unchanged)
             refreshed = session.refresh_partitions(
                 experiment.id,
                 {

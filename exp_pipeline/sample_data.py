@@ -374,7 +374,10 @@ def _write_daily(
         })
         for name in frame.select_dtypes("datetime64[ns]").columns:
             frame[name] = frame[name].dt.tz_localize("UTC")
-        frame.to_parquet(folder / f"{prefix}_{np.datetime64(int(day), 'D')}.parquet", index=False)
+        # Microseconds (the times are whole microseconds): Spark cannot read nanosecond timestamps.
+        frame.to_parquet(
+            folder / f"{prefix}_{np.datetime64(int(day), 'D')}.parquet", index=False, coerce_timestamps="us"
+        )
     return len(days)
 
 

@@ -15,7 +15,7 @@ import pandera.ibis as pa
 from pandera.errors import SchemaErrors
 
 from exp_pipeline.registry import Experiment
-from exp_pipeline.transforms import MULTIPLE_VARIANTS, UTC_TIMESTAMP
+from exp_pipeline.transforms import MULTIPLE_VARIANTS, UTC_TIMESTAMP, trim_whitespace
 
 STRING = dt.String()
 BOOLEAN = dt.Boolean()
@@ -25,7 +25,7 @@ FLOAT64 = dt.Float64()
 
 def _non_empty(data) -> ir.BooleanColumn:
     column = data.table[data.key]
-    return column.strip().length() > 0
+    return trim_whitespace(column).length() > 0
 
 
 def _experiment_column(experiment: Experiment) -> pa.Column:

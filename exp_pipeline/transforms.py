@@ -22,6 +22,15 @@ SECONDS_PER_DAY = 86_400
 MULTIPLE_VARIANTS = "multiple_variants"
 
 
+def trim_whitespace(column: ir.StringValue) -> ir.StringValue:
+    """The text without leading and trailing whitespace.
+
+    Not Ibis's strip(): on Spark it becomes TRIM(' \\t\\n\\r\\v\\f' FROM ...), and Spark reads '\\v' and
+    '\\f' as the letters v and f, so a subject named "v" would come out blank.
+    """
+    return column.re_replace(r"^\s+|\s+$", "")
+
+
 def to_utc_timestamp(column: ir.Value) -> ir.TimestampValue:
     """Normalize any timestamp form to one type: UTC, microseconds.
 
@@ -60,10 +69,10 @@ def canonical_assignments(source_rows: ir.Table, source: Source, experiment_id: 
         "assignments source",
     )
     experiment_column = source_rows[source.source_column("experiment_id")].cast("string")
-    rows = source_rows if experiment_id is None else source_rows.filter(experiment_column.strip() == experiment_id)
+    rows = source_rows if experiment_id is None else source_rows.filter(trim_whitespace(experiment_column) == experiment_id)
     logged_at = rows[source.source_column("assigned_at")]
     return rows.select(
-        experiment_id=rows[source.source_column("experiment_id")].cast("string").strip(),
+        experiment_id=trim_whitespace(rows[source.source_column("experiment_id")].cast("string")),
         subject_id=rows[source.source_column("subject_id")].cast("string"),
         variant_id=rows[source.source_column("variant_id")].cast("string"),
         assigned_at=to_utc_timestamp(logged_at),
@@ -107,8 +116,14 @@ def canonical_events(source_rows: ir.Table, source: Source) -> ir.Table:
     value_column = source.source_column("value")
     if value_column in source_rows.columns:
         logged_value = source_rows[value_column]
-        value = logged_value.try_cast("float64")
         kind = logged_value.type()
+        if kind.is_numeric() or kind.is_boolean() or kind.is_string():
+            value = logged_value.try_cast("float64")
+            # NaN is no amount: missing, as a null is (and Spark, unlike DuckDB, sums NaN to NaN).
+            value = ibis.ifelse(value.isnan(), ibis.null("float64"), value)
+        else:
+            # A timestamp or date mapped as the value is not an amount (Spark would cast it to seconds).
+            value = ibis.null("float64")
         value_text = _logged_text("value", logged_value, kind.is_numeric() or kind.is_boolean())
     else:
         value = ibis.null("float64")  # a count-only event log
@@ -126,7 +141,7 @@ def canonical_events(source_rows: ir.Table, source: Source) -> ir.Table:
 
 
 def _blank(column: ir.StringValue) -> ir.BooleanValue:
-    return column.isnull() | (column.strip() == "")
+    return column.isnull() | (trim_whitespace(column) == "")
 
 
 def _duplicate_rank(rows: ir.Table, columns: Sequence[str]) -> ir.IntegerValue:
@@ -238,7 +253,7 @@ def unassignable_rows(rows: ir.Table, experiment_ids: Sequence[str]) -> ir.Table
     """Exposure rows that belong to no experiment of the registry, with the reason."""
     reason = ibis.cases(
         (_blank(rows.experiment_id), "missing_experiment_id"),
-        (~rows.experiment_id.strip().isin(list(experiment_ids)), "unknown_experiment"),
+        (~trim_whitespace(rows.experiment_id).isin(list(experiment_ids)), "unknown_experiment"),
         else_=ibis.null("string"),
     )
     return rows.mutate(rejection_reason=reason)

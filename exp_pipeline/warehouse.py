@@ -1,7 +1,7 @@
 """The engine resource: DuckDB by default (through dagster-duckdb), Ibis tables out.
 
-Everything engine-specific lives here: opening the connection, reading sources, and atomic writes.
-Transforms only ever see Ibis tables, so they run unchanged on another Ibis backend.
+Everything engine-specific lives here and in spark_warehouse.py: opening the connection, reading
+sources, and atomic writes. Transforms only ever see Ibis tables, so they run unchanged on both.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ import glob as globlib
 import os
 import time
 from collections.abc import Iterator
+from abc import ABC, abstractmethod
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +20,7 @@ import duckdb
 import ibis
 import ibis.expr.types as ir
 import pandas as pd
+from ibis.backends import BaseBackend
 from dagster import ConfigurableResource
 from dagster_duckdb import DuckDBResource
 from pydantic import Field
@@ -36,6 +38,13 @@ LOCK_RETRY_SECONDS = 1.0
 
 class SourceError(ValueError):
     """A source cannot be read at all; the message names the file and says how to fix it."""
+
+
+def unreadable_file(description: str, path: str, file_format: str, reason: str) -> SourceError:
+    return SourceError(
+        f"{description}: {path} is not a readable {file_format} file ({reason}). Fix or remove "
+        f"the file, or set 'format' for this source in the registry if it is not {file_format}."
+    )
 
 
 def _quote(identifier: str) -> str:
@@ -67,14 +76,139 @@ class RefreshCounts:
     rows: int  # in the partition after the refresh
 
 
-class WarehouseSession:
-    """One open connection: read tables and sources as Ibis tables, write partitions atomically."""
+class WarehouseSession(ABC):
+    """One open connection to an engine: tables and sources as Ibis tables, atomic partition writes.
+
+    The engine-neutral part lives here; DuckDBWarehouseSession and SparkWarehouseSession (in
+    spark_warehouse.py) implement the rest. Assets and checks only use this interface.
+    """
+
+    ibis: BaseBackend
+    schema: str
+
+    def __init__(self) -> None:
+        self.skipped_empty_files: list[str] = []
+
+    # -- reading -------------------------------------------------------------------------------
+
+    @abstractmethod
+    def has_table(self, name: str) -> bool: ...
+
+    @abstractmethod
+    def table(self, name: str) -> ir.Table:
+        """A pipeline table; LookupError (saying to materialize its asset) when it is missing."""
+
+    def partition(self, name: str, experiment_id: str) -> ir.Table:
+        table = self.table(name)
+        return table.filter(table.experiment_id == experiment_id)
+
+    def read_source(self, source: Source, resolved_path: str | None, description: str) -> ir.Table:
+        """The source as an Ibis table, with a `source_file` column naming where each row came from."""
+        if source.table is not None:
+            try:
+                table = self._catalog_table(source.table)
+            except Exception as exc:  # the backend's own error type varies
+                raise SourceError(
+                    f"{description}: table {source.table!r} is not in the warehouse ({exc})"
+                ) from None
+            return table.mutate(source_file=ibis.literal(source.table))
+        assert resolved_path is not None
+        files = self._source_files(resolved_path, description)
+        if source.file_format == "parquet":
+            return self._read_parquet(files, description)
+        return self._read_csv(files, description)
+
+    def _source_files(self, resolved_path: str, description: str) -> list[str]:
+        """The files a path or glob names, minus empty ones (recorded), each probed readable."""
+        files = sorted(globlib.glob(resolved_path))
+        if not files:
+            raise SourceError(
+                f"{description}: no file matches {resolved_path!r}; check 'path' in the registry "
+                "(relative paths are relative to the registry file's folder)"
+            )
+        # A 0-byte file holds no rows (and no header or footer to read): skip it, say so.
+        empty = [f for f in files if os.path.getsize(f) == 0]
+        self.skipped_empty_files.extend(empty)
+        files = [f for f in files if f not in empty]
+        if not files:
+            raise SourceError(
+                f"{description}: every file matching {resolved_path!r} is empty (0 bytes): "
+                f"{', '.join(empty)}"
+            )
+        return files
+
+    @abstractmethod
+    def _catalog_table(self, qualified_name: str) -> ir.Table: ...
+
+    @abstractmethod
+    def _read_parquet(self, files: list[str], description: str) -> ir.Table:
+        """All files as one table (columns united by name), `source_file` naming each row's file."""
+
+    @abstractmethod
+    def _read_csv(self, files: list[str], description: str) -> ir.Table:
+        """As _read_parquet, every column as text (see CSV_OPTIONS)."""
+
+    def to_pandas(self, expr: ir.Table) -> pd.DataFrame:
+        """Only for small results: sufficient statistics, counts, previews."""
+        return self.ibis.to_pandas(expr)
+
+    def count(self, expr: ir.Table) -> int:
+        return int(self.ibis.execute(expr.count()))
+
+    def scalar(self, expr: ir.Scalar):
+        """One value computed by the engine (a max, a min)."""
+        return self.ibis.execute(expr)
+
+    @abstractmethod
+    def temp_table(self, name: str, expr: ir.Table) -> ir.Table:
+        """Compute `expr` once and keep it for this session, so later queries see the same rows."""
+
+    # -- writing -------------------------------------------------------------------------------
+
+    def replace_partition(self, name: str, experiment_id: str, rows: ir.Table | pd.DataFrame) -> int:
+        """Replace one experiment's rows of `name`; returns the rows written.
+
+        A failure (or a killed process) before the commit leaves the previous rows in place.
+        """
+        return self.replace_partitions(experiment_id, {name: rows})[name]
+
+    @abstractmethod
+    def replace_partitions(
+        self, experiment_id: str, tables: dict[str, ir.Table | pd.DataFrame]
+    ) -> dict[str, int]:
+        """Replace one experiment's rows of several tables, in the given order; rows written per table."""
+
+    @abstractmethod
+    def refresh_partitions(
+        self,
+        experiment_id: str,
+        refreshes: dict[str, PartitionRefresh],
+        replace: dict[str, ir.Table | pd.DataFrame] | None = None,
+    ) -> dict[str, RefreshCounts]:
+        """Update part of one experiment's rows of several tables (see PartitionRefresh); `replace`
+        tables are replaced whole-partition afterwards (a state row, say)."""
+
+    @abstractmethod
+    def append(self, name: str, rows: ir.Table) -> None:
+        """Append rows, creating the table on first use."""
+
+    @abstractmethod
+    def update_row(self, name: str, key_column: str, key: str, values: dict) -> None:
+        """Set `values` on the rows where key_column = key."""
+
+    @abstractmethod
+    def replace_table(self, name: str, rows: ir.Table | pd.DataFrame) -> int:
+        """Replace a whole (unpartitioned) table; returns its rows."""
+
+
+class DuckDBWarehouseSession(WarehouseSession):
+    """A DuckDB connection; every write is one transaction."""
 
     def __init__(self, raw_connection, schema: str):
+        super().__init__()
         self.raw = raw_connection
         self.schema = schema
         self.ibis = ibis.duckdb.from_connection(raw_connection)
-        self.skipped_empty_files: list[str] = []
         self.raw.execute(f"CREATE SCHEMA IF NOT EXISTS {_quote(schema)}")
 
     # -- reading -------------------------------------------------------------------------------
@@ -94,44 +228,22 @@ class WarehouseSession:
             )
         return self.ibis.table(name, database=self.schema)
 
-    def partition(self, name: str, experiment_id: str) -> ir.Table:
-        table = self.table(name)
-        return table.filter(table.experiment_id == experiment_id)
+    def _catalog_table(self, qualified_name: str) -> ir.Table:
+        database, _, table_name = qualified_name.rpartition(".")
+        return self.ibis.table(table_name, database=database or None)
 
-    def read_source(self, source: Source, resolved_path: str | None, description: str) -> ir.Table:
-        """The source as an Ibis table, with a `source_file` column naming where each row came from."""
-        if source.table is not None:
-            database, _, table_name = source.table.rpartition(".")
-            try:
-                table = self.ibis.table(table_name, database=database or None)
-            except Exception as exc:  # the backend's own error type varies
-                raise SourceError(
-                    f"{description}: table {source.table!r} is not in the warehouse ({exc})"
-                ) from None
-            return table.mutate(source_file=ibis.literal(source.table))
-        assert resolved_path is not None
-        files = sorted(globlib.glob(resolved_path))
-        if not files:
-            raise SourceError(
-                f"{description}: no file matches {resolved_path!r}; check 'path' in the registry "
-                "(relative paths are relative to the registry file's folder)"
-            )
-        # A 0-byte file holds no rows (and no header or footer to read): skip it, say so.
-        empty = [f for f in files if os.path.getsize(f) == 0]
-        self.skipped_empty_files.extend(empty)
-        files = [f for f in files if f not in empty]
-        if not files:
-            raise SourceError(
-                f"{description}: every file matching {resolved_path!r} is empty (0 bytes): "
-                f"{', '.join(empty)}"
-            )
+    def _read_parquet(self, files: list[str], description: str) -> ir.Table:
         for path in files:
-            self._probe(path, source.file_format, description)
-        if source.file_format == "parquet":
-            table = self.ibis.read_parquet(files, filename=True, union_by_name=True)
-        else:
-            table = self.ibis.read_csv(files, filename=True, **CSV_OPTIONS)
-        return table.rename(source_file="filename")
+            self._probe(path, "parquet", description)
+        return self.ibis.read_parquet(files, filename=True, union_by_name=True).rename(source_file="filename")
+
+    def _read_csv(self, files: list[str], description: str) -> ir.Table:
+        for path in files:
+            self._probe(path, "csv", description)
+        return self.ibis.read_csv(files, filename=True, **CSV_OPTIONS).rename(source_file="filename")
+
+    def temp_table(self, name: str, expr: ir.Table) -> ir.Table:
+        return self.ibis.create_table(name, expr, temp=True, overwrite=True)
 
     def _probe(self, path: str, file_format: str, description: str) -> None:
         """Fail on a file that is not what the registry says, naming the file and the fix."""
@@ -145,17 +257,7 @@ class WarehouseSession:
                 ).fetchall()
         except duckdb.Error as exc:
             reason = str(exc).splitlines()[0]
-            raise SourceError(
-                f"{description}: {path} is not a readable {file_format} file ({reason}). Fix or remove "
-                f"the file, or set 'format' for this source in the registry if it is not {file_format}."
-            ) from None
-
-    def to_pandas(self, expr: ir.Table) -> pd.DataFrame:
-        """Only for small results: sufficient statistics, counts, previews."""
-        return self.ibis.to_pandas(expr)
-
-    def count(self, expr: ir.Table) -> int:
-        return int(self.ibis.execute(expr.count()))
+            raise unreadable_file(description, path, file_format, reason) from None
 
     # -- writing -------------------------------------------------------------------------------
 
@@ -182,13 +284,6 @@ class WarehouseSession:
             self.raw.rollback()
             raise
         self.raw.commit()
-
-    def replace_partition(self, name: str, experiment_id: str, rows: ir.Table | pd.DataFrame) -> int:
-        """Replace one experiment's rows of `name` in one transaction; returns the rows written.
-
-        A failure (or a killed process) before the commit leaves the previous rows in place.
-        """
-        return self.replace_partitions(experiment_id, {name: rows})[name]
 
     def replace_partitions(
         self, experiment_id: str, tables: dict[str, ir.Table | pd.DataFrame]
@@ -275,7 +370,19 @@ class WarehouseBusy(RuntimeError):
 
 
 class Warehouse(ConfigurableResource):
-    """The analytics warehouse. DuckDB file by default; opened only when an asset runs."""
+    """The analytics warehouse: an engine behind one session interface, opened only when used.
+
+    DuckDBWarehouse (the default) and spark_warehouse.SparkWarehouse; resources.py picks one.
+    """
+
+    @contextmanager
+    def session(self) -> Iterator[WarehouseSession]:
+        raise NotImplementedError("use DuckDBWarehouse or SparkWarehouse")
+        yield
+
+
+class DuckDBWarehouse(Warehouse):
+    """A DuckDB file (through dagster-duckdb)."""
 
     duckdb: DuckDBResource
     schema_name: str = Field(default="exp", description="schema holding the pipeline's tables")
@@ -296,7 +403,7 @@ class Warehouse(ConfigurableResource):
     )
 
     @contextmanager
-    def session(self) -> Iterator[WarehouseSession]:
+    def session(self) -> Iterator[DuckDBWarehouseSession]:
         database = self.duckdb.database
         if database != ":memory:":
             Path(database).parent.mkdir(parents=True, exist_ok=True)
@@ -324,6 +431,6 @@ class Warehouse(ConfigurableResource):
                     ) from None
                 time.sleep(LOCK_RETRY_SECONDS)
         try:
-            yield WarehouseSession(raw, self.schema_name)
+            yield DuckDBWarehouseSession(raw, self.schema_name)
         finally:
             raw.close()

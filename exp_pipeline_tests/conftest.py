@@ -2,15 +2,17 @@
 
 import os
 import shutil
+import uuid
 from pathlib import Path
 
+import pandas as pd
 import pytest
 from dagster import DagsterInstance
 from dagster_duckdb import DuckDBResource
 
-from exp_pipeline.resources import DEFAULT_REGISTRY, RegistryResource
+from exp_pipeline.resources import DEFAULT_REGISTRY, RegistryResource, spark_config
 from exp_pipeline.sample_data import generate
-from exp_pipeline.warehouse import Warehouse
+from exp_pipeline.warehouse import DuckDBWarehouse, Warehouse
 
 # Temporary test instances would otherwise send and log telemetry.
 os.environ.setdefault("DAGSTER_DISABLE_TELEMETRY", "1")
@@ -19,19 +21,50 @@ os.environ.setdefault("DAGSTER_DISABLE_TELEMETRY", "1")
 E2E_USERS = 100_000
 
 
+# Engine-dependent tests run on both; Spark in local mode, one session for the whole test run.
+ENGINES = ["duckdb", "spark"]
+TEST_SPARK_CONFIG = {
+    **spark_config(),
+    "spark.master": "local[2]",
+    "spark.sql.shuffle.partitions": "2",
+    "spark.driver.memory": "2g",
+}
+
+
+def spark_warehouse_at(root: Path) -> Warehouse:
+    """A Spark warehouse of its own (database and folder) on the test run's shared session."""
+    from dagster_pyspark import LazyPySparkResource
+
+    from exp_pipeline.spark_warehouse import SparkWarehouse
+
+    return SparkWarehouse(
+        pyspark=LazyPySparkResource(spark_config=TEST_SPARK_CONFIG),
+        database=f"exp_{uuid.uuid5(uuid.NAMESPACE_URL, str(root)).hex[:16]}",
+        location=str(root / "spark" / "exp.db"),
+    )
+
+
+def warehouse_at(root: Path, engine: str) -> Warehouse:
+    if engine == "spark":
+        return spark_warehouse_at(root)
+    return DuckDBWarehouse(duckdb=DuckDBResource(database=str(root / "warehouse" / "warehouse.duckdb")))
+
+
 class Workspace:
-    def __init__(self, root: Path, users: int):
+    def __init__(self, root: Path, users: int, engine: str = "duckdb"):
         self.root = root
+        self.engine = engine
         self.registry_path = root / "registry.yaml"
         shutil.copy(DEFAULT_REGISTRY, self.registry_path)
         self.truth = generate(root / "sample", n_users=users)
         self.database = root / "warehouse" / "warehouse.duckdb"
 
     @classmethod
-    def existing(cls, root: Path) -> "Workspace":
+    def existing(cls, root: Path, engine: str = "duckdb") -> "Workspace":
         """A workspace whose registry and logs are already written in `root`."""
         workspace = cls.__new__(cls)
         workspace.root = root
+        workspace.engine = engine
         workspace.registry_path = root / "registry.yaml"
         workspace.truth = None
         workspace.database = root / "warehouse" / "warehouse.duckdb"
@@ -40,16 +73,44 @@ class Workspace:
     def resources(self) -> dict:
         return {
             "registry": RegistryResource(path=str(self.registry_path)),
-            "warehouse": Warehouse(duckdb=DuckDBResource(database=str(self.database))),
+            "warehouse": warehouse_at(self.root, self.engine),
         }
 
     def warehouse(self) -> Warehouse:
         return self.resources()["warehouse"]
 
+    def rows(self, table: str, experiment_id: str | None = None) -> pd.DataFrame:
+        """A table (or one experiment's rows) as pandas, columns by name, rows sorted: the same
+        frame from either engine."""
+        with self.warehouse().session() as session:
+            expr = session.table(table) if experiment_id is None else session.partition(table, experiment_id)
+            frame = session.to_pandas(expr)
+        frame = frame[sorted(frame.columns)]
+        return frame.sort_values(list(frame.columns), ignore_index=True)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def stop_spark_at_the_end():
+    """Spark starts when a test first needs it (getOrCreate) and stops after the last test."""
+    yield
+    from pyspark.sql import SparkSession
+
+    active = SparkSession.getActiveSession()
+    if active is not None:
+        active.stop()
+
 
 @pytest.fixture(scope="session")
 def sample_workspace(tmp_path_factory) -> Workspace:
     return Workspace(tmp_path_factory.mktemp("sample"), E2E_USERS)
+
+
+@pytest.fixture(scope="session")
+def spark_sample_workspace(sample_workspace) -> Workspace:
+    """The same logs and registry, analysed on Spark into its own warehouse (under spark/)."""
+    workspace = Workspace.existing(sample_workspace.root, "spark")
+    workspace.truth = sample_workspace.truth
+    return workspace
 
 
 @pytest.fixture()

@@ -220,11 +220,11 @@ from exp_pipeline.assets import ANALYSIS_ASSETS
 from exp_pipeline.automation import analyze_experiment_job
 from exp_pipeline.checks import EXPERIMENT_CHECKS
 from exp_pipeline.resources import RegistryResource
-from exp_pipeline.warehouse import Warehouse
+from exp_pipeline.warehouse import DuckDBWarehouse
 
 defs = Definitions(
     assets=ANALYSIS_ASSETS, asset_checks=EXPERIMENT_CHECKS, jobs=[analyze_experiment_job],
-    resources={"registry": RegistryResource(path=REGISTRY), "warehouse": Warehouse(duckdb=DuckDBResource(database=DATABASE))},
+    resources={"registry": RegistryResource(path=REGISTRY), "warehouse": DuckDBWarehouse(duckdb=DuckDBResource(database=DATABASE))},
     executor=in_process_executor,
 )
 

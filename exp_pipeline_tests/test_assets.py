@@ -12,7 +12,7 @@ from exp_pipeline.assets import ANALYSIS_ASSETS, REGISTRY_ASSETS, experiment_par
 from exp_pipeline.checks import EXPERIMENT_CHECKS
 from exp_pipeline.resources import DEFAULT_REGISTRY
 from exp_pipeline.sample_data import generate
-from exp_pipeline_tests.conftest import Workspace
+from exp_pipeline_tests.conftest import ENGINES, Workspace
 
 EXPERIMENTS = ["checkout_redesign", "aa_homepage", "pricing_three_arm", "onboarding_srm"]
 
@@ -26,19 +26,15 @@ def materialize_experiment(workspace, instance, experiment_id):
     )
 
 
-@pytest.fixture(scope="module")
-def pipeline(sample_workspace, tmp_path_factory):
-    """Every experiment materialized once; yields (workspace, {experiment: result})."""
+@pytest.fixture(scope="module", params=ENGINES)
+def pipeline(request, tmp_path_factory):
+    """Every experiment materialized once per engine; yields (workspace, {experiment: result}, instance)."""
+    workspace = request.getfixturevalue("sample_workspace" if request.param == "duckdb" else "spark_sample_workspace")
     with DagsterInstance.local_temp(str(tmp_path_factory.mktemp("dagster_home"))) as instance:
         instance.add_dynamic_partitions(experiment_partitions.name, EXPERIMENTS)
-        assert materialize(REGISTRY_ASSETS, instance=instance, resources=sample_workspace.resources()).success
-        results = {e: materialize_experiment(sample_workspace, instance, e) for e in EXPERIMENTS}
-        yield sample_workspace, results, instance
-
-
-def read(workspace, sql, params=None) -> pd.DataFrame:
-    with workspace.warehouse().session() as session:
-        return session.raw.execute(sql, params or []).df()
+        assert materialize(REGISTRY_ASSETS, instance=instance, resources=workspace.resources()).success
+        results = {e: materialize_experiment(workspace, instance, e) for e in EXPERIMENTS}
+        yield workspace, results, instance
 
 
 def metadata(result, asset_name):
@@ -53,10 +49,10 @@ def test_every_partition_succeeds(pipeline):
 
 def test_dims_come_from_the_registry(pipeline):
     workspace, _, _ = pipeline
-    variants = read(workspace, "SELECT * FROM exp.dim_variants")
+    variants = workspace.rows("dim_variants")
     assert len(variants) == 9
     assert variants.groupby("experiment_id")["is_control"].sum().eq(1).all()
-    experiments = read(workspace, "SELECT experiment_id, status FROM exp.dim_experiments")
+    experiments = workspace.rows("dim_experiments")
     assert sorted(experiments["experiment_id"]) == sorted(EXPERIMENTS)
 
 
@@ -64,13 +60,9 @@ def test_assignment_rules_recover_the_ground_truth(pipeline):
     workspace, results, _ = pipeline
     for experiment_id in EXPERIMENTS:
         truth = workspace.truth["experiments"][experiment_id]
-        counts = read(
-            workspace,
-            "SELECT variant_id, count(*) AS n FROM exp.deduped_assignments "
-            "WHERE experiment_id = ? AND is_active AND exclusion_reason IS NULL GROUP BY 1",
-            [experiment_id],
-        )
-        assert dict(zip(counts["variant_id"], counts["n"])) == truth["analysable_subjects"]
+        deduped = workspace.rows("deduped_assignments", experiment_id)
+        counts = deduped[deduped.is_active & deduped.exclusion_reason.isna()].variant_id.value_counts()
+        assert counts.to_dict() == truth["analysable_subjects"]
         meta = metadata(results[experiment_id], "deduped_assignments")
         assert meta["multi_variant_subjects"] == truth["multi_variant_subjects"]
         assert meta["exposure_rows_by_reason"]["outside_window"] == truth["rows_outside_window"]
@@ -79,34 +71,25 @@ def test_assignment_rules_recover_the_ground_truth(pipeline):
 
 def test_one_active_row_per_experiment_and_subject(pipeline):
     workspace, _, _ = pipeline
-    duplicated = read(
-        workspace,
-        "SELECT experiment_id, subject_id FROM exp.deduped_assignments WHERE is_active "
-        "GROUP BY ALL HAVING count(*) > 1",
-    )
-    assert duplicated.empty
+    deduped = workspace.rows("deduped_assignments")
+    active = deduped[deduped.is_active]
+    assert len(active) > 0
+    assert not active.duplicated(["experiment_id", "subject_id"]).any()
 
 
 def test_only_post_assignment_events_inside_the_window(pipeline):
     workspace, _, _ = pipeline
-    bad = read(
-        workspace,
-        "SELECT count(*) AS n FROM exp.post_assignment_events "
-        "WHERE event_at < assigned_at OR event_at >= assigned_at + INTERVAL 14 DAY",
-    )
-    assert bad["n"].iloc[0] == 0
-    pre = read(
-        workspace,
-        "SELECT count(*) AS n FROM exp.pre_assignment_events "
-        "WHERE event_at >= assigned_at OR event_at < assigned_at - INTERVAL 14 DAY",
-    )
-    assert pre["n"].iloc[0] == 0
+    days = pd.Timedelta(days=14)
+    post = workspace.rows("post_assignment_events", "checkout_redesign")
+    assert len(post) > 0
+    assert not ((post.event_at < post.assigned_at) | (post.event_at >= post.assigned_at + days)).any()
+    pre = workspace.rows("pre_assignment_events", "checkout_redesign")
+    assert len(pre) > 0
+    assert not ((pre.event_at >= pre.assigned_at) | (pre.event_at < pre.assigned_at - days)).any()
 
 
 def metrics_of(workspace, experiment_id) -> pd.DataFrame:
-    return read(
-        workspace, "SELECT * FROM exp.variant_metrics WHERE experiment_id = ?", [experiment_id]
-    ).set_index(["variant_id", "metric"])
+    return workspace.rows("variant_metrics", experiment_id).set_index(["variant_id", "metric"])
 
 
 def test_the_real_effect_is_recovered(pipeline):
@@ -187,10 +170,7 @@ def test_rematerializing_a_partition_gives_identical_tables(pipeline):
               "variant_metrics"]
 
     def snapshot():
-        return {
-            t: read(workspace, f"SELECT * FROM exp.{t} WHERE experiment_id = 'aa_homepage' ORDER BY ALL")
-            for t in tables
-        }
+        return {t: workspace.rows(t, "aa_homepage") for t in tables}
 
     before = snapshot()
     assert materialize_experiment(workspace, instance, "aa_homepage").success
@@ -264,7 +244,7 @@ def _daily_logs_until(source: Path, target: Path, last_day: str, late_day: str |
                 continue
             if kind == "events" and day == late_day:
                 frame = pd.read_parquet(path)
-                frame[frame.index % 4 != 0].to_parquet(folder / path.name, index=False)
+                frame[frame.index % 4 != 0].to_parquet(folder / path.name, index=False, coerce_timestamps="us")
             else:
                 shutil.copy(path, folder / path.name)
 
@@ -279,19 +259,19 @@ def _expose_to_another_variant(root: Path, day: str, subject_id: str) -> None:
         variation=row.variation.map({"control": "treatment", "treatment": "control"}),
         exposed_at=pd.Timestamp(f"{day}T12:00:00Z"),
     )
-    row.to_parquet(folder / f"exposures_{day}_correction.parquet", index=False)
+    row.to_parquet(folder / f"exposures_{day}_correction.parquet", index=False, coerce_timestamps="us")
+
+
+ANALYSIS_TABLES = ["deduped_assignments", "post_assignment_events", "pre_assignment_events", "variant_metrics"]
 
 
 def _analysis_tables(workspace) -> dict[str, pd.DataFrame]:
-    tables = ["deduped_assignments", "post_assignment_events", "pre_assignment_events", "variant_metrics"]
+    tables = {t: workspace.rows(t, RUNNING_EXPERIMENT) for t in ANALYSIS_TABLES}
     # History rows and validity times depend on when runs happened; the current state must not.
-    only = {"deduped_assignments": " AND is_active"}
-    drop = {"deduped_assignments": ["valid_from", "valid_to"]}
-    return {
-        t: read(workspace, f"SELECT * EXCLUDE (experiment_id) FROM exp.{t} WHERE experiment_id = ?{only.get(t, '')} "
-                "ORDER BY ALL", [RUNNING_EXPERIMENT]).drop(columns=drop.get(t, []))
-        for t in tables
-    }
+    deduped = tables["deduped_assignments"]
+    deduped = deduped[deduped.is_active].drop(columns=["valid_from", "valid_to"])
+    tables["deduped_assignments"] = deduped.sort_values(list(deduped.columns), ignore_index=True)
+    return tables
 
 
 @pytest.mark.parametrize(
@@ -304,10 +284,14 @@ def _analysis_tables(workspace) -> dict[str, pd.DataFrame]:
         ("2026-10-09", "2026-10-10", 0.75),
     ],
 )
-def test_incremental_refresh_equals_full_recomputation(tmp_path, processed_until, refreshed_day, max_share_rebuilt):
+@pytest.mark.parametrize("engine", ENGINES)
+def test_incremental_refresh_equals_full_recomputation(
+    tmp_path, engine, processed_until, refreshed_day, max_share_rebuilt
+):
     generated = tmp_path / "generated"
     generate(generated, n_users=INCREMENTAL_USERS)
-    incremental, full = Workspace.existing(tmp_path / "incremental"), Workspace.existing(tmp_path / "full")
+    incremental = Workspace.existing(tmp_path / "incremental", engine)
+    full = Workspace.existing(tmp_path / "full", engine)
     for workspace in (incremental, full):
         workspace.root.mkdir()
         shutil.copy(DEFAULT_REGISTRY, workspace.registry_path)
@@ -322,10 +306,7 @@ def test_incremental_refresh_equals_full_recomputation(tmp_path, processed_until
         assert metadata(first, "post_assignment_events")["refresh_mode"] == "full"
 
         # A subject with stored events whose log is corrected on the refreshed day.
-        corrected = read(
-            incremental, "SELECT min(subject_id) AS s FROM exp.post_assignment_events WHERE experiment_id = ?",
-            [RUNNING_EXPERIMENT],
-        ).s.iloc[0]
+        corrected = incremental.rows("post_assignment_events", RUNNING_EXPERIMENT).subject_id.min()
         _daily_logs_until(generated, incremental.root, refreshed_day, late_day=None)
         _expose_to_another_variant(incremental.root, refreshed_day, corrected)
         refresh = materialize_experiment(incremental, instance, RUNNING_EXPERIMENT)

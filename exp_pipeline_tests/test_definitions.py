@@ -16,7 +16,7 @@ import yaml
 from dagster_duckdb import DuckDBResource
 
 from exp_pipeline.resources import DEFAULT_REGISTRY, PROJECT_ROOT
-from exp_pipeline.warehouse import Warehouse
+from exp_pipeline.warehouse import DuckDBWarehouse
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 LOCATION = {"repositoryLocationName": "exp_pipeline", "repositoryName": "__repository__"}
@@ -280,7 +280,7 @@ def test_runs_launched_at_once_queue_on_the_pool_and_all_succeed(dagster_dev, la
     log = dagster_dev.log_path.read_text()
     assert "Could not set lock" not in log
     # The daemon's alert sensor may hold the file a moment: wait for the lock like any writer.
-    warehouse = Warehouse(duckdb=DuckDBResource(database=str(dagster_dev.root / "warehouse.duckdb")))
+    warehouse = DuckDBWarehouse(duckdb=DuckDBResource(database=str(dagster_dev.root / "warehouse.duckdb")))
     with warehouse.session() as session:
         counts = dict(session.raw.execute(
             "SELECT experiment_id, count(*) FROM exp.variant_metrics GROUP BY 1"

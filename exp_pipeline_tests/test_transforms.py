@@ -10,6 +10,8 @@ import pytest
 
 from exp_pipeline import transforms
 from exp_pipeline.registry import Experiment, Metric, Source
+from exp_pipeline.warehouse import DuckDBWarehouseSession
+from exp_pipeline_tests.conftest import ENGINES, spark_warehouse_at
 
 UTC = dt.timezone.utc
 START = dt.datetime(2026, 10, 1, tzinfo=UTC)
@@ -20,8 +22,41 @@ def ts(text: str) -> pd.Timestamp:
     return pd.Timestamp(text, tz="UTC")
 
 
+class EngineTables:
+    """Tables built from frames and run on one engine, through the warehouse session's interface."""
+
+    def __init__(self, session):
+        self.session = session
+        self.tables: dict[str, ibis.Table] = {}
+
+    def create_table(self, name: str, obj, overwrite: bool = True) -> ibis.Table:
+        if not isinstance(obj, ibis.Table):
+            # A missing value is a null on every engine (Spark would keep pandas' NaN as NaN).
+            obj = ibis.memtable(obj.astype(object).where(obj.notna(), None), schema=ibis.memtable(obj).schema())
+        expr = obj
+        self.tables[name] = self.session.temp_table(name, expr)
+        return self.tables[name]
+
+    def table(self, name: str) -> ibis.Table:
+        return self.tables[name]
+
+    def to_pandas(self, expr) -> pd.DataFrame:
+        return self.session.to_pandas(expr)
+
+
+@pytest.fixture(params=ENGINES)
+def con(request, tmp_path):
+    """The transforms on each engine: DuckDB in memory, Spark in local mode."""
+    if request.param == "duckdb":
+        yield EngineTables(DuckDBWarehouseSession(duckdb.connect(), "exp"))
+    else:
+        with spark_warehouse_at(tmp_path).session() as session:
+            yield EngineTables(session)
+
+
 @pytest.fixture()
-def con():
+def duck():
+    """DuckDB alone: reading files is the engine's part (see test_warehouse for both engines)."""
     return ibis.duckdb.connect()
 
 
@@ -483,19 +518,19 @@ def _expected_instants():
     return [ts("2026-10-02T10:00:00.000001Z"), ts("2026-10-02T08:00:00Z")]
 
 
-def test_canonical_assignments_from_pandas_nanosecond_parquet(con, tmp_path):
+def test_canonical_assignments_from_pandas_nanosecond_parquet(duck, tmp_path):
     frame = pd.DataFrame({
         "user_id": ["a", "b"], "exp_key": "exp", "arm": "control", "device_type": "ios",
         "ts": pd.to_datetime(["2026-10-02T10:00:00.000001Z", "2026-10-02T08:00:00Z"], format="ISO8601"),
     })
     frame.to_parquet(tmp_path / "a.parquet")
-    raw = con.read_parquet(tmp_path / "a.parquet").mutate(source_file=ibis.literal("a.parquet"))
-    out = con.to_pandas(transforms.canonical_assignments(raw, SOURCE, "exp"))
+    raw = duck.read_parquet(tmp_path / "a.parquet").mutate(source_file=ibis.literal("a.parquet"))
+    out = duck.to_pandas(transforms.canonical_assignments(raw, SOURCE, "exp"))
     assert list(out["assigned_at"]) == _expected_instants()
     assert str(out["assigned_at"].dt.tz) == "UTC"
 
 
-def test_canonical_assignments_from_duckdb_parquet_and_csv_with_offsets(con, tmp_path):
+def test_canonical_assignments_from_duckdb_parquet_and_csv_with_offsets(duck, tmp_path):
     db = duckdb.connect()
     db.execute(
         "COPY (SELECT * FROM (VALUES ('a', 'exp', 'control', 'ios', TIMESTAMPTZ '2026-10-02 12:00:00.000001+02'),"
@@ -503,8 +538,8 @@ def test_canonical_assignments_from_duckdb_parquet_and_csv_with_offsets(con, tmp
         " t(user_id, exp_key, arm, device_type, ts)) TO ? (FORMAT parquet)",
         [str(tmp_path / "b.parquet")],
     )
-    raw = con.read_parquet(tmp_path / "b.parquet").mutate(source_file=ibis.literal("b.parquet"))
-    out = con.to_pandas(transforms.canonical_assignments(raw, SOURCE, "exp"))
+    raw = duck.read_parquet(tmp_path / "b.parquet").mutate(source_file=ibis.literal("b.parquet"))
+    out = duck.to_pandas(transforms.canonical_assignments(raw, SOURCE, "exp"))
     assert list(out["assigned_at"]) == _expected_instants()
     # CSV: an offset, and a naive timestamp taken as UTC, in one file.
     (tmp_path / "c.csv").write_text(
@@ -513,8 +548,8 @@ def test_canonical_assignments_from_duckdb_parquet_and_csv_with_offsets(con, tmp
         "b,exp,control,ios,2026-10-02 08:00:00\n"
         "c,other,control,ios,2026-10-02 08:00:00\n"
     )
-    raw = con.read_csv(tmp_path / "c.csv", all_varchar=True).mutate(source_file=ibis.literal("c.csv"))
-    out = con.to_pandas(transforms.canonical_assignments(raw, SOURCE, "exp"))
+    raw = duck.read_csv(tmp_path / "c.csv", all_varchar=True).mutate(source_file=ibis.literal("c.csv"))
+    out = duck.to_pandas(transforms.canonical_assignments(raw, SOURCE, "exp"))
     assert list(out["assigned_at"]) == _expected_instants()
 
 

@@ -5,17 +5,33 @@ import time
 from contextlib import contextmanager
 
 import duckdb
+import ibis
 import pandas as pd
 import pytest
 from dagster_duckdb import DuckDBResource
+from pyspark.errors import PySparkException
 
 from exp_pipeline.registry import Source
-from exp_pipeline.warehouse import SourceError, Warehouse, WarehouseBusy
+from exp_pipeline.warehouse import DuckDBWarehouse, SourceError, WarehouseBusy
+from exp_pipeline_tests.conftest import ENGINES, warehouse_at
+
+# What a failed write raises on each engine.
+WRITE_FAILURES = (duckdb.Error, PySparkException)
+
+
+@pytest.fixture(params=ENGINES)
+def warehouse(request, tmp_path):
+    return warehouse_at(tmp_path, request.param)
 
 
 @pytest.fixture()
-def warehouse(tmp_path):
-    return Warehouse(duckdb=DuckDBResource(database=str(tmp_path / "w.duckdb")))
+def duckdb_warehouse(tmp_path):
+    return DuckDBWarehouse(duckdb=DuckDBResource(database=str(tmp_path / "w.duckdb")))
+
+
+def sorted_rows(session, name) -> list[tuple]:
+    frame = session.to_pandas(session.table(name))
+    return sorted(frame[sorted(frame.columns)].itertuples(index=False, name=None))
 
 
 def read(warehouse, path, file_format):
@@ -73,14 +89,26 @@ def test_a_failed_partition_write_leaves_the_previous_rows(warehouse):
     with warehouse.session() as session:
         session.replace_partition("t", "e1", pd.DataFrame({"experiment_id": ["e1", "e1"], "x": [1, 2]}))
         session.replace_partition("t", "e2", pd.DataFrame({"experiment_id": ["e2"], "x": [3]}))
-        with pytest.raises(duckdb.ConversionException):
-            # Text into an integer column fails after the DELETE ran inside the transaction.
-            session.replace_partition("t", "e1", pd.DataFrame({"experiment_id": ["e1"], "x": ["oops"]}))
-        rows = session.raw.execute("SELECT experiment_id, x FROM exp.t ORDER BY ALL").fetchall()
+        # Thousands of good rows, then one that fails while the write is under way (after
+        # DuckDB's DELETE ran in the transaction; after Spark's tasks began writing files).
+        text = ibis.memtable(pd.DataFrame({"experiment_id": "e1", "x": [str(i) for i in range(5000)] + ["oops"]}))
+        with pytest.raises(WRITE_FAILURES):
+            session.replace_partition("t", "e1", text.mutate(x=text.x.cast("int64")))
+        rows = sorted_rows(session, "t")
     assert rows == [("e1", 1), ("e1", 2), ("e2", 3)]
 
 
-def test_several_tables_are_replaced_all_or_nothing(warehouse):
+def test_an_empty_result_empties_only_its_partition(warehouse):
+    with warehouse.session() as session:
+        session.replace_partition("t", "e1", pd.DataFrame({"experiment_id": ["e1"], "x": [1]}))
+        session.replace_partition("t", "e2", pd.DataFrame({"experiment_id": ["e2"], "x": [2]}))
+        written = session.replace_partition("t", "e1", pd.DataFrame({"experiment_id": pd.Series([], dtype=str), "x": pd.Series([], dtype="int64")}))
+        assert written == 0
+        assert sorted_rows(session, "t") == [("e2", 2)]
+
+
+def test_several_tables_are_replaced_all_or_nothing(duckdb_warehouse):
+    warehouse = duckdb_warehouse
     with warehouse.session() as session:
         session.replace_partitions("e1", {
             "a": pd.DataFrame({"experiment_id": ["e1"], "x": [1]}),
@@ -121,7 +149,7 @@ def test_a_locked_file_is_waited_for_then_used(tmp_path):
     path = str(tmp_path / "w.duckdb")
     with _lock_held(path, 3):
         started = time.monotonic()
-        warehouse = Warehouse(duckdb=DuckDBResource(database=path), lock_timeout_seconds=60)
+        warehouse = DuckDBWarehouse(duckdb=DuckDBResource(database=path), lock_timeout_seconds=60)
         with warehouse.session() as session:
             assert session.raw.execute("SELECT 1").fetchone() == (1,)
         assert time.monotonic() - started >= 1  # it did wait for the other process
@@ -130,7 +158,7 @@ def test_a_locked_file_is_waited_for_then_used(tmp_path):
 def test_a_lock_held_too_long_fails_with_a_clear_error(tmp_path):
     path = str(tmp_path / "w.duckdb")
     with _lock_held(path, 20):
-        warehouse = Warehouse(duckdb=DuckDBResource(database=path), lock_timeout_seconds=0.5)
+        warehouse = DuckDBWarehouse(duckdb=DuckDBResource(database=path), lock_timeout_seconds=0.5)
         with pytest.raises(WarehouseBusy, match="stayed locked by another process"):
             with warehouse.session():
                 pass
@@ -142,14 +170,15 @@ MATERIALIZE = """
 import sys
 from dagster import DagsterInstance, materialize
 from dagster_duckdb import DuckDBResource
+from pyspark.errors import PySparkException
 from exp_pipeline.assets import ANALYSIS_ASSETS, experiment_partitions
 from exp_pipeline.resources import RegistryResource
-from exp_pipeline.warehouse import Warehouse
+from exp_pipeline.warehouse import DuckDBWarehouse
 
 registry, database, home, experiment, repeat = sys.argv[1:6]
 resources = {
     "registry": RegistryResource(path=registry),
-    "warehouse": Warehouse(duckdb=DuckDBResource(database=database)),
+    "warehouse": DuckDBWarehouse(duckdb=DuckDBResource(database=database)),
 }
 with DagsterInstance.local_temp(home) as instance:
     instance.add_dynamic_partitions(experiment_partitions.name, [experiment])

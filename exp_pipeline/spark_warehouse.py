@@ -1,0 +1,367 @@
+"""The Spark engine: the same session interface as DuckDB's, over PySpark and Ibis's PySpark backend.
+
+Tables are Parquet tables in the Spark catalog (database `database`, files under `location`),
+partitioned by experiment_id. A partition write is a dynamic partition overwrite: Spark writes the
+new files to a staging folder and swaps in that one experiment's folder when the job commits, so a
+failed or killed job leaves the previous rows. Several tables are written one after the other
+(Parquet tables have no multi-table transactions); writers put the table that records progress last.
+
+Local mode (`local[2]`) keeps its catalog in memory, which a new process starts without: a manifest
+file in `location` records each table's columns so the next session registers the tables again.
+A cluster's metastore (Hive, Glue, Unity) keeps them itself.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from urllib.parse import urlparse
+
+import ibis
+import ibis.expr.operations as ops
+import ibis.expr.types as ir
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+from dagster_pyspark import LazyPySparkResource
+from pydantic import Field
+
+from exp_pipeline.registry import SAFE_ID_PATTERN
+from exp_pipeline.transforms import UTC_TIMESTAMP
+from exp_pipeline.warehouse import (
+    PartitionRefresh,
+    RefreshCounts,
+    SourceError,
+    Warehouse,
+    WarehouseSession,
+    unreadable_file,
+)
+
+PARTITION_COLUMN = "experiment_id"
+MANIFEST = "_exp_pipeline_tables.json"
+
+# Local mode as the tests and the benchmark run it; a cluster replaces these (see the README).
+LOCAL_SPARK_CONFIG = {
+    "spark.master": "local[2]",
+    "spark.app.name": "exp_pipeline",
+    "spark.ui.enabled": "false",
+    "spark.sql.shuffle.partitions": "4",
+    "spark.driver.memory": "4g",
+    # Spark's own files (block manager, checkpoints) stay out of the working directory.
+    "spark.sql.session.timeZone": "UTC",
+}
+
+
+def _quote(identifier: str) -> str:
+    if not SAFE_ID_PATTERN.match(identifier):
+        raise ValueError(f"unsafe identifier {identifier!r}")
+    return f"`{identifier}`"
+
+
+def _is_local(location: str) -> bool:
+    return urlparse(location).scheme in ("", "file")
+
+
+def _local_path(uri: str) -> str:
+    parsed = urlparse(uri)
+    return parsed.path if parsed.scheme in ("", "file") else uri
+
+
+class SparkWarehouseSession(WarehouseSession):
+    def __init__(self, spark, database: str, location: str | None):
+        super().__init__()
+        self.spark = spark
+        self.schema = database
+        self.ibis = ibis.pyspark.connect(spark)
+        # An overwrite replaces only the partitions it writes, staged and swapped in at commit.
+        # (A DataFrameWriter option does not reach insertInto; the session setting does.)
+        spark.conf.set("spark.sql.sources.partitionOverwriteMode", "dynamic")
+        if location and _is_local(location):
+            Path(_local_path(location)).mkdir(parents=True, exist_ok=True)
+        where = f" LOCATION '{location}'" if location else ""
+        spark.sql(f"CREATE DATABASE IF NOT EXISTS {_quote(database)}{where}")
+        self.location = location or spark.sql(f"DESCRIBE DATABASE {_quote(database)}").filter(
+            "info_name = 'Location'"
+        ).collect()[0]["info_value"]
+        self._register_known_tables()
+
+    # -- the catalog ---------------------------------------------------------------------------
+
+    def _manifest_path(self) -> Path | None:
+        return Path(_local_path(self.location)) / MANIFEST if _is_local(self.location) else None
+
+    def _manifest(self) -> dict:
+        path = self._manifest_path()
+        return json.loads(path.read_text()) if path is not None and path.exists() else {}
+
+    def _record_in_manifest(self, name: str) -> None:
+        path = self._manifest_path()
+        if path is None:
+            return
+        manifest = self._manifest()
+        manifest[name] = self.spark.sql(f"SHOW CREATE TABLE {self._qualified(name)}").collect()[0][0]
+        path.parent.mkdir(parents=True, exist_ok=True)
+        temporary = path.with_suffix(f".{uuid.uuid4().hex}.tmp")
+        temporary.write_text(json.dumps(manifest, indent=2, sort_keys=True))
+        os.replace(temporary, path)  # readers never see half a manifest
+
+    def _register_known_tables(self) -> None:
+        for name, create_statement in self._manifest().items():
+            if self.has_table(name):
+                continue
+            self.spark.sql(create_statement)
+            if PARTITION_COLUMN in self._partition_columns(name):
+                self.spark.sql(f"ALTER TABLE {self._qualified(name)} RECOVER PARTITIONS")
+
+    def _qualified(self, name: str) -> str:
+        return f"{_quote(self.schema)}.{_quote(name)}"
+
+    def _table_location(self, name: str) -> str:
+        return f"{self.location.rstrip('/')}/{name}"
+
+    def _columns(self, name: str) -> list:
+        return self.spark.catalog.listColumns(f"{self.schema}.{name}")
+
+    def _partition_columns(self, name: str) -> list[str]:
+        return [c.name for c in self._columns(name) if c.isPartition]
+
+    # -- reading -------------------------------------------------------------------------------
+
+    def has_table(self, name: str) -> bool:
+        return self.spark.catalog.tableExists(f"{self.schema}.{name}")
+
+    def table(self, name: str) -> ir.Table:
+        if not self.has_table(name):
+            raise LookupError(
+                f"table {self.schema}.{name} does not exist yet: materialize its asset first"
+            )
+        return self._utc(self.ibis.table(name, database=self.schema))
+
+    @staticmethod
+    def _utc(table: ir.Table) -> ir.Table:
+        # Spark's TIMESTAMP is an instant shown in the session time zone (UTC here); Ibis reads it
+        # as naive. Saying UTC makes the types the same as DuckDB's (a no-op cast in Spark).
+        naive = [c for c, t in table.schema().items() if t.is_timestamp() and t.timezone is None]
+        return table.mutate(**{c: table[c].cast(UTC_TIMESTAMP) for c in naive}) if naive else table
+
+    def _catalog_table(self, qualified_name: str) -> ir.Table:
+        database, _, table_name = qualified_name.rpartition(".")
+        return self._utc(self.ibis.table(table_name, database=database or None))
+
+    def _source_files(self, resolved_path: str, description: str) -> list[str]:
+        # Spark lists object stores and HDFS itself (globs too); only local paths are checked here.
+        if not _is_local(resolved_path):
+            return [resolved_path]
+        return super()._source_files(_local_path(resolved_path), description)
+
+    def _from_dataframe(self, frame, prefix: str) -> ir.Table:
+        name = f"{prefix}_{uuid.uuid4().hex}"
+        frame.createOrReplaceTempView(name)
+        return self._utc(self.ibis.table(name))
+
+    def _with_source_file(self, frame):
+        from pyspark.sql import functions as F
+
+        # Spark names files as URIs (file:/...); DuckDB as paths: rejected rows show the path.
+        path = F.col("_metadata.file_path")
+        return frame.withColumn("source_file", F.regexp_replace(path, r"^file:(//)?", ""))
+
+    def _read_parquet(self, files: list[str], description: str) -> ir.Table:
+        from pyspark.sql import functions as F
+
+        kinds: dict[str, set[bool]] = {}  # timestamp column -> {stored as nanoseconds?}
+        for path in filter(_is_local, files):
+            for field in self._probe_parquet(path, description):
+                kinds.setdefault(field.name, set()).add(field.type.unit == "ns")
+        mixed = sorted(c for c, k in kinds.items() if len(k) > 1)
+        if mixed:
+            raise SourceError(
+                f"{description}: {', '.join(mixed)} is stored as nanoseconds in some files and not in "
+                "others; Spark cannot read the two together. Rewrite the files with one unit "
+                "(pyarrow: coerce_timestamps='us') or run on DuckDB"
+            )
+        nanos = sorted(c for c, k in kinds.items() if k == {True})
+        if nanos:
+            # Spark has no nanosecond timestamps (pandas writes them by default): read them as
+            # integers and keep microseconds, the pipeline's resolution.
+            self.spark.conf.set("spark.sql.legacy.parquet.nanosAsLong", "true")
+        frame = self.spark.read.option("mergeSchema", "true").parquet(*files)
+        for column in nanos:
+            frame = frame.withColumn(column, F.timestamp_micros(F.expr(f"`{column}` div 1000")))
+        return self._from_dataframe(self._with_source_file(frame), "source")
+
+    @staticmethod
+    def _probe_parquet(path: str, description: str) -> list:
+        """The file's timestamp fields; a SourceError naming the file if it is not Parquet."""
+        try:
+            schema = pq.read_schema(path)
+        except Exception as exc:  # pyarrow's error types vary by what is wrong
+            raise unreadable_file(description, path, "parquet", str(exc).splitlines()[0]) from None
+        return [field for field in schema if isinstance(field.type, pa.TimestampType)]
+
+    def _read_csv(self, files: list[str], description: str) -> ir.Table:
+        # Every column as text; a short last line is padded with nulls (PERMISSIVE), as on DuckDB.
+        frame = (
+            self.spark.read.option("header", "true")
+            .option("mode", "PERMISSIVE")
+            .option("inferSchema", "false")
+            .csv(files)
+        )
+        return self._from_dataframe(self._with_source_file(frame), "source")
+
+    def temp_table(self, name: str, expr: ir.Table) -> ir.Table:
+        # Checkpointed (computed now, lineage cut): later queries, and an overwrite of a table
+        # this was read from, see exactly these rows.
+        frame = self._dataframe(expr).localCheckpoint(eager=True)
+        frame.createOrReplaceTempView(name)
+        return self._utc(self.ibis.table(name))
+
+    def _dataframe(self, expr: ir.Table):
+        view = f"expr_{uuid.uuid4().hex}"
+        self.ibis.create_view(view, expr, overwrite=True)  # also registers in-memory tables
+        return self.spark.table(view)
+
+    # -- writing -------------------------------------------------------------------------------
+
+    def _ensure_table(self, name: str, schema: ibis.Schema, partitioned: bool) -> None:
+        from ibis.backends.pyspark.datatypes import PySparkType
+
+        def ddl(column: str, dtype) -> str:
+            return f"{_quote(column)} {PySparkType.from_ibis(dtype).simpleString()}"
+
+        if not self.has_table(name):
+            columns = [c for c in schema if not (partitioned and c == PARTITION_COLUMN)]
+            if partitioned:
+                columns.append(PARTITION_COLUMN)  # Spark keeps partition columns last
+            partition = f" PARTITIONED BY ({_quote(PARTITION_COLUMN)})" if partitioned else ""
+            if _is_local(self.location):
+                Path(_local_path(self._table_location(name))).mkdir(parents=True, exist_ok=True)
+            self.spark.sql(
+                f"CREATE TABLE {self._qualified(name)} ({', '.join(ddl(c, schema[c]) for c in columns)}) "
+                f"USING parquet{partition} LOCATION '{self._table_location(name)}'"
+            )
+            self._record_in_manifest(name)
+            return
+        existing = {c.name for c in self._columns(name)}
+        added = [c for c in schema if c not in existing]
+        if added:
+            # A newer pipeline version added a column: older partitions read it as null.
+            self.spark.sql(
+                f"ALTER TABLE {self._qualified(name)} ADD COLUMNS ({', '.join(ddl(c, schema[c]) for c in added)})"
+            )
+            self._record_in_manifest(name)
+
+    def _in_table_order(self, name: str, frame):
+        from pyspark.sql import functions as F
+
+        columns = [c.name for c in self._columns(name)]
+        return frame.select(*[F.col(f"`{c}`") if c in frame.columns else F.lit(None).alias(c) for c in columns])
+
+    @staticmethod
+    def _reads_table(expr: ir.Table, name: str) -> bool:
+        return any(op.name == name for op in expr.op().find(ops.DatabaseTable))
+
+    def _write_partition(self, name: str, experiment_id: str, rows: ir.Table | pd.DataFrame) -> int:
+        expr = rows if isinstance(rows, ir.Table) else ibis.memtable(rows)
+        self._ensure_table(name, expr.schema(), partitioned=True)
+        frame = self._dataframe(expr.filter(expr[PARTITION_COLUMN] == experiment_id))
+        # Spark refuses to overwrite a table the query reads; compute the rows first then.
+        frame = frame.localCheckpoint(eager=True) if self._reads_table(expr, name) else frame
+        frame = self._in_table_order(name, frame)
+        if frame.isEmpty():
+            # A dynamic overwrite of no rows would keep the old partition; a static overwrite
+            # clears it (no old+new mix to protect when the new content is empty).
+            self.spark.sql(
+                f"INSERT OVERWRITE {self._qualified(name)} PARTITION ({_quote(PARTITION_COLUMN)} = "
+                f"'{experiment_id}') SELECT {', '.join(_quote(c) for c in frame.columns[:-1])} "
+                f"FROM {self._temp_view(frame)}"
+            )
+            return 0
+        frame.write.insertInto(self._qualified(name), overwrite=True)
+        return self._partition_rows(name, experiment_id)
+
+    def _temp_view(self, frame) -> str:
+        name = f"rows_{uuid.uuid4().hex}"
+        frame.createOrReplaceTempView(name)
+        return name
+
+    def _partition_rows(self, name: str, experiment_id: str) -> int:
+        self.spark.catalog.refreshTable(f"{self.schema}.{name}")
+        return self.spark.table(f"{self.schema}.{name}").filter(
+            f"{PARTITION_COLUMN} = '{experiment_id}'"
+        ).count()
+
+    def replace_partitions(
+        self, experiment_id: str, tables: dict[str, ir.Table | pd.DataFrame]
+    ) -> dict[str, int]:
+        return {name: self._write_partition(name, experiment_id, rows) for name, rows in tables.items()}
+
+    def refresh_partitions(
+        self,
+        experiment_id: str,
+        refreshes: dict[str, PartitionRefresh],
+        replace: dict[str, ir.Table | pd.DataFrame] | None = None,
+    ) -> dict[str, RefreshCounts]:
+        # Parquet has no DELETE: the partition is rebuilt from the rows kept plus the new ones.
+        counts = {}
+        for name, refresh in refreshes.items():
+            stored = self.partition(name, experiment_id)
+            before = self.count(stored)
+            column, since = refresh.stale_from
+            kept = stored.filter(stored[column] < ibis.literal(since, type=UTC_TIMESTAMP)).semi_join(
+                refresh.keep, list(refresh.key_columns)
+            )
+            rebuilt = self.temp_table(f"rebuilt_{uuid.uuid4().hex}", kept.union(refresh.rows.select(*kept.columns)))
+            kept_rows = self.count(kept)
+            after = self._write_partition(name, experiment_id, rebuilt)
+            counts[name] = RefreshCounts(deleted=before - kept_rows, inserted=after - kept_rows, rows=after)
+        for name, rows in (replace or {}).items():
+            self._write_partition(name, experiment_id, rows)
+        return counts
+
+    def append(self, name: str, rows: ir.Table) -> None:
+        self._ensure_table(name, rows.schema(), partitioned=False)
+        self._in_table_order(name, self._dataframe(rows)).write.insertInto(self._qualified(name))
+
+    def update_row(self, name: str, key_column: str, key: str, values: dict) -> None:
+        # Only the small alert outbox is updated in place: rewritten whole.
+        frame = self.to_pandas(self.table(name))
+        matches = frame[key_column] == key
+        for column, value in values.items():
+            frame.loc[matches, column] = value
+        self.replace_table(name, frame)
+
+    def replace_table(self, name: str, rows: ir.Table | pd.DataFrame) -> int:
+        expr = rows if isinstance(rows, ir.Table) else ibis.memtable(rows)
+        frame = self._dataframe(expr)
+        if self.has_table(name):
+            existing = {c.name for c in self._columns(name)}
+            if set(existing) != set(expr.columns) or self._reads_table(expr, name):
+                frame = frame.localCheckpoint(eager=True)
+            if set(existing) != set(expr.columns):
+                self.spark.sql(f"DROP TABLE {self._qualified(name)}")
+        self._ensure_table(name, expr.schema(), partitioned=False)
+        self._in_table_order(name, frame).write.insertInto(self._qualified(name), overwrite=True)
+        return self.count(self.table(name))
+
+
+class SparkWarehouse(Warehouse):
+    """Spark through dagster-pyspark; the session starts when an asset first needs it."""
+
+    pyspark: LazyPySparkResource
+    database: str = Field(default="exp", description="Spark catalog database holding the pipeline's tables")
+    location: str | None = Field(
+        default=None,
+        description=(
+            "folder (or URI: s3a://, abfss://, hdfs://) of the database's tables; None keeps the "
+            "database where the catalog puts it (spark.sql.warehouse.dir)"
+        ),
+    )
+
+    @contextmanager
+    def session(self) -> Iterator[SparkWarehouseSession]:
+        yield SparkWarehouseSession(self.pyspark.spark_session, self.database, self.location)
