@@ -86,6 +86,8 @@ class Workspace:
             expr = session.table(table) if experiment_id is None else session.partition(table, experiment_id)
             frame = session.to_pandas(expr)
         frame = frame[sorted(frame.columns)]
+        for column in frame.select_dtypes("datetimetz").columns:
+            frame[column] = frame[column].astype("datetime64[us, UTC]")  # DuckDB's unit; Spark's is ns
         return frame.sort_values(list(frame.columns), ignore_index=True)
 
 
