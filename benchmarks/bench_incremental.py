@@ -23,14 +23,12 @@ from pathlib import Path
 import measure
 
 started = time.perf_counter()
-from bench_pipeline import QUIET_LOGS, read_sufficient, step_records  # noqa: E402
+from bench_pipeline import QUIET_LOGS, read_sufficient, step_records, warehouse_for  # noqa: E402
 from dagster import DagsterInstance, materialize  # noqa: E402
-from dagster_duckdb import DuckDBResource  # noqa: E402
 
 from exp_pipeline.assets import ANALYSIS_ASSETS, experiment_partitions  # noqa: E402
 from exp_pipeline.checks import EXPERIMENT_CHECKS  # noqa: E402
 from exp_pipeline.resources import RegistryResource  # noqa: E402
-from exp_pipeline.warehouse import DuckDBWarehouse  # noqa: E402
 
 IMPORT_SECONDS = time.perf_counter() - started
 EXPERIMENT = "aa_homepage"  # the sample's running experiment (no end date)
@@ -50,10 +48,11 @@ def link_logs_until(source_root: Path, target_root: Path, last_day: dt.date) -> 
                 link.symlink_to(path)
 
 
-def run(instance, registry: Path, database: Path) -> dict:
+def run(instance, root: Path) -> dict:
+    """One Dagster run of the experiment on the registry and warehouse in `root`."""
     resources = {
-        "registry": RegistryResource(path=str(registry)),
-        "warehouse": DuckDBWarehouse(duckdb=DuckDBResource(database=str(database))),
+        "registry": RegistryResource(path=str(root / "registry.yaml")),
+        "warehouse": warehouse_for("duckdb", str(root)),
     }
     t0 = time.perf_counter()
     result = materialize(
@@ -103,14 +102,14 @@ def main() -> None:
     (scratch / "dagster").mkdir()
     with DagsterInstance.local_temp(str(scratch / "dagster")) as instance:
         instance.add_dynamic_partitions(experiment_partitions.name, [EXPERIMENT])
-        initial = run(instance, incremental_root / "registry.yaml", incremental_root / "warehouse.duckdb")
+        initial = run(instance, incremental_root)
         link_logs_until(data_root, incremental_root, refreshed_day)
-        refresh = run(instance, incremental_root / "registry.yaml", incremental_root / "warehouse.duckdb")
+        refresh = run(instance, incremental_root)
         link_logs_until(data_root, full_root, refreshed_day)
-        full = run(instance, full_root / "registry.yaml", full_root / "warehouse.duckdb")
+        full = run(instance, full_root)
 
-    refreshed = read_sufficient(str(incremental_root / "warehouse.duckdb"))
-    recomputed = read_sufficient(str(full_root / "warehouse.duckdb"))
+    refreshed = read_sufficient(warehouse_for("duckdb", str(incremental_root)))
+    recomputed = read_sufficient(warehouse_for("duckdb", str(full_root)))
     measure.write_result(args.result, {
         "implementation": "incremental",
         "import_seconds": IMPORT_SECONDS,

@@ -5,7 +5,9 @@ experiment's checks, partition = experiment, on a fresh warehouse and a fresh te
 instance. Per step it records the wall time Dagster reports (STEP_SUCCESS duration), the row counts
 from the materialization metadata and the highest RSS sampled while the step ran.
 
-Started by run_benchmark.py: `bench_pipeline.py --config CONFIG --scratch DIR --result FILE`.
+Started by run_benchmark.py: `bench_pipeline.py [--engine spark] --config CONFIG --scratch DIR --result FILE`.
+On Spark (local mode, exp_pipeline.spark_warehouse's settings) the JVM is a child process: memory
+is then the sampled RSS of the whole process tree, Python driver and JVM together.
 """
 
 from __future__ import annotations
@@ -95,30 +97,43 @@ def rows_of(metadata: dict[str, dict], events_rows: int) -> dict[str, tuple[int 
     return tables
 
 
-def read_sufficient(database: str) -> list[dict]:
-    import duckdb
+SUFFICIENT_COLUMNS = ["experiment_id", "variant_id", "metric", "n", "sum_y", "sum_y2", "sum_x", "sum_x2", "sum_xy"]
 
-    with duckdb.connect(database, read_only=True) as con:
-        cursor = con.execute(
-            "SELECT experiment_id, variant_id, metric, n, sum_y, sum_y2, sum_x, sum_x2, sum_xy "
-            "FROM exp.variant_metrics ORDER BY ALL"
+
+def read_sufficient(warehouse) -> list[dict]:
+    with warehouse.session() as session:
+        frame = session.to_pandas(session.table("variant_metrics").select(*SUFFICIENT_COLUMNS))
+    frame = frame.sort_values(SUFFICIENT_COLUMNS[:3])
+    return [
+        {c: (v.item() if hasattr(v, "item") else v) for c, v in row.items()}
+        for row in frame.to_dict(orient="records")
+    ]
+
+
+def warehouse_for(engine: str, scratch: str):
+    if engine == "spark":
+        from dagster_pyspark import LazyPySparkResource
+
+        from exp_pipeline.resources import spark_config
+        from exp_pipeline.spark_warehouse import SparkWarehouse
+
+        return SparkWarehouse(
+            pyspark=LazyPySparkResource(spark_config=spark_config()), location=f"{scratch}/spark/exp.db"
         )
-        columns = [d[0] for d in cursor.description]
-        return [dict(zip(columns, row)) for row in cursor.fetchall()]
+    return DuckDBWarehouse(duckdb=DuckDBResource(database=f"{scratch}/warehouse.duckdb"))
 
 
 def main() -> None:
-    args, config = measure.worker_args()
+    args, config = measure.worker_args(
+        lambda parser: parser.add_argument("--engine", choices=["duckdb", "spark"], default="duckdb")
+    )
     experiments = [e["id"] for e in config["experiments"]]
-    database = f"{args.scratch}/warehouse.duckdb"
-    resources = {
-        "registry": RegistryResource(path=config["registry_path"]),
-        "warehouse": DuckDBWarehouse(duckdb=DuckDBResource(database=database)),
-    }
+    warehouse = warehouse_for(args.engine, args.scratch)
+    resources = {"registry": RegistryResource(path=config["registry_path"]), "warehouse": warehouse}
     Path(args.scratch, "dagster").mkdir(parents=True, exist_ok=True)
     rss_after_imports = measure.current_rss_kib()
     runs, steps = [], []
-    with measure.RssSampler() as sampler, DagsterInstance.local_temp(f"{args.scratch}/dagster") as instance:
+    with measure.RssSampler(whole_tree=args.engine == "spark") as sampler, DagsterInstance.local_temp(f"{args.scratch}/dagster") as instance:
         instance.add_dynamic_partitions(experiment_partitions.name, experiments)
         for experiment_id in experiments:
             t0 = time.perf_counter()
@@ -149,8 +164,10 @@ def main() -> None:
                     "peak_rss_kib": sampler.peak_between(record.get("start", 0), record.get("end", 0)),
                 })
     wall = sum(r["seconds"] for r in runs)
+    tree_peak = {"sampled_tree_peak_kib": sampler.peak()} if args.engine == "spark" else {}
     measure.write_result(args.result, {
-        "implementation": "pipeline",
+        "implementation": "pipeline" if args.engine == "duckdb" else f"pipeline_{args.engine}",
+        **tree_peak,
         "import_seconds": IMPORT_SECONDS,
         "wall_seconds": wall,
         "rss_after_imports_kib": rss_after_imports,
@@ -159,7 +176,7 @@ def main() -> None:
         "asset_order": [a.op.name for a in ANALYSIS_ASSETS],
         "success": all(r["success"] for r in runs),
         # Read after the clock stopped: only for the comparison.
-        "sufficient": read_sufficient(database),
+        "sufficient": read_sufficient(warehouse),
     })
 
 

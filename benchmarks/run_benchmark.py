@@ -8,12 +8,13 @@ work folder), then, --runs times, runs each implementation in a fresh process of
 process's peak memory is the implementation's:
 
   pipeline   every experiment materialized through Dagster in process (bench_pipeline.py)
+  pipeline_spark  the same on the Spark engine in local mode (--engine spark; only with --spark)
   reference  reference.sql writing the same tables to a DuckDB file (bench_reference.py --mode tables)
   reference_per_experiment  the same, once per experiment (--mode tables_per_experiment)
   reference_stats  reference.sql as one query computing only the statistics (--mode statistics)
   pandas     the same in plain pandas (bench_pandas.py), skipped above --pandas-max-events
 
-It checks that the reference and pandas give the pipeline's sufficient statistics (n exactly, sums
+It checks that every other implementation gives the pipeline's sufficient statistics (n exactly, sums
 to 1e-9 relative), prints per-asset times, rows and memory, medians over the runs and the ratios as
 markdown, and writes the same to --out. See benchmarks/README.md for how to read it.
 """
@@ -45,10 +46,11 @@ DEFAULT_SEED = 20261123
 # million). Above this it would not fit the 24 GB machine.
 DEFAULT_PANDAS_MAX_EVENTS = 15_000_000
 WORKER_TIMEOUT_SECONDS = 3600
-IMPLEMENTATIONS = ("pipeline", "reference", "reference_per_experiment", "reference_stats", "pandas")
+IMPLEMENTATIONS = ("pipeline", "pipeline_spark", "reference", "reference_per_experiment", "reference_stats", "pandas")
 # Implementation -> worker script and its extra arguments.
 WORKERS = {
     "pipeline": ("bench_pipeline.py", []),
+    "pipeline_spark": ("bench_pipeline.py", ["--engine", "spark"]),
     "reference": ("bench_reference.py", ["--mode", "tables"]),
     "reference_per_experiment": ("bench_reference.py", ["--mode", "tables_per_experiment"]),
     "reference_stats": ("bench_reference.py", ["--mode", "statistics"]),
@@ -255,7 +257,7 @@ def render(report: dict) -> str:
         "",
         f"- CPU: {report['machine']['cpu']}, {report['machine']['cores']} cores; memory "
         f"{report['machine']['memory_gib']:.1f} GiB; {report['machine']['os']}",
-        f"- load average before the benchmark started (1 / 5 / 15 min): "
+        "- load average before the benchmark started (1 / 5 / 15 min): "
         + " / ".join(f"{x:.2f}" for x in report["load"])
         + " (other work on the machine; well above 0 means shared cores and pessimistic times)",
         "- " + ", ".join(f"{k} {v}" for k, v in report["versions"].items()),
@@ -311,6 +313,12 @@ def render(report: dict) -> str:
         ratio_lines.append(
             f"- pipeline / reference_stats: **{totals['pipeline'] / totals['reference_stats']:.2f}x** wall time "
             "(reference_stats: reference.sql as one query that writes nothing, the engine's floor)"
+        )
+    if totals.get("pipeline") and totals.get("pipeline_spark"):
+        ratio_lines.append(
+            f"- pipeline_spark / pipeline: **{totals['pipeline_spark'] / totals['pipeline']:.2f}x** wall time "
+            "(the same pipeline on Spark in local mode, local[2] on this machine: Spark's per-query and "
+            "JVM overheads with none of a cluster's parallelism; memory is Python driver + JVM)"
         )
     if totals.get("pipeline") and totals.get("pandas"):
         ratio_lines.append(f"- pandas / pipeline: **{totals['pandas'] / totals['pipeline']:.2f}x** wall time")
@@ -440,6 +448,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                         help="do not run this part (repeatable)")
     parser.add_argument("--pandas-max-events", type=int, default=DEFAULT_PANDAS_MAX_EVENTS,
                         help="skip pandas above this many events (default %(default)s)")
+    parser.add_argument("--spark", action="store_true",
+                        help="also run the pipeline on Spark in local mode (local[2], this machine): slow, off by default")
     parser.add_argument("--seed", type=int, default=DEFAULT_SEED, help="generator seed")
     parser.add_argument("--work-dir", type=Path, default=Path(tempfile.gettempdir()) / "exp_pipeline_benchmark",
                         help="where the data is generated and kept between invocations (default %(default)s)")
@@ -460,6 +470,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     config_path = data_dir / "bench_config.json"
 
     implementations = [name for name in IMPLEMENTATIONS if name not in args.skip]
+    if not args.spark:
+        implementations.remove("pipeline_spark")
     skipped_pandas = "pandas" in args.skip or data["event_rows"] > args.pandas_max_events
     if skipped_pandas and "pandas" in implementations:
         implementations.remove("pandas")

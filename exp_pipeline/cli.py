@@ -12,7 +12,7 @@ import os
 import sys
 from pathlib import Path
 
-from exp_pipeline.resources import PROJECT_ROOT, duckdb_path, registry_path
+from exp_pipeline.resources import PROJECT_ROOT, registry_path
 
 SAMPLE_DIR = PROJECT_ROOT / "data" / "sample"
 DEFAULT_DAGSTER_HOME = PROJECT_ROOT / ".dagster_home"
@@ -97,7 +97,7 @@ def run(experiment_ids: list[str] | None, users: int, seed: int) -> int:
             print(f"  {severity:5} {experiment_id}: {check_name}: {description}")
     else:
         print("\nAll checks passed.")
-    print(f"\nwarehouse: {duckdb_path()}  (schema exp)")
+    print(f"\nwarehouse: {warehouse.describe()}")
     if failed:
         print(f"FAILED: {', '.join(failed)}; see the run logs in the Dagster UI", file=sys.stderr)
         return 1

@@ -204,14 +204,15 @@ class SparkWarehouseSession(WarehouseSession):
         return [field for field in schema if isinstance(field.type, pa.TimestampType)]
 
     def _read_csv(self, files: list[str], description: str) -> ir.Table:
+        from functools import reduce
+
         # Every column as text; a short last line is padded with nulls (PERMISSIVE), as on DuckDB.
-        frame = (
-            self.spark.read.option("header", "true")
-            .option("mode", "PERMISSIVE")
-            .option("inferSchema", "false")
-            .csv(files)
-        )
-        return self._from_dataframe(self._with_source_file(frame), "source")
+        # One read per file, united by column name: Spark would take every file's columns from
+        # the first file's header, by position.
+        reader = self.spark.read.option("header", "true").option("mode", "PERMISSIVE").option("inferSchema", "false")
+        frames = [self._with_source_file(reader.csv(path)) for path in files]
+        frame = reduce(lambda a, b: a.unionByName(b, allowMissingColumns=True), frames)
+        return self._from_dataframe(frame, "source")
 
     def temp_table(self, name: str, expr: ir.Table) -> ir.Table:
         # Checkpointed (computed now, lineage cut): later queries, and an overwrite of a table
@@ -361,6 +362,10 @@ class SparkWarehouse(Warehouse):
             "database where the catalog puts it (spark.sql.warehouse.dir)"
         ),
     )
+
+    def describe(self) -> str:
+        where = self.location or "the catalog's warehouse folder"
+        return f"Spark database {self.database} ({where})"
 
     @contextmanager
     def session(self) -> Iterator[SparkWarehouseSession]:

@@ -380,6 +380,10 @@ class Warehouse(ConfigurableResource):
         raise NotImplementedError("use DuckDBWarehouse or SparkWarehouse")
         yield
 
+    def describe(self) -> str:
+        """Where the tables are, for people."""
+        raise NotImplementedError
+
 
 class DuckDBWarehouse(Warehouse):
     """A DuckDB file (through dagster-duckdb)."""
@@ -401,6 +405,9 @@ class DuckDBWarehouse(Warehouse):
             "runs under `dagster dev` queue on the warehouse_writer pool and rarely wait here"
         ),
     )
+
+    def describe(self) -> str:
+        return f"DuckDB {self.duckdb.database} (schema {self.schema_name})"
 
     @contextmanager
     def session(self) -> Iterator[DuckDBWarehouseSession]:

@@ -158,6 +158,7 @@ def write_tiny_workspace(
     arms: dict[str, dict[str, int]] | None = None,
     multi_variant: int = 0,
     srm_blocks: bool = False,
+    engine: str = "duckdb",
 ) -> Workspace:
     """A small hand-made workspace: per experiment, subjects per variant (and per device), some
     multi-variant subjects in exp_a, one purchase per subject 1 hour after exposure."""
@@ -187,4 +188,4 @@ def write_tiny_workspace(
     )
     pd.DataFrame(events, columns=["user_id", "event_ts", "event_type", "amount"]).to_parquet(logs / "events.parquet")
     (root / "registry.yaml").write_text(TINY_REGISTRY.replace("BLOCKS", "true" if srm_blocks else "false"))
-    return Workspace.existing(root)
+    return Workspace.existing(root, engine)

@@ -1,8 +1,8 @@
 """The benchmark harness at a tiny size: every implementation runs and agrees with the pipeline.
 
 Times are not asserted (benchmarks/README.md: figures come from the script, not from tests); this
-keeps reference.sql, the pandas implementation and the incremental comparison in step with the
-pipeline's rules.
+keeps reference.sql, the pandas implementation, the Spark engine and the incremental comparison in
+step with the pipeline's rules.
 """
 
 import subprocess
@@ -15,14 +15,14 @@ PROJECT_ROOT = Path(__file__).resolve().parents[1]
 def test_the_benchmark_runs_and_every_implementation_matches_the_pipeline(tmp_path):
     out = tmp_path / "report.md"
     completed = subprocess.run(
-        [sys.executable, "benchmarks/run_benchmark.py", "--users", "3000", "--runs", "1",
+        [sys.executable, "benchmarks/run_benchmark.py", "--users", "3000", "--runs", "1", "--spark",
          "--work-dir", str(tmp_path / "work"), "--out", str(out)],
         cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=900, check=False,
     )
     assert completed.returncode == 0, completed.stderr[-3000:]
     report = out.read_text()
     assert "MISMATCH" not in report and "FAILED" not in report
-    for name in ("reference", "reference_per_experiment", "reference_stats", "pandas"):
+    for name in ("pipeline_spark", "reference", "reference_per_experiment", "reference_stats", "pandas"):
         assert f"- {name} = pipeline: all 35 (experiment, variant, metric) rows" in report, name
     assert "modes: refresh incremental, full full" in report
     assert "## Pipeline per asset" in report and "peak RSS MiB" in report

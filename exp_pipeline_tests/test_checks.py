@@ -1,15 +1,16 @@
 """Each check passes on clean data and fails, with the right severity and numbers, on broken data."""
 
+import ibis
 import pandas as pd
 import pytest
-from dagster import AssetCheckSeverity, DagsterInstance, materialize
+from dagster import AssetCheckSeverity, materialize
 
 from exp_pipeline import checks
 from exp_pipeline.assets import ANALYSIS_ASSETS, experiment_partitions
 from exp_pipeline.checks import EXPERIMENT_CHECKS
 from exp_pipeline.registry import load_registry
 
-from .conftest import write_tiny_workspace
+from .conftest import ENGINES, write_tiny_workspace
 
 
 def run(workspace, instance, experiment_id="exp_a"):
@@ -25,14 +26,25 @@ def run(workspace, instance, experiment_id="exp_a"):
     )
 
 
+def stored(session, table: str) -> pd.DataFrame:
+    return session.to_pandas(session.partition(table, "exp_a"))
+
+
+def rewrite(session, table: str, rows: pd.DataFrame) -> None:
+    """Replace exp_a's rows of `table` with `rows` (broken on purpose), keeping the table's types."""
+    schema = session.table(table).schema()
+    session.replace_partition(table, "exp_a", ibis.memtable(rows[list(schema)], schema=schema))
+
+
 def evaluations(result) -> dict:
     return {
         f"{e.asset_key.path[-1]}.{e.check_name}": e for e in result.get_asset_check_evaluations()
     }
 
 
-def test_every_check_passes_on_clean_data(tmp_path, instance):
-    workspace = write_tiny_workspace(tmp_path)
+@pytest.mark.parametrize("engine", ENGINES)
+def test_every_check_passes_on_clean_data(tmp_path, instance, engine):
+    workspace = write_tiny_workspace(tmp_path, engine=engine)
     result = run(workspace, instance)
     assert result.success
     found = evaluations(result)
@@ -44,9 +56,9 @@ def test_every_check_passes_on_clean_data(tmp_path, instance):
     assert srm.metadata["observed"].value == {"control": 300, "treatment": 300}
 
 
-@pytest.fixture()
-def clean(tmp_path, instance):
-    workspace = write_tiny_workspace(tmp_path)
+@pytest.fixture(params=ENGINES)
+def clean(request, tmp_path, instance):
+    workspace = write_tiny_workspace(tmp_path, engine=request.param)
     assert run(workspace, instance).success
     registry = load_registry(workspace.registry_path)
     return workspace, registry, registry.experiment("exp_a")
@@ -55,10 +67,9 @@ def clean(tmp_path, instance):
 def test_a_duplicated_subject_fails_uniqueness_with_its_key(clean):
     workspace, registry, experiment = clean
     with workspace.warehouse().session() as session:
-        session.raw.execute(
-            "INSERT INTO exp.deduped_assignments SELECT * REPLACE ('treatment' AS variant_id) "
-            "FROM exp.deduped_assignments WHERE subject_id = 'exp_a_control_7'"
-        )
+        rows = stored(session, "deduped_assignments")
+        copy = rows[rows.subject_id == "exp_a_control_7"].assign(variant_id="treatment")
+        rewrite(session, "deduped_assignments", pd.concat([rows, copy]))
         result = checks.evaluate_unique_active_subject(session, experiment)
         schema = checks.evaluate_schema(session, "deduped_assignments", experiment, registry)
     assert not result.passed and result.severity == AssetCheckSeverity.ERROR
@@ -72,10 +83,11 @@ def test_a_duplicated_subject_fails_uniqueness_with_its_key(clean):
 def test_an_event_before_assignment_fails_leakage_and_schema(clean):
     workspace, registry, experiment = clean
     with workspace.warehouse().session() as session:
-        session.raw.execute(
-            "UPDATE exp.post_assignment_events SET event_at = assigned_at - INTERVAL 1 HOUR "
-            "WHERE subject_id = 'exp_a_treatment_3'"
-        )
+        rows = stored(session, "post_assignment_events")
+        moved = rows.subject_id == "exp_a_treatment_3"
+        assert moved.sum() == 1
+        rows.loc[moved, "event_at"] = rows.loc[moved, "assigned_at"] - pd.Timedelta(hours=1)
+        rewrite(session, "post_assignment_events", rows)
         leakage = checks.evaluate_no_pre_assignment_events(session, experiment)
         schema = checks.evaluate_schema(session, "post_assignment_events", experiment, registry)
     assert not leakage.passed and leakage.severity == AssetCheckSeverity.ERROR
@@ -88,9 +100,9 @@ def test_an_event_before_assignment_fails_leakage_and_schema(clean):
 def test_schema_check_names_the_column_and_check(clean):
     workspace, registry, experiment = clean
     with workspace.warehouse().session() as session:
-        session.raw.execute(
-            "UPDATE exp.deduped_assignments SET variant_id = 'purple' WHERE subject_id = 'exp_a_control_1'"
-        )
+        rows = stored(session, "deduped_assignments")
+        rows.loc[rows.subject_id == "exp_a_control_1", "variant_id"] = "purple"
+        rewrite(session, "deduped_assignments", rows)
         result = checks.evaluate_schema(session, "deduped_assignments", experiment, registry)
     assert not result.passed
     assert "variant_id: isin(['control', 'treatment'])" in result.description

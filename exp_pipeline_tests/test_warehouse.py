@@ -78,6 +78,16 @@ def test_empty_files_in_a_glob_are_skipped_and_reported(warehouse, tmp_path):
     assert frame["source_file"].iloc[0].endswith("day1.csv")
 
 
+def test_csv_files_with_columns_in_another_order_are_united_by_name(warehouse, tmp_path):
+    (tmp_path / "day1.csv").write_text("user_id,arm,ts\na,control,2026-10-02\n")
+    (tmp_path / "day2.csv").write_text("ts,user_id,arm,device\n2026-10-03,b,treatment,ios\n")
+    frame, _ = read(warehouse, tmp_path / "day*.csv", "csv")
+    rows = frame.sort_values("user_id")[["user_id", "arm", "ts", "device"]].astype(object)
+    assert rows.where(rows.notna(), None).values.tolist() == [
+        ["a", "control", "2026-10-02", None], ["b", "treatment", "2026-10-03", "ios"],
+    ]
+
+
 def test_parquet_files_written_with_different_timestamp_kinds_read_together(warehouse, tmp_path):
     pd.DataFrame({"user_id": ["a"], "ts": pd.to_datetime(["2026-10-02T10:00:00"])}).to_parquet(tmp_path / "naive.parquet")
     pd.DataFrame({"user_id": ["b"], "ts": pd.to_datetime(["2026-10-02T12:00:00+02:00"])}).to_parquet(tmp_path / "aware.parquet")
@@ -263,7 +273,7 @@ def test_two_processes_writing_one_file_at_once_both_succeed(tmp_path):
 
     from dagster import DagsterInstance, materialize
 
-    from exp_pipeline.assets import ANALYSIS_ASSETS, experiment_partitions
+    from exp_pipeline.assets import ANALYSIS_ASSETS
 
     from .conftest import write_tiny_workspace
 

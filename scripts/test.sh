@@ -4,10 +4,14 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-# The browser tests drive Debian's chromium (no browser download: the network allows none).
-if ! command -v chromium > /dev/null; then
+# The browser tests drive Debian's chromium (no browser download: the network allows none); the
+# Spark engine's tests need Java 17+. Both come from Debian's packages when missing.
+missing=()
+command -v chromium > /dev/null || missing+=(chromium)
+java -version 2>&1 | grep -qE 'version "(1[7-9]|[2-9][0-9])' || missing+=(openjdk-17-jre-headless)
+if [ ${#missing[@]} -gt 0 ]; then
     if [ "$(id -u)" = 0 ]; then SUDO=""; else SUDO="sudo"; fi
     $SUDO apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq chromium > /dev/null
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${missing[@]}" > /dev/null
 fi
 exec .venv/bin/python -m pytest "$@"
