@@ -59,7 +59,9 @@ def spark_config() -> dict[str, str]:
         raise ValueError(f"EXP_PIPELINE_SPARK_CONF is not a JSON object: {exc}") from None
     if not isinstance(overrides, dict):
         raise ValueError("EXP_PIPELINE_SPARK_CONF must be a JSON object of Spark settings")
-    config = {**LOCAL_SPARK_CONFIG, **{str(k): str(v) for k, v in overrides.items()}}
+    # The catalog's own default folder, next to the pipeline's (Spark would use ./spark-warehouse).
+    local = {**LOCAL_SPARK_CONFIG, "spark.sql.warehouse.dir": str(DEFAULT_SPARK_LOCATION.parent)}
+    config = {**local, **{str(k): str(v) for k, v in overrides.items()}}
     if "spark.remote" in config:
         config.pop("spark.master")  # Spark Connect: the server has its own master
     return config

@@ -51,7 +51,6 @@ LOCAL_SPARK_CONFIG = {
     "spark.ui.enabled": "false",
     "spark.sql.shuffle.partitions": "4",
     "spark.driver.memory": "4g",
-    # Spark's own files (block manager, checkpoints) stay out of the working directory.
     "spark.sql.session.timeZone": "UTC",
 }
 
@@ -330,11 +329,12 @@ class SparkWarehouseSession(WarehouseSession):
 
     def update_row(self, name: str, key_column: str, key: str, values: dict) -> None:
         # Only the small alert outbox is updated in place: rewritten whole.
-        frame = self.to_pandas(self.table(name))
+        table = self.table(name)
+        frame = self.to_pandas(table)
         matches = frame[key_column] == key
         for column, value in values.items():
             frame.loc[matches, column] = value
-        self.replace_table(name, frame)
+        self.replace_table(name, ibis.memtable(frame, schema=table.schema()))
 
     def replace_table(self, name: str, rows: ir.Table | pd.DataFrame) -> int:
         expr = rows if isinstance(rows, ir.Table) else ibis.memtable(rows)

@@ -2,6 +2,7 @@
 
 import os
 import shutil
+import tempfile
 import uuid
 from pathlib import Path
 
@@ -28,6 +29,7 @@ TEST_SPARK_CONFIG = {
     "spark.master": "local[2]",
     "spark.sql.shuffle.partitions": "2",
     "spark.driver.memory": "2g",
+    "spark.sql.warehouse.dir": tempfile.mkdtemp(prefix="exp_pipeline_spark_catalog_"),
 }
 
 
@@ -100,6 +102,7 @@ def stop_spark_at_the_end():
     active = SparkSession.getActiveSession()
     if active is not None:
         active.stop()
+    shutil.rmtree(TEST_SPARK_CONFIG["spark.sql.warehouse.dir"], ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

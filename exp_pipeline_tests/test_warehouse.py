@@ -117,6 +117,23 @@ def test_an_empty_result_empties_only_its_partition(warehouse):
         assert sorted_rows(session, "t") == [("e2", 2)]
 
 
+def test_rows_are_appended_and_updated_by_key(warehouse):
+    """The alert outbox's two operations."""
+    at = pd.Timestamp("2026-10-02T10:00:00Z")
+    with warehouse.session() as session:
+        session.append("outbox", ibis.memtable(pd.DataFrame({
+            "alert_id": ["a", "b"], "delivered": [False, False], "delivered_at": pd.Series([pd.NaT, pd.NaT], dtype="datetime64[us, UTC]"),
+        })))
+        session.append("outbox", ibis.memtable(pd.DataFrame({
+            "alert_id": ["c"], "delivered": [False], "delivered_at": pd.Series([pd.NaT], dtype="datetime64[us, UTC]"),
+        })))
+        session.update_row("outbox", "alert_id", "b", {"delivered": True, "delivered_at": at})
+        rows = session.to_pandas(session.table("outbox")).sort_values("alert_id")
+    assert rows["delivered"].tolist() == [False, True, False]
+    assert rows["delivered_at"].isna().tolist() == [True, False, True]
+    assert rows["delivered_at"].iloc[1] == at
+
+
 def test_several_tables_are_replaced_all_or_nothing(duckdb_warehouse):
     warehouse = duckdb_warehouse
     with warehouse.session() as session:
