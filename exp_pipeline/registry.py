@@ -14,6 +14,7 @@ import math
 import re
 from pathlib import Path
 from typing import Annotated, Literal
+from urllib.parse import urlparse
 
 import yaml
 from pydantic import (
@@ -268,7 +269,13 @@ class Registry(_Strict):
         return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:16]
 
     def resolve_path(self, path: str) -> str:
-        """Absolute path (or glob) of a source, kept inside the data root unless allowed."""
+        """Absolute path (or glob) of a source, kept inside the data root unless allowed.
+
+        A URI of shared storage (s3a://, abfss://, hdfs://, ...) is kept as it is: the engine reads
+        it (Spark does; DuckDB refuses it, naming the source).
+        """
+        if is_uri(path):
+            return path
         candidate = Path(path)
         resolved = (candidate if candidate.is_absolute() else self.data_root / candidate).resolve()
         root = self.data_root.resolve()
@@ -278,6 +285,12 @@ class Registry(_Strict):
                 "it or set allow_paths_outside_data_root: true in the registry"
             )
         return str(resolved)
+
+
+def is_uri(path: str) -> bool:
+    """A storage URI other than a local file (a one-letter scheme would be a Windows drive)."""
+    scheme = urlparse(path).scheme
+    return len(scheme) > 1 and scheme != "file"
 
 
 def _location(loc: tuple, raw: dict) -> str:

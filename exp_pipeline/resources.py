@@ -12,7 +12,7 @@ from pathlib import Path
 from dagster import ConfigurableResource
 from dagster_duckdb import DuckDBResource
 
-from exp_pipeline.registry import Registry, load_registry
+from exp_pipeline.registry import Registry, is_uri, load_registry
 from exp_pipeline.warehouse import DuckDBWarehouse, Warehouse
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
@@ -48,9 +48,13 @@ def engine() -> str:
 
 
 def spark_config() -> dict[str, str]:
-    """Local mode by default; EXP_PIPELINE_SPARK_CONF (a JSON object) adds or overrides settings,
-    e.g. {"spark.master": "spark://host:7077"} or {"spark.remote": "sc://host:15002"}."""
-    from exp_pipeline.spark_warehouse import LOCAL_SPARK_CONFIG
+    """Spark settings: EXP_PIPELINE_SPARK_CONF (a JSON object) over the defaults.
+
+    Without a `spark.master` (or `spark.remote`) in it, Spark runs in local mode on this machine
+    with the local defaults (two cores, 4 GB driver, the catalog's folder under data/warehouse);
+    with one, only the settings every engine needs (UTC) are added to the user's.
+    """
+    from exp_pipeline.spark_warehouse import COMMON_SPARK_CONFIG, LOCAL_SPARK_CONFIG
 
     text = os.environ.get("EXP_PIPELINE_SPARK_CONF", "{}")
     try:
@@ -59,24 +63,39 @@ def spark_config() -> dict[str, str]:
         raise ValueError(f"EXP_PIPELINE_SPARK_CONF is not a JSON object: {exc}") from None
     if not isinstance(overrides, dict):
         raise ValueError("EXP_PIPELINE_SPARK_CONF must be a JSON object of Spark settings")
-    # The catalog's own default folder, next to the pipeline's (Spark would use ./spark-warehouse).
-    local = {**LOCAL_SPARK_CONFIG, "spark.sql.warehouse.dir": str(DEFAULT_SPARK_LOCATION.parent)}
-    config = {**local, **{str(k): str(v) for k, v in overrides.items()}}
-    if "spark.remote" in config:
-        config.pop("spark.master")  # Spark Connect: the server has its own master
-    return config
+    overrides = {str(k): str(v) for k, v in overrides.items()}
+    if is_local_spark(overrides):
+        # The catalog's own default folder next to the pipeline's (Spark would use ./spark-warehouse).
+        local = {**LOCAL_SPARK_CONFIG, "spark.sql.warehouse.dir": str(DEFAULT_SPARK_LOCATION.parent)}
+        return {**COMMON_SPARK_CONFIG, **local, **overrides}
+    return {**COMMON_SPARK_CONFIG, **overrides}
 
 
-def spark_warehouse(**overrides) -> Warehouse:
+def is_local_spark(config: dict[str, str]) -> bool:
+    master = config.get("spark.master", "local")
+    return "spark.remote" not in config and (master == "local" or master.startswith("local["))
+
+
+def spark_warehouse() -> Warehouse:
+    """The Spark warehouse of the environment; a cluster's tables must live on shared storage."""
     from dagster_pyspark import LazyPySparkResource
 
     from exp_pipeline.spark_warehouse import SparkWarehouse
 
+    config = spark_config()
+    local = is_local_spark(config)
+    location = os.environ.get("EXP_PIPELINE_SPARK_LOCATION", str(DEFAULT_SPARK_LOCATION) if local else "")
+    if location and not local and not is_uri(location):
+        raise ValueError(
+            f"EXP_PIPELINE_SPARK_LOCATION={location!r} is a folder of this machine, but Spark runs on "
+            f"a cluster ({config.get('spark.master') or config.get('spark.remote')}) whose executors "
+            "cannot write there: use shared storage (s3a://, abfss://, hdfs://, ...) or leave it "
+            "empty for the catalog's own location"
+        )
     return SparkWarehouse(
-        pyspark=LazyPySparkResource(spark_config=spark_config()),
+        pyspark=LazyPySparkResource(spark_config=config),
         database=os.environ.get("EXP_PIPELINE_SPARK_DATABASE", "exp"),
-        location=os.environ.get("EXP_PIPELINE_SPARK_LOCATION", str(DEFAULT_SPARK_LOCATION)) or None,
-        **overrides,
+        location=location or None,
     )
 
 

@@ -12,6 +12,12 @@ import ibis
 import ibis.expr.datatypes as dt
 import ibis.expr.types as ir
 import pandera.ibis as pa
+from pandera.api.base.checks import CheckResult
+from pandera.api.checks import Check
+from pandera.backends.ibis.checks import IbisCheckBackend
+from pandera.backends.ibis.register import register_ibis_backends
+from pandera.config import CONFIG
+from pandera.constants import CHECK_OUTPUT_KEY
 from pandera.errors import SchemaErrors
 
 from exp_pipeline.registry import Experiment
@@ -163,10 +169,46 @@ class ValidationOutcome:
 
 
 MAX_ERROR_CHARS = 300
+# Rows of a failing check that come back to Python to be reported (pandera would fetch them all,
+# and its per-row verdicts besides: a billion-row table on Spark's driver).
+MAX_FAILURE_ROWS = 100
+
+
+class BoundedIbisCheckBackend(IbisCheckBackend):
+    """pandera.ibis's check backend with what a failed check fetches capped at MAX_FAILURE_ROWS.
+
+    Pass or fail is still decided over every row, in the engine; only the failure cases and the
+    per-row verdicts pandera reads back are limited to failing rows, at most MAX_FAILURE_ROWS.
+    """
+
+    def postprocess(self, check_obj, check_output) -> CheckResult:
+        result = super().postprocess(check_obj, check_output)
+        verdicts = result.check_output
+        if isinstance(verdicts, ir.BooleanColumn):
+            verdicts = check_obj.table.select(verdicts.name(CHECK_OUTPUT_KEY))
+        if isinstance(verdicts, ir.Table) and CHECK_OUTPUT_KEY in verdicts.columns:
+            verdicts = verdicts.filter(~verdicts[CHECK_OUTPUT_KEY].fill_null(False)).limit(MAX_FAILURE_ROWS)
+        failures = result.failure_cases
+        if isinstance(failures, ir.Table):
+            failures = failures.limit(MAX_FAILURE_ROWS)
+        return CheckResult(
+            check_output=verdicts,
+            check_passed=result.check_passed,
+            checked_object=result.checked_object,
+            failure_cases=failures,
+        )
+
+
+def _bound_what_failures_fetch() -> None:
+    # pandera registers its backends once (cached) with these arguments; ours replace its checks'.
+    register_ibis_backends(use_narwhals_backend=CONFIG.use_narwhals_backend)
+    Check.register_backend(ibis.Table, BoundedIbisCheckBackend, force=True)
+    Check.register_backend(ibis.Column, BoundedIbisCheckBackend, force=True)
 
 
 def validate(schema: pa.DataFrameSchema, table: ir.Table) -> ValidationOutcome:
     """Run every check of `schema` in the engine; collect failures instead of raising."""
+    _bound_what_failures_fetch()
     try:
         schema.validate(table, lazy=True)
     except SchemaErrors as exc:

@@ -13,7 +13,6 @@ A cluster's metastore (Hive, Glue, Unity) keeps them itself.
 
 from __future__ import annotations
 
-import json
 import os
 import uuid
 from collections.abc import Iterator
@@ -30,7 +29,7 @@ import pyarrow.parquet as pq
 from dagster_pyspark import LazyPySparkResource
 from pydantic import Field
 
-from exp_pipeline.registry import SAFE_ID_PATTERN
+from exp_pipeline.registry import SAFE_ID_PATTERN, is_uri
 from exp_pipeline.transforms import UTC_TIMESTAMP
 from exp_pipeline.warehouse import (
     PartitionRefresh,
@@ -42,18 +41,17 @@ from exp_pipeline.warehouse import (
 )
 
 PARTITION_COLUMN = "experiment_id"
-MANIFEST = "_exp_pipeline_tables.json"
+MANIFEST = "_exp_pipeline_tables"  # a folder: one CREATE statement per table (no shared file to race on)
 
-# Local mode as the tests and the benchmark run it; a cluster replaces these (see the README).
+# Every session: Spark's timestamps shown and parsed in UTC, like the pipeline's.
+COMMON_SPARK_CONFIG = {"spark.app.name": "exp_pipeline", "spark.sql.session.timeZone": "UTC"}
+# Local mode on this machine (the default, the tests and the benchmark); a cluster sets its own.
 LOCAL_SPARK_CONFIG = {
     "spark.master": "local[2]",
-    "spark.app.name": "exp_pipeline",
     "spark.ui.enabled": "false",
     "spark.sql.shuffle.partitions": "4",
     "spark.driver.memory": "4g",
-    "spark.sql.session.timeZone": "UTC",
 }
-
 
 def _quote(identifier: str) -> str:
     if not SAFE_ID_PATTERN.match(identifier):
@@ -74,11 +72,15 @@ class SparkWarehouseSession(WarehouseSession):
     def __init__(self, spark, database: str, location: str | None):
         super().__init__()
         self.spark = spark
+        self._views: list[str] = []
+        self._checkpoints: list = []
         self.schema = database
         self.ibis = ibis.pyspark.connect(spark)
         # An overwrite replaces only the partitions it writes, staged and swapped in at commit.
         # (A DataFrameWriter option does not reach insertInto; the session setting does.)
         spark.conf.set("spark.sql.sources.partitionOverwriteMode", "dynamic")
+        if location and "'" in location:
+            raise ValueError(f"Spark table location {location!r} must not contain a quote")
         if location and _is_local(location):
             Path(_local_path(location)).mkdir(parents=True, exist_ok=True)
         where = f" LOCATION '{location}'" if location else ""
@@ -90,31 +92,34 @@ class SparkWarehouseSession(WarehouseSession):
 
     # -- the catalog ---------------------------------------------------------------------------
 
-    def _manifest_path(self) -> Path | None:
+    def _manifest(self) -> Path | None:
         return Path(_local_path(self.location)) / MANIFEST if _is_local(self.location) else None
 
-    def _manifest(self) -> dict:
-        path = self._manifest_path()
-        return json.loads(path.read_text()) if path is not None and path.exists() else {}
-
     def _record_in_manifest(self, name: str) -> None:
-        path = self._manifest_path()
-        if path is None:
+        folder = self._manifest()
+        if folder is None:
             return
-        manifest = self._manifest()
-        manifest[name] = self.spark.sql(f"SHOW CREATE TABLE {self._qualified(name)}").collect()[0][0]
-        path.parent.mkdir(parents=True, exist_ok=True)
-        temporary = path.with_suffix(f".{uuid.uuid4().hex}.tmp")
-        temporary.write_text(json.dumps(manifest, indent=2, sort_keys=True))
-        os.replace(temporary, path)  # readers never see half a manifest
+        folder.mkdir(parents=True, exist_ok=True)
+        statement = self.spark.sql(f"SHOW CREATE TABLE {self._qualified(name)}").collect()[0][0]
+        temporary = folder / f".{name}.{uuid.uuid4().hex}.tmp"
+        temporary.write_text(statement)
+        os.replace(temporary, folder / f"{name}.sql")  # readers never see half a statement
+
+    def _forget(self, name: str) -> None:
+        folder = self._manifest()
+        if folder is not None:
+            (folder / f"{name}.sql").unlink(missing_ok=True)
 
     def _register_known_tables(self) -> None:
-        for name, create_statement in self._manifest().items():
-            if self.has_table(name):
-                continue
-            self.spark.sql(create_statement)
-            if PARTITION_COLUMN in self._partition_columns(name):
-                self.spark.sql(f"ALTER TABLE {self._qualified(name)} RECOVER PARTITIONS")
+        folder = self._manifest()
+        for path in sorted(folder.glob("*.sql")) if folder is not None else []:
+            if not self.has_table(path.stem):
+                self.spark.sql(path.read_text())
+                self._recover_partitions(path.stem)
+
+    def _recover_partitions(self, name: str) -> None:
+        if PARTITION_COLUMN in self._partition_columns(name):
+            self.spark.sql(f"ALTER TABLE {self._qualified(name)} RECOVER PARTITIONS")
 
     def _qualified(self, name: str) -> str:
         return f"{_quote(self.schema)}.{_quote(name)}"
@@ -153,20 +158,41 @@ class SparkWarehouseSession(WarehouseSession):
 
     def _source_files(self, resolved_path: str, description: str) -> list[str]:
         # Spark lists object stores and HDFS itself (globs too); only local paths are checked here.
-        if not _is_local(resolved_path):
+        if is_uri(resolved_path):
             return [resolved_path]
         return super()._source_files(_local_path(resolved_path), description)
 
     def _from_dataframe(self, frame, prefix: str) -> ir.Table:
-        name = f"{prefix}_{uuid.uuid4().hex}"
+        return self._utc(self.ibis.table(self._temp_view(frame, prefix)))
+
+    def _temp_view(self, frame, prefix: str, name: str | None = None) -> str:
+        """Name `frame` for this session's queries; dropped when the session closes."""
+        name = name or f"{prefix}_{uuid.uuid4().hex}"
         frame.createOrReplaceTempView(name)
-        return self._utc(self.ibis.table(name))
+        self._views.append(name)
+        return name
+
+    def _checkpoint(self, frame):
+        """`frame` computed now and kept (lineage cut) until the session closes."""
+        kept = frame.localCheckpoint(eager=True)
+        self._checkpoints.append(kept)
+        return kept
+
+    def close(self) -> None:
+        """Release what the session kept: its views and checkpointed rows (executor memory/disk)."""
+        for name in self._views:
+            self.spark.catalog.dropTempView(name)
+        for frame in self._checkpoints:
+            frame.unpersist()
+        self._views.clear()
+        self._checkpoints.clear()
 
     def _with_source_file(self, frame):
         from pyspark.sql import functions as F
 
-        # Spark names files as URIs (file:/...); DuckDB as paths: rejected rows show the path.
-        path = F.col("_metadata.file_path")
+        # Spark names files as URL-encoded URIs (file:/...); DuckDB as paths: rows name the path
+        # (it also orders duplicate rows, so both engines must see the same text).
+        path = F.url_decode(F.col("_metadata.file_path"))
         return frame.withColumn("source_file", F.regexp_replace(path, r"^file:(//)?", ""))
 
     def _read_parquet(self, files: list[str], description: str) -> ir.Table:
@@ -184,13 +210,14 @@ class SparkWarehouseSession(WarehouseSession):
                 "(pyarrow: coerce_timestamps='us') or run on DuckDB"
             )
         nanos = sorted(c for c, k in kinds.items() if k == {True})
-        if nanos:
-            # Spark has no nanosecond timestamps (pandas writes them by default): read them as
-            # integers and keep microseconds, the pipeline's resolution.
-            self.spark.conf.set("spark.sql.legacy.parquet.nanosAsLong", "true")
+        # Spark has no nanosecond timestamps (pandas writes them by default): read them as
+        # integers and keep microseconds, the pipeline's resolution. The setting is read when
+        # the query runs, so it stays on for this session's reads of such files.
+        self.spark.conf.set("spark.sql.legacy.parquet.nanosAsLong", "true" if nanos else "false")
         frame = self.spark.read.option("mergeSchema", "true").parquet(*files)
         for column in nanos:
-            frame = frame.withColumn(column, F.timestamp_micros(F.expr(f"`{column}` div 1000")))
+            quoted = column.replace("`", "``")
+            frame = frame.withColumn(column, F.timestamp_micros(F.expr(f"`{quoted}` div 1000")))  # exact integers
         return self._from_dataframe(self._with_source_file(frame), "source")
 
     @staticmethod
@@ -216,13 +243,13 @@ class SparkWarehouseSession(WarehouseSession):
     def temp_table(self, name: str, expr: ir.Table) -> ir.Table:
         # Checkpointed (computed now, lineage cut): later queries, and an overwrite of a table
         # this was read from, see exactly these rows.
-        frame = self._dataframe(expr).localCheckpoint(eager=True)
-        frame.createOrReplaceTempView(name)
-        return self._utc(self.ibis.table(name))
+        frame = self._checkpoint(self._dataframe(expr))
+        return self._utc(self.ibis.table(self._temp_view(frame, "temp", name)))
 
     def _dataframe(self, expr: ir.Table):
         view = f"expr_{uuid.uuid4().hex}"
         self.ibis.create_view(view, expr, overwrite=True)  # also registers in-memory tables
+        self._views.append(view)
         return self.spark.table(view)
 
     # -- writing -------------------------------------------------------------------------------
@@ -244,6 +271,7 @@ class SparkWarehouseSession(WarehouseSession):
                 f"CREATE TABLE {self._qualified(name)} ({', '.join(ddl(c, schema[c]) for c in columns)}) "
                 f"USING parquet{partition} LOCATION '{self._table_location(name)}'"
             )
+            self._recover_partitions(name)  # files already there (a table dropped from the catalog)
             self._record_in_manifest(name)
             return
         existing = {c.name for c in self._columns(name)}
@@ -266,11 +294,13 @@ class SparkWarehouseSession(WarehouseSession):
         return any(op.name == name for op in expr.op().find(ops.DatabaseTable))
 
     def _write_partition(self, name: str, experiment_id: str, rows: ir.Table | pd.DataFrame) -> int:
+        if not SAFE_ID_PATTERN.match(experiment_id):  # it is written into SQL below
+            raise ValueError(f"unsafe experiment id {experiment_id!r}")
         expr = rows if isinstance(rows, ir.Table) else ibis.memtable(rows)
         self._ensure_table(name, expr.schema(), partitioned=True)
         frame = self._dataframe(expr.filter(expr[PARTITION_COLUMN] == experiment_id))
         # Spark refuses to overwrite a table the query reads; compute the rows first then.
-        frame = frame.localCheckpoint(eager=True) if self._reads_table(expr, name) else frame
+        frame = self._checkpoint(frame) if self._reads_table(expr, name) else frame
         frame = self._in_table_order(name, frame)
         if frame.isEmpty():
             # A dynamic overwrite of no rows would keep the old partition; a static overwrite
@@ -278,16 +308,11 @@ class SparkWarehouseSession(WarehouseSession):
             self.spark.sql(
                 f"INSERT OVERWRITE {self._qualified(name)} PARTITION ({_quote(PARTITION_COLUMN)} = "
                 f"'{experiment_id}') SELECT {', '.join(_quote(c) for c in frame.columns[:-1])} "
-                f"FROM {self._temp_view(frame)}"
+                f"FROM {self._temp_view(frame, 'rows')}"
             )
             return 0
         frame.write.insertInto(self._qualified(name), overwrite=True)
         return self._partition_rows(name, experiment_id)
-
-    def _temp_view(self, frame) -> str:
-        name = f"rows_{uuid.uuid4().hex}"
-        frame.createOrReplaceTempView(name)
-        return name
 
     def _partition_rows(self, name: str, experiment_id: str) -> int:
         self.spark.catalog.refreshTable(f"{self.schema}.{name}")
@@ -309,13 +334,17 @@ class SparkWarehouseSession(WarehouseSession):
         # Parquet has no DELETE: the partition is rebuilt from the rows kept plus the new ones.
         counts = {}
         for name, refresh in refreshes.items():
+            self._ensure_table(name, refresh.rows.schema(), partitioned=True)  # new columns first
             stored = self.partition(name, experiment_id)
             before = self.count(stored)
             column, since = refresh.stale_from
             kept = stored.filter(stored[column] < ibis.literal(since, type=UTC_TIMESTAMP)).semi_join(
                 refresh.keep, list(refresh.key_columns)
             )
-            rebuilt = self.temp_table(f"rebuilt_{uuid.uuid4().hex}", kept.union(refresh.rows.select(*kept.columns)))
+            new = refresh.rows.select(*[
+                refresh.rows[c] if c in refresh.rows.columns else ibis.null(t).name(c) for c, t in kept.schema().items()
+            ])
+            rebuilt = self.temp_table(f"rebuilt_{uuid.uuid4().hex}", kept.union(new))
             kept_rows = self.count(kept)
             after = self._write_partition(name, experiment_id, rebuilt)
             counts[name] = RefreshCounts(deleted=before - kept_rows, inserted=after - kept_rows, rows=after)
@@ -338,13 +367,12 @@ class SparkWarehouseSession(WarehouseSession):
 
     def replace_table(self, name: str, rows: ir.Table | pd.DataFrame) -> int:
         expr = rows if isinstance(rows, ir.Table) else ibis.memtable(rows)
-        frame = self._dataframe(expr)
-        if self.has_table(name):
-            existing = {c.name for c in self._columns(name)}
-            if set(existing) != set(expr.columns) or self._reads_table(expr, name):
-                frame = frame.localCheckpoint(eager=True)
-            if set(existing) != set(expr.columns):
-                self.spark.sql(f"DROP TABLE {self._qualified(name)}")
+        # Computed before anything is deleted: a failing query leaves the table as it was. (An
+        # overwrite of an unpartitioned Parquet table still deletes before it writes.)
+        frame = self._checkpoint(self._dataframe(expr))
+        if self.has_table(name) and {c.name for c in self._columns(name)} != set(expr.columns):
+            self.spark.sql(f"DROP TABLE {self._qualified(name)}")
+            self._forget(name)
         self._ensure_table(name, expr.schema(), partitioned=False)
         self._in_table_order(name, frame).write.insertInto(self._qualified(name), overwrite=True)
         return self.count(self.table(name))
@@ -369,4 +397,8 @@ class SparkWarehouse(Warehouse):
 
     @contextmanager
     def session(self) -> Iterator[SparkWarehouseSession]:
-        yield SparkWarehouseSession(self.pyspark.spark_session, self.database, self.location)
+        session = SparkWarehouseSession(self.pyspark.spark_session, self.database, self.location)
+        try:
+            yield session
+        finally:
+            session.close()

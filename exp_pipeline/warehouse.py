@@ -25,7 +25,7 @@ from dagster import ConfigurableResource
 from dagster_duckdb import DuckDBResource
 from pydantic import Field
 
-from exp_pipeline.registry import SAFE_ID_PATTERN, Source
+from exp_pipeline.registry import SAFE_ID_PATTERN, Source, is_uri
 
 
 # CSV is read as text (types come from the column mapping, and unparsable values are rejected row by
@@ -120,6 +120,11 @@ class WarehouseSession(ABC):
 
     def _source_files(self, resolved_path: str, description: str) -> list[str]:
         """The files a path or glob names, minus empty ones (recorded), each probed readable."""
+        if is_uri(resolved_path):
+            raise SourceError(
+                f"{description}: {resolved_path!r} is not a local path; DuckDB reads local files "
+                "(run on Spark, EXP_PIPELINE_ENGINE=spark, or copy the files)"
+            )
         files = sorted(globlib.glob(resolved_path))
         if not files:
             raise SourceError(

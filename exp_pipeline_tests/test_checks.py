@@ -150,11 +150,13 @@ def test_srm_is_not_judged_below_the_minimum_count(tmp_path, instance):
     assert srm.passed and srm.metadata["verdict"].value == "not judged"
 
 
-def test_a_blocking_failure_stops_variant_metrics_of_that_experiment_only(tmp_path, instance):
+@pytest.mark.parametrize("engine", ENGINES)
+def test_a_blocking_failure_stops_variant_metrics_of_that_experiment_only(tmp_path, instance, engine):
     workspace = write_tiny_workspace(
         tmp_path,
         arms={"exp_a": {"control": 400, "treatment": 200}, "exp_b": {"control": 300, "treatment": 300}},
         srm_blocks=True,
+        engine=engine,
     )
     blocked = run(workspace, instance, "exp_a")
     srm = evaluations(blocked)["deduped_assignments.no_sample_ratio_mismatch"]
@@ -165,14 +167,12 @@ def test_a_blocking_failure_stops_variant_metrics_of_that_experiment_only(tmp_pa
 
     other = run(workspace, instance, "exp_b")
     assert other.success
-    with workspace.warehouse().session() as session:
-        experiments = session.raw.execute("SELECT DISTINCT experiment_id FROM exp.variant_metrics").fetchall()
-    assert experiments == [("exp_b",)]
+    assert set(workspace.rows("variant_metrics").experiment_id) == {"exp_b"}
 
 
-def csv_workspace(tmp_path, lines: list[str]):
+def csv_workspace(tmp_path, lines: list[str], engine: str = "duckdb"):
     """The tiny workspace with its exposure log replaced by a CSV file of the given data lines."""
-    workspace = write_tiny_workspace(tmp_path)
+    workspace = write_tiny_workspace(tmp_path, engine=engine)
     registry = workspace.registry_path.read_text().replace("logs/assignments.parquet", "logs/exposures*.csv")
     workspace.registry_path.write_text(registry)
     good = pd.read_parquet(tmp_path / "logs" / "assignments.parquet")
@@ -199,8 +199,9 @@ BAD_LINES = [
 ]
 
 
-def test_bad_rows_are_rejected_with_reasons_and_every_row_is_accounted_for(tmp_path, instance):
-    workspace = csv_workspace(tmp_path, BAD_LINES)
+@pytest.mark.parametrize("engine", ENGINES)
+def test_bad_rows_are_rejected_with_reasons_and_every_row_is_accounted_for(tmp_path, instance, engine):
+    workspace = csv_workspace(tmp_path, BAD_LINES, engine)
     registry = workspace.registry_path.read_text()
     workspace.registry_path.write_text(
         registry.replace("properties: [device_type]", "properties: [device_type]\n    max_rejected_share: 0.005")
@@ -217,20 +218,13 @@ def test_bad_rows_are_rejected_with_reasons_and_every_row_is_accounted_for(tmp_p
         "unparsable_timestamp": 1, "unknown_variant": 1, "duplicate_row": 1,
     }
     assert meta["empty_files_skipped"] == [str(tmp_path / "logs" / "exposures_3.csv")]
-    with workspace.warehouse().session() as session:
-        rejected = session.raw.execute(
-            "SELECT reason, source_file, record FROM exp.rejected_rows WHERE experiment_id = 'exp_a' ORDER BY record"
-        ).df()
-        times = dict(session.raw.execute(
-            "SELECT subject_id, assigned_at FROM exp.raw_assignments WHERE subject_id IN ('bad6', 'bad7')"
-        ).fetchall())
+    rejected = workspace.rows("rejected_rows", "exp_a")
+    raw = workspace.rows("raw_assignments", "exp_a")
+    times = dict(zip(raw.subject_id, raw.assigned_at))
     assert len(rejected) == 7 and rejected.source_file.str.endswith("exposures_2.csv").all()
     assert any("assigned_at=last tuesday" in r for r in rejected.record)
     assert times["bad6"] == times["bad7"] == pd.Timestamp("2026-10-03T02:00:00Z")
-    with workspace.warehouse().session() as session:
-        [(quoted,)] = session.raw.execute(
-            "SELECT subject_id FROM exp.raw_assignments WHERE subject_id LIKE 'o''brien%'"
-        ).fetchall()
+    [quoted] = [s for s in raw.subject_id if s.startswith("o'brien")]
     assert quoted == "o'brien; DROP TABLE exp.raw_assignments; --"  # stored as a value, never run
     # 7 of 611 rows (6 not counting the duplicate) is above the configured 0.5%: an ERROR that
     # blocks this experiment's results.
@@ -248,17 +242,15 @@ def test_a_few_bad_rows_under_the_bound_pass(tmp_path, instance):
     assert evaluations(result)["raw_assignments.rejected_share_within_bound"].passed
 
 
-def test_an_experiment_with_an_empty_arm_still_reports_every_variant(tmp_path, instance):
-    workspace = write_tiny_workspace(tmp_path, arms={"exp_a": {"control": 300, "treatment": 0}})
+@pytest.mark.parametrize("engine", ENGINES)
+def test_an_experiment_with_an_empty_arm_still_reports_every_variant(tmp_path, instance, engine):
+    workspace = write_tiny_workspace(tmp_path, arms={"exp_a": {"control": 300, "treatment": 0}}, engine=engine)
     result = run(workspace, instance)
     srm = evaluations(result)["deduped_assignments.no_sample_ratio_mismatch"]
     assert not srm.passed and srm.metadata["observed"].value == {"control": 300, "treatment": 0}
-    with workspace.warehouse().session() as session:
-        rows = session.raw.execute(
-            "SELECT variant_id, n, rel_lift FROM exp.variant_metrics WHERE experiment_id = 'exp_a' ORDER BY 1"
-        ).fetchall()
-    assert [(v, n) for v, n, _ in rows] == [("control", 300), ("treatment", 0)]
-    assert rows[1][2] is None  # no lift without subjects, and no crash
+    rows = workspace.rows("variant_metrics", "exp_a").sort_values("variant_id")
+    assert list(zip(rows.variant_id, rows.n)) == [("control", 300), ("treatment", 0)]
+    assert pd.isna(rows.rel_lift.iloc[1])  # no lift without subjects, and no crash
 
 
 @pytest.mark.parametrize(
@@ -276,8 +268,9 @@ def test_an_experiment_with_an_empty_arm_still_reports_every_variant(tmp_path, i
          "missing columns 'device_type'"),
     ],
 )
-def test_sources_that_cannot_be_read_fail_the_step_with_a_clear_message(tmp_path, instance, mutate, message):
-    workspace = write_tiny_workspace(tmp_path)
+@pytest.mark.parametrize("engine", ENGINES)
+def test_sources_that_cannot_be_read_fail_the_step_with_a_clear_message(tmp_path, instance, mutate, message, engine):
+    workspace = write_tiny_workspace(tmp_path, engine=engine)
     mutate(tmp_path)
     result = run(workspace, instance)
     assert not result.success

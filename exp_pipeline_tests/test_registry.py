@@ -99,3 +99,11 @@ def test_paths_outside_the_data_root_can_be_allowed_explicitly(tmp_path):
 
     registry = parse(outside, tmp_path)
     assert registry.resolve_path(registry.sources.events.path) == "/somewhere/else/*.parquet"
+
+
+def test_storage_uris_are_kept_for_the_engine_to_read(tmp_path):
+    def on_s3(raw):
+        raw["sources"]["events"]["path"] = "s3a://logs/events/*.parquet"
+
+    registry = parse(on_s3, tmp_path)
+    assert registry.resolve_path(registry.sources.events.path) == "s3a://logs/events/*.parquet"

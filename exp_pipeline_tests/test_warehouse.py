@@ -56,6 +56,11 @@ def test_unreadable_sources_fail_naming_the_file_and_the_fix(warehouse, tmp_path
         read(warehouse, tmp_path / name, file_format)
 
 
+def test_duckdb_refuses_a_storage_uri_naming_the_engine_that_reads_it(duckdb_warehouse):
+    with pytest.raises(SourceError, match=r"'s3a://logs/x/\*\.parquet' is not a local path; DuckDB reads local files"):
+        read(duckdb_warehouse, "s3a://logs/x/*.parquet", "parquet")
+
+
 def test_a_header_only_csv_is_an_empty_source(warehouse, tmp_path):
     (tmp_path / "a.csv").write_text("user_id,exp_key,arm,ts\n")
     frame, _ = read(warehouse, tmp_path / "a.csv", "csv")
