@@ -51,6 +51,9 @@ LOCAL_SPARK_CONFIG = {
     "spark.ui.enabled": "false",
     "spark.sql.shuffle.partitions": "4",
     "spark.driver.memory": "4g",
+    # A console for people: no progress bars, and Spark's own warnings only when they are errors.
+    "spark.ui.showConsoleProgress": "false",
+    "spark.log.level": "ERROR",
 }
 
 def _quote(identifier: str) -> str:

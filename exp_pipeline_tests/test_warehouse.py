@@ -61,6 +61,16 @@ def test_duckdb_refuses_a_storage_uri_naming_the_engine_that_reads_it(duckdb_war
         read(duckdb_warehouse, "s3a://logs/x/*.parquet", "parquet")
 
 
+def test_a_catalog_table_is_a_source_and_a_missing_one_is_named(warehouse):
+    with warehouse.session() as session:
+        session.replace_table("exposures", pd.DataFrame({"user_id": ["a", "b"], "arm": ["control", "treatment"]}))
+        qualified = f"{session.schema}.exposures"
+        frame = session.to_pandas(session.read_source(Source(table=qualified), None, "assignments source"))
+        assert sorted(frame.user_id) == ["a", "b"] and set(frame.source_file) == {qualified}
+        with pytest.raises(SourceError, match=rf"assignments source: table '{session.schema}.nowhere' is not in the warehouse"):
+            session.read_source(Source(table=f"{session.schema}.nowhere"), None, "assignments source")
+
+
 def test_a_header_only_csv_is_an_empty_source(warehouse, tmp_path):
     (tmp_path / "a.csv").write_text("user_id,exp_key,arm,ts\n")
     frame, _ = read(warehouse, tmp_path / "a.csv", "csv")
