@@ -214,9 +214,11 @@ class SparkWarehouseSession(WarehouseSession):
             )
         nanos = sorted(c for c, k in kinds.items() if k == {True})
         # Spark has no nanosecond timestamps (pandas writes them by default): read them as
-        # integers and keep microseconds, the pipeline's resolution. The setting is read when
-        # the query runs, so it stays on for this session's reads of such files.
-        self.spark.conf.set("spark.sql.legacy.parquet.nanosAsLong", "true" if nanos else "false")
+        # integers and keep microseconds, the pipeline's resolution. Once on, it stays on for the
+        # session: a later source's read must not change how an earlier one's queries run. Files
+        # on shared storage are not probed: write microseconds there.
+        if nanos:
+            self.spark.conf.set("spark.sql.legacy.parquet.nanosAsLong", "true")
         frame = self.spark.read.option("mergeSchema", "true").parquet(*files)
         for column in nanos:
             quoted = column.replace("`", "``")

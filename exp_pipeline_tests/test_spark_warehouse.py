@@ -103,6 +103,22 @@ def test_nanosecond_parquet_is_read_at_microseconds(tmp_path):
     assert frame["ts"].iloc[0] == pd.Timestamp("2026-10-02T10:00:00.123456Z")
 
 
+def test_a_nanosecond_source_still_reads_after_a_microsecond_one(tmp_path):
+    """The setting that reads nanoseconds applies when queries run: a later source must not undo it."""
+    (tmp_path / "events").mkdir()
+    (tmp_path / "exposures").mkdir()
+    pd.DataFrame({"ts": pd.to_datetime(["2026-10-02T10:00:00Z"])}).to_parquet(tmp_path / "events" / "e.parquet")
+    pd.DataFrame({"ts": pd.to_datetime(["2026-10-03T10:00:00Z"])}).to_parquet(
+        tmp_path / "exposures" / "x.parquet", coerce_timestamps="us"
+    )
+    source = Source(path="*.parquet", format="parquet")
+    with spark_warehouse_at(tmp_path).session() as session:
+        events = session.read_source(source, str(tmp_path / "events" / "*.parquet"), "events source")
+        exposures = session.read_source(source, str(tmp_path / "exposures" / "*.parquet"), "assignments source")
+        assert session.to_pandas(events)["ts"].iloc[0] == pd.Timestamp("2026-10-02T10:00:00Z")
+        assert session.to_pandas(exposures)["ts"].iloc[0] == pd.Timestamp("2026-10-03T10:00:00Z")
+
+
 def test_mixed_timestamp_units_fail_naming_the_column(tmp_path):
     pd.DataFrame({"ts": pd.to_datetime(["2026-10-02T10:00:00Z"])}).to_parquet(tmp_path / "a.parquet")
     pd.DataFrame({"ts": pd.to_datetime(["2026-10-02T10:00:00Z"])}).to_parquet(
