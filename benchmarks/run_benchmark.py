@@ -297,31 +297,23 @@ def render(report: dict) -> str:
          "VmHWM MiB", "RSS after imports MiB", "imports s", "sufficient statistics"],
         summary_rows, "lrrrrrrrrrl",
     ))
-    ratio_lines = []
-    if totals.get("pipeline") and totals.get("reference"):
-        ratio_lines.append(
-            f"- pipeline / reference: **{totals['pipeline'] / totals['reference']:.2f}x** wall time "
-            "(reference: reference.sql writing the same tables the pipeline writes)"
-        )
-    if totals.get("pipeline") and totals.get("reference_per_experiment"):
-        ratio_lines.append(
-            f"- pipeline / reference_per_experiment: **{totals['pipeline'] / totals['reference_per_experiment']:.2f}x** "
-            "wall time (the same script run once per experiment, as the pipeline's independent runs: "
-            "what is left is Dagster, checks, history and the pipeline's own overhead)"
-        )
-    if totals.get("pipeline") and totals.get("reference_stats"):
-        ratio_lines.append(
-            f"- pipeline / reference_stats: **{totals['pipeline'] / totals['reference_stats']:.2f}x** wall time "
-            "(reference_stats: reference.sql as one query that writes nothing, the engine's floor)"
-        )
-    if totals.get("pipeline") and totals.get("pipeline_spark"):
-        ratio_lines.append(
-            f"- pipeline_spark / pipeline: **{totals['pipeline_spark'] / totals['pipeline']:.2f}x** wall time "
-            "(the same pipeline on Spark in local mode, local[2] on this machine: Spark's per-query and "
-            "JVM overheads with none of a cluster's parallelism; memory is Python driver + JVM)"
-        )
-    if totals.get("pipeline") and totals.get("pandas"):
-        ratio_lines.append(f"- pandas / pipeline: **{totals['pandas'] / totals['pipeline']:.2f}x** wall time")
+    # (numerator, denominator, what the comparison means): a line for each pair that ran.
+    ratios = [
+        ("pipeline", "reference", "reference: reference.sql writing the same tables the pipeline writes"),
+        ("pipeline", "reference_per_experiment",
+         "the same script run once per experiment, as the pipeline's independent runs: "
+         "what is left is Dagster, checks, history and the pipeline's own overhead"),
+        ("pipeline", "reference_stats", "reference_stats: reference.sql as one query that writes nothing, the engine's floor"),
+        ("pipeline_spark", "pipeline",
+         "the same pipeline on Spark in local mode, local[2] on this machine: Spark's per-query and "
+         "JVM overheads with none of a cluster's parallelism; memory is Python driver + JVM"),
+        ("pandas", "pipeline", None),
+    ]
+    ratio_lines = [
+        f"- {top} / {bottom}: **{totals[top] / totals[bottom]:.2f}x** wall time" + (f" ({why})" if why else "")
+        for top, bottom, why in ratios
+        if totals.get(top) and totals.get(bottom)
+    ]
     peaks = {name: median_of([r["peak_rss_kib"] for r in runs]) for name, runs in succeeded.items()}
     if peaks.get("pipeline") and peaks.get("reference"):
         ratio_lines.append(f"- peak memory pipeline / reference: {peaks['pipeline'] / peaks['reference']:.2f}x")
