@@ -350,9 +350,10 @@ class SparkWarehouseSession(WarehouseSession):
                 refresh.rows[c] if c in refresh.rows.columns else ibis.null(t).name(c) for c, t in kept.schema().items()
             ])
             rebuilt = self.temp_table(f"rebuilt_{uuid.uuid4().hex}", kept.union(new))
-            kept_rows = self.count(kept)
             after = self._write_partition(name, experiment_id, rebuilt)
-            counts[name] = RefreshCounts(deleted=before - kept_rows, inserted=after - kept_rows, rows=after)
+            # The partition is now kept + new rows: counting the new ones spares another scan of the old.
+            inserted = self.count(new)
+            counts[name] = RefreshCounts(deleted=before - (after - inserted), inserted=inserted, rows=after)
         for name, rows in (replace or {}).items():
             self._write_partition(name, experiment_id, rows)
         return counts
