@@ -441,6 +441,24 @@ def window_events(
     yield from results
 
 
+def _bound(session: WarehouseSession, table: ibis.Table) -> transforms.SumBound:
+    return transforms.SumBound.read(session.to_pandas(transforms.value_bound(table)))
+
+
+def _subject_values(
+    session: WarehouseSession, assignments: ibis.Table, events_table: str, experiment_id: str, metrics
+) -> ibis.Table:
+    """Capped per-(subject, metric) values from one events table, materialized: their bounds and
+    the statistics both read them."""
+    events = session.partition(events_table, experiment_id)
+    values = transforms.subject_metric_values(
+        assignments, events, metrics, _bound(session, events),
+        # Pre-assignment events are already cut to the covariate window.
+        apply_metric_windows=events_table == "post_assignment_events",
+    )
+    return session.temp_table(f"tmp_{events_table}_values", transforms.cap_subject_values(values, metrics))
+
+
 @_experiment_asset(
     (
         "Per (experiment, variant, metric): sufficient statistics, lift vs control with its interval "
@@ -459,25 +477,13 @@ def variant_metrics(
     properties = reg.sources.assignments.properties
     with warehouse.session() as session:
         assignments = transforms.analysable_assignments(session.partition("deduped_assignments", experiment.id))
-        post = transforms.cap_subject_values(
-            transforms.subject_metric_values(
-                assignments, session.partition("post_assignment_events", experiment.id), metrics
-            ),
-            metrics,
-        )
+        post = _subject_values(session, assignments, "post_assignment_events", experiment.id, metrics)
         pre = None
         if experiment.cuped_pre_window_days > 0:
-            pre = transforms.cap_subject_values(
-                transforms.subject_metric_values(
-                    assignments,
-                    session.partition("pre_assignment_events", experiment.id),
-                    metrics,
-                    apply_metric_windows=False,
-                ),
-                metrics,
-            )
+            pre = _subject_values(session, assignments, "pre_assignment_events", experiment.id, metrics)
+        x_bound = _bound(session, pre) if pre is not None else None
         # Only these small tables leave the engine.
-        sufficient = session.to_pandas(transforms.sufficient_statistics(post, pre))
+        sufficient = session.to_pandas(transforms.sufficient_statistics(post, pre, _bound(session, post), x_bound))
         counts = session.to_pandas(transforms.assignment_counts(assignments, properties))
         srm, causes = results.srm_of(counts, experiment)
         frame = results.variant_metric_rows(sufficient, experiment, metrics, srm)

@@ -7,7 +7,9 @@ write. No engine-specific SQL: only Ibis.
 from __future__ import annotations
 
 import datetime as dt
+import math
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import ibis
 import ibis.expr.datatypes as dtypes
@@ -500,10 +502,54 @@ def refreshed_window_events(
     )
 
 
+# Float sums are accumulated as integers (fixed point, DECIMAL(38, 0)): an engine's float sum
+# depends on the order it meets the rows in (storage order, threads), so the same rows could give
+# results differing in the last bits from one run to the next, or between an incremental refresh
+# and a full recomputation. Integer sums do not; 120 bits leave room under DECIMAL(38, 0)'s 126.
+FIXED_POINT = dtypes.Decimal(38, 0)
+FIXED_POINT_BITS = 120
+
+
+class SumBound(NamedTuple):
+    """What a fixed-point sum needs to know of its terms: how many, and how large at most."""
+
+    rows: int
+    max_abs: float
+
+    @classmethod
+    def read(cls, frame: pd.DataFrame) -> SumBound:
+        """From the one row `value_bound` gives (max_abs is null when there are no values)."""
+        row = frame.iloc[0]
+        return cls(int(row["rows"]), 0.0 if pd.isna(row["max_abs"]) else float(row["max_abs"]))
+
+
+def value_bound(table: ir.Table, column: str = "value") -> ir.Table:
+    """One row: rows and max_abs of a column (read it into a SumBound)."""
+    return table.aggregate(rows=table.count(), max_abs=table[column].abs().max())
+
+
+def fixed_point_sum(column: ir.NumericColumn, bound: SumBound) -> ir.NumericScalar:
+    """The sum of a float column, the same whatever order the rows come in.
+
+    Every term is scaled by a power of two (exact in floating point) so that `bound.rows` terms of
+    at most `bound.max_abs` fit FIXED_POINT_BITS, rounded to an integer and summed exactly. The
+    rounding error of a term is at most 2**-121 of rows x max_abs: far below a float sum's own.
+    """
+    if not bound.rows or not bound.max_abs or not math.isfinite(bound.max_abs):
+        return column.sum().cast("float64")  # all zero, or an infinite term: the sum is exact anyway
+    exponent = FIXED_POINT_BITS - math.ceil(math.log2(bound.rows) + math.log2(bound.max_abs))
+    # 2**exponent itself may not be a float (tiny values need up to 2**1194): two exact factors.
+    half = exponent // 2
+    scaled = column.cast("float64") * ibis.literal(2.0**half) * ibis.literal(2.0 ** (exponent - half))
+    total = scaled.cast(FIXED_POINT).sum().cast("float64")
+    return total * ibis.literal(2.0**-half) * ibis.literal(2.0 ** (half - exponent))
+
+
 def subject_metric_values(
     assignments: ir.Table,
     events: ir.Table,
     metrics: Sequence[Metric],
+    event_values: SumBound,
     *,
     apply_metric_windows: bool = True,
 ) -> ir.Table:
@@ -511,7 +557,8 @@ def subject_metric_values(
 
     For post-assignment events each metric's own window applies. Pre-assignment events (the CUPED
     covariate) are already cut to the pre window: pass `apply_metric_windows=False`.
-    Capping is applied separately (`cap_subject_values`).
+    `event_values` bounds the events' values (`value_bound`). Capping is applied separately
+    (`cap_subject_values`).
     """
     windows = metric_windows(metrics)
     matched = events.join(windows, "event_name")
@@ -521,7 +568,7 @@ def subject_metric_values(
             matched.event_at < matched.assigned_at + matched.end_seconds.as_interval("s"),
         )
     per_subject = matched.group_by("experiment_id", "subject_id", "metric").aggregate(
-        sum_value=matched.value.fill_null(0).sum(),
+        sum_value=fixed_point_sum(matched.value.fill_null(0.0), event_values),
         n_events=matched.count(),
     )
 
@@ -560,10 +607,13 @@ def cap_subject_values(values: ir.Table, metrics: Sequence[Metric]) -> ir.Table:
     return joined.select("experiment_id", "subject_id", "variant_id", "metric", value=value)
 
 
-def sufficient_statistics(post_values: ir.Table, pre_values: ir.Table | None) -> ir.Table:
+def sufficient_statistics(
+    post_values: ir.Table, pre_values: ir.Table | None, y_bound: SumBound, x_bound: SumBound | None
+) -> ir.Table:
     """Per (experiment, variant, metric): n, sums and cross products of y and its covariate x.
 
-    This small table is all that leaves the engine for inference.
+    `y_bound` and `x_bound` bound the post and pre values (`value_bound`). This small table is all
+    that leaves the engine for inference.
     """
     if pre_values is None:
         joined = post_values.mutate(x=ibis.literal(0.0))
@@ -576,13 +626,15 @@ def sufficient_statistics(post_values: ir.Table, pre_values: ir.Table | None) ->
         joined = joined.mutate(x=joined.x.fill_null(0.0))
     y = joined.value.cast("float64")
     x = joined.x.cast("float64")
+    rows = y_bound.rows
+    max_y, max_x = y_bound.max_abs, (x_bound.max_abs if x_bound else 0.0)
     return joined.group_by("experiment_id", "variant_id", "metric").aggregate(
         n=joined.count(),
-        sum_y=y.sum(),
-        sum_y2=(y * y).sum(),
-        sum_x=x.sum(),
-        sum_x2=(x * x).sum(),
-        sum_xy=(x * y).sum(),
+        sum_y=fixed_point_sum(y, SumBound(rows, max_y)),
+        sum_y2=fixed_point_sum(y * y, SumBound(rows, max_y * max_y)),
+        sum_x=fixed_point_sum(x, SumBound(rows, max_x)),
+        sum_x2=fixed_point_sum(x * x, SumBound(rows, max_x * max_x)),
+        sum_xy=fixed_point_sum(x * y, SumBound(rows, max_x * max_y)),
     )
 
 

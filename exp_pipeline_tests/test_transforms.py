@@ -1,6 +1,7 @@
 """Transforms on small tables built here, executed by an in-memory DuckDB through Ibis."""
 
 import datetime as dt
+import math
 
 import duckdb
 import ibis
@@ -36,6 +37,9 @@ class EngineTables:
         expr = obj
         self.tables[name] = self.session.temp_table(name, expr)
         return self.tables[name]
+
+    def bound(self, table: ibis.Table) -> transforms.SumBound:
+        return transforms.SumBound.read(self.session.to_pandas(transforms.value_bound(table)))
 
     def table(self, name: str) -> ibis.Table:
         return self.tables[name]
@@ -430,7 +434,7 @@ def test_per_subject_values_with_zeros_and_metric_windows(con):
         metric(id="sessions", event_name="session", aggregation="count"),
     ]
     post = post_rows(a, e, metrics)
-    values = con.to_pandas(transforms.subject_metric_values(a, post, metrics))
+    values = con.to_pandas(transforms.subject_metric_values(a, post, metrics, con.bound(post)))
     got = values.set_index(["subject_id", "metric"])["value"].to_dict()
     assert got == {
         ("buyer", "revenue"): 15.0, ("buyer", "purchases_7d"): 2.0,
@@ -478,17 +482,57 @@ def test_sufficient_statistics_match_numpy(con):
     pre = pre[pre.index % 10 != 0]  # subjects without pre-period events get x = 0
     post_t = con.create_table("post", frame)
     pre_t = con.create_table("pre", pre)
-    out = con.to_pandas(transforms.sufficient_statistics(post_t, pre_t)).set_index("variant_id")
+    out = con.to_pandas(
+        transforms.sufficient_statistics(post_t, pre_t, con.bound(post_t), con.bound(pre_t))
+    ).set_index("variant_id")
     merged = frame.merge(pre[["subject_id", "value"]].rename(columns={"value": "x"}), on="subject_id", how="left")
     merged["x"] = merged["x"].fillna(0.0)
     for variant, group in merged.groupby("variant_id"):
         row = out.loc[variant]
+        y, x = group["value"], group["x"]
         assert row["n"] == len(group)
-        assert row["sum_y"] == pytest.approx(group["value"].sum())
-        assert row["sum_y2"] == pytest.approx((group["value"] ** 2).sum())
-        assert row["sum_x"] == pytest.approx(group["x"].sum())
-        assert row["sum_x2"] == pytest.approx((group["x"] ** 2).sum())
-        assert row["sum_xy"] == pytest.approx((group["x"] * group["value"]).sum())
+        # Correctly rounded sums (math.fsum) to the last bits: the fixed-point sums are exact but
+        # for each term's rounding at 2**-121 of the largest possible total.
+        for column, terms in [("sum_y", y), ("sum_y2", y * y), ("sum_x", x), ("sum_x2", x * x), ("sum_xy", x * y)]:
+            assert row[column] == pytest.approx(math.fsum(terms), rel=1e-15, abs=0), column
+
+
+def test_sums_do_not_depend_on_the_order_rows_are_stored_in(con):
+    # A float sum of these gives 1 in this order (1e16 + 1 rounds back to 1e16) and 2 in others.
+    values = [1e16, 1.0, -1e16, 1.0]
+    orders = [[0, 1, 2, 3], [1, 3, 0, 2], [3, 2, 1, 0]]
+    got = []
+    for i, order in enumerate(orders):
+        frame = pd.DataFrame({
+            "experiment_id": "exp", "subject_id": [f"s{j}" for j in order], "variant_id": "control",
+            "metric": "revenue", "value": [values[j] for j in order],
+        })
+        t = con.create_table(f"stored_{i}", frame)
+        out = con.to_pandas(transforms.sufficient_statistics(t, None, con.bound(t), None))
+        got.append(out[["n", "sum_y", "sum_y2"]].iloc[0].tolist())
+    assert got == [[4, 2.0, 2e32 + 2.0]] * len(orders)
+
+
+def _fixed_point_total(con, name: str, values: list[float]) -> float:
+    t = con.create_table(name, pd.DataFrame({"value": np.array(values, dtype=float)}))
+    return con.to_pandas(t.aggregate(total=transforms.fixed_point_sum(t.value, con.bound(t))))["total"].iloc[0]
+
+
+@pytest.mark.parametrize("values", [
+    [3e-300, 4e-300, 5e-310],   # tiny (the scale is beyond what one float can hold)
+    [1e300, 1e300, -3e299],     # huge
+    [-2.5, 1e-9, 7.25, 0.1],    # mixed signs and sizes
+    [0.0, 0.0],                 # all zero: the bound is 0
+    [float("inf"), 1.0],        # infinite: no scale, the engine's own sum
+])
+def test_fixed_point_sum_is_the_correctly_rounded_sum(con, values):
+    assert _fixed_point_total(con, "values", values) == math.fsum(values)
+
+
+def test_bounds_of_values(con):
+    t = con.create_table("bounded", pd.DataFrame({"value": [-7.5, 2.0, 3.0]}))
+    assert con.bound(t) == transforms.SumBound(3, 7.5)
+    assert con.bound(t.filter(t.value > 100)) == transforms.SumBound(0, 0.0)
 
 
 def test_assignment_counts_overall_and_per_property(con):
