@@ -372,6 +372,14 @@ def incremental_section(runs: list[dict]) -> list[str]:
                      ", ".join(num(pick(r, "refresh")) for r in runs), ", ".join(num(pick(r, "full")) for r in runs)])
     out.append(table(["what", "refresh s", "full s", "refresh / full", "refresh per run", "full per run"],
                      rows, "lrrrll"))
+    steps = sorted(first["refresh"]["steps"], key=lambda step: -(first["full"]["steps"].get(step) or 0))
+    step_rows = []
+    for step in steps:
+        refresh = median_of([r["refresh"]["steps"].get(step) for r in runs])
+        full = median_of([r["full"]["steps"].get(step) for r in runs])
+        step_rows.append([step, num(refresh), num(full), f"{refresh / full:.2f}" if refresh and full else "-"])
+    out += ["", "Per step (Dagster's step durations; the rest of a run is Dagster's own):", "",
+            table(["step", "refresh s", "full s", "refresh / full"], step_rows, "lrrr")]
     identical = all(r["identical_variant_metrics"] for r in runs)
     worst = max(r["max_relative_difference"] for r in runs)
     out += [
