@@ -533,7 +533,7 @@ def fixed_point_sum(column: ir.NumericColumn, bound: SumBound) -> ir.NumericScal
 
     Every term is scaled by a power of two (exact in floating point) so that `bound.rows` terms of
     at most `bound.max_abs` fit FIXED_POINT_BITS, rounded to an integer and summed exactly. The
-    rounding error of a term is at most 2**-121 of rows x max_abs: far below a float sum's own.
+    rounding error of a term is at most 2**-120 of rows x max_abs: far below a float sum's own.
     """
     if not bound.rows or not bound.max_abs or not math.isfinite(bound.max_abs):
         return column.sum().cast("float64")  # all zero, or an infinite term: the sum is exact anyway

@@ -492,7 +492,7 @@ def test_sufficient_statistics_match_numpy(con):
         y, x = group["value"], group["x"]
         assert row["n"] == len(group)
         # Correctly rounded sums (math.fsum) to the last bits: the fixed-point sums are exact but
-        # for each term's rounding at 2**-121 of the largest possible total.
+        # for each term's rounding at 2**-120 of the largest possible total.
         for column, terms in [("sum_y", y), ("sum_y2", y * y), ("sum_x", x), ("sum_x2", x * x), ("sum_xy", x * y)]:
             assert row[column] == pytest.approx(math.fsum(terms), rel=1e-15, abs=0), column
 
