@@ -567,8 +567,10 @@ def subject_metric_values(
             matched.event_at >= matched.assigned_at + matched.start_seconds.as_interval("s"),
             matched.event_at < matched.assigned_at + matched.end_seconds.as_interval("s"),
         )
+    # Only sum metrics use the values: the others skip the fixed-point conversion (null terms).
+    summed = ibis.ifelse(matched.aggregation == "sum", matched.value.fill_null(0.0), ibis.null("float64"))
     per_subject = matched.group_by("experiment_id", "subject_id", "metric").aggregate(
-        sum_value=fixed_point_sum(matched.value.fill_null(0.0), event_values),
+        sum_value=fixed_point_sum(summed, event_values),
         n_events=matched.count(),
     )
 
