@@ -441,8 +441,8 @@ def window_events(
     yield from results
 
 
-def _bound(session: WarehouseSession, table: ibis.Table) -> transforms.SumBound:
-    return transforms.SumBound.read(session.to_pandas(transforms.value_bound(table)))
+def _bounds(session: WarehouseSession, table: ibis.Table, by: str) -> dict[str, transforms.SumBound]:
+    return transforms.read_bounds(session.to_pandas(transforms.value_bounds(table, by)), by)
 
 
 def _subject_values(
@@ -452,7 +452,7 @@ def _subject_values(
     the statistics both read them."""
     events = session.partition(events_table, experiment_id)
     values = transforms.subject_metric_values(
-        assignments, events, metrics, _bound(session, events),
+        assignments, events, metrics, _bounds(session, events, "event_name"),
         # Pre-assignment events are already cut to the covariate window.
         apply_metric_windows=events_table == "post_assignment_events",
     )
@@ -481,9 +481,11 @@ def variant_metrics(
         pre = None
         if experiment.cuped_pre_window_days > 0:
             pre = _subject_values(session, assignments, "pre_assignment_events", experiment.id, metrics)
-        x_bound = _bound(session, pre) if pre is not None else None
+        x_bounds = _bounds(session, pre, "metric") if pre is not None else None
         # Only these small tables leave the engine.
-        sufficient = session.to_pandas(transforms.sufficient_statistics(post, pre, _bound(session, post), x_bound))
+        sufficient = session.to_pandas(
+            transforms.sufficient_statistics(post, pre, _bounds(session, post, "metric"), x_bounds)
+        )
         counts = session.to_pandas(transforms.assignment_counts(assignments, properties))
         srm, causes = results.srm_of(counts, experiment)
         frame = results.variant_metric_rows(sufficient, experiment, metrics, srm)

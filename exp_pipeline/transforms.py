@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import datetime as dt
 import math
+import sys
 from collections.abc import Sequence
 from typing import NamedTuple
 
@@ -121,8 +122,11 @@ def canonical_events(source_rows: ir.Table, source: Source) -> ir.Table:
         kind = logged_value.type()
         if kind.is_numeric() or kind.is_boolean() or kind.is_string():
             value = logged_value.try_cast("float64")
-            # NaN is no amount: missing, as a null is (and Spark, unlike DuckDB, sums NaN to NaN).
-            value = ibis.ifelse(value.isnan(), ibis.null("float64"), value)
+            # NaN and infinity are no amounts: missing, as a null is (Spark, unlike DuckDB, sums NaN
+            # to NaN); logged as text they are rejected as non-numeric values.
+            # (Not isinf(): Ibis compiles it to FALSE on Spark.)
+            infinite = value.abs() > ibis.literal(sys.float_info.max)
+            value = ibis.ifelse(value.isnan() | infinite, ibis.null("float64"), value)
         else:
             # A timestamp or date mapped as the value is not an amount (Spark would cast it to seconds).
             value = ibis.null("float64")
@@ -508,6 +512,7 @@ def refreshed_window_events(
 # and a full recomputation. Integer sums do not; 120 bits leave room under DECIMAL(38, 0)'s 126.
 FIXED_POINT = dtypes.Decimal(38, 0)
 FIXED_POINT_BITS = 120
+_SCALE_PARTS = ("up1", "up2", "down1", "down2")
 
 
 class SumBound(NamedTuple):
@@ -516,40 +521,62 @@ class SumBound(NamedTuple):
     rows: int
     max_abs: float
 
-    @classmethod
-    def read(cls, frame: pd.DataFrame) -> SumBound:
-        """From the one row `value_bound` gives (max_abs is null when there are no values)."""
-        row = frame.iloc[0]
-        return cls(int(row["rows"]), 0.0 if pd.isna(row["max_abs"]) else float(row["max_abs"]))
+    def scale_columns(self, term: str) -> dict[str, float | None]:
+        """The scale of a term's sum as four columns `{term}_up1/_up2/_down1/_down2`.
+
+        up1 * up2 is the power of two that makes `rows` terms of at most `max_abs` fit
+        FIXED_POINT_BITS (two factors: tiny values need up to 2**1194, beyond a float);
+        down1 * down2 undoes it. All None when a term is beyond float range (|value| > 1e154
+        squared): such a metric is summed as floats.
+        """
+        if not math.isfinite(self.max_abs):
+            return {f"{term}_{part}": None for part in _SCALE_PARTS}
+        exponent = 0  # all terms zero: any scale is exact
+        if self.rows and self.max_abs:
+            exponent = FIXED_POINT_BITS - math.ceil(math.log2(self.rows) + math.log2(self.max_abs))
+        half = exponent // 2
+        factors = (2.0**half, 2.0 ** (exponent - half), 2.0**-half, 2.0 ** (half - exponent))
+        return {f"{term}_{part}": factor for part, factor in zip(_SCALE_PARTS, factors)}
 
 
-def value_bound(table: ir.Table, column: str = "value") -> ir.Table:
-    """One row: rows and max_abs of a column (read it into a SumBound)."""
-    return table.aggregate(rows=table.count(), max_abs=table[column].abs().max())
+def value_bounds(table: ir.Table, by: str) -> ir.Table:
+    """Per value of column `by`: the rows and the largest |value| (null when no value)."""
+    return table.group_by(by).aggregate(rows=table.count(), max_abs=table.value.abs().max())
 
 
-def fixed_point_sum(column: ir.NumericColumn, bound: SumBound) -> ir.NumericScalar:
+def read_bounds(frame: pd.DataFrame, by: str) -> dict[str, SumBound]:
+    """`value_bounds` rows as {key: SumBound}."""
+    return {
+        row[by]: SumBound(int(row["rows"]), 0.0 if pd.isna(row["max_abs"]) else float(row["max_abs"]))
+        for _, row in frame.iterrows()
+    }
+
+
+def fixed_point_sum(table: ir.Table, term: ir.NumericColumn, name: str) -> ir.NumericScalar:
     """The sum of a float column, the same whatever order the rows come in.
 
-    Every term is scaled by a power of two (exact in floating point) so that `bound.rows` terms of
-    at most `bound.max_abs` fit FIXED_POINT_BITS, rounded to an integer and summed exactly. The
-    rounding error of a term is at most 2**-120 of rows x max_abs: far below a float sum's own.
+    Every term is multiplied by its scale (the `{name}_up1/_up2` columns of `table`, exact powers of
+    two), rounded to an integer and summed exactly; on DuckDB rounding costs at most 2**-120 of
+    (rows x largest term) per term (Spark converts through text: float precision per term). Every
+    row of a group must carry the same scale (one per metric).
     """
-    if not bound.rows or not bound.max_abs or not math.isfinite(bound.max_abs):
-        return column.sum().cast("float64")  # all zero, or an infinite term: the sum is exact anyway
-    exponent = FIXED_POINT_BITS - math.ceil(math.log2(bound.rows) + math.log2(bound.max_abs))
-    # 2**exponent itself may not be a float (tiny values need up to 2**1194): two exact factors.
-    half = exponent // 2
-    scaled = column.cast("float64") * ibis.literal(2.0**half) * ibis.literal(2.0 ** (exponent - half))
-    total = scaled.cast(FIXED_POINT).sum().cast("float64")
-    return total * ibis.literal(2.0**-half) * ibis.literal(2.0 ** (half - exponent))
+    up1, up2, down1, down2 = (table[f"{name}_{part}"] for part in _SCALE_PARTS)
+    fixed = up1.notnull()
+    scaled = ibis.ifelse(fixed, term * up1 * up2, ibis.null("float64")).cast(FIXED_POINT)
+    exact = scaled.sum().cast("float64") * down1.max() * down2.max()
+    return ibis.ifelse(fixed.any(), exact, term.sum())
+
+
+def _scales(rows: Sequence[dict], schema: dict[str, str]) -> ir.Table:
+    frame = pd.DataFrame(list(rows), columns=list(schema))
+    return ibis.memtable(frame.astype(object).where(frame.notna(), None), schema=schema)
 
 
 def subject_metric_values(
     assignments: ir.Table,
     events: ir.Table,
     metrics: Sequence[Metric],
-    event_values: SumBound,
+    event_bounds: dict[str, SumBound],
     *,
     apply_metric_windows: bool = True,
 ) -> ir.Table:
@@ -557,11 +584,16 @@ def subject_metric_values(
 
     For post-assignment events each metric's own window applies. Pre-assignment events (the CUPED
     covariate) are already cut to the pre window: pass `apply_metric_windows=False`.
-    `event_values` bounds the events' values (`value_bound`). Capping is applied separately
-    (`cap_subject_values`).
+    `event_bounds` bounds the events' values per event name (`value_bounds`: a sum metric's terms
+    are its event's values). Capping is applied separately (`cap_subject_values`).
     """
     windows = metric_windows(metrics)
-    matched = events.join(windows, "event_name")
+    no_values = SumBound(0, 0.0)
+    scales = _scales(
+        [{"metric": m.id, **event_bounds.get(m.event_name, no_values).scale_columns("value")} for m in metrics],
+        {"metric": "string", **{f"value_{part}": "float64" for part in _SCALE_PARTS}},
+    )
+    matched = events.join(windows, "event_name").join(scales, "metric")
     if apply_metric_windows:
         matched = matched.filter(
             matched.event_at >= matched.assigned_at + matched.start_seconds.as_interval("s"),
@@ -570,7 +602,7 @@ def subject_metric_values(
     # Only sum metrics use the values: the others skip the fixed-point conversion (null terms).
     summed = ibis.ifelse(matched.aggregation == "sum", matched.value.fill_null(0.0), ibis.null("float64"))
     per_subject = matched.group_by("experiment_id", "subject_id", "metric").aggregate(
-        sum_value=fixed_point_sum(summed, event_values),
+        sum_value=fixed_point_sum(matched, summed, "value"),
         n_events=matched.count(),
     )
 
@@ -610,12 +642,15 @@ def cap_subject_values(values: ir.Table, metrics: Sequence[Metric]) -> ir.Table:
 
 
 def sufficient_statistics(
-    post_values: ir.Table, pre_values: ir.Table | None, y_bound: SumBound, x_bound: SumBound | None
+    post_values: ir.Table,
+    pre_values: ir.Table | None,
+    y_bounds: dict[str, SumBound],
+    x_bounds: dict[str, SumBound] | None,
 ) -> ir.Table:
     """Per (experiment, variant, metric): n, sums and cross products of y and its covariate x.
 
-    `y_bound` and `x_bound` bound the post and pre values (`value_bound`). This small table is all
-    that leaves the engine for inference.
+    `y_bounds` and `x_bounds` bound the post and pre values per metric (`value_bounds`). This small
+    table is all that leaves the engine for inference.
     """
     if pre_values is None:
         joined = post_values.mutate(x=ibis.literal(0.0))
@@ -626,17 +661,34 @@ def sufficient_statistics(
             how="left",
         )
         joined = joined.mutate(x=joined.x.fill_null(0.0))
+    scale_rows = []
+    for metric, y_bound in y_bounds.items():
+        # Each metric its own scale: a small metric is not rounded on a large one's grid. A group's
+        # terms are its metric's post rows, at most y_bound.rows of them.
+        rows, max_y = y_bound.rows, y_bound.max_abs
+        max_x = (x_bounds or {}).get(metric, SumBound(0, 0.0)).max_abs
+        scale_rows.append({
+            "metric": metric,
+            **SumBound(rows, max_y).scale_columns("y"),
+            **SumBound(rows, max_y * max_y).scale_columns("y2"),
+            **SumBound(rows, max_x).scale_columns("x"),
+            **SumBound(rows, max_x * max_x).scale_columns("x2"),
+            **SumBound(rows, max_x * max_y).scale_columns("xy"),
+        })
+    terms = ("y", "y2", "x", "x2", "xy")
+    scales = _scales(
+        scale_rows, {"metric": "string", **{f"{t}_{part}": "float64" for t in terms for part in _SCALE_PARTS}}
+    )
+    joined = joined.join(scales, "metric")
     y = joined.value.cast("float64")
     x = joined.x.cast("float64")
-    rows = y_bound.rows
-    max_y, max_x = y_bound.max_abs, (x_bound.max_abs if x_bound else 0.0)
     return joined.group_by("experiment_id", "variant_id", "metric").aggregate(
         n=joined.count(),
-        sum_y=fixed_point_sum(y, SumBound(rows, max_y)),
-        sum_y2=fixed_point_sum(y * y, SumBound(rows, max_y * max_y)),
-        sum_x=fixed_point_sum(x, SumBound(rows, max_x)),
-        sum_x2=fixed_point_sum(x * x, SumBound(rows, max_x * max_x)),
-        sum_xy=fixed_point_sum(x * y, SumBound(rows, max_x * max_y)),
+        sum_y=fixed_point_sum(joined, y, "y"),
+        sum_y2=fixed_point_sum(joined, y * y, "y2"),
+        sum_x=fixed_point_sum(joined, x, "x"),
+        sum_x2=fixed_point_sum(joined, x * x, "x2"),
+        sum_xy=fixed_point_sum(joined, x * y, "xy"),
     )
 
 

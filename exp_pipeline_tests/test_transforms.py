@@ -38,8 +38,8 @@ class EngineTables:
         self.tables[name] = self.session.temp_table(name, expr)
         return self.tables[name]
 
-    def bound(self, table: ibis.Table) -> transforms.SumBound:
-        return transforms.SumBound.read(self.session.to_pandas(transforms.value_bound(table)))
+    def bounds(self, table: ibis.Table, by: str = "metric") -> dict[str, transforms.SumBound]:
+        return transforms.read_bounds(self.session.to_pandas(transforms.value_bounds(table, by)), by)
 
     def table(self, name: str) -> ibis.Table:
         return self.tables[name]
@@ -201,6 +201,8 @@ def test_event_rows_are_usable_or_rejected_with_a_reason(con):
             ("a", "2026-10-02T00:00:00Z", "purchase", "10.5"),   # logged twice
             ("a", "2026-10-03T00:00:00Z", "session", None),       # no value: fine
             ("b", "2026-10-02T00:00:00Z", "purchase", "ten"),
+            ("f", "2026-10-02T00:00:00Z", "purchase", "inf"),     # a number, but no amount
+            ("g", "2026-10-02T00:00:00Z", "purchase", "-Infinity"),
             ("c", "not a time", "purchase", "1"),
             ("d", None, "purchase", "1"),
             (None, "2026-10-02T00:00:00Z", "purchase", "1"),
@@ -212,7 +214,7 @@ def test_event_rows_are_usable_or_rejected_with_a_reason(con):
     events = transforms.canonical_events(con.create_table("ev", frame), EVENT_SOURCE)
     counts = con.to_pandas(transforms.rejection_counts(transforms.classify_events(events)))
     assert dict(zip(counts["reason"], counts["rows"])) == {
-        "ingested": 2, "duplicate_row": 1, "non_numeric_value": 1, "unparsable_timestamp": 1,
+        "ingested": 2, "duplicate_row": 1, "non_numeric_value": 3, "unparsable_timestamp": 1,
         "missing_timestamp": 1, "missing_subject_id": 1, "missing_event_name": 1,
     }
     usable = transforms.usable_events(events, ["purchase"])
@@ -434,7 +436,7 @@ def test_per_subject_values_with_zeros_and_metric_windows(con):
         metric(id="sessions", event_name="session", aggregation="count"),
     ]
     post = post_rows(a, e, metrics)
-    values = con.to_pandas(transforms.subject_metric_values(a, post, metrics, con.bound(post)))
+    values = con.to_pandas(transforms.subject_metric_values(a, post, metrics, con.bounds(post, "event_name")))
     got = values.set_index(["subject_id", "metric"])["value"].to_dict()
     assert got == {
         ("buyer", "revenue"): 15.0, ("buyer", "purchases_7d"): 2.0,
@@ -483,7 +485,7 @@ def test_sufficient_statistics_match_numpy(con):
     post_t = con.create_table("post", frame)
     pre_t = con.create_table("pre", pre)
     out = con.to_pandas(
-        transforms.sufficient_statistics(post_t, pre_t, con.bound(post_t), con.bound(pre_t))
+        transforms.sufficient_statistics(post_t, pre_t, con.bounds(post_t), con.bounds(pre_t))
     ).set_index("variant_id")
     merged = frame.merge(pre[["subject_id", "value"]].rename(columns={"value": "x"}), on="subject_id", how="left")
     merged["x"] = merged["x"].fillna(0.0)
@@ -508,31 +510,58 @@ def test_sums_do_not_depend_on_the_order_rows_are_stored_in(con):
             "metric": "revenue", "value": [values[j] for j in order],
         })
         t = con.create_table(f"stored_{i}", frame)
-        out = con.to_pandas(transforms.sufficient_statistics(t, None, con.bound(t), None))
+        out = con.to_pandas(transforms.sufficient_statistics(t, None, con.bounds(t), None))
         got.append(out[["n", "sum_y", "sum_y2"]].iloc[0].tolist())
     assert got == [[4, 2.0, 2e32 + 2.0]] * len(orders)
 
 
-def _fixed_point_total(con, name: str, values: list[float]) -> float:
-    t = con.create_table(name, pd.DataFrame({"value": np.array(values, dtype=float)}))
-    return con.to_pandas(t.aggregate(total=transforms.fixed_point_sum(t.value, con.bound(t))))["total"].iloc[0]
+def _sums(con, name: str, values: dict[str, list[float]]) -> pd.DataFrame:
+    """sum_y and sum_y2 per metric of the given values (one subject each, one variant)."""
+    frame = pd.DataFrame(
+        [{"metric": metric, "value": v} for metric, vs in values.items() for v in vs]
+    ).assign(experiment_id="exp", variant_id="control")
+    frame["subject_id"] = [f"s{i}" for i in range(len(frame))]
+    t = con.create_table(name, frame)
+    out = con.to_pandas(transforms.sufficient_statistics(t, None, con.bounds(t), None))
+    return out.set_index("metric")
 
 
 @pytest.mark.parametrize("values", [
     [3e-300, 4e-300, 5e-310],   # tiny (the scale is beyond what one float can hold)
-    [1e300, 1e300, -3e299],     # huge
+    [1e150, 1e150, -3e149],     # huge
     [-2.5, 1e-9, 7.25, 0.1],    # mixed signs and sizes
     [0.0, 0.0],                 # all zero: the bound is 0
-    [float("inf"), 1.0],        # infinite: no scale, the engine's own sum
 ])
-def test_fixed_point_sum_is_the_correctly_rounded_sum(con, values):
-    assert _fixed_point_total(con, "values", values) == math.fsum(values)
+def test_fixed_point_sums_are_the_correctly_rounded_sums(con, values):
+    got = _sums(con, "values", {"m": values}).loc["m"]
+    # Spark turns a double into a decimal through its shortest text (17 digits): each term is
+    # rounded there at float precision, so its sums are within an ulp, not correctly rounded.
+    rel = 0 if isinstance(con.session, DuckDBWarehouseSession) else 4e-16
+    assert got["sum_y"] == pytest.approx(math.fsum(values), rel=rel, abs=0)
+    assert got["sum_y2"] == pytest.approx(math.fsum(v * v for v in values), rel=rel, abs=0)
+
+
+def test_each_metric_is_summed_on_its_own_scale(con):
+    # A metric of small values beside one with a huge value: one shared scale would round the
+    # small squares to nothing (sum_y2 off by 22% in a review's example); each its own keeps them.
+    small = [0.001] * 1000
+    got = _sums(con, "scales", {"small": small, "big": [1e13]})
+    assert got.loc["small", "sum_y2"] == pytest.approx(math.fsum(v * v for v in small), rel=1e-15, abs=0)
+    assert got.loc["small", "sum_y"] == pytest.approx(math.fsum(small), rel=1e-15, abs=0)
+    assert got.loc["big", "sum_y2"] == 1e26
+
+
+def test_a_term_beyond_float_range_is_summed_as_floats(con):
+    # y * y overflows: that metric's sums are the engine's float sums (infinite), the others exact.
+    got = _sums(con, "overflow", {"wild": [1e200, 1.0], "m": [0.1, 0.2, 0.3]})
+    assert got.loc["wild", "sum_y2"] == math.inf and got.loc["wild", "sum_y"] == 1e200
+    assert got.loc["m", "sum_y"] == math.fsum([0.1, 0.2, 0.3])
 
 
 def test_bounds_of_values(con):
-    t = con.create_table("bounded", pd.DataFrame({"value": [-7.5, 2.0, 3.0]}))
-    assert con.bound(t) == transforms.SumBound(3, 7.5)
-    assert con.bound(t.filter(t.value > 100)) == transforms.SumBound(0, 0.0)
+    t = con.create_table("bounded", pd.DataFrame({"metric": ["a", "a", "b"], "value": [-7.5, 2.0, 3.0]}))
+    assert con.bounds(t) == {"a": transforms.SumBound(2, 7.5), "b": transforms.SumBound(1, 3.0)}
+    assert con.bounds(t.filter(t.value > 100)) == {}
 
 
 def test_assignment_counts_overall_and_per_property(con):
