@@ -539,6 +539,9 @@ class SumBound(NamedTuple):
         return {f"{term}_{part}": factor for part, factor in zip(_SCALE_PARTS, factors)}
 
 
+NO_TERMS = SumBound(0, 0.0)
+
+
 def value_bounds(table: ir.Table, by: str) -> ir.Table:
     """Per value of column `by`: the rows and the largest |value| (null when no value)."""
     return table.group_by(by).aggregate(rows=table.count(), max_abs=table.value.abs().max())
@@ -567,7 +570,9 @@ def fixed_point_sum(table: ir.Table, term: ir.NumericColumn, name: str) -> ir.Nu
     return ibis.ifelse(fixed.any(), exact, term.sum())
 
 
-def _scales(rows: Sequence[dict], schema: dict[str, str]) -> ir.Table:
+def _scales(rows: Sequence[dict], terms: Sequence[str]) -> ir.Table:
+    """Small in-engine table: per metric, the `scale_columns` of each term (nulls as nulls)."""
+    schema = {"metric": "string", **{f"{term}_{part}": "float64" for term in terms for part in _SCALE_PARTS}}
     frame = pd.DataFrame(list(rows), columns=list(schema))
     return ibis.memtable(frame.astype(object).where(frame.notna(), None), schema=schema)
 
@@ -588,10 +593,9 @@ def subject_metric_values(
     are its event's values). Capping is applied separately (`cap_subject_values`).
     """
     windows = metric_windows(metrics)
-    no_values = SumBound(0, 0.0)
     scales = _scales(
-        [{"metric": m.id, **event_bounds.get(m.event_name, no_values).scale_columns("value")} for m in metrics],
-        {"metric": "string", **{f"value_{part}": "float64" for part in _SCALE_PARTS}},
+        [{"metric": m.id, **event_bounds.get(m.event_name, NO_TERMS).scale_columns("value")} for m in metrics],
+        ["value"],
     )
     matched = events.join(windows, "event_name").join(scales, "metric")
     if apply_metric_windows:
@@ -666,20 +670,16 @@ def sufficient_statistics(
         # Each metric its own scale: a small metric is not rounded on a large one's grid. A group's
         # terms are its metric's post rows, at most y_bound.rows of them.
         rows, max_y = y_bound.rows, y_bound.max_abs
-        max_x = (x_bounds or {}).get(metric, SumBound(0, 0.0)).max_abs
+        max_x = (x_bounds or {}).get(metric, NO_TERMS).max_abs
         scale_rows.append({
             "metric": metric,
-            **SumBound(rows, max_y).scale_columns("y"),
+            **y_bound.scale_columns("y"),
             **SumBound(rows, max_y * max_y).scale_columns("y2"),
             **SumBound(rows, max_x).scale_columns("x"),
             **SumBound(rows, max_x * max_x).scale_columns("x2"),
             **SumBound(rows, max_x * max_y).scale_columns("xy"),
         })
-    terms = ("y", "y2", "x", "x2", "xy")
-    scales = _scales(
-        scale_rows, {"metric": "string", **{f"{t}_{part}": "float64" for t in terms for part in _SCALE_PARTS}}
-    )
-    joined = joined.join(scales, "metric")
+    joined = joined.join(_scales(scale_rows, ["y", "y2", "x", "x2", "xy"]), "metric")
     y = joined.value.cast("float64")
     x = joined.x.cast("float64")
     return joined.group_by("experiment_id", "variant_id", "metric").aggregate(
