@@ -8,6 +8,7 @@ names the experiment (or metric, or source) and the field.
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import hashlib
 import json
 import math
@@ -368,6 +369,7 @@ def parse_registry(raw: dict, path: Path) -> Registry:
 
 
 def load_registry(path: str | Path) -> Registry:
+    """The registry as the file says now (read on every call, so an edit applies at once)."""
     path = Path(path)
     try:
         text = path.read_text()
@@ -375,6 +377,13 @@ def load_registry(path: str | Path) -> Registry:
         raise RegistryError(
             f"registry file {path} does not exist; set EXP_PIPELINE_REGISTRY to your registry file"
         ) from None
+    return _parsed_registry(path, text)
+
+
+@functools.lru_cache(maxsize=8)
+def _parsed_registry(path: Path, text: str) -> Registry:
+    # Every step of a run loads the registry: the same text is parsed and validated once (the
+    # models are frozen, so callers can share one). Errors are not cached: they raise again.
     try:
         raw = yaml.safe_load(text)
     except yaml.YAMLError as exc:

@@ -107,3 +107,18 @@ def test_storage_uris_are_kept_for_the_engine_to_read(tmp_path):
 
     registry = parse(on_s3, tmp_path)
     assert registry.resolve_path(registry.sources.events.path) == "s3a://logs/events/*.parquet"
+
+
+def test_an_edit_to_the_registry_file_applies_at_the_next_load(tmp_path):
+    path = tmp_path / "registry.yaml"
+    path.write_text(DEFAULT_REGISTRY.read_text())
+    first = load_registry(path)
+    assert load_registry(path) is first  # the same text is parsed once
+    edited = copy.deepcopy(BASE)
+    edited["experiments"][0]["name"] = "Renamed"
+    path.write_text(yaml.safe_dump(edited))
+    assert load_registry(path).experiments[0].name == "Renamed"
+    path.write_text("experiments: [")
+    for _ in range(2):  # an error is raised on every load, not remembered as a registry
+        with pytest.raises(RegistryError, match="not valid YAML"):
+            load_registry(path)
