@@ -2,6 +2,7 @@
 
 
 import datetime as dt
+import json
 
 import ibis
 import pandas as pd
@@ -332,7 +333,17 @@ def _refresh_state(session: WarehouseSession, experiment_id: str, fingerprint: s
     return {
         "events_through": _timestamp(rows.events_through.iloc[0]),
         "assignments_as_of": _timestamp(rows.assignments_as_of.iloc[0]),
+        "refreshed_at": _timestamp(rows.refreshed_at.iloc[0]),
     }
+
+
+def _frame_with_timestamps(row: dict) -> pd.DataFrame:
+    """A one-row state frame; datetime and None values as UTC timestamp columns."""
+    frame = pd.DataFrame([row])
+    for column, value in row.items():
+        if value is None or isinstance(value, dt.datetime):
+            frame[column] = pd.to_datetime(frame[column], utc=True)
+    return frame
 
 
 def _timestamp(value) -> dt.datetime | None:
@@ -398,16 +409,18 @@ def window_events(
         events_through = transforms.next_events_through(
             _timestamp(session.scalar(rows.event_at.max())), state and state["events_through"], now
         )
-        new_state = pd.DataFrame([{
+        new_state = _frame_with_timestamps({
             "experiment_id": experiment.id,
             "fingerprint": fingerprint,
             "events_through": events_through,
             "assignments_as_of": assignments_as_of,
             "refreshed_at": now,
             "mode": "incremental" if incremental else "full",
-        }])
-        for column in ("events_through", "assignments_as_of", "refreshed_at"):
-            new_state[column] = pd.to_datetime(new_state[column], utc=True)
+            # What variant_metrics needs to reuse per-subject values: the rows this refresh
+            # rewrote are those at or after refreshed_from, on top of the refresh before it.
+            "refreshed_from": cutoff if incremental else None,
+            "previous_refreshed_at": state["refreshed_at"] if incremental else None,
+        })
         tables = {
             "post_assignment_events": transforms.post_assignment_rows(rows),
             "pre_assignment_events": transforms.pre_assignment_rows(rows),
@@ -445,24 +458,74 @@ def _bounds(session: WarehouseSession, table: ibis.Table, by: str) -> dict[str, 
     return transforms.read_bounds(session.to_pandas(transforms.value_bounds(table, by)), by)
 
 
-def _subject_values(
-    session: WarehouseSession, assignments: ibis.Table, events_table: str, experiment_id: str, metrics
-) -> ibis.Table:
-    """Capped per-(subject, metric) values from one events table, materialized: their bounds and
-    the statistics both read them."""
-    events = session.partition(events_table, experiment_id)
-    values = transforms.subject_metric_values(
-        assignments, events, metrics, _bounds(session, events, "event_name"),
-        # Pre-assignment events are already cut to the covariate window.
-        apply_metric_windows=events_table == "post_assignment_events",
+SUBJECT_VALUES = "subject_metric_values"
+SUBJECT_VALUES_STATE = "subject_metric_values_state"
+# period -> the events table its per-subject values come from
+PERIOD_EVENTS = {"post": "post_assignment_events", "pre": "pre_assignment_events"}
+
+
+def _one_state_row(session: WarehouseSession, table: str, experiment_id: str) -> dict | None:
+    if not session.has_table(table):
+        return None
+    rows = session.to_pandas(session.partition(table, experiment_id))
+    if len(rows) != 1:
+        return None
+    return {
+        column: _timestamp(value) if isinstance(value, (pd.Timestamp, type(pd.NaT))) else value
+        for column, value in rows.iloc[0].items()
+    }
+
+
+def _stored_values_state(session: WarehouseSession, experiment_id: str) -> dict | None:
+    state = _one_state_row(session, SUBJECT_VALUES_STATE, experiment_id)
+    if state is None or not session.has_table(SUBJECT_VALUES):
+        return None
+    return {**state, "scales": json.loads(state["scales"])}
+
+
+def _period_values(
+    session: WarehouseSession, assignments: ibis.Table, period: str, experiment_id: str, metrics,
+    event_bounds: dict[str, transforms.SumBound], reuse: transforms.SubjectValuesReuse | None,
+) -> tuple[ibis.Table, int]:
+    """Uncapped per-(subject, metric) values of one period, materialized, and how many subjects
+    were computed from their events (the others' stored values are reused)."""
+    events = session.partition(PERIOD_EVENTS[period], experiment_id)
+    windows = period == "post"  # pre-assignment events are already cut to the covariate window
+    if reuse is None:
+        values = transforms.subject_metric_values(
+            assignments, events, metrics, event_bounds, apply_metric_windows=windows
+        )
+        table = session.temp_table(f"tmp_{period}_values", values.mutate(period=ibis.literal(period)))
+        return table, session.count(assignments)
+    assigned_after = reuse.post_assigned_after if period == "post" else reuse.pre_assigned_after
+    recompute = transforms.recomputed_subjects(assignments, assigned_after, reuse.changed_since)
+    changed = session.temp_table(f"tmp_{period}_recomputed", assignments.filter(recompute))
+    changed_since = changed.filter(changed.valid_from > reuse.changed_since)
+    # Rows carry their subject's assigned_at: most recomputed subjects are found by it, the few
+    # whose assignment changed by id.
+    of_changed = events.subject_id.isin(changed_since.subject_id)
+    if assigned_after is not None:
+        of_changed |= events.assigned_at > assigned_after
+    fresh = transforms.subject_metric_values(
+        changed, events.filter(of_changed), metrics, event_bounds, apply_metric_windows=windows
     )
-    return session.temp_table(f"tmp_{events_table}_values", transforms.cap_subject_values(values, metrics))
+    stored = session.partition(SUBJECT_VALUES, experiment_id)
+    stored = stored.filter(stored.period == period)
+    unchanged = assignments.filter(~recompute).select("subject_id", "variant_id")
+    kept = stored.join(unchanged, ["subject_id", "variant_id"]).select(
+        "experiment_id", "subject_id", "variant_id", "metric", "value"
+    )
+    values = ibis.union(kept, fresh.select(*kept.columns), distinct=False)
+    table = session.temp_table(f"tmp_{period}_values", values.mutate(period=ibis.literal(period)))
+    return table, session.count(changed)
 
 
 @_experiment_asset(
     (
         "Per (experiment, variant, metric): sufficient statistics, lift vs control with its interval "
-        "and p-value, CUPED-adjusted lift, Holm-adjusted p-values and the SRM verdict."
+        "and p-value, CUPED-adjusted lift, Holm-adjusted p-values and the SRM verdict. The "
+        "per-subject values behind them are kept (subject_metric_values): a daily refresh "
+        "recomputes only the subjects whose events or assignment can have changed."
     ),
     deps=[deduped_assignments, post_assignment_events, pre_assignment_events],
     kinds=("duckdb", "pandas", "pandera"),
@@ -475,12 +538,37 @@ def variant_metrics(
     experiment = _experiment(context, reg)
     metrics = reg.metrics_of(experiment)
     properties = reg.sources.assignments.properties
+    periods = ["post", "pre"] if experiment.cuped_pre_window_days > 0 else ["post"]
+    fingerprint = reg.subject_values_fingerprint(experiment)
+    now = dt.datetime.now(dt.timezone.utc)
     with warehouse.session() as session:
-        assignments = transforms.analysable_assignments(session.partition("deduped_assignments", experiment.id))
-        post = _subject_values(session, assignments, "post_assignment_events", experiment.id, metrics)
-        pre = None
-        if experiment.cuped_pre_window_days > 0:
-            pre = _subject_values(session, assignments, "pre_assignment_events", experiment.id, metrics)
+        deduped = session.partition("deduped_assignments", experiment.id)
+        assignments_as_of = _timestamp(session.scalar(deduped.valid_from.max()))
+        assignments = session.temp_table(
+            "tmp_metric_assignments",
+            transforms.analysable_assignments(deduped).select(
+                "experiment_id", "subject_id", "variant_id", "assigned_at", "valid_from", *properties
+            ),
+        )
+        event_bounds = {
+            p: _bounds(session, session.partition(PERIOD_EVENTS[p], experiment.id), "event_name") for p in periods
+        }
+        scales = {p: transforms.subject_value_scales(event_bounds[p], metrics) for p in periods}
+        events_state = _one_state_row(session, WINDOW_EVENTS_STATE, experiment.id)
+        reuse = transforms.subject_values_reuse(
+            _stored_values_state(session, experiment.id), events_state, fingerprint, scales,
+            max(m.window_end_days for m in metrics),
+        )
+        values, recomputed = {}, {}
+        for period in periods:
+            values[period], recomputed[period] = _period_values(
+                session, assignments, period, experiment.id, metrics, event_bounds[period], reuse
+            )
+        capped = {
+            p: session.temp_table(f"tmp_{p}_capped", transforms.cap_subject_values(v.drop("period"), metrics))
+            for p, v in values.items()
+        }
+        post, pre = capped["post"], capped.get("pre")
         x_bounds = _bounds(session, pre, "metric") if pre is not None else None
         # Only these small tables leave the engine.
         sufficient = session.to_pandas(
@@ -489,7 +577,21 @@ def variant_metrics(
         counts = session.to_pandas(transforms.assignment_counts(assignments, properties))
         srm, causes = results.srm_of(counts, experiment)
         frame = results.variant_metric_rows(sufficient, experiment, metrics, srm)
-        written = session.replace_partition("variant_metrics", experiment.id, frame)
+        values_state = _frame_with_timestamps({
+            "experiment_id": experiment.id,
+            "fingerprint": fingerprint,
+            "scales": json.dumps(scales, sort_keys=True),
+            "events_refreshed_at": events_state["refreshed_at"] if events_state else None,
+            "assignments_as_of": assignments_as_of,
+            "computed_at": now,
+            "mode": "full" if reuse is None else "incremental",
+        })
+        all_values = ibis.union(*values.values(), distinct=False)
+        written = session.replace_partitions(
+            experiment.id,
+            {"variant_metrics": frame, SUBJECT_VALUES: all_values, SUBJECT_VALUES_STATE: values_state},
+        )["variant_metrics"]
+        subjects = session.count(assignments)
     plot = report_html.forest_plot_svg(frame, title=f"{experiment.name}: relative lift vs control (95% CI)")
     metadata = {
         "dagster/row_count": written,
@@ -497,6 +599,9 @@ def variant_metrics(
         "srm_flagged": srm.flagged,
         "results": MetadataValue.md(results_markdown(frame)),
         "forest_plot": MetadataValue.md(f"![forest plot of relative lifts]({report_html.svg_data_uri(plot)})"),
+        "subject_values": "full" if reuse is None else "incremental",
+        "analysable_subjects": subjects,
+        **{f"subjects_recomputed_{p}": n for p, n in recomputed.items()},
     }
     if causes:
         top = causes[0]

@@ -28,9 +28,11 @@ from pydantic import (
     model_validator,
 )
 
-# Ids become partition keys, table filters and file names: keep them boring.
 # Bump when the temporal join's rules change: stored window events are then rebuilt in full.
 WINDOW_EVENTS_LOGIC_VERSION = 1
+# Bump when per-subject metric values are computed differently: stored ones are then recomputed.
+SUBJECT_VALUES_LOGIC_VERSION = 1
+# Ids become partition keys, table filters and file names: keep them boring.
 SAFE_ID_PATTERN = re.compile(r"^[a-z][a-z0-9_]{0,63}$")
 
 ASSIGNMENT_COLUMNS = ("subject_id", "experiment_id", "variant_id", "assigned_at")
@@ -266,6 +268,16 @@ class Registry(_Strict):
             "metrics": [
                 [m.event_name, m.window_start_days, m.window_end_days] for m in self.metrics_of(experiment)
             ],
+        }
+        return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:16]
+
+    def subject_values_fingerprint(self, experiment: Experiment) -> str:
+        """What stored per-subject metric values depend on besides the data: the window events'
+        definition and each metric's aggregation."""
+        relevant = {
+            "logic": SUBJECT_VALUES_LOGIC_VERSION,
+            "window_events": self.window_events_fingerprint(experiment),
+            "metrics": [[m.id, m.event_name, m.aggregation] for m in self.metrics_of(experiment)],
         }
         return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:16]
 

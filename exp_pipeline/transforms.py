@@ -540,6 +540,11 @@ class SumBound(NamedTuple):
 
 
 NO_TERMS = SumBound(0, 0.0)
+# A subject's sum has few terms: its scale leaves room for 2**40 of them, so that it depends only on
+# the largest value of the event (its power of two), not on how many rows the partition holds that
+# day. The same rows then give the same bits in any run, and stored per-subject values can be
+# reused by a later run (see subject_values_reuse). 2**-80 of the largest value per term.
+PER_SUBJECT_TERMS = 2**40
 
 
 def value_bounds(table: ir.Table, by: str) -> ir.Table:
@@ -594,7 +599,7 @@ def subject_metric_values(
     """
     windows = metric_windows(metrics)
     scales = _scales(
-        [{"metric": m.id, **event_bounds.get(m.event_name, NO_TERMS).scale_columns("value")} for m in metrics],
+        [{"metric": metric, **scale} for metric, scale in subject_value_scales(event_bounds, metrics).items()],
         ["value"],
     )
     matched = events.join(windows, "event_name").join(scales, "metric")
@@ -620,6 +625,70 @@ def subject_metric_values(
         else_=ibis.ifelse(n_events > 0, 1.0, 0.0),
     )
     return valued.select("experiment_id", "subject_id", "variant_id", "metric", value=value)
+
+
+def subject_value_scales(event_bounds: dict[str, SumBound], metrics: Sequence[Metric]) -> dict[str, dict]:
+    """Per metric, the scale columns of its per-subject sums (`PER_SUBJECT_TERMS`)."""
+    return {
+        m.id: SumBound(PER_SUBJECT_TERMS, event_bounds.get(m.event_name, NO_TERMS).max_abs).scale_columns("value")
+        for m in metrics
+    }
+
+
+class SubjectValuesReuse(NamedTuple):
+    """Which stored per-subject values a run recomputes; every other analysable subject's are reused.
+
+    Recomputed: subjects assigned after `post_assigned_after` (post-assignment values) or after
+    `pre_assigned_after` (pre-period values), None meaning none by assignment time, and every
+    subject whose assignment row changed after `changed_since`.
+    """
+
+    post_assigned_after: dt.datetime | None
+    pre_assigned_after: dt.datetime | None
+    changed_since: dt.datetime
+
+
+def subject_values_reuse(
+    stored: dict | None, events_state: dict | None, fingerprint: str, scales: dict, widest_window_days: float
+) -> SubjectValuesReuse | None:
+    """Whether the stored per-subject values can be partly reused, and which; None: recompute all.
+
+    `stored` is what the last computation recorded (fingerprint, scales, the window events'
+    refreshed_at it read, assignments_as_of); `events_state` the window events' state now
+    (refreshed_at, mode, refreshed_from, previous_refreshed_at). Reuse needs the same definitions
+    and scales, and at most one window-events refresh since, an incremental one: it rewrote only
+    rows at or after its cutoff (`refreshed_from`) and the whole windows of changed subjects. A
+    subject's post-assignment rows lie before assigned_at + the widest metric window, its
+    pre-period rows before assigned_at: earlier subjects have no row at or after the cutoff.
+    """
+    if stored is None or events_state is None or stored["assignments_as_of"] is None:
+        return None
+    if stored["fingerprint"] != fingerprint or stored["scales"] != scales:
+        return None
+    if events_state["refreshed_at"] == stored["events_refreshed_at"]:
+        # No window events written since: only assignments may have changed.
+        return SubjectValuesReuse(None, None, stored["assignments_as_of"])
+    incremental_refresh_since = (
+        events_state["mode"] == "incremental"
+        and events_state["previous_refreshed_at"] == stored["events_refreshed_at"]
+        and events_state["refreshed_from"] is not None
+    )
+    if not incremental_refresh_since:
+        return None
+    cutoff = events_state["refreshed_from"]
+    return SubjectValuesReuse(
+        post_assigned_after=cutoff - dt.timedelta(seconds=_seconds(widest_window_days)),
+        pre_assigned_after=cutoff,
+        changed_since=stored["assignments_as_of"],
+    )
+
+
+def recomputed_subjects(assignments: ir.Table, assigned_after: dt.datetime | None, changed_since: dt.datetime):
+    """The filter of `SubjectValuesReuse` on an assignments table (with valid_from)."""
+    changed = assignments.valid_from > changed_since
+    if assigned_after is not None:
+        changed |= assignments.assigned_at > assigned_after
+    return changed
 
 
 def cap_subject_values(values: ir.Table, metrics: Sequence[Metric]) -> ir.Table:

@@ -319,6 +319,17 @@ def test_incremental_refresh_equals_full_recomputation(
     assert metadata(recomputed, "post_assignment_events")["refresh_mode"] == "full"
     # It rebuilt only the recent rows, not the partition.
     assert 0 < refreshed_meta["rows_inserted"] < max_share_rebuilt * refreshed_meta["dagster/row_count"]
+    # The statistics reused the stored per-subject values of the subjects the refresh left alone.
+    metrics_meta = metadata(refresh, "variant_metrics")
+    assert metrics_meta["subject_values"] == "incremental"
+    assert metadata(recomputed, "variant_metrics")["subject_values"] == "full"
+    subjects = metrics_meta["analysable_subjects"]
+    # Post-assignment values of subjects whose windows reach the refreshed days; pre-period values
+    # only of subjects assigned on them (none once enrollment is over).
+    assert 0 < metrics_meta["subjects_recomputed_post"] <= subjects
+    if max_share_rebuilt < 0.5:  # the steady state: subjects assigned weeks ago are reused
+        assert metrics_meta["subjects_recomputed_post"] < subjects / 2
+    assert metrics_meta["subjects_recomputed_pre"] <= metrics_meta["subjects_recomputed_post"]
     got, want = _analysis_tables(incremental), _analysis_tables(full)
     # The corrected subject left the analysis, with its events.
     assert corrected not in set(got["post_assignment_events"].subject_id)

@@ -630,3 +630,75 @@ def test_a_mapping_to_a_missing_column_names_it(con):
     raw = ibis.memtable(pd.DataFrame({"user_id": ["a"], "exp_key": ["exp"], "source_file": ["f"]}))
     with pytest.raises(ValueError, match=r"'arm' \(mapped from 'variant_id'\)"):
         transforms.canonical_assignments(raw, SOURCE, "exp")
+
+
+# -- reuse of stored per-subject values ---------------------------------------------------------
+
+T0 = dt.datetime(2026, 10, 1, tzinfo=dt.timezone.utc)
+SCALES = {"post": {"revenue": {"value_up1": 2.0**20}}}
+
+
+def _stored(**changes) -> dict:
+    return {"fingerprint": "f", "scales": SCALES, "events_refreshed_at": T0, "assignments_as_of": T0, **changes}
+
+
+def _events_state(**changes) -> dict:
+    day = dt.timedelta(days=1)
+    return {
+        "refreshed_at": T0 + day, "mode": "incremental", "refreshed_from": T0 - 2 * day,
+        "previous_refreshed_at": T0, **changes,
+    }
+
+
+def test_stored_values_after_one_incremental_refresh_are_reused_up_to_its_cutoff():
+    reuse = transforms.subject_values_reuse(_stored(), _events_state(), "f", SCALES, widest_window_days=14)
+    cutoff = T0 - dt.timedelta(days=2)
+    assert reuse == transforms.SubjectValuesReuse(
+        post_assigned_after=cutoff - dt.timedelta(days=14), pre_assigned_after=cutoff, changed_since=T0
+    )
+
+
+def test_with_no_refresh_since_only_changed_assignments_are_recomputed():
+    reuse = transforms.subject_values_reuse(
+        _stored(), _events_state(refreshed_at=T0), "f", SCALES, widest_window_days=14
+    )
+    assert reuse == transforms.SubjectValuesReuse(None, None, T0)
+
+
+@pytest.mark.parametrize(
+    ("stored", "events_state", "fingerprint", "scales"),
+    [
+        pytest.param(None, _events_state(), "f", SCALES, id="nothing stored"),
+        pytest.param(_stored(), None, "f", SCALES, id="no window events state"),
+        pytest.param(_stored(), _events_state(), "g", SCALES, id="definitions changed"),
+        pytest.param(_stored(), _events_state(), "f", {"post": {"revenue": {"value_up1": 2.0**19}}}, id="a larger value"),
+        pytest.param(_stored(), _events_state(mode="full", refreshed_from=None), "f", SCALES, id="a full rebuild since"),
+        pytest.param(_stored(), _events_state(previous_refreshed_at=T0 - dt.timedelta(days=1)), "f", SCALES,
+                     id="a refresh these values never saw"),
+        pytest.param(_stored(assignments_as_of=None), _events_state(), "f", SCALES, id="no assignments then"),
+    ],
+)
+def test_stored_values_are_not_reused_when_anything_they_rest_on_changed(stored, events_state, fingerprint, scales):
+    assert transforms.subject_values_reuse(stored, events_state, fingerprint, scales, 14) is None
+
+
+def test_recomputed_subjects_are_the_recently_assigned_and_the_changed(con):
+    assignments = ibis.memtable(pd.DataFrame({
+        "subject_id": ["old", "recent", "corrected"],
+        "assigned_at": pd.to_datetime([T0 - dt.timedelta(days=20), T0, T0 - dt.timedelta(days=20)], utc=True),
+        "valid_from": pd.to_datetime([T0 - dt.timedelta(days=20), T0, T0 + dt.timedelta(hours=1)], utc=True),
+    }))
+    after = T0 - dt.timedelta(days=1)
+    chosen = lambda assigned_after: sorted(  # noqa: E731
+        con.to_pandas(assignments.filter(transforms.recomputed_subjects(assignments, assigned_after, T0))).subject_id
+    )
+    assert chosen(after) == ["corrected", "recent"]
+    assert chosen(None) == ["corrected"]
+
+
+def test_a_subjects_sum_has_the_same_scale_however_many_rows_the_partition_holds():
+    metric = Metric(id="revenue", event_name="purchase", aggregation="sum")
+    few = transforms.subject_value_scales({"purchase": transforms.SumBound(10, 30.0)}, [metric])
+    many = transforms.subject_value_scales({"purchase": transforms.SumBound(10**9, 31.9)}, [metric])
+    larger = transforms.subject_value_scales({"purchase": transforms.SumBound(10, 32.5)}, [metric])
+    assert few == many != larger
