@@ -426,15 +426,13 @@ def window_events(
             "pre_assignment_events": transforms.pre_assignment_rows(rows),
         }
         if incremental:
-            unchanged = analysable.filter(~analysable.is_new).select("subject_id", "variant_id", "assigned_at")
-            unchanged = session.temp_table("tmp_unchanged", unchanged)
+            stale = session.temp_table(
+                "tmp_stale_subjects", transforms.assignments_changed_since(deduped, state["assignments_as_of"])
+            )
             refreshed = session.refresh_partitions(
                 experiment.id,
                 {
-                    name: PartitionRefresh(
-                        rows=expr, stale_from=("event_at", cutoff), keep=unchanged,
-                        key_columns=("subject_id", "variant_id", "assigned_at"),
-                    )
+                    name: PartitionRefresh(rows=expr, stale_from=("event_at", cutoff), stale_subjects=stale)
                     for name, expr in tables.items()
                 },
                 replace={WINDOW_EVENTS_STATE: new_state},

@@ -343,8 +343,8 @@ class SparkWarehouseSession(WarehouseSession):
             stored = self.partition(name, experiment_id)
             before = self.count(stored)
             column, since = refresh.stale_from
-            kept = stored.filter(stored[column] < ibis.literal(since, type=UTC_TIMESTAMP)).semi_join(
-                refresh.keep, list(refresh.key_columns)
+            kept = stored.filter(stored[column] < ibis.literal(since, type=UTC_TIMESTAMP)).anti_join(
+                refresh.stale_subjects.select("subject_id"), "subject_id"
             )
             new = refresh.rows.select(*[
                 refresh.rows[c] if c in refresh.rows.columns else ibis.null(t).name(c) for c, t in kept.schema().items()

@@ -477,6 +477,14 @@ def refresh_lower_bound(
     return cutoff, min(cutoff, window_start)
 
 
+def assignments_changed_since(deduped: ir.Table, as_of: dt.datetime) -> ir.Table:
+    """Subjects whose assignment history changed after `as_of` (a row added, corrected, excluded
+    or deactivated since): their stored window events are stale whatever their time. Every other
+    stored row still belongs to its subject's current analysable assignment."""
+    changed = deduped.filter((deduped.valid_from > as_of) | (deduped.valid_to > as_of))
+    return changed.select("subject_id").distinct()
+
+
 def next_events_through(
     newest_processed: dt.datetime | None, previous: dt.datetime | None, now: dt.datetime
 ) -> dt.datetime | None:

@@ -702,3 +702,19 @@ def test_a_subjects_sum_has_the_same_scale_however_many_rows_the_partition_holds
     many = transforms.subject_value_scales({"purchase": transforms.SumBound(10**9, 31.9)}, [metric])
     larger = transforms.subject_value_scales({"purchase": transforms.SumBound(10, 32.5)}, [metric])
     assert few == many != larger
+
+
+def test_subjects_whose_assignment_history_changed_since_a_refresh(con):
+    before, after = T0 - dt.timedelta(days=3), T0 + dt.timedelta(hours=1)
+    rows = pd.DataFrame([
+        # subject, valid_from, valid_to
+        ("unchanged", before, None),
+        ("corrected", before, after), ("corrected", after, None),
+        ("deactivated", before, after),
+        ("new", after, None),
+        ("superseded_earlier", before - dt.timedelta(days=1), before), ("superseded_earlier", before, None),
+    ], columns=["subject_id", "valid_from", "valid_to"])
+    for column in ("valid_from", "valid_to"):
+        rows[column] = pd.to_datetime(rows[column], utc=True)
+    changed = con.to_pandas(transforms.assignments_changed_since(ibis.memtable(rows), T0))
+    assert sorted(changed.subject_id) == ["corrected", "deactivated", "new"]
