@@ -562,10 +562,8 @@ def variant_metrics(
             values[period], recomputed[period] = _period_values(
                 session, assignments, period, experiment.id, metrics, event_bounds[period], reuse
             )
-        capped = {
-            p: session.temp_table(f"tmp_{p}_capped", transforms.cap_subject_values(v.drop("period"), metrics))
-            for p, v in values.items()
-        }
+        # Caps are quantiles over the (materialized) values: cheap enough to compute in each query.
+        capped = {p: transforms.cap_subject_values(v.drop("period"), metrics) for p, v in values.items()}
         post, pre = capped["post"], capped.get("pre")
         x_bounds = _bounds(session, pre, "metric") if pre is not None else None
         # Only these small tables leave the engine.
