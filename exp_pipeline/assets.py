@@ -498,10 +498,10 @@ def _period_values(
     assigned_after = reuse.post_assigned_after if period == "post" else reuse.pre_assigned_after
     recompute = transforms.recomputed_subjects(assignments, assigned_after, reuse.changed_since)
     changed = session.temp_table(f"tmp_{period}_recomputed", assignments.filter(recompute))
-    changed_since = changed.filter(changed.valid_from > reuse.changed_since)
+    reassigned = changed.filter(changed.valid_from > reuse.changed_since)
     # Rows carry their subject's assigned_at: most recomputed subjects are found by it, the few
     # whose assignment changed by id.
-    of_changed = events.subject_id.isin(changed_since.subject_id)
+    of_changed = events.subject_id.isin(reassigned.subject_id)
     if assigned_after is not None:
         of_changed |= events.assigned_at > assigned_after
     fresh = transforms.subject_metric_values(
@@ -587,7 +587,7 @@ def variant_metrics(
             experiment.id,
             {"variant_metrics": frame, SUBJECT_VALUES: all_values, SUBJECT_VALUES_STATE: values_state},
         )["variant_metrics"]
-        subjects = session.count(assignments)
+        subjects = int(counts.query("property == ''").n.sum())
     plot = report_html.forest_plot_svg(frame, title=f"{experiment.name}: relative lift vs control (95% CI)")
     metadata = {
         "dagster/row_count": written,
