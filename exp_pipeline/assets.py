@@ -389,6 +389,10 @@ def window_events(
         deduped = session.partition("deduped_assignments", experiment.id)
         assignments_as_of = _timestamp(session.scalar(deduped.valid_from.max()))
         state = None if config.full_refresh else _refresh_state(session, experiment.id, fingerprint)
+        if state is not None and not transforms.history_reaches(
+            _timestamp(session.scalar(deduped.valid_from.min())), state["assignments_as_of"]
+        ):
+            state = None
         analysable = transforms.analysable_assignments(deduped)
         analysable = analysable.mutate(
             is_new=ibis.literal(True) if state is None else analysable.valid_from > state["assignments_as_of"]
@@ -578,6 +582,7 @@ def variant_metrics(
             "fingerprint": fingerprint,
             "scales": json.dumps(scales, sort_keys=True),
             "events_refreshed_at": events_state["refreshed_at"] if events_state else None,
+            "events_assignments_as_of": events_state["assignments_as_of"] if events_state else None,
             "assignments_as_of": assignments_as_of,
             "computed_at": now,
             "mode": "full" if reuse is None else "incremental",

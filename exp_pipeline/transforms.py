@@ -485,6 +485,13 @@ def assignments_changed_since(deduped: ir.Table, as_of: dt.datetime) -> ir.Table
     return changed.select("subject_id").distinct()
 
 
+def history_reaches(earliest_valid_from: dt.datetime | None, assignments_as_of: dt.datetime | None) -> bool:
+    """Whether the assignment history still holds rows from before the last refresh. A rebuilt
+    history (the table or partition lost) holds none: stored window events of subjects no longer in
+    it could not be found from it, and the refresh must start over."""
+    return None not in (earliest_valid_from, assignments_as_of) and earliest_valid_from <= assignments_as_of
+
+
 def next_events_through(
     newest_processed: dt.datetime | None, previous: dt.datetime | None, now: dt.datetime
 ) -> dt.datetime | None:
@@ -662,14 +669,17 @@ def subject_values_reuse(
     """Whether the stored per-subject values can be partly reused, and which; None: recompute all.
 
     `stored` is what the last computation recorded (fingerprint, scales, the window events'
-    refreshed_at it read, assignments_as_of); `events_state` the window events' state now
+    refreshed_at and assignments_as_of it read, its own assignments_as_of); `events_state` the
+    window events' state now
     (refreshed_at, mode, refreshed_from, previous_refreshed_at). Reuse needs the same definitions
     and scales, and at most one window-events refresh since, an incremental one: it rewrote only
     rows at or after its cutoff (`refreshed_from`) and the whole windows of changed subjects. A
     subject's post-assignment rows lie before assigned_at + the widest metric window, its
     pre-period rows before assigned_at: earlier subjects have no row at or after the cutoff.
     """
-    if stored is None or events_state is None or stored["assignments_as_of"] is None:
+    if stored is None or events_state is None or None in (
+        stored["assignments_as_of"], stored["events_assignments_as_of"]
+    ):
         return None
     if stored["fingerprint"] != fingerprint or stored["scales"] != scales:
         return None
@@ -687,7 +697,10 @@ def subject_values_reuse(
     return SubjectValuesReuse(
         post_assigned_after=cutoff - dt.timedelta(seconds=_seconds(widest_window_days)),
         pre_assigned_after=cutoff,
-        changed_since=stored["assignments_as_of"],
+        # The refresh rewrote every subject changed after the assignments its window events had
+        # seen, which can be earlier than those the stored values saw (deduped_assignments can
+        # run between the two): a subject changed in between was valued on its old rows.
+        changed_since=min(stored["assignments_as_of"], stored["events_assignments_as_of"]),
     )
 
 

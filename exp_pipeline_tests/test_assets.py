@@ -337,3 +337,50 @@ def test_incremental_refresh_equals_full_recomputation(
     # Every statistic to the last bit: sums are fixed point, whatever order the rows are stored in.
     for table in ("deduped_assignments", "post_assignment_events", "pre_assignment_events", "variant_metrics"):
         pd.testing.assert_frame_equal(got[table], want[table], check_exact=True, obj=table)
+
+
+def _first_exposure_moved_earlier(root: Path, subject_id: str, at: str) -> None:
+    """A late exposure log: the subject was first exposed, in its own variant, earlier than known."""
+    folder = root / "sample" / "assignments"
+    exposures = pd.concat(pd.read_parquet(p) for p in sorted(folder.glob("*.parquet")))
+    row = exposures[(exposures.experiment_key == RUNNING_EXPERIMENT) & (exposures.user_id == subject_id)].head(1)
+    row.assign(exposed_at=pd.Timestamp(at)).to_parquet(
+        folder / "exposures_late_log.parquet", index=False, coerce_timestamps="us"
+    )
+
+
+def test_statistics_stay_exact_when_assignments_change_between_the_window_events_and_them(tmp_path):
+    """deduped_assignments and variant_metrics run without window_events (say, from the UI), then
+    the daily run refreshes: the subject whose assignment moved must be valued on its new rows."""
+    generated = tmp_path / "generated"
+    generate(generated, n_users=INCREMENTAL_USERS)
+    incremental, full = Workspace.existing(tmp_path / "incremental"), Workspace.existing(tmp_path / "full")
+    for workspace in (incremental, full):
+        workspace.root.mkdir()
+        shutil.copy(DEFAULT_REGISTRY, workspace.registry_path)
+    _daily_logs_until(generated, incremental.root, "2026-10-28", late_day=None)
+    (tmp_path / "dagster").mkdir()
+    with DagsterInstance.local_temp(str(tmp_path / "dagster")) as instance:
+        instance.add_dynamic_partitions(experiment_partitions.name, [RUNNING_EXPERIMENT])
+        materialize_experiment(incremental, instance, RUNNING_EXPERIMENT)
+        deduped = incremental.rows("deduped_assignments", RUNNING_EXPERIMENT)
+        analysable = deduped[deduped.is_active & deduped.exclusion_reason.isna()]
+        # Assigned in the first week, with events: its window moves two days earlier.
+        subject = analysable[analysable.assigned_at > pd.Timestamp("2026-10-03T00:00:00Z")].sort_values("assigned_at").subject_id.iloc[0]
+        moved_to = "2026-10-01T00:00:01Z"
+        _first_exposure_moved_earlier(incremental.root, subject, moved_to)
+        partial = [a for a in ANALYSIS_ASSETS if a.op.name in ("raw_assignments", "deduped_assignments", "variant_metrics")]
+        assert materialize(partial, partition_key=RUNNING_EXPERIMENT, instance=instance,
+                           resources=incremental.resources()).success
+        _daily_logs_until(generated, incremental.root, "2026-10-29", late_day=None)
+        _first_exposure_moved_earlier(incremental.root, subject, moved_to)
+        refresh = materialize_experiment(incremental, instance, RUNNING_EXPERIMENT)
+        _daily_logs_until(generated, full.root, "2026-10-29", late_day=None)
+        _first_exposure_moved_earlier(full.root, subject, moved_to)
+        materialize_experiment(full, instance, RUNNING_EXPERIMENT)
+    assert metadata(refresh, "post_assignment_events")["refresh_mode"] == "incremental"
+    assert metadata(refresh, "variant_metrics")["subject_values"] == "incremental"
+    got, want = _analysis_tables(incremental), _analysis_tables(full)
+    assert (got["deduped_assignments"].set_index("subject_id").assigned_at[subject] == pd.Timestamp(moved_to))
+    for table in ANALYSIS_TABLES:
+        pd.testing.assert_frame_equal(got[table], want[table], check_exact=True, obj=table)

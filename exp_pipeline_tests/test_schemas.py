@@ -124,3 +124,26 @@ def test_a_check_that_cannot_be_batched_is_left_to_pandera(session):
     table = _table(session, "good", GOOD)
     element_wise = pa.DataFrameSchema({"n": pa.Column(ibis.dtype("int64"), pa.Check(lambda v: v >= 0, element_wise=True))})
     assert not schemas.passes_in_one_query(element_wise, table.select("n"))
+
+
+def test_a_column_check_reading_another_column_is_left_to_pandera(session):
+    # pandera hands a column check its column alone, where this check cannot run (a failure).
+    table = _table(session, "good", GOOD)
+    schema = pa.DataFrameSchema({
+        "n": pa.Column(ibis.dtype("int64"), pa.Check(lambda d: d.table.n >= d.table.start, name="other")),
+        "start": pa.Column(ibis.dtype("int64")),
+    })
+    narrowed = table.select("n", "start")
+    assert not schemas.passes_in_one_query(schema, narrowed)
+    assert schemas.validate(schema, narrowed) == schemas._pandera_outcome(schema, narrowed)
+
+
+def test_a_check_that_raises_is_reported_as_pandera_reports_it(session):
+    table = _table(session, "good", GOOD).select("n")
+
+    def broken(data):
+        raise RuntimeError("no such thing")
+
+    schema = pa.DataFrameSchema({"n": pa.Column(ibis.dtype("int64"), pa.Check(broken, name="broken"))})
+    outcome = schemas.validate(schema, table)
+    assert not outcome.passed and outcome == schemas._pandera_outcome(schema, table)

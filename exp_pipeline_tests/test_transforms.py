@@ -639,7 +639,10 @@ SCALES = {"post": {"revenue": {"value_up1": 2.0**20}}}
 
 
 def _stored(**changes) -> dict:
-    return {"fingerprint": "f", "scales": SCALES, "events_refreshed_at": T0, "assignments_as_of": T0, **changes}
+    return {
+        "fingerprint": "f", "scales": SCALES, "events_refreshed_at": T0, "events_assignments_as_of": T0,
+        "assignments_as_of": T0, **changes,
+    }
 
 
 def _events_state(**changes) -> dict:
@@ -676,6 +679,8 @@ def test_with_no_refresh_since_only_changed_assignments_are_recomputed():
         pytest.param(_stored(), _events_state(previous_refreshed_at=T0 - dt.timedelta(days=1)), "f", SCALES,
                      id="a refresh these values never saw"),
         pytest.param(_stored(assignments_as_of=None), _events_state(), "f", SCALES, id="no assignments then"),
+        pytest.param(_stored(events_assignments_as_of=None), _events_state(), "f", SCALES,
+                     id="window events of no assignments then"),
     ],
 )
 def test_stored_values_are_not_reused_when_anything_they_rest_on_changed(stored, events_state, fingerprint, scales):
@@ -718,3 +723,19 @@ def test_subjects_whose_assignment_history_changed_since_a_refresh(con):
         rows[column] = pd.to_datetime(rows[column], utc=True)
     changed = con.to_pandas(transforms.assignments_changed_since(ibis.memtable(rows), T0))
     assert sorted(changed.subject_id) == ["corrected", "deactivated", "new"]
+
+
+def test_values_valued_after_a_refresh_on_newer_assignments_are_recomputed_from_the_older():
+    # deduped_assignments ran between the window events (assignments of T0) and the values
+    # (assignments of T0 + 1 h): the next refresh rewrote subjects changed since T0.
+    later = T0 + dt.timedelta(hours=1)
+    stored = _stored(assignments_as_of=later, events_assignments_as_of=T0)
+    reuse = transforms.subject_values_reuse(stored, _events_state(), "f", SCALES, widest_window_days=14)
+    assert reuse.changed_since == T0
+
+
+def test_a_rebuilt_assignment_history_starts_the_refresh_over():
+    assert transforms.history_reaches(T0 - dt.timedelta(days=1), T0)
+    assert not transforms.history_reaches(T0 + dt.timedelta(seconds=1), T0)  # every row newer
+    assert not transforms.history_reaches(None, T0)  # no rows at all
+    assert not transforms.history_reaches(T0, None)
