@@ -324,16 +324,25 @@ pre_assignment_events = AssetKey("pre_assignment_events")
 def _refresh_state(session: WarehouseSession, experiment_id: str, fingerprint: str) -> dict | None:
     """What the last refresh of this experiment's window events recorded, when an incremental
     refresh can build on it: same registry definition, tables present, some event seen."""
-    tables = (WINDOW_EVENTS_STATE, "post_assignment_events", "pre_assignment_events")
-    if not all(session.has_table(t) for t in tables):
+    if not all(session.has_table(t) for t in ("post_assignment_events", "pre_assignment_events")):
         return None
-    rows = session.to_pandas(session.partition(WINDOW_EVENTS_STATE, experiment_id))
-    if len(rows) != 1 or rows.fingerprint.iloc[0] != fingerprint or pd.isna(rows.events_through.iloc[0]):
+    state = _one_state_row(session, WINDOW_EVENTS_STATE, experiment_id)
+    if state is None or state["fingerprint"] != fingerprint or state["events_through"] is None:
+        return None
+    return state
+
+
+def _one_state_row(session: WarehouseSession, table: str, experiment_id: str) -> dict | None:
+    """An experiment's row of a state table as a dict (timestamps as datetimes, null as None);
+    None unless there is exactly one."""
+    if not session.has_table(table):
+        return None
+    rows = session.to_pandas(session.partition(table, experiment_id))
+    if len(rows) != 1:
         return None
     return {
-        "events_through": _timestamp(rows.events_through.iloc[0]),
-        "assignments_as_of": _timestamp(rows.assignments_as_of.iloc[0]),
-        "refreshed_at": _timestamp(rows.refreshed_at.iloc[0]),
+        column: _timestamp(value) if isinstance(value, (pd.Timestamp, type(pd.NaT))) else value
+        for column, value in rows.iloc[0].items()
     }
 
 
@@ -464,18 +473,6 @@ SUBJECT_VALUES = "subject_metric_values"
 SUBJECT_VALUES_STATE = "subject_metric_values_state"
 # period -> the events table its per-subject values come from
 PERIOD_EVENTS = {"post": "post_assignment_events", "pre": "pre_assignment_events"}
-
-
-def _one_state_row(session: WarehouseSession, table: str, experiment_id: str) -> dict | None:
-    if not session.has_table(table):
-        return None
-    rows = session.to_pandas(session.partition(table, experiment_id))
-    if len(rows) != 1:
-        return None
-    return {
-        column: _timestamp(value) if isinstance(value, (pd.Timestamp, type(pd.NaT))) else value
-        for column, value in rows.iloc[0].items()
-    }
 
 
 def _stored_values_state(session: WarehouseSession, experiment_id: str) -> dict | None:

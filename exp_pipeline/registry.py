@@ -269,7 +269,7 @@ class Registry(_Strict):
                 [m.event_name, m.window_start_days, m.window_end_days] for m in self.metrics_of(experiment)
             ],
         }
-        return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:16]
+        return _digest(relevant)
 
     def subject_values_fingerprint(self, experiment: Experiment) -> str:
         """What stored per-subject metric values depend on besides the data: the window events'
@@ -279,7 +279,7 @@ class Registry(_Strict):
             "window_events": self.window_events_fingerprint(experiment),
             "metrics": [[m.id, m.event_name, m.aggregation] for m in self.metrics_of(experiment)],
         }
-        return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:16]
+        return _digest(relevant)
 
     def resolve_path(self, path: str) -> str:
         """Absolute path (or glob) of a source, kept inside the data root unless allowed.
@@ -378,6 +378,11 @@ def parse_registry(raw: dict, path: Path) -> Registry:
         raise RegistryError(_format_validation_error(path, exc, raw)) from None
     _cross_check(registry, path)
     return registry
+
+
+def _digest(relevant: dict) -> str:
+    """A short, stable fingerprint of what a stored result depends on."""
+    return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def load_registry(path: str | Path) -> Registry:
