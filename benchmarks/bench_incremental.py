@@ -26,9 +26,10 @@ started = time.perf_counter()
 from bench_pipeline import QUIET_LOGS, read_sufficient, step_records, warehouse_for  # noqa: E402
 from dagster import DagsterInstance, materialize  # noqa: E402
 
-from exp_pipeline.assets import ANALYSIS_ASSETS, experiment_partitions  # noqa: E402
-from exp_pipeline.checks import EXPERIMENT_CHECKS  # noqa: E402
-from exp_pipeline.resources import RegistryResource  # noqa: E402
+from exp_pipeline.defs.assets import ANALYSIS_ASSETS  # noqa: E402
+from exp_pipeline.defs.checks import EXPERIMENT_CHECKS  # noqa: E402
+from exp_pipeline.defs.partitions import experiment_partitions  # noqa: E402
+from exp_pipeline.defs.resources import RegistryResource  # noqa: E402
 
 IMPORT_SECONDS = time.perf_counter() - started
 EXPERIMENT = "aa_homepage"  # the sample's running experiment (no end date)

@@ -6,7 +6,7 @@ instance. Per step it records the wall time Dagster reports (STEP_SUCCESS durati
 from the materialization metadata and the highest RSS sampled while the step ran.
 
 Started by run_benchmark.py: `bench_pipeline.py [--engine spark] --config CONFIG --scratch DIR --result FILE`.
-On Spark (local mode, exp_pipeline.spark_warehouse's settings) the JVM is a child process: memory
+On Spark (local mode, exp_pipeline.warehouse.spark_engine's settings) the JVM is a child process: memory
 is then the sampled RSS of the whole process tree, Python driver and JVM together.
 """
 
@@ -21,10 +21,11 @@ started = time.perf_counter()
 from dagster import DagsterEventType, DagsterInstance, materialize  # noqa: E402
 from dagster_duckdb import DuckDBResource  # noqa: E402
 
-from exp_pipeline.assets import ANALYSIS_ASSETS, experiment_partitions  # noqa: E402
-from exp_pipeline.checks import EXPERIMENT_CHECKS  # noqa: E402
-from exp_pipeline.resources import RegistryResource  # noqa: E402
-from exp_pipeline.warehouse import DuckDBWarehouse  # noqa: E402
+from exp_pipeline.defs.assets import ANALYSIS_ASSETS  # noqa: E402
+from exp_pipeline.defs.checks import EXPERIMENT_CHECKS  # noqa: E402
+from exp_pipeline.defs.partitions import experiment_partitions  # noqa: E402
+from exp_pipeline.defs.resources import RegistryResource  # noqa: E402
+from exp_pipeline.warehouse.resources import DuckDBWarehouse  # noqa: E402
 
 IMPORT_SECONDS = time.perf_counter() - started
 
@@ -114,8 +115,8 @@ def warehouse_for(engine: str, scratch: str):
     if engine == "spark":
         from dagster_pyspark import LazyPySparkResource
 
-        from exp_pipeline.resources import spark_config
-        from exp_pipeline.spark_warehouse import SparkWarehouse
+        from exp_pipeline.settings import spark_config
+        from exp_pipeline.warehouse.resources import SparkWarehouse
 
         return SparkWarehouse(
             pyspark=LazyPySparkResource(spark_config=spark_config()), location=f"{scratch}/spark/exp.db"

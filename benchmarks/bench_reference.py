@@ -95,7 +95,7 @@ def main() -> None:
             load_configuration(con, batch)
             cursor = con.execute(script)
             columns = [d[0] for d in cursor.description]
-            rows += [dict(zip(columns, row)) for row in cursor.fetchall()]
+            rows += [dict(zip(columns, row, strict=True)) for row in cursor.fetchall()]
     wall = time.perf_counter() - t0
 
     measure.write_result(args.result, {

@@ -19,7 +19,6 @@ import time
 from pathlib import Path
 
 import duckdb
-
 import yaml
 
 from exp_pipeline.registry import Registry, load_registry
@@ -49,7 +48,7 @@ FIFTH_EXPERIMENT_REGISTRY = {
 }
 US_PER_SECOND = 1_000_000
 SECONDS_PER_DAY = 86_400
-EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.timezone.utc)
+EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
 
 
 def write_registry(path: Path) -> None:

@@ -531,7 +531,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     verdicts["pipeline"] = "baseline"
     launcher_peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     report = {
-        "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "command": " ".join([".venv/bin/python", "benchmarks/run_benchmark.py", *(argv or sys.argv[1:])]),
         "runs": args.runs,
         "machine": machine(),

@@ -17,7 +17,8 @@ from dataclasses import asdict, dataclass, field
 import ibis
 import pandas as pd
 
-from exp_pipeline.warehouse import WarehouseSession
+from exp_pipeline.schemas import alerts_schema, ibis_schema
+from exp_pipeline.warehouse.interface import WarehouseSession
 
 WEBHOOK_ENV = "EXP_PIPELINE_ALERT_WEBHOOK_URL"
 UI_URL_ENV = "EXP_PIPELINE_UI_URL"
@@ -114,12 +115,9 @@ def post_webhook(url: str, payload: dict, timeout: float = WEBHOOK_TIMEOUT_SECON
 
 # -- the alerts table ------------------------------------------------------------------------------
 
-_COLUMNS = {
-    "alert_id": "string", "kind": "string", "experiment_id": "string", "source": "string",
-    "severity": "string", "summary": "string", "run_id": "string", "run_url": "string",
-    "created_at": "timestamp('UTC')", "figures": "string", "delivered": "boolean",
-    "delivered_at": "timestamp('UTC')", "attempts": "int64", "last_error": "string",
-}
+# The table's columns and types, from its schema.
+_SCHEMA = ibis_schema(alerts_schema())
+_COLUMNS = list(_SCHEMA)
 
 
 def _frame(alerts: list[Alert]) -> pd.DataFrame:
@@ -129,14 +127,14 @@ def _frame(alerts: list[Alert]) -> pd.DataFrame:
         row["figures"] = json.dumps(alert.figures, default=str)
         row.update(delivered=False, delivered_at=None, attempts=0, last_error=None)
         rows.append(row)
-    return pd.DataFrame(rows, columns=list(_COLUMNS))
+    return pd.DataFrame(rows, columns=_COLUMNS)
 
 
 def record_alerts(session: WarehouseSession, alerts: list[Alert]) -> list[Alert]:
     """Insert alerts not seen before (by alert_id); returns the new ones."""
     if not alerts:
         return []
-    incoming = ibis.memtable(_frame(alerts), schema=ibis.schema(_COLUMNS))
+    incoming = ibis.memtable(_frame(alerts), schema=_SCHEMA)
     if session.has_table(ALERTS_TABLE):
         known = set(session.to_pandas(session.table(ALERTS_TABLE).select("alert_id"))["alert_id"])
     else:
@@ -150,7 +148,7 @@ def record_alerts(session: WarehouseSession, alerts: list[Alert]) -> list[Alert]
 
 def undelivered(session: WarehouseSession) -> pd.DataFrame:
     if not session.has_table(ALERTS_TABLE):
-        return pd.DataFrame(columns=list(_COLUMNS))
+        return pd.DataFrame(columns=_COLUMNS)
     table = session.table(ALERTS_TABLE)
     return session.to_pandas(table.filter(~table.delivered).order_by("created_at", "alert_id"))
 
@@ -178,7 +176,7 @@ def deliver_pending(warehouse, webhook_url: str | None) -> tuple[int, int]:
         values = {"attempts": int(row["attempts"]) + 1}
         try:
             post_webhook(webhook_url, payload)
-            values.update(delivered=True, delivered_at=dt.datetime.now(dt.timezone.utc), last_error=None)
+            values.update(delivered=True, delivered_at=dt.datetime.now(dt.UTC), last_error=None)
         except DeliveryError as exc:
             values.update(last_error=str(exc))
         outcomes.append((row["alert_id"], values))

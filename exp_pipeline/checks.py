@@ -1,43 +1,33 @@
-"""Asset checks per experiment partition, built on the Pandera schemas and on stats.py.
+"""The rules of the asset checks: each `evaluate_*` function reads one experiment's tables through
+a warehouse session and returns a CheckOutcome (pass or fail, severity, description, figures).
 
-Each `evaluate_*` function takes an open warehouse session and the experiment and returns the
-AssetCheckResult, so it is tested on tables built in the tests; the `@asset_check` functions at the
-bottom only wire them to Dagster. Blocking checks that fail with ERROR stop the downstream assets
-of that experiment's run (and only that experiment's).
+They are tested on tables built in the tests; defs/checks.py wires them to Dagster. Blocking
+checks that fail with ERROR stop the downstream assets of that experiment (and only that one).
 """
 
-import warnings
+from __future__ import annotations
 
-from dagster import (
-    AssetCheckExecutionContext,
-    AssetKey,
-    PreviewWarning,
-    AssetCheckResult,
-    AssetCheckSeverity,
-    MetadataValue,
-    asset_check,
-)
+from dataclasses import dataclass, field, replace
 
-from exp_pipeline import results, schemas, transforms
-from exp_pipeline.assets import (
-    WRITER_POOL,
-    source_audit,
-    deduped_assignments,
-    experiment_partitions,
-    post_assignment_events,
-    pre_assignment_events,
-    raw_assignments,
-    variant_metrics,
-)
+from exp_pipeline import results, schemas, validation
 from exp_pipeline.registry import Experiment, Registry
-from exp_pipeline.resources import RegistryResource
-from exp_pipeline.warehouse import Warehouse, WarehouseSession
+from exp_pipeline.transforms.assignments import analysable_assignments, assignment_counts
+from exp_pipeline.transforms.ingestion import RowAccounting
+from exp_pipeline.vocabulary import HARMLESS_REJECTIONS, MULTIPLE_VARIANTS
+from exp_pipeline.warehouse.interface import WarehouseSession
 
 SAMPLE_SIZE = 20
+ERROR, WARN = "ERROR", "WARN"
 
-# Partitioned asset checks are a Dagster preview feature; they are what lets each experiment's
-# checks run, fail and alert on their own, so we use them knowingly.
-warnings.filterwarnings("ignore", message="Specifying a partitions_def on an AssetCheckSpec", category=PreviewWarning)
+
+@dataclass(frozen=True)
+class CheckOutcome:
+    """A check's verdict: `metadata` holds plain numbers, text, and lists or dicts (shown as JSON)."""
+
+    passed: bool
+    severity: str = ERROR  # what a failure means: ERROR or WARN
+    description: str | None = None
+    metadata: dict = field(default_factory=dict)
 
 
 def _p(value: float, label: str = "p") -> str:
@@ -45,22 +35,22 @@ def _p(value: float, label: str = "p") -> str:
     return f"{label} < 1e-300" if value == 0 else f"{label} = {value:.3g}"
 
 
-def _schema_result(outcome: schemas.ValidationOutcome, rows: int) -> AssetCheckResult:
-    return AssetCheckResult(
+def _schema_result(outcome: validation.ValidationOutcome, rows: int) -> CheckOutcome:
+    return CheckOutcome(
         passed=outcome.passed,
-        severity=AssetCheckSeverity.ERROR,
+        severity=ERROR,
         description=None if outcome.passed else "failed: " + "; ".join(outcome.failed_checks),
         metadata={
             "rows": rows,
             "failed_checks": len(outcome.failures),
-            "failures": MetadataValue.json(outcome.failures),
+            "failures": outcome.failures,
         },
     )
 
 
 def evaluate_schema(
     session: WarehouseSession, table: str, experiment: Experiment, registry: Registry
-) -> AssetCheckResult:
+) -> CheckOutcome:
     properties = registry.sources.assignments.properties
     schema = {
         "raw_assignments": lambda: schemas.raw_assignments_schema(experiment, properties),
@@ -74,43 +64,43 @@ def evaluate_schema(
         # History rows keep the registry of their day (a moved window, a retired variant): the
         # rules apply to the active rows.
         rows = rows.filter(rows.is_active)
-    return _schema_result(schemas.validate(schema, rows), session.count(rows))
+    return _schema_result(validation.validate(schema, rows), session.count(rows))
 
 
-def evaluate_unique_active_subject(session: WarehouseSession, experiment: Experiment) -> AssetCheckResult:
+def evaluate_unique_active_subject(session: WarehouseSession, experiment: Experiment) -> CheckOutcome:
     deduped = session.partition("deduped_assignments", experiment.id)
     active = deduped.filter(deduped.is_active).select("experiment_id", "subject_id")
-    outcome = schemas.validate(schemas.active_assignments_unique_schema(), active)
+    outcome = validation.validate(schemas.active_assignments_unique_schema(), active)
     # pandera names no offending keys on failure: find them in the engine.
     duplicated = active.group_by("experiment_id", "subject_id").aggregate(active_rows=active.count())
     duplicated = duplicated.filter(duplicated.active_rows > 1)
     count = session.count(duplicated)
     sample = session.to_pandas(duplicated.order_by("subject_id").limit(SAMPLE_SIZE))
-    return AssetCheckResult(
+    return CheckOutcome(
         passed=outcome.passed and count == 0,
-        severity=AssetCheckSeverity.ERROR,
+        severity=ERROR,
         description=None if count == 0 else f"{count} subjects have more than one active assignment",
         metadata={
             "duplicated_subjects": count,
-            "sample_duplicated_keys": MetadataValue.json(sample.to_dict("records")),
+            "sample_duplicated_keys": sample.to_dict("records"),
         },
     )
 
 
-def evaluate_multi_variant_share(session: WarehouseSession, experiment: Experiment) -> AssetCheckResult:
+def evaluate_multi_variant_share(session: WarehouseSession, experiment: Experiment) -> CheckOutcome:
     deduped = session.partition("deduped_assignments", experiment.id)
     active = deduped.filter(deduped.is_active)
     total = session.count(active)
-    excluded = session.count(active.filter(active.exclusion_reason == transforms.MULTIPLE_VARIANTS))
+    excluded = session.count(active.filter(active.exclusion_reason == MULTIPLE_VARIANTS))
     share = excluded / total if total else 0.0
     bounds = experiment.multi_variant
     if share > bounds.error_share:
-        passed, severity = False, AssetCheckSeverity.ERROR
+        passed, severity = False, ERROR
     elif share > bounds.warn_share:
-        passed, severity = False, AssetCheckSeverity.WARN
+        passed, severity = False, WARN
     else:
-        passed, severity = True, AssetCheckSeverity.WARN
-    return AssetCheckResult(
+        passed, severity = True, WARN
+    return CheckOutcome(
         passed=passed,
         severity=severity,
         description=(
@@ -129,21 +119,21 @@ def evaluate_multi_variant_share(session: WarehouseSession, experiment: Experime
 
 def evaluate_sample_ratio(
     session: WarehouseSession, experiment: Experiment, registry: Registry
-) -> AssetCheckResult:
-    analysable = transforms.analysable_assignments(session.partition("deduped_assignments", experiment.id))
+) -> CheckOutcome:
+    analysable = analysable_assignments(session.partition("deduped_assignments", experiment.id))
     counts = session.to_pandas(
-        transforms.assignment_counts(analysable, registry.sources.assignments.properties)
+        assignment_counts(analysable, registry.sources.assignments.properties)
     )
     srm, causes = results.srm_of(counts, experiment)
-    severity = AssetCheckSeverity.ERROR if experiment.srm.blocks_metrics else AssetCheckSeverity.WARN
+    severity = ERROR if experiment.srm.blocks_metrics else WARN
     observed = srm.observed
     metadata = {
-        "observed": MetadataValue.json(observed),
-        "expected": MetadataValue.json({k: round(v, 1) for k, v in srm.expected.items()}),
+        "observed": observed,
+        "expected": {k: round(v, 1) for k, v in srm.expected.items()},
         "chi2": float(srm.chi2),
         "p_value": float(srm.p_value),
         "threshold": experiment.srm.p_threshold,
-        "verdict": "SRM" if srm.flagged else ("ok" if srm.judged else "not judged"),
+        "verdict": srm.verdict,
     }
     if not srm.judged:
         description = (
@@ -160,7 +150,7 @@ def evaluate_sample_ratio(
                 f"{_p(top.p_value_bonferroni, 'Bonferroni p')})"
             )
             metadata["likely_cause"] = f"{top.property} = {top.value}"
-            metadata["segments"] = MetadataValue.json(
+            metadata["segments"] = (
                 [
                     {"property": c.property, "value": c.value, "observed": c.observed,
                      "p_value_bonferroni": c.p_value_bonferroni}
@@ -174,49 +164,54 @@ def evaluate_sample_ratio(
                 "value explains it; look at assignment or exposure logging as a whole"
             )
             metadata["likely_cause"] = "none: imbalance in every segment"
-    return AssetCheckResult(
+    return CheckOutcome(
         passed=not srm.flagged, severity=severity, description=description, metadata=metadata
     )
 
 
-# Exact duplicates are kept aside and counted, but at-least-once logging makes them harmless and
-# common: they do not count against the bound.
-HARMLESS_REJECTIONS = ("duplicate_row",)
-
-
-def _rejected_share_result(by_reason: dict, read: int, bound: float, what: str) -> AssetCheckResult:
+def _rejected_share_result(rows: RowAccounting, bound: float, what: str) -> CheckOutcome:
+    by_reason = rows.rejected_by_reason
     rejected = sum(n for reason, n in by_reason.items() if reason not in HARMLESS_REJECTIONS)
-    share = rejected / read if read else 0.0
-    return AssetCheckResult(
+    share = rejected / rows.read if rows.read else 0.0
+    return CheckOutcome(
         passed=share <= bound,
-        severity=AssetCheckSeverity.ERROR,
+        severity=ERROR,
         description=(
-            f"{share:.2%} of {what} rows rejected ({rejected} of {read}, duplicates aside; "
+            f"{share:.2%} of {what} rows rejected ({rejected} of {rows.read}, duplicates aside; "
             f"bound {bound:.2%})"
         ),
         metadata={
-            "rows_read": read, "rows_rejected": rejected, "rejected_share": share, "bound": bound,
-            "rejected_by_reason": MetadataValue.json(by_reason),
+            "rows_read": rows.read, "rows_rejected": rejected, "rejected_share": share, "bound": bound,
+            "rejected_by_reason": by_reason,
         },
     )
 
 
-def evaluate_rejected_share(session: WarehouseSession, experiment: Experiment, registry: Registry) -> AssetCheckResult:
+def _rejected_by_reason(session: WarehouseSession, rejected_rows) -> RowAccounting:
+    counts = session.to_pandas(rejected_rows.group_by("reason").aggregate(rows=rejected_rows.count()))
+    return RowAccounting.of(counts)
+
+
+def evaluate_rejected_share(session: WarehouseSession, experiment: Experiment, registry: Registry) -> CheckOutcome:
     rejected_rows = session.partition("rejected_rows", experiment.id)
-    rejected_rows = rejected_rows.filter(rejected_rows.source == "assignments")
-    by_reason = session.to_pandas(rejected_rows.group_by("reason").aggregate(rows=rejected_rows.count()))
-    counts = dict(zip(by_reason["reason"], by_reason["rows"].astype(int)))
-    read = session.count(session.partition("raw_assignments", experiment.id)) + sum(counts.values())
-    return _rejected_share_result(
-        counts, read, registry.sources.assignments.max_rejected_share, f"{experiment.id} exposure"
-    )
+    rejected = _rejected_by_reason(session, rejected_rows.filter(rejected_rows.source == "assignments"))
+    rows = replace(rejected, ingested=session.count(session.partition("raw_assignments", experiment.id)))
+    return _rejected_share_result(rows, registry.sources.assignments.max_rejected_share, f"{experiment.id} exposure")
 
 
-def evaluate_no_pre_assignment_events(session: WarehouseSession, experiment: Experiment) -> AssetCheckResult:
+def evaluate_source_rejected_share(session: WarehouseSession, registry: Registry, rows_read: int) -> CheckOutcome:
+    """Share of the event log's rows rejected; `rows_read` is what source_audit read."""
+    table = session.table("rejected_source_rows")
+    rejected = _rejected_by_reason(session, table.filter(table.source == "events"))
+    rows = replace(rejected, ingested=rows_read - rejected.rejected)
+    return _rejected_share_result(rows, registry.sources.events.max_rejected_share, "event")
+
+
+def evaluate_no_pre_assignment_events(session: WarehouseSession, experiment: Experiment) -> CheckOutcome:
     events = session.partition("post_assignment_events", experiment.id)
     # Against the current assignments, not only the assigned_at copied into the events: a
     # correction that moved a subject's assignment later shows up here until events are rebuilt.
-    assignments = transforms.analysable_assignments(session.partition("deduped_assignments", experiment.id))
+    assignments = analysable_assignments(session.partition("deduped_assignments", experiment.id))
     joined = events.join(
         assignments.select("subject_id", current_assigned_at="assigned_at"), "subject_id", how="left"
     )
@@ -233,143 +228,14 @@ def evaluate_no_pre_assignment_events(session: WarehouseSession, experiment: Exp
     )
     for column in ("assigned_at", "event_at"):
         sample[column] = sample[column].astype(str)
-    return AssetCheckResult(
+    return CheckOutcome(
         passed=count == 0,
-        severity=AssetCheckSeverity.ERROR,
+        severity=ERROR,
         description=None if count == 0 else (
             f"{count} events happened before their subject's current assignment (or belong to no "
             "analysable subject)"
         ),
-        metadata={"leaked_events": count, "sample": MetadataValue.json(sample.to_dict("records"))},
+        metadata={"leaked_events": count, "sample": sample.to_dict("records")},
     )
 
 
-# -- Dagster glue --------------------------------------------------------------------------------
-
-
-def _context(context: AssetCheckExecutionContext, registry: RegistryResource) -> tuple[Registry, Experiment]:
-    reg = registry.load()
-    return reg, reg.experiment(context.partition_key)
-
-
-def _logged(context: AssetCheckExecutionContext, result: AssetCheckResult) -> AssetCheckResult:
-    """Failed checks also go to the run log, where a person reading the run sees them first."""
-    if not result.passed:
-        log = context.log.error if result.severity == AssetCheckSeverity.ERROR else context.log.warning
-        log(f"check {context.check_specs[0].name} failed for {context.partition_key}: {result.description}")
-    return result
-
-
-def _experiment_check(asset_def, name: str, evaluate, description: str, blocking: bool = True):
-    """An asset check of one experiment's partition: evaluate(session, experiment, registry)."""
-
-    @asset_check(
-        asset=asset_def,
-        name=name,
-        partitions_def=experiment_partitions,
-        pool=WRITER_POOL,
-        blocking=blocking,
-        description=description,
-    )
-    def _check(
-        context: AssetCheckExecutionContext, registry: RegistryResource, warehouse: Warehouse
-    ) -> AssetCheckResult:
-        reg, experiment = _context(context, registry)
-        with warehouse.session() as session:
-            return _logged(context, evaluate(session, experiment, reg))
-
-    return _check
-
-
-def _schema_check(asset_def, blocking: bool = True):
-    table = (asset_def if isinstance(asset_def, AssetKey) else asset_def.key).path[-1]
-    return _experiment_check(
-        asset_def,
-        "matches_schema",
-        lambda session, experiment, registry: evaluate_schema(session, table, experiment, registry),
-        f"{table} matches its Pandera schema (types, nulls, allowed values), validated in the engine.",
-        blocking=blocking,
-    )
-
-
-raw_assignments_matches_schema = _schema_check(raw_assignments)
-deduped_assignments_matches_schema = _schema_check(deduped_assignments)
-post_assignment_events_matches_schema = _schema_check(post_assignment_events)
-pre_assignment_events_matches_schema = _schema_check(pre_assignment_events)
-# The last asset: nothing downstream to block.
-variant_metrics_matches_schema = _schema_check(variant_metrics, blocking=False)
-
-raw_assignments_rejected_share = _experiment_check(
-    raw_assignments,
-    "rejected_share_within_bound",
-    evaluate_rejected_share,
-    "Share of the experiment's exposure rows rejected at ingestion (kept in rejected_rows) is at most "
-    "sources.assignments.max_rejected_share.",
-)
-one_active_row_per_subject = _experiment_check(
-    deduped_assignments,
-    "one_active_row_per_subject",
-    lambda session, experiment, _registry: evaluate_unique_active_subject(session, experiment),
-    "UNIQUE(experiment_id, subject_id) among active rows: one subject, one experiment, one variant.",
-)
-multi_variant_share_within_bounds = _experiment_check(
-    deduped_assignments,
-    "multi_variant_share_within_bounds",
-    lambda session, experiment, _registry: evaluate_multi_variant_share(session, experiment),
-    "Share of subjects excluded for seeing several variants: WARN above warn_share, ERROR above error_share.",
-)
-no_sample_ratio_mismatch = _experiment_check(
-    deduped_assignments,
-    "no_sample_ratio_mismatch",
-    evaluate_sample_ratio,
-    "Chi-square test of subjects per variant against the weights; when it fires, the same test per "
-    "assignment property names the likely cause. Blocks variant_metrics if the registry says so.",
-)
-no_events_before_assignment = _experiment_check(
-    post_assignment_events,
-    "no_events_before_assignment",
-    lambda session, experiment, _registry: evaluate_no_pre_assignment_events(session, experiment),
-    "No pre-assignment leakage: every event has event_at >= its subject's current assigned_at.",
-)
-
-
-@asset_check(
-    asset=source_audit,
-    name="rejected_share_within_bound",
-    pool=WRITER_POOL,
-    description="Share of event rows rejected (kept in rejected_source_rows) is at most sources.events.max_rejected_share.",
-)
-def source_audit_rejected_share(context: AssetCheckExecutionContext, registry: RegistryResource, warehouse: Warehouse):
-    reg = registry.load()
-    with warehouse.session() as session:
-        table = session.table("rejected_source_rows")
-        events = table.filter(table.source == "events")
-        by_reason = session.to_pandas(events.group_by("reason").aggregate(rows=events.count()))
-    # The rows read are in the metadata of the materialization this check runs after.
-    materialization = context.instance.get_latest_materialization_event(source_audit.key)
-    if materialization is None:
-        return AssetCheckResult(passed=False, description="source_audit has not been materialized yet")
-    read = materialization.asset_materialization.metadata["event_rows_read"].value
-    result = _rejected_share_result(
-        dict(zip(by_reason["reason"], by_reason["rows"].astype(int))),
-        read, reg.sources.events.max_rejected_share, "event",
-    )
-    if not result.passed:
-        context.log.error(f"check rejected_share_within_bound failed: {result.description}")
-    return result
-
-
-# Checks of one experiment's partition (they run in its analyze_experiment run).
-EXPERIMENT_CHECKS = [
-    raw_assignments_rejected_share,
-    raw_assignments_matches_schema,
-    deduped_assignments_matches_schema,
-    one_active_row_per_subject,
-    multi_variant_share_within_bounds,
-    no_sample_ratio_mismatch,
-    post_assignment_events_matches_schema,
-    no_events_before_assignment,
-    pre_assignment_events_matches_schema,
-    variant_metrics_matches_schema,
-]
-ASSET_CHECKS = [*EXPERIMENT_CHECKS, source_audit_rejected_share]

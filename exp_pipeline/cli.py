@@ -12,7 +12,7 @@ import os
 import sys
 from pathlib import Path
 
-from exp_pipeline.resources import PROJECT_ROOT, registry_path
+from exp_pipeline.settings import PROJECT_ROOT, registry_path
 
 SAMPLE_DIR = PROJECT_ROOT / "data" / "sample"
 DEFAULT_DAGSTER_HOME = PROJECT_ROOT / ".dagster_home"
@@ -40,13 +40,13 @@ def run(experiment_ids: list[str] | None, users: int, seed: int) -> int:
     # Imported late so that DAGSTER_HOME is set before Dagster reads it.
     from dagster import DagsterInstance
 
-    from exp_pipeline.assets import experiment_partitions
     from exp_pipeline.definitions import defs
+    from exp_pipeline.defs.partitions import experiment_partitions
+    from exp_pipeline.registry import load_registry
     from exp_pipeline.reports import results_text
-    from exp_pipeline.resources import RegistryResource
-    from exp_pipeline.warehouse import Warehouse
+    from exp_pipeline.warehouse.resources import Warehouse
 
-    registry = RegistryResource(path=registry_path()).load()
+    registry = load_registry(registry_path())
     wanted = experiment_ids or [e.id for e in registry.experiments]
     for experiment_id in wanted:
         registry.experiment(experiment_id)  # fails early, naming an unknown experiment

@@ -1,27 +1,12 @@
-"""The one Definitions object: assets, checks, jobs, schedules, sensors and resources."""
+"""The one Definitions object: everything in exp_pipeline/defs/, found by Dagster's loader."""
 
-from dagster import Definitions, in_process_executor
+from pathlib import Path
 
-from exp_pipeline.assets import ANALYSIS_ASSETS, REGISTRY_ASSETS
-from exp_pipeline.checks import ASSET_CHECKS
-from exp_pipeline.automation import (
-    alert_on_failed_checks,
-    alert_on_run_failure,
-    analyze_experiment_job,
-    daily_experiment_refresh,
-    refresh_registry_job,
-    register_new_experiments,
-)
-from exp_pipeline.resources import default_resources
+import dagster as dg
 
-defs = Definitions(
-    assets=[*REGISTRY_ASSETS, *ANALYSIS_ASSETS],
-    asset_checks=ASSET_CHECKS,
-    jobs=[analyze_experiment_job, refresh_registry_job],
-    schedules=[daily_experiment_refresh],
-    sensors=[register_new_experiments, alert_on_failed_checks, alert_on_run_failure],
-    resources=default_resources(),
+defs = dg.Definitions.merge(
+    dg.load_from_defs_folder(path_within_project=Path(__file__).parent),
     # Steps of one run share the DuckDB file one at a time anyway (pool warehouse_writer), so a
     # subprocess per step would only add seconds of start-up to every step.
-    executor=in_process_executor,
+    dg.Definitions(executor=dg.in_process_executor),
 )

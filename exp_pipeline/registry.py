@@ -62,8 +62,8 @@ SafeId = Annotated[str, AfterValidator(_safe_id)]
 def _utc(value: dt.datetime) -> dt.datetime:
     # Naive timestamps in the registry mean UTC, like naive timestamps in the logs.
     if value.tzinfo is None:
-        return value.replace(tzinfo=dt.timezone.utc)
-    return value.astimezone(dt.timezone.utc)
+        return value.replace(tzinfo=dt.UTC)
+    return value.astimezone(dt.UTC)
 
 
 UtcDatetime = Annotated[dt.datetime, AfterValidator(_utc)]

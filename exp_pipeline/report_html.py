@@ -13,13 +13,13 @@ import math
 import os
 import tempfile
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from itertools import groupby
 from pathlib import Path
 
 import pandas as pd
 
-from exp_pipeline.reports import results_rows
+from exp_pipeline.reports import is_finite, p_value_text, percent, results_rows
 
 ALPHA = 0.05  # the marker threshold used by the markdown table too (unadjusted p)
 
@@ -113,11 +113,11 @@ class _Estimate:
 
     @property
     def drawable(self) -> bool:
-        return all(_finite(v) for v in (self.lift, self.low, self.high))
+        return all(is_finite(v) for v in (self.lift, self.low, self.high))
 
     @property
     def significant(self) -> bool:
-        return _finite(self.p_value) and self.p_value < ALPHA
+        return is_finite(self.p_value) and self.p_value < ALPHA
 
 
 @dataclass(frozen=True)
@@ -132,25 +132,8 @@ class _Comparison:
         return f"{self.metric} · {self.variant}"
 
 
-def _finite(value: object) -> bool:
-    try:
-        return math.isfinite(float(value))
-    except (TypeError, ValueError):
-        return False
-
-
 def _esc(value: object) -> str:
     return html.escape(str(value), quote=True)
-
-
-def _pct(value: float) -> str:
-    return f"{value:+.2%}" if _finite(value) else "n/a"
-
-
-def _format_p(value: float | None) -> str:
-    if not _finite(value):
-        return "n/a"
-    return f"{value:.2g}" if value < 0.001 else f"{value:.3f}"
 
 
 def _comparisons(frame: pd.DataFrame) -> list[_Comparison]:
@@ -232,13 +215,13 @@ def _estimate_svg(estimate: _Estimate, kind: str, y: float, colour: str, x_of) -
 
 def _tooltip(comparison: _Comparison, with_cuped: bool) -> str:
     parts = [
-        f"{comparison.label}: raw {_pct(comparison.raw.lift)} "
-        f"[{_pct(comparison.raw.low)}, {_pct(comparison.raw.high)}], p = {_format_p(comparison.raw.p_value)}"
+        f"{comparison.label}: raw {percent(comparison.raw.lift)} "
+        f"[{percent(comparison.raw.low)}, {percent(comparison.raw.high)}], p = {p_value_text(comparison.raw.p_value)}"
     ]
     if with_cuped:
         parts.append(
-            f"CUPED {_pct(comparison.cuped.lift)} [{_pct(comparison.cuped.low)}, "
-            f"{_pct(comparison.cuped.high)}], p = {_format_p(comparison.cuped.p_value)}"
+            f"CUPED {percent(comparison.cuped.lift)} [{percent(comparison.cuped.low)}, "
+            f"{percent(comparison.cuped.high)}], p = {p_value_text(comparison.cuped.p_value)}"
         )
     return "; ".join(parts)
 
@@ -298,7 +281,7 @@ def forest_plot_svg(frame: pd.DataFrame, title: str = "") -> str:
 
     # Every other metric gets a light band so the rows of one metric read as a block.
     bands = []
-    for index, (_, group) in enumerate(groupby(zip(comparisons, tops), key=lambda pair: pair[0].metric)):
+    for index, (_, group) in enumerate(groupby(zip(comparisons, tops, strict=True), key=lambda pair: pair[0].metric)):
         group_tops = [top for _, top in group]
         if index % 2 == 0:
             bands.append(
@@ -306,7 +289,7 @@ def forest_plot_svg(frame: pd.DataFrame, title: str = "") -> str:
                 f'height="{group_tops[-1] - group_tops[0] + ROW_HEIGHT + GROUP_GAP:.1f}" fill="{BAND_COLOUR}"/>'
             )
     body = []
-    for comparison, top in zip(comparisons, tops):
+    for comparison, top in zip(comparisons, tops, strict=True):
         centre = top + ROW_HEIGHT / 2
         raw_y = centre - CUPED_OFFSET / 2 if with_cuped else centre
         row = [
@@ -400,7 +383,7 @@ def _table(table_id: str, header: list[str], rows: list[tuple[str, list[str]]]) 
 
 def _utc(moment: datetime) -> datetime:
     # A naive timestamp is taken as UTC (what the pipeline stores), not as the machine's local time.
-    return moment.replace(tzinfo=timezone.utc) if moment.tzinfo is None else moment.astimezone(timezone.utc)
+    return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
 
 
 def _srm_section(srm: dict) -> str:
@@ -409,8 +392,8 @@ def _srm_section(srm: dict) -> str:
         raise ValueError(f"unknown SRM verdict {verdict!r}; expected one of {sorted(SRM_CLASSES)}")
     observed, expected = srm.get("observed") or {}, srm.get("expected") or {}
     headline = SRM_HEADLINES[verdict]
-    if _finite(srm.get("p_value")):
-        headline += f" (p = {_format_p(srm['p_value'])})"
+    if is_finite(srm.get("p_value")):
+        headline += f" (p = {p_value_text(srm['p_value'])})"
     parts = [f"<h2>{_esc(headline)}</h2>"]
     if verdict == "SRM":
         parts.append(f'<p id="srm-warning">{_esc(SRM_WARNING)}</p>')
@@ -433,8 +416,8 @@ def _srm_section(srm: dict) -> str:
                     _cell(variant),
                     _cell(f"{n:,}" if n is not None else "n/a"),
                     _cell(f"{n / total:.2%}" if n is not None and total else "n/a"),
-                    _cell(f"{e:,.0f}" if _finite(e) else "n/a"),
-                    _cell(_pct(n / e - 1) if n is not None and _finite(e) and e else "n/a"),
+                    _cell(f"{e:,.0f}" if is_finite(e) else "n/a"),
+                    _cell(percent(n / e - 1) if n is not None and is_finite(e) and e else "n/a"),
                 ],
             )
         )
@@ -451,7 +434,7 @@ def _results_section(frame: pd.DataFrame) -> str:
     significant = frame.loc[table.index, "p_value"].lt(ALPHA).tolist()
     rows = [
         ("significant" if sig else "", [_cell(v) for v in values])
-        for sig, values in zip(significant, table.itertuples(index=False))
+        for sig, values in zip(significant, table.itertuples(index=False), strict=True)
     ]
     return (
         '<section>\n<h2>Results</h2>\n<div class="scroll">\n'

@@ -7,58 +7,63 @@ import math
 import pandas as pd
 
 
-def _pct(value: float) -> str:
-    return "n/a" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:+.2%}"
+def is_finite(value: object) -> bool:
+    """A number that is neither NaN nor infinite (None and text are not)."""
+    try:
+        return math.isfinite(float(value))
+    except (TypeError, ValueError):
+        return False
 
 
-def _interval(low: float, high: float) -> str:
-    if any(v is None or (isinstance(v, float) and math.isnan(v)) for v in (low, high)):
-        return "n/a"
-    return f"[{low:+.2%}, {high:+.2%}]"
+def percent(value: float) -> str:
+    return f"{value:+.2%}" if is_finite(value) else "n/a"
 
 
-def _p(value: float) -> str:
-    if value is None or (isinstance(value, float) and math.isnan(value)):
+def interval(low: float, high: float) -> str:
+    return f"[{low:+.2%}, {high:+.2%}]" if is_finite(low) and is_finite(high) else "n/a"
+
+
+def p_value_text(value: float) -> str:
+    if not is_finite(value):
         return "n/a"
     return f"{value:.2g}" if value < 0.001 else f"{value:.3f}"
 
 
 def _marker(p_value: float, alpha: float = 0.05) -> str:
-    return "*" if p_value == p_value and p_value is not None and p_value < alpha else ""
+    return "*" if is_finite(p_value) and p_value < alpha else ""
 
 
-def srm_verdict(flagged: bool, p_value: float) -> str:
-    if p_value != p_value:
-        return "not judged"
-    return f"SRM (p={_p(p_value)})" if flagged else f"ok (p={_p(p_value)})"
+def srm_text(verdict: str, p_value: float) -> str:
+    """The stored SRM verdict with its p-value: 'ok (p=0.420)', 'SRM (p=1.5e-132)', 'not judged'."""
+    return verdict if verdict == "not judged" else f"{verdict} (p={p_value_text(p_value)})"
 
 
 def results_rows(frame: pd.DataFrame) -> pd.DataFrame:
     """One display row per treatment x metric: lift, interval, p-values, CUPED, SRM verdict."""
     treatments = frame[~frame["is_control"]].copy()
     controls = frame[frame["is_control"]].set_index(["experiment_id", "metric"])
-    keys = list(zip(treatments["experiment_id"], treatments["metric"]))
+    keys = list(zip(treatments["experiment_id"], treatments["metric"], strict=True))
     return pd.DataFrame(
         {
             "experiment": treatments["experiment_id"],
             "variant": treatments["variant_id"],
             "metric": treatments["metric"],
             "n (treat/ctrl)": [
-                f"{int(n)}/{int(controls.loc[k, 'n'])}" for n, k in zip(treatments["n"], keys)
+                f"{int(n)}/{int(controls.loc[k, 'n'])}" for n, k in zip(treatments["n"], keys, strict=True)
             ],
             "mean (treat/ctrl)": [
-                f"{t:.4g}/{controls.loc[k, 'mean']:.4g}" for t, k in zip(treatments["mean"], keys)
+                f"{t:.4g}/{controls.loc[k, 'mean']:.4g}" for t, k in zip(treatments["mean"], keys, strict=True)
             ],
-            "lift": [_pct(v) + _marker(p) for v, p in zip(treatments["rel_lift"], treatments["p_value"])],
-            "95% CI": [_interval(lo, hi) for lo, hi in zip(treatments["ci_low"], treatments["ci_high"])],
-            "p": [_p(v) for v in treatments["p_value"]],
-            "p (Holm)": [_p(v) for v in treatments["p_value_holm"]],
-            "CUPED lift": [_pct(v) for v in treatments["cuped_rel_lift"]],
+            "lift": [percent(v) + _marker(p) for v, p in zip(treatments["rel_lift"], treatments["p_value"], strict=True)],
+            "95% CI": [interval(lo, hi) for lo, hi in zip(treatments["ci_low"], treatments["ci_high"], strict=True)],
+            "p": [p_value_text(v) for v in treatments["p_value"]],
+            "p (Holm)": [p_value_text(v) for v in treatments["p_value_holm"]],
+            "CUPED lift": [percent(v) for v in treatments["cuped_rel_lift"]],
             "CUPED 95% CI": [
-                _interval(lo, hi) for lo, hi in zip(treatments["cuped_ci_low"], treatments["cuped_ci_high"])
+                interval(lo, hi) for lo, hi in zip(treatments["cuped_ci_low"], treatments["cuped_ci_high"], strict=True)
             ],
-            "CUPED p": [_p(v) for v in treatments["cuped_p_value"]],
-            "SRM": [srm_verdict(f, p) for f, p in zip(treatments["srm_flagged"], treatments["srm_p_value"])],
+            "CUPED p": [p_value_text(v) for v in treatments["cuped_p_value"]],
+            "SRM": [srm_text(v, p) for v, p in zip(treatments["srm_verdict"], treatments["srm_p_value"], strict=True)],
         }
     )
 

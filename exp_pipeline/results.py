@@ -12,19 +12,9 @@ import pandas as pd
 
 from exp_pipeline import stats
 from exp_pipeline.registry import Experiment, Metric
+from exp_pipeline.schemas import VARIANT_METRICS_COLUMNS, variant_metrics_schema
 
 SUFFICIENT_COLUMNS = ("n", "sum_y", "sum_y2", "sum_x", "sum_x2", "sum_xy")
-
-VARIANT_METRICS_COLUMNS = (
-    "experiment_id", "variant_id", "metric", "is_control", "aggregation",
-    *SUFFICIENT_COLUMNS,
-    "mean", "std",
-    "abs_lift", "abs_lift_ci_low", "abs_lift_ci_high",
-    "rel_lift", "ci_low", "ci_high", "df", "p_value", "p_value_holm",
-    "cuped_theta", "cuped_rel_lift", "cuped_ci_low", "cuped_ci_high", "cuped_p_value",
-    "cuped_p_value_holm", "cuped_variance_reduction",
-    "expected_share", "srm_p_value", "srm_flagged",
-)
 
 
 def _stats_of(row: pd.Series) -> stats.SufficientStats:
@@ -68,6 +58,7 @@ def variant_metric_rows(
                 "expected_share": variant.weight,
                 "srm_p_value": srm.p_value,
                 "srm_flagged": srm.flagged,
+                "srm_verdict": srm.verdict,
             }
             if variant.control:
                 rows.append(row)
@@ -97,13 +88,14 @@ def variant_metric_rows(
     for raw_col, adjusted_col in (("p_value", "p_value_holm"), ("cuped_p_value", "cuped_p_value_holm")):
         compared = ~frame["is_control"].astype(bool)
         frame.loc[compared, adjusted_col] = stats.holm(frame.loc[compared, raw_col].astype(float).tolist())
-    float_columns = [c for c in VARIANT_METRICS_COLUMNS if c not in (
-        "experiment_id", "variant_id", "metric", "is_control", "aggregation", "n", "srm_flagged")]
-    frame[float_columns] = frame[float_columns].astype("float64")
-    frame["n"] = frame["n"].astype("int64")
-    frame["is_control"] = frame["is_control"].astype(bool)
-    frame["srm_flagged"] = frame["srm_flagged"].astype(bool)
-    return frame
+    return frame.astype(_FRAME_TYPES)
+
+
+# The pandas type of each column, from the table's schema.
+_FRAME_TYPES = {
+    name: {"float64": "float64", "int64": "int64", "boolean": bool, "string": object}[str(column.dtype)]
+    for name, column in variant_metrics_schema(None).columns.items()
+}
 
 
 def srm_of(counts: pd.DataFrame, experiment: Experiment) -> tuple[stats.SrmResult, list[stats.SrmCause]]:
@@ -114,7 +106,7 @@ def srm_of(counts: pd.DataFrame, experiment: Experiment) -> tuple[stats.SrmResul
     logging bug) has no single cause, and then the list is empty.
     """
     overall = counts[counts["property"] == ""]
-    observed = {v: int(n) for v, n in zip(overall["variant_id"], overall["n"])}
+    observed = {v: int(n) for v, n in zip(overall["variant_id"], overall["n"], strict=True)}
     threshold, min_total = experiment.srm.p_threshold, experiment.srm.min_subjects
     result = stats.srm_test(observed, experiment.weights, threshold=threshold, min_total=min_total)
     if not result.flagged:

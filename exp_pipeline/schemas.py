@@ -1,39 +1,42 @@
-"""Pandera schemas of every table, validated inside the engine with pandera.ibis.
+"""Each table's contract, declared once: its Pandera schema (columns, types, nulls, checks, and a
+description per column), its grain and what it holds.
 
-Schemas depend on the experiment (its variants and window), so they are built per experiment.
+The checks validate against these schemas; the Dagster column schemas, the `variant_metrics`
+column list and docs/tables.md are derived from them. Schemas that depend on the experiment (its
+id, variants, window, metrics) take it; without one (`experiment=None`) they hold the columns and
+the experiment-independent checks only, which is what the documentation needs. Assignment
+properties named in the registry (device_type, country, ...) follow `assigned_at` in the
+assignment tables.
+
 pandera.ibis ignores Column(unique=True): uniqueness is declared at schema level.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-
-from functools import partial
 
 import ibis
 import ibis.expr.datatypes as dt
-import ibis.expr.operations as ops
 import ibis.expr.types as ir
 import pandera.ibis as pa
-from pandera.api.base.checks import CheckResult
-from pandera.api.checks import Check
-from pandera.api.ibis.types import IbisData
-# Imported before any schema is built: a built-in check binds its implementations (ibis among
-# them) when it is created, and the ibis ones are registered by this import.
-import pandera.backends.ibis.builtin_checks  # noqa: F401
-from pandera.backends.ibis.checks import IbisCheckBackend
-from pandera.backends.ibis.register import register_ibis_backends
-from pandera.config import CONFIG, ValidationDepth, config_context
-from pandera.constants import CHECK_OUTPUT_KEY
-from pandera.errors import SchemaErrors
 
 from exp_pipeline.registry import Experiment
-from exp_pipeline.transforms import MULTIPLE_VARIANTS, UTC_TIMESTAMP, trim_whitespace
+from exp_pipeline.vocabulary import (
+    ASSIGNMENT_REJECTIONS,
+    EVENT_REJECTIONS,
+    MULTIPLE_VARIANTS,
+    SOURCE_REJECTIONS,
+    UTC_TIMESTAMP,
+    trim_whitespace,
+)
 
 STRING = dt.String()
 BOOLEAN = dt.Boolean()
 INT64 = dt.Int64()
 FLOAT64 = dt.Float64()
+AGGREGATIONS = ("sum", "count", "conversion")
+SRM_VERDICTS = ("ok", "SRM", "not judged")
 
 
 def _non_empty(data) -> ir.BooleanColumn:
@@ -41,11 +44,19 @@ def _non_empty(data) -> ir.BooleanColumn:
     return trim_whitespace(column).length() > 0
 
 
-def _experiment_column(experiment: Experiment) -> pa.Column:
-    return pa.Column(STRING, pa.Check.equal_to(experiment.id), nullable=False)
+def _column(dtype, description: str, *checks: pa.Check | None, nullable: bool = False) -> pa.Column:
+    return pa.Column(dtype, [c for c in checks if c is not None], nullable=nullable, description=description)
 
 
-def _inside_window(experiment: Experiment) -> pa.Check:
+def _experiment_column(experiment: Experiment | None) -> pa.Column:
+    check = pa.Check.equal_to(experiment.id) if experiment else None
+    return _column(STRING, "experiment (the partition)", check)
+
+
+def _inside_window(experiment: Experiment | None) -> pa.Check | None:
+    if experiment is None:
+        return None
+
     def check(data) -> ir.BooleanColumn:
         column = data.table[data.key]
         inside = column >= ibis.literal(experiment.start_at, type=UTC_TIMESTAMP)
@@ -56,41 +67,48 @@ def _inside_window(experiment: Experiment) -> pa.Check:
     return pa.Check(check, name="inside_experiment_window")
 
 
-def _variants(experiment: Experiment) -> pa.Check:
-    return pa.Check.isin([v.id for v in experiment.variants])
+def _variants(experiment: Experiment | None) -> pa.Check | None:
+    return pa.Check.isin([v.id for v in experiment.variants]) if experiment else None
 
 
-def raw_assignments_schema(experiment: Experiment, properties: list[str]) -> pa.DataFrameSchema:
+def _properties(properties: Sequence[str]) -> dict[str, pa.Column]:
+    return {p: _column(STRING, "assignment property from the registry", nullable=True) for p in properties}
+
+
+def raw_assignments_schema(experiment: Experiment | None, properties: Sequence[str] = ()) -> pa.DataFrameSchema:
     # Unusable rows were set aside at ingestion (rejected_rows); exposures outside the window are
     # valid log rows, excluded later by the assignment rules.
     return pa.DataFrameSchema(
         {
             "experiment_id": _experiment_column(experiment),
-            "subject_id": pa.Column(STRING, pa.Check(_non_empty, name="non_empty"), nullable=False),
-            "variant_id": pa.Column(STRING, _variants(experiment), nullable=False),
-            "assigned_at": pa.Column(UTC_TIMESTAMP, nullable=False),
-            **{p: pa.Column(STRING, nullable=True) for p in properties},
-            "source_file": pa.Column(STRING, nullable=False),
+            "subject_id": _column(STRING, "randomization unit, a user by default", pa.Check(_non_empty, name="non_empty")),
+            "variant_id": _column(STRING, "variant the subject was exposed to", _variants(experiment)),
+            "assigned_at": _column(UTC_TIMESTAMP, "exposure time"),
+            **_properties(properties),
+            "source_file": _column(STRING, "file (or table) the row was read from"),
         },
         strict=True,
         name="raw_assignments",
     )
 
 
-def deduped_assignments_schema(experiment: Experiment, properties: list[str]) -> pa.DataFrameSchema:
+def deduped_assignments_schema(experiment: Experiment | None, properties: Sequence[str] = ()) -> pa.DataFrameSchema:
     return pa.DataFrameSchema(
         {
             "experiment_id": _experiment_column(experiment),
-            "subject_id": pa.Column(STRING, pa.Check(_non_empty, name="non_empty"), nullable=False),
-            "variant_id": pa.Column(STRING, _variants(experiment), nullable=False),
-            "assigned_at": pa.Column(UTC_TIMESTAMP, _inside_window(experiment), nullable=False),
-            **{p: pa.Column(STRING, nullable=True) for p in properties},
-            "n_exposures": pa.Column(INT64, pa.Check.ge(1), nullable=False),
-            "n_variants_seen": pa.Column(INT64, pa.Check.ge(1), nullable=False),
-            "exclusion_reason": pa.Column(STRING, pa.Check.isin([MULTIPLE_VARIANTS]), nullable=True),
-            "is_active": pa.Column(BOOLEAN, nullable=False),
-            "valid_from": pa.Column(UTC_TIMESTAMP, nullable=False),
-            "valid_to": pa.Column(UTC_TIMESTAMP, nullable=True),
+            "subject_id": _column(STRING, "unique per experiment among active rows", pa.Check(_non_empty, name="non_empty")),
+            "variant_id": _column(STRING, "variant of the first exposure", _variants(experiment)),
+            "assigned_at": _column(UTC_TIMESTAMP, "first exposure inside the experiment window", _inside_window(experiment)),
+            **_properties(properties),
+            "n_exposures": _column(INT64, "usable exposure rows of the subject", pa.Check.ge(1)),
+            "n_variants_seen": _column(INT64, "distinct variants in those rows", pa.Check.ge(1)),
+            "exclusion_reason": _column(
+                STRING, f"'{MULTIPLE_VARIANTS}' when excluded from analysis, else null",
+                pa.Check.isin([MULTIPLE_VARIANTS]), nullable=True,
+            ),
+            "is_active": _column(BOOLEAN, "false for rows superseded by a correction"),
+            "valid_from": _column(UTC_TIMESTAMP, "when this row became the subject's assignment"),
+            "valid_to": _column(UTC_TIMESTAMP, "when a correction superseded it (null while active)", nullable=True),
         },
         strict=True,
         name="deduped_assignments",
@@ -106,58 +124,89 @@ def active_assignments_unique_schema() -> pa.DataFrameSchema:
     )
 
 
-def _event_columns(experiment: Experiment) -> dict[str, pa.Column]:
+def _event_columns(experiment: Experiment | None, event_at: str) -> dict[str, pa.Column]:
     return {
         "experiment_id": _experiment_column(experiment),
-        "subject_id": pa.Column(STRING, nullable=False),
-        "variant_id": pa.Column(STRING, _variants(experiment), nullable=False),
-        "assigned_at": pa.Column(UTC_TIMESTAMP, nullable=False),
-        "event_at": pa.Column(UTC_TIMESTAMP, nullable=False),
-        "event_name": pa.Column(STRING, nullable=False),
-        "value": pa.Column(FLOAT64, nullable=True),
+        "subject_id": _column(STRING, "analysable subject"),
+        "variant_id": _column(STRING, "the subject's variant", _variants(experiment)),
+        "assigned_at": _column(UTC_TIMESTAMP, "the subject's assignment"),
+        "event_at": _column(UTC_TIMESTAMP, event_at),
+        "event_name": _column(STRING, "event name (only those used by the experiment's metrics)"),
+        "value": _column(FLOAT64, "event value (null when the log has none)", nullable=True),
     }
 
 
-def post_assignment_events_schema(experiment: Experiment) -> pa.DataFrameSchema:
+def post_assignment_events_schema(experiment: Experiment | None) -> pa.DataFrameSchema:
     return pa.DataFrameSchema(
-        _event_columns(experiment),
+        _event_columns(experiment, "event time, assigned_at <= event_at < end of the widest window"),
         checks=[pa.Check(lambda d: d.table.event_at >= d.table.assigned_at, name="event_at_not_before_assigned_at")],
         strict=True,
         name="post_assignment_events",
     )
 
 
-def pre_assignment_events_schema(experiment: Experiment) -> pa.DataFrameSchema:
+def pre_assignment_events_schema(experiment: Experiment | None) -> pa.DataFrameSchema:
     return pa.DataFrameSchema(
-        _event_columns(experiment),
+        _event_columns(experiment, "event time in [assigned_at - pre window, assigned_at)"),
         checks=[pa.Check(lambda d: d.table.event_at < d.table.assigned_at, name="event_at_before_assigned_at")],
         strict=True,
         name="pre_assignment_events",
     )
 
 
-def _probability(name: str) -> pa.Column:
-    return pa.Column(FLOAT64, pa.Check.in_range(0, 1), nullable=True, name=name)
+def _probability(description: str) -> pa.Column:
+    return _column(FLOAT64, description, pa.Check.in_range(0, 1), nullable=True)
 
 
-def variant_metrics_schema(experiment: Experiment, metric_ids: list[str]) -> pa.DataFrameSchema:
-    floats = [
-        "sum_y", "sum_y2", "sum_x", "sum_x2", "sum_xy", "mean", "std", "abs_lift", "abs_lift_ci_low",
-        "abs_lift_ci_high", "rel_lift", "ci_low", "ci_high", "df", "cuped_theta", "cuped_rel_lift",
-        "cuped_ci_low", "cuped_ci_high", "cuped_variance_reduction", "expected_share",
-    ]
-    probabilities = ["p_value", "p_value_holm", "cuped_p_value", "cuped_p_value_holm", "srm_p_value"]
+def _float(description: str) -> pa.Column:
+    return _column(FLOAT64, description, nullable=True)
+
+
+def variant_metrics_schema(experiment: Experiment | None, metric_ids: Sequence[str] | None = None) -> pa.DataFrameSchema:
+    """One row per (experiment, variant, metric); lifts and p-values are null on the control row."""
     return pa.DataFrameSchema(
         {
             "experiment_id": _experiment_column(experiment),
-            "variant_id": pa.Column(STRING, _variants(experiment), nullable=False),
-            "metric": pa.Column(STRING, pa.Check.isin(metric_ids), nullable=False),
-            "is_control": pa.Column(BOOLEAN, nullable=False),
-            "aggregation": pa.Column(STRING, pa.Check.isin(["sum", "count", "conversion"])),
-            "n": pa.Column(INT64, pa.Check.ge(0), nullable=False),
-            **{c: pa.Column(FLOAT64, nullable=True) for c in floats},
-            **{c: _probability(c) for c in probabilities},
-            "srm_flagged": pa.Column(BOOLEAN, nullable=False),
+            "variant_id": _column(STRING, "variant", _variants(experiment)),
+            "metric": _column(
+                STRING, "metric id from the registry",
+                pa.Check.isin(list(metric_ids)) if metric_ids is not None else None,
+            ),
+            "is_control": _column(BOOLEAN, "the control of the experiment"),
+            "aggregation": _column(
+                STRING, "how the metric aggregates events: sum, count or conversion", pa.Check.isin(list(AGGREGATIONS))
+            ),
+            "n": _column(INT64, "analysable subjects", pa.Check.ge(0)),
+            "sum_y": _float("sum of the per-subject metric values (capped)"),
+            "sum_y2": _float("sum of their squares"),
+            "sum_x": _float("sum of the pre-period covariate (CUPED)"),
+            "sum_x2": _float("sum of its squares"),
+            "sum_xy": _float("sum of covariate x metric value"),
+            "mean": _float("per-subject mean"),
+            "std": _float("per-subject standard deviation"),
+            "abs_lift": _float("difference in means, treatment - control"),
+            "abs_lift_ci_low": _float("its Welch confidence interval, low end"),
+            "abs_lift_ci_high": _float("its Welch confidence interval, high end"),
+            "rel_lift": _float("relative lift mean_t / mean_c - 1"),
+            "ci_low": _float("its confidence interval (delta method, Welch df), low end"),
+            "ci_high": _float("its confidence interval, high end"),
+            "df": _float("Welch-Satterthwaite degrees of freedom"),
+            "p_value": _probability("two-sided p-value of the relative lift"),
+            "p_value_holm": _probability("Holm-adjusted across the experiment's treatments x metrics"),
+            "cuped_theta": _float("CUPED theta, pooled over the treatment and the control"),
+            "cuped_rel_lift": _float("CUPED-adjusted relative lift"),
+            "cuped_ci_low": _float("its confidence interval, low end"),
+            "cuped_ci_high": _float("its confidence interval, high end"),
+            "cuped_p_value": _probability("two-sided p-value of the CUPED-adjusted lift"),
+            "cuped_p_value_holm": _probability("Holm-adjusted across the experiment's treatments x metrics"),
+            "cuped_variance_reduction": _float("1 - (CUPED standard error / raw standard error)^2"),
+            "expected_share": _float("the variant's configured weight"),
+            "srm_p_value": _probability("sample ratio mismatch: chi-square p-value of subjects per variant"),
+            "srm_flagged": _column(BOOLEAN, "SRM detected (p below the experiment's threshold)"),
+            "srm_verdict": _column(
+                STRING, "the SRM verdict: 'ok', 'SRM' or 'not judged' (fewer subjects than srm.min_subjects)",
+                pa.Check.isin(list(SRM_VERDICTS)),
+            ),
         },
         unique=["experiment_id", "variant_id", "metric"],
         strict=True,
@@ -165,219 +214,245 @@ def variant_metrics_schema(experiment: Experiment, metric_ids: list[str]) -> pa.
     )
 
 
+def _rejected_rows_schema(name: str, reasons: Sequence[str], experiment_id: pa.Column) -> pa.DataFrameSchema:
+    return pa.DataFrameSchema(
+        {
+            "experiment_id": experiment_id,
+            "source": _column(STRING, "which log: 'assignments' or 'events'", pa.Check.isin(["assignments", "events"])),
+            "source_file": _column(STRING, "file (or table) the row was read from"),
+            "reason": _column(STRING, "why the row was set aside: " + ", ".join(reasons), pa.Check.isin(list(reasons))),
+            "record": _column(STRING, "the row as logged, 'column=value; ...'"),
+        },
+        strict=True,
+        name=name,
+    )
+
+
+def rejected_rows_schema(experiment: Experiment | None = None) -> pa.DataFrameSchema:
+    return _rejected_rows_schema("rejected_rows", ASSIGNMENT_REJECTIONS, _experiment_column(experiment))
+
+
+def rejected_source_rows_schema(experiment: Experiment | None = None) -> pa.DataFrameSchema:
+    return _rejected_rows_schema(
+        "rejected_source_rows",
+        sorted({*SOURCE_REJECTIONS, *EVENT_REJECTIONS}),
+        _column(STRING, "always null: the logs as a whole", nullable=True),
+    )
+
+
+def dim_experiments_schema(experiment: Experiment | None = None) -> pa.DataFrameSchema:
+    return pa.DataFrameSchema(
+        {
+            "experiment_id": _column(STRING, "experiment id from the registry"),
+            "name": _column(STRING, "name for people"),
+            "description": _column(STRING, "what the experiment tests", nullable=True),
+            "start_at": _column(UTC_TIMESTAMP, "first moment exposures count"),
+            "end_at": _column(UTC_TIMESTAMP, "end of the exposure window (null while running)", nullable=True),
+            "status": _column(STRING, "scheduled, running or stopped, when the table was built",
+                              pa.Check.isin(["scheduled", "running", "stopped"])),
+            "metrics": _column(STRING, "the experiment's metric ids, comma-separated"),
+            "alpha": _column(FLOAT64, "significance level of the intervals"),
+            "srm_p_threshold": _column(FLOAT64, "SRM flagged below this p-value"),
+            "srm_min_subjects": _column(INT64, "no SRM verdict below this many subjects"),
+            "srm_blocks_metrics": _column(BOOLEAN, "a failed SRM check blocks variant_metrics"),
+            "cuped_pre_window_days": _column(FLOAT64, "CUPED covariate period before assignment (0: off)"),
+            "multi_variant_warn_share": _column(FLOAT64, "multi-variant share that warns"),
+            "multi_variant_error_share": _column(FLOAT64, "multi-variant share that errors"),
+        },
+        unique=["experiment_id"],
+        strict=True,
+        name="dim_experiments",
+    )
+
+
+def dim_variants_schema(experiment: Experiment | None = None) -> pa.DataFrameSchema:
+    return pa.DataFrameSchema(
+        {
+            "experiment_id": _column(STRING, "experiment id from the registry"),
+            "variant_id": _column(STRING, "variant id"),
+            "is_control": _column(BOOLEAN, "the control (exactly one per experiment)"),
+            "weight": _column(FLOAT64, "expected traffic share", pa.Check.in_range(0, 1)),
+        },
+        unique=["experiment_id", "variant_id"],
+        strict=True,
+        name="dim_variants",
+    )
+
+
+def window_events_state_schema(experiment: Experiment | None = None) -> pa.DataFrameSchema:
+    return pa.DataFrameSchema(
+        {
+            "experiment_id": _experiment_column(experiment),
+            "fingerprint": _column(STRING, "digest of the registry definitions the events were joined with"),
+            "events_through": _column(UTC_TIMESTAMP, "newest event processed (never later than the refresh)", nullable=True),
+            "assignments_as_of": _column(UTC_TIMESTAMP, "newest valid_from of the assignments joined", nullable=True),
+            "refreshed_at": _column(UTC_TIMESTAMP, "when the refresh ran"),
+            "mode": _column(STRING, "full or incremental", pa.Check.isin(["full", "incremental"])),
+            "refreshed_from": _column(UTC_TIMESTAMP, "incremental: the cutoff it rewrote events from", nullable=True),
+            "previous_refreshed_at": _column(UTC_TIMESTAMP, "incremental: the refresh it built on", nullable=True),
+        },
+        strict=True,
+        name="window_events_state",
+    )
+
+
+def subject_metric_values_schema(experiment: Experiment | None = None) -> pa.DataFrameSchema:
+    return pa.DataFrameSchema(
+        {
+            "experiment_id": _experiment_column(experiment),
+            "subject_id": _column(STRING, "analysable subject"),
+            "variant_id": _column(STRING, "the subject's variant", _variants(experiment)),
+            "metric": _column(STRING, "metric id"),
+            "value": _column(FLOAT64, "the subject's metric value before capping (0 without events)"),
+            "period": _column(STRING, "post: the metric; pre: its CUPED covariate", pa.Check.isin(["post", "pre"])),
+        },
+        strict=True,
+        name="subject_metric_values",
+    )
+
+
+def subject_metric_values_state_schema(experiment: Experiment | None = None) -> pa.DataFrameSchema:
+    return pa.DataFrameSchema(
+        {
+            "experiment_id": _experiment_column(experiment),
+            "fingerprint": _column(STRING, "digest of the metric definitions the values were computed with"),
+            "scales": _column(STRING, "the values' fixed-point scales per period and metric (JSON)"),
+            "events_refreshed_at": _column(UTC_TIMESTAMP, "the window-events refresh they read", nullable=True),
+            "events_assignments_as_of": _column(UTC_TIMESTAMP, "the assignments that refresh had seen", nullable=True),
+            "assignments_as_of": _column(UTC_TIMESTAMP, "newest valid_from of the assignments they read", nullable=True),
+            "computed_at": _column(UTC_TIMESTAMP, "when they were computed"),
+            "mode": _column(STRING, "full or incremental", pa.Check.isin(["full", "incremental"])),
+        },
+        strict=True,
+        name="subject_metric_values_state",
+    )
+
+
+def alerts_schema(experiment: Experiment | None = None) -> pa.DataFrameSchema:
+    return pa.DataFrameSchema(
+        {
+            "alert_id": _column(STRING, "one per failed check evaluation or failed run: nothing is sent twice"),
+            "kind": _column(STRING, "asset_check or run_failure", pa.Check.isin(["asset_check", "run_failure"])),
+            "experiment_id": _column(STRING, "the experiment (the partition), if any", nullable=True),
+            "source": _column(STRING, "'<asset> / <check>' or 'job <name>'"),
+            "severity": _column(STRING, "ERROR or WARN", pa.Check.isin(["ERROR", "WARN"])),
+            "summary": _column(STRING, "what failed, in words"),
+            "run_id": _column(STRING, "the Dagster run"),
+            "run_url": _column(STRING, "link to the run in the UI"),
+            "created_at": _column(UTC_TIMESTAMP, "when the check was evaluated or the run failed"),
+            "figures": _column(STRING, "the check's key figures (JSON)"),
+            "delivered": _column(BOOLEAN, "the webhook accepted it"),
+            "delivered_at": _column(UTC_TIMESTAMP, "when", nullable=True),
+            "attempts": _column(INT64, "webhook deliveries tried", pa.Check.ge(0)),
+            "last_error": _column(STRING, "why the last delivery failed", nullable=True),
+        },
+        unique=["alert_id"],
+        strict=True,
+        name="alerts",
+    )
+
+
 @dataclass(frozen=True)
-class ValidationOutcome:
-    passed: bool
-    failures: list[dict]  # one per failed check: schema, column, check, error (truncated)
+class Table:
+    """A warehouse table: its grain, what it holds, and its schema (`schema(experiment, properties)`)."""
 
-    @property
-    def failed_checks(self) -> list[str]:
-        return sorted({f"{f['column']}: {f['check']}" for f in self.failures})
+    name: str
+    grain: str
+    holds: str
+    schema: Callable[..., pa.DataFrameSchema]
+    per_experiment: bool = True
 
+    def documented_schema(self) -> pa.DataFrameSchema:
+        """The schema without an experiment: its columns and the checks that hold for every one."""
+        return self.schema(None)
 
-MAX_ERROR_CHARS = 300
-# Rows of a failing check that come back to Python to be reported (pandera would fetch them all,
-# and its per-row verdicts besides: a billion-row table on Spark's driver).
-MAX_FAILURE_ROWS = 100
-
-
-class BoundedIbisCheckBackend(IbisCheckBackend):
-    """pandera.ibis's check backend with what a failed check fetches capped at MAX_FAILURE_ROWS.
-
-    Pass or fail is still decided over every row, in the engine; only the failure cases and the
-    per-row verdicts pandera reads back are limited to failing rows, at most MAX_FAILURE_ROWS.
-    """
-
-    def postprocess(self, check_obj, check_output) -> CheckResult:
-        result = super().postprocess(check_obj, check_output)
-        verdicts = result.check_output
-        if isinstance(verdicts, ir.BooleanColumn):
-            verdicts = check_obj.table.select(verdicts.name(CHECK_OUTPUT_KEY))
-        if isinstance(verdicts, ir.Table) and CHECK_OUTPUT_KEY in verdicts.columns:
-            verdicts = verdicts.filter(~verdicts[CHECK_OUTPUT_KEY].fill_null(False)).limit(MAX_FAILURE_ROWS)
-        failures = result.failure_cases
-        if isinstance(failures, ir.Table):
-            failures = failures.limit(MAX_FAILURE_ROWS)
-        return CheckResult(
-            check_output=verdicts,
-            check_passed=result.check_passed,
-            checked_object=result.checked_object,
-            failure_cases=failures,
-        )
+    def columns(self) -> list[tuple[str, str, bool, str]]:
+        """(name, type, nullable, description) of every column."""
+        return [
+            (name, type_name(column.dtype.type), column.nullable, column.description or "")
+            for name, column in self.documented_schema().columns.items()
+        ]
 
 
-def _bound_what_failures_fetch() -> None:
-    # pandera registers its backends once (cached) with these arguments; ours replace its checks'.
-    register_ibis_backends(use_narwhals_backend=CONFIG.use_narwhals_backend)
-    Check.register_backend(ibis.Table, BoundedIbisCheckBackend, force=True)
-    Check.register_backend(ibis.Column, BoundedIbisCheckBackend, force=True)
-
-
-def validate(schema: pa.DataFrameSchema, table: ir.Table) -> ValidationOutcome:
-    """Run every check of `schema` in the engine; collect failures instead of raising.
-
-    pandera.ibis runs one query per check and per non-nullable column (about 20 scans of a
-    partition per schema, and as many compilations). The same verdicts are first computed in one
-    query (`passes_in_one_query`); only when that does not pass does pandera validate the table
-    itself, check by check, and its report is the outcome.
-    """
-    _bound_what_failures_fetch()
-    if passes_in_one_query(schema, table):
-        return ValidationOutcome(passed=True, failures=[])
-    return _pandera_outcome(schema, table)
-
-
-def _check_verdict(check: Check, table: ir.Table, key: str | None) -> ir.BooleanColumn | None:
-    """The per-row verdict of a pandera check as pandera.ibis computes it, as a column of `table`
-    itself; None for a check whose verdict is not such a column (pandera then decides)."""
-    if check.element_wise or check.groupby is not None:
-        return None
-    try:
-        output = partial(check._check_fn, **check._check_kwargs)(IbisData(table, key))
-    except Exception:  # pandera runs it again and reports the error as a failure
-        return None
-    if isinstance(output, ir.Table):
-        # Built-in checks select their verdict from the table (one column per checked column).
-        op = output.op()
-        if key is None or not isinstance(op, ops.Project) or op.parent != table.op() or len(op.values) != 1:
-            return None
-        output = next(iter(op.values.values())).to_expr()
-    if not isinstance(output, ir.BooleanColumn):
-        return None
-    read = {field.name for field in output.op().find(ops.Field) if field.rel == table.op()}
-    if key is not None and read != {key}:
-        return None  # pandera gives a column check its column alone: reading others fails there
-    if check.ignore_na and key is not None:
-        output = output | table[key].isnull()
-    return output
-
-
-def _data_verdicts(schema: pa.DataFrameSchema, table: ir.Table) -> list[ir.BooleanColumn] | None:
-    verdicts = []
-    for name, column in schema.columns.items():
-        if column.regex or name not in table.columns:
-            return None
-        values = table[name]
-        if not column.nullable:
-            # pandera counts NaN as null in float columns where the engine has isnan.
-            missing = values.isnull()
-            if values.type().is_floating() and ibis.get_backend(values).has_operation(ops.IsNan):
-                missing |= values.isnan()
-            verdicts.append(~missing)
-        for check in column.checks:
-            verdicts.append(_check_verdict(check, table, name))
-    verdicts += [_check_verdict(check, table, None) for check in schema.checks]
-    return None if any(v is None for v in verdicts) else verdicts
-
-
-def passes_in_one_query(schema: pa.DataFrameSchema, table: ir.Table) -> bool:
-    """Whether `table` passes every check of `schema`, decided with pandera's own expressions but
-    one aggregate query for all the data checks (and one more for a schema-level `unique`).
-
-    False means "not shown to pass": failures, and schemas with checks this cannot batch, are
-    left to pandera. Over no rows every check passes: pandera.ibis reads the NULL that all() gives
-    over an empty table as a failure, and reported empty partitions as full of nulls.
-    """
-    try:
-        # Types, column presence, strictness: pandera, without touching the data.
-        with config_context(validation_depth=ValidationDepth.SCHEMA_ONLY):
-            schema.validate(table, lazy=True)
-    except SchemaErrors:
-        return False
-    verdicts = _data_verdicts(schema, table)
-    if verdicts is None:
-        return False
-    if verdicts:
-        row = table.aggregate(
-            rows=table.count(), **{f"v{i}": v.all() for i, v in enumerate(verdicts)}
-        ).to_pyarrow().to_pylist()[0]
-        # Over rows, exactly pandera's test (a NULL all() fails); over none, vacuously true.
-        if row.pop("rows") > 0 and not all(value is True for value in row.values()):
-            return False
-    if schema.unique:
-        keys = [schema.unique] if all(isinstance(k, str) for k in schema.unique) else schema.unique
-        for columns in keys:
-            if not set(columns) <= set(table.columns):
-                return False
-            counts = table.group_by(columns).aggregate(rows=table.count())
-            if ibis.get_backend(table).execute(counts.filter(counts.rows > 1).count()) > 0:
-                return False
-    return True
-
-
-def _pandera_outcome(schema: pa.DataFrameSchema, table: ir.Table) -> ValidationOutcome:
-    try:
-        schema.validate(table, lazy=True)
-    except SchemaErrors as exc:
-        failures = []
-        for category in exc.message.values():
-            for items in category.values():
-                for item in items:
-                    failures.append(
-                        {
-                            "schema": item.get("schema"),
-                            "column": item.get("column"),
-                            "check": item.get("check"),
-                            "error": str(item.get("error"))[:MAX_ERROR_CHARS],
-                        }
-                    )
-        return ValidationOutcome(passed=False, failures=failures)
-    return ValidationOutcome(passed=True, failures=[])
-
-
-# Column documentation shown in the Dagster UI (the schemas above enforce; these explain).
-# Assignment properties named in the registry (device_type, country, ...) come after assigned_at.
-COLUMN_DOCS: dict[str, list[tuple[str, str, str]]] = {
-    "raw_assignments": [
-        ("experiment_id", "string", "experiment (the partition)"),
-        ("subject_id", "string", "randomization unit, a user by default"),
-        ("variant_id", "string", "variant the subject was exposed to"),
-        ("assigned_at", "timestamp UTC", "exposure time"),
-        ("source_file", "string", "file (or table) the row was read from"),
-    ],
-    "deduped_assignments": [
-        ("experiment_id", "string", "experiment (the partition)"),
-        ("subject_id", "string", "unique per experiment among active rows"),
-        ("variant_id", "string", "variant of the first exposure"),
-        ("assigned_at", "timestamp UTC", "first exposure inside the experiment window"),
-        ("n_exposures", "int64", "usable exposure rows of the subject"),
-        ("n_variants_seen", "int64", "distinct variants in those rows"),
-        ("exclusion_reason", "string", "'multiple_variants' when excluded from analysis, else null"),
-        ("is_active", "boolean", "false for rows superseded by a correction"),
-        ("valid_from", "timestamp UTC", "when this row became the subject's assignment"),
-        ("valid_to", "timestamp UTC", "when a correction superseded it (null while active)"),
-    ],
-    "post_assignment_events": [
-        ("experiment_id", "string", "experiment (the partition)"),
-        ("subject_id", "string", "analysable subject"),
-        ("variant_id", "string", "the subject's variant"),
-        ("assigned_at", "timestamp UTC", "the subject's assignment"),
-        ("event_at", "timestamp UTC", "event time, assigned_at <= event_at < end of the widest window"),
-        ("event_name", "string", "event name (only those used by the experiment's metrics)"),
-        ("value", "float64", "event value (null when the log has none)"),
-    ],
-    "pre_assignment_events": [
-        ("experiment_id", "string", "experiment (the partition)"),
-        ("subject_id", "string", "analysable subject"),
-        ("variant_id", "string", "the subject's variant"),
-        ("assigned_at", "timestamp UTC", "the subject's assignment"),
-        ("event_at", "timestamp UTC", "event time in [assigned_at - pre window, assigned_at)"),
-        ("event_name", "string", "event name"),
-        ("value", "float64", "event value"),
-    ],
-    "variant_metrics": [
-        ("experiment_id", "string", "experiment (the partition)"),
-        ("variant_id", "string", "variant"),
-        ("metric", "string", "metric id from the registry"),
-        ("is_control", "boolean", "the control of the experiment"),
-        ("n", "int64", "analysable subjects"),
-        ("sum_y, sum_y2", "float64", "sufficient statistics of the per-subject metric value"),
-        ("sum_x, sum_x2, sum_xy", "float64", "same for the pre-period covariate (CUPED)"),
-        ("mean, std", "float64", "per-subject mean and standard deviation"),
-        ("rel_lift, ci_low, ci_high", "float64", "relative lift vs control and its 95% CI (delta method, Welch df)"),
-        ("p_value, p_value_holm", "float64", "two-sided p-value and Holm-adjusted across the experiment"),
-        ("abs_lift, abs_lift_ci_low, abs_lift_ci_high", "float64", "difference in means and its Welch CI"),
-        ("cuped_*", "float64", "the same, CUPED-adjusted, with theta and the variance reduction"),
-        ("expected_share, srm_p_value, srm_flagged", "mixed", "configured weight and the SRM verdict"),
-    ],
+TABLES = {
+    t.name: t
+    for t in (
+        Table("dim_experiments", "experiment", "the registry's experiments: dates, status, analysis settings",
+              dim_experiments_schema, per_experiment=False),
+        Table("dim_variants", "experiment x variant", "the registry's variants: weight, which is the control",
+              dim_variants_schema, per_experiment=False),
+        Table("raw_assignments", "exposure row", "the exposure log of the experiment, canonical names, UTC",
+              raw_assignments_schema),
+        Table("rejected_rows", "rejected exposure row",
+              "exposure rows of the experiment that could not be ingested, with the reason and the row as logged",
+              rejected_rows_schema),
+        Table("rejected_source_rows", "rejected log row",
+              "exposure rows of no known experiment and unusable event rows (the logs as a whole)",
+              rejected_source_rows_schema, per_experiment=False),
+        Table("deduped_assignments", "experiment x subject (unique among is_active rows)",
+              "first exposure per subject, properties frozen at it, exclusions, correction history",
+              deduped_assignments_schema),
+        Table("post_assignment_events", "event x experiment",
+              "events of analysable subjects inside the widest window of a metric on that event",
+              post_assignment_events_schema),
+        Table("pre_assignment_events", "event x experiment",
+              "events in the CUPED covariate period before assignment", pre_assignment_events_schema),
+        Table("window_events_state", "experiment",
+              "what the last refresh of the two event tables saw (for the incremental refresh)",
+              window_events_state_schema),
+        Table("subject_metric_values", "experiment x subject x metric x period",
+              "each analysable subject's metric value and CUPED covariate before capping",
+              subject_metric_values_schema),
+        Table("subject_metric_values_state", "experiment", "what the stored per-subject values rest on",
+              subject_metric_values_state_schema),
+        Table("variant_metrics", "experiment x variant x metric",
+              "sufficient statistics, lifts with intervals and p-values, CUPED, Holm, the SRM verdict",
+              variant_metrics_schema),
+        Table("alerts", "alert", "one row per failed check evaluation or failed run, with its delivery state",
+              alerts_schema, per_experiment=False),
+    )
 }
+
+VARIANT_METRICS_COLUMNS = tuple(variant_metrics_schema(None).columns)
+
+
+def type_name(dtype: dt.DataType) -> str:
+    """A column type as people read it: string, int64, float64, boolean, timestamp UTC."""
+    if dtype.is_timestamp():
+        return f"timestamp {dtype.timezone}" if dtype.timezone else "timestamp"
+    return str(dtype)
+
+
+def ibis_schema(schema: pa.DataFrameSchema) -> ibis.Schema:
+    """The table's columns as an Ibis schema (to create it, or to build rows of it)."""
+    return ibis.schema({name: column.dtype.type for name, column in schema.columns.items()})
+
+
+def tables_markdown() -> str:
+    """docs/tables.md: every table, its grain, and its columns (`python -m exp_pipeline.schemas`)."""
+    lines = [
+        "# The tables",
+        "",
+        "Generated from the Pandera schemas in `exp_pipeline/schemas.py` (`.venv/bin/python -m "
+        "exp_pipeline.schemas > docs/tables.md`; a test fails when this page is stale). All tables live in "
+        "the warehouse (DuckDB: `data/warehouse/warehouse.duckdb`, schema `exp`); tables per experiment "
+        "are partitioned by `experiment_id`. The assignment tables also carry the assignment properties "
+        "the registry names (device_type, country, ...), after `assigned_at`. How the rows are computed: "
+        "[data-model.md](data-model.md).",
+        "",
+        "| table | grain | what it holds |",
+        "|---|---|---|",
+        *(f"| [`{t.name}`](#{t.name}) | {t.grain} | {t.holds} |" for t in TABLES.values()),
+    ]
+    for table in TABLES.values():
+        lines += ["", f"## {table.name}", "", f"Grain: {table.grain}. {table.holds[0].upper()}{table.holds[1:]}.", ""]
+        lines += ["| column | type | null | meaning |", "|---|---|---|---|"]
+        lines += [
+            f"| `{name}` | {kind} | {'yes' if nullable else 'no'} | {text} |"
+            for name, kind, nullable, text in table.columns()
+        ]
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    print(tables_markdown(), end="")

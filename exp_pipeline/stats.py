@@ -216,6 +216,11 @@ class SrmResult:
     judged: bool
     flagged: bool
 
+    @property
+    def verdict(self) -> str:
+        """'SRM', 'ok', or 'not judged' (fewer subjects than the minimum): the one rule for every view."""
+        return "SRM" if self.flagged else ("ok" if self.judged else "not judged")
+
 
 def srm_test(
     observed: Mapping[str, int],

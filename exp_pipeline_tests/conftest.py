@@ -1,4 +1,5 @@
-"""Shared fixtures: a generated sample with its registry, warehouse and Dagster instance in tmp."""
+"""Shared fixtures: a generated sample with its registry, warehouse and Dagster instance in tmp,
+small tables on each engine, and the test tiers (markers)."""
 
 import os
 import shutil
@@ -6,14 +7,19 @@ import tempfile
 import uuid
 from pathlib import Path
 
+import duckdb
+import ibis
 import pandas as pd
 import pytest
 from dagster import DagsterInstance
 from dagster_duckdb import DuckDBResource
 
-from exp_pipeline.resources import DEFAULT_REGISTRY, RegistryResource, spark_config
+from exp_pipeline.defs.resources import RegistryResource
 from exp_pipeline.sample_data import generate
-from exp_pipeline.warehouse import DuckDBWarehouse, Warehouse
+from exp_pipeline.settings import DEFAULT_REGISTRY, spark_config
+from exp_pipeline.transforms.fixed_point import SumBound, read_bounds, value_bounds
+from exp_pipeline.warehouse.duckdb_engine import DuckDBWarehouseSession
+from exp_pipeline.warehouse.resources import DuckDBWarehouse, SparkWarehouse, Warehouse
 
 # Temporary test instances would otherwise send and log telemetry.
 os.environ.setdefault("DAGSTER_DISABLE_TELEMETRY", "1")
@@ -22,8 +28,19 @@ os.environ.setdefault("DAGSTER_DISABLE_TELEMETRY", "1")
 E2E_USERS = 100_000
 
 
+# The slow tiers, each a marker; every test in one of them is also `slow`, so that the inner loop
+# is `pytest -m "not slow"` (CI runs everything).
+SLOW_TIERS = ("e2e", "spark", "browser", "benchmark")
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if any(item.get_closest_marker(tier) for tier in SLOW_TIERS):
+            item.add_marker(pytest.mark.slow)
+
+
 # Engine-dependent tests run on both; Spark in local mode, one session for the whole test run.
-ENGINES = ["duckdb", "spark"]
+ENGINES = ["duckdb", pytest.param("spark", marks=pytest.mark.spark)]
 TEST_SPARK_CONFIG = {
     **spark_config(),
     "spark.master": "local[2]",
@@ -36,8 +53,6 @@ TEST_SPARK_CONFIG = {
 def spark_warehouse_at(root: Path) -> Warehouse:
     """A Spark warehouse of its own (database and folder) on the test run's shared session."""
     from dagster_pyspark import LazyPySparkResource
-
-    from exp_pipeline.spark_warehouse import SparkWarehouse
 
     return SparkWarehouse(
         pyspark=LazyPySparkResource(spark_config=TEST_SPARK_CONFIG),
@@ -91,6 +106,47 @@ class Workspace:
         for column in frame.select_dtypes("datetimetz").columns:
             frame[column] = frame[column].astype("datetime64[us, UTC]")  # DuckDB's unit; Spark's is ns
         return frame.sort_values(list(frame.columns), ignore_index=True)
+
+
+class EngineTables:
+    """Tables built from frames and run on one engine, through the warehouse session's interface."""
+
+    def __init__(self, session):
+        self.session = session
+        self.tables: dict[str, ibis.Table] = {}
+
+    def create_table(self, name: str, obj, overwrite: bool = True) -> ibis.Table:
+        if not isinstance(obj, ibis.Table):
+            # A missing value is a null on every engine (Spark would keep pandas' NaN as NaN).
+            obj = ibis.memtable(obj.astype(object).where(obj.notna(), None), schema=ibis.memtable(obj).schema())
+        expr = obj
+        self.tables[name] = self.session.temp_table(name, expr)
+        return self.tables[name]
+
+    def bounds(self, table: ibis.Table, by: str = "metric") -> dict[str, SumBound]:
+        return read_bounds(self.session.to_pandas(value_bounds(table, by)), by)
+
+    def table(self, name: str) -> ibis.Table:
+        return self.tables[name]
+
+    def to_pandas(self, expr) -> pd.DataFrame:
+        return self.session.to_pandas(expr)
+
+
+@pytest.fixture(params=ENGINES)
+def con(request, tmp_path):
+    """The transforms on each engine: DuckDB in memory, Spark in local mode."""
+    if request.param == "duckdb":
+        yield EngineTables(DuckDBWarehouseSession(duckdb.connect(), "exp"))
+    else:
+        with spark_warehouse_at(tmp_path).session() as session:
+            yield EngineTables(session)
+
+
+@pytest.fixture()
+def duck():
+    """DuckDB alone: reading files is the engine's part (see warehouse/test_warehouse.py for both engines)."""
+    return ibis.duckdb.connect()
 
 
 @pytest.fixture(scope="session", autouse=True)

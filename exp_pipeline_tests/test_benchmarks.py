@@ -9,6 +9,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+pytestmark = pytest.mark.benchmark
+
+
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
 

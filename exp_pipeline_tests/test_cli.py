@@ -4,7 +4,11 @@ import os
 import subprocess
 import sys
 
-from .conftest import write_tiny_workspace
+import pytest
+
+from exp_pipeline_tests.conftest import write_tiny_workspace
+
+pytestmark = pytest.mark.e2e
 
 
 def run_cli(workspace, tmp_path, *args):

@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 from exp_pipeline.registry import RegistryError, load_registry, parse_registry
-from exp_pipeline.resources import DEFAULT_REGISTRY
+from exp_pipeline.settings import DEFAULT_REGISTRY
 
 BASE = yaml.safe_load(DEFAULT_REGISTRY.read_text())
 
@@ -33,7 +33,7 @@ def test_bundled_registry_loads():
 
 def test_status_follows_the_dates():
     exp = load_registry(DEFAULT_REGISTRY).experiment("checkout_redesign")
-    utc = dt.timezone.utc
+    utc = dt.UTC
     assert exp.status(dt.datetime(2026, 9, 1, tzinfo=utc)) == "scheduled"
     assert exp.status(dt.datetime(2026, 10, 10, tzinfo=utc)) == "running"
     assert exp.status(dt.datetime(2026, 10, 29, tzinfo=utc)) == "stopped"

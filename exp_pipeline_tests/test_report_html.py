@@ -3,19 +3,19 @@
 import base64
 import math
 import xml.etree.ElementTree as ET
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta, timezone
 from html.parser import HTMLParser
 
 import pandas as pd
 import pytest
 
 from exp_pipeline.report_html import experiment_report_html, forest_plot_svg, svg_data_uri, write_report
-from exp_pipeline.results import VARIANT_METRICS_COLUMNS
+from exp_pipeline.schemas import VARIANT_METRICS_COLUMNS
 
 SVG = "{http://www.w3.org/2000/svg}"
 NAN = math.nan
 INJECTED = "<script>alert(1)</script>"
-GENERATED_AT = datetime(2026, 11, 2, 9, 30, tzinfo=timezone.utc)
+GENERATED_AT = datetime(2026, 11, 2, 9, 30, tzinfo=UTC)
 # Elements HTML never closes; everything else must be closed in order.
 VOID_ELEMENTS = {"meta", "link", "br", "hr", "img", "input"}
 

@@ -6,7 +6,8 @@ import pandas as pd
 
 from exp_pipeline import stats
 from exp_pipeline.registry import Experiment, Metric
-from exp_pipeline.results import VARIANT_METRICS_COLUMNS, srm_of, variant_metric_rows
+from exp_pipeline.results import srm_of, variant_metric_rows
+from exp_pipeline.schemas import VARIANT_METRICS_COLUMNS
 
 EXPERIMENT = Experiment.model_validate(
     dict(

@@ -1,149 +1,68 @@
-"""Pandera validation in the engine: failures are reported, and only a bounded sample comes back."""
+"""Each table's contract is declared once: the docs page, the Dagster column schemas and the
+variant_metrics column list are derived from the Pandera schemas."""
 
-import duckdb
-import ibis
-import ibis.expr.types as ir
+from pathlib import Path
+
 import pandas as pd
 import pandera.ibis as pa
 import pytest
 
 from exp_pipeline import schemas
-from exp_pipeline.warehouse import DuckDBWarehouseSession
-from exp_pipeline_tests.conftest import ENGINES, spark_warehouse_at
+from exp_pipeline.defs import assets
+from exp_pipeline.results import variant_metric_rows
+from exp_pipeline.stats import srm_test
+from exp_pipeline_tests.tables import experiment, metric
+
+DOCS = Path(__file__).resolve().parents[1] / "docs" / "tables.md"
 
 
-@pytest.fixture(params=ENGINES)
-def session(request, tmp_path):
-    if request.param == "duckdb":
-        yield DuckDBWarehouseSession(duckdb.connect(), "exp")
-    else:
-        with spark_warehouse_at(tmp_path).session() as spark_session:
-            yield spark_session
+def test_the_tables_page_is_generated_from_the_schemas():
+    # Regenerate with: .venv/bin/python -m exp_pipeline.schemas > docs/tables.md
+    assert DOCS.read_text() == schemas.tables_markdown()
 
 
-def test_a_failing_check_is_reported_from_a_bounded_sample(session, monkeypatch):
-    failing = 20 * schemas.MAX_FAILURE_ROWS
-    frame = pd.DataFrame({"x": [-1] * failing + [1] * 50, "y": [1.0] * (failing + 50)})
-    table = session.temp_table("many_failures", ibis.memtable(frame))
-    fetched = []
-
-    def counting(original):
-        def fetch(self, *args, **kwargs):
-            result = original(self, *args, **kwargs)
-            fetched.append(len(result) if hasattr(result, "__len__") else 1)
-            return result
-        return fetch
-
-    # Everything pandera reads back goes through these (tables, and columns or scalars).
-    monkeypatch.setattr(ir.Table, "to_pandas", counting(ir.Table.to_pandas))
-    monkeypatch.setattr(ir.Value, "to_pandas", counting(ir.Value.to_pandas))
-    schema = pa.DataFrameSchema({
-        "x": pa.Column(ibis.dtype("int64"), pa.Check.ge(0)), "y": pa.Column(ibis.dtype("float64"), pa.Check.ge(0)),
-    })
-    outcome = schemas.validate(schema, table)
-    assert not outcome.passed
-    assert outcome.failed_checks == ["x: greater_than_or_equal_to(0)"]
-    assert fetched, "nothing was fetched: the spy saw no failure report"
-    assert max(fetched) <= schemas.MAX_FAILURE_ROWS < failing
+@pytest.mark.parametrize("name", sorted(schemas.TABLES))
+def test_every_column_is_typed_and_described(name):
+    schema = schemas.TABLES[name].documented_schema()
+    assert schema.name == name
+    assert schema.columns and all(c.description for c in schema.columns.values())
 
 
-def _one_query_schema() -> pa.DataFrameSchema:
-    """Every kind of check the pipeline's schemas use: built-in and custom column checks, nullable
-    and nullable float columns, a table-level check, strictness and a uniqueness constraint."""
-    return pa.DataFrameSchema(
-        {
-            "key": pa.Column(ibis.dtype("string"), pa.Check.isin(["a", "b", "c", "d"]), nullable=False),
-            "n": pa.Column(ibis.dtype("int64"), [pa.Check.ge(0), pa.Check.in_range(0, 10)], nullable=False),
-            "x": pa.Column(ibis.dtype("float64"), nullable=False),
-            "label": pa.Column(ibis.dtype("string"), pa.Check(lambda d: d.table[d.key].length() > 1, name="long"), nullable=True),
-            "start": pa.Column(ibis.dtype("int64"), nullable=True),
-        },
-        checks=[pa.Check(lambda d: d.table.n >= d.table.start, name="n_not_before_start")],
-        unique=["key"],
-        strict=True,
-    )
+def test_the_dagster_column_schemas_are_the_tables_columns():
+    shown = {
+        "dim_experiments": assets.dim_experiments, "dim_variants": assets.dim_variants,
+        "rejected_source_rows": assets.source_audit, "raw_assignments": assets.raw_assignments,
+        "deduped_assignments": assets.deduped_assignments, "variant_metrics": assets.variant_metrics,
+    }
+    specs = {spec.key.path[-1]: spec for spec in assets.window_events.specs}
+    for table in ("post_assignment_events", "pre_assignment_events"):
+        shown[table] = specs[table]
+    for table, asset in shown.items():
+        spec = asset if not hasattr(asset, "specs") else next(iter(asset.specs))
+        columns = spec.metadata["dagster/column_schema"].columns
+        declared = schemas.TABLES[table].documented_schema().columns
+        assert [c.name for c in columns] == list(declared), table
+        assert [c.constraints.nullable for c in columns] == [c.nullable for c in declared.values()], table
+        assert "mixed" not in {c.type for c in columns}
 
 
-TYPES = ibis.schema({"key": "string", "n": "int64", "x": "float64", "label": "string", "start": "int64"})
+def test_variant_metrics_rows_have_exactly_the_schemas_columns_and_types():
+    exp = experiment(metrics=["revenue"])
+    srm = srm_test({"control": 10, "treatment": 10}, exp.weights, min_total=100)
+    frame = variant_metric_rows(pd.DataFrame(columns=["variant_id", "metric"]), exp, [metric()], srm)
+    assert tuple(frame.columns) == schemas.VARIANT_METRICS_COLUMNS
+    assert set(frame["srm_verdict"]) == {"not judged"}  # 20 subjects, fewer than min_subjects
+    schema = schemas.variant_metrics_schema(exp, ["revenue"])
+    numeric = {n for n, c in schema.columns.items() if str(c.dtype) in ("float64", "int64")}
+    assert all(str(frame[n].dtype) == str(schema.columns[n].dtype) for n in numeric)
 
 
-def _table(session, name: str, columns: dict, types: ibis.Schema = TYPES) -> ir.Table:
-    frame = pd.DataFrame(columns).astype({c: "Int64" for c, t in types.items() if t.is_integer() and c in columns})
-    return session.temp_table(name, ibis.memtable(frame, schema={c: t for c, t in types.items() if c in columns}))
-
-
-GOOD = {"key": ["a", "b", "c"], "n": [1, 5, 9], "x": [0.5, 1.0, 2.0], "label": ["xx", None, "yy"], "start": [0, 5, 9]}
-BROKEN = {
-    "null in a non-nullable column": {"key": ["a", None, "c"]},
-    "NaN in a non-nullable float column": {"x": [0.5, float("nan"), 2.0]},
-    "a value outside a built-in check": {"n": [1, 5, 11]},
-    "a value failing a second built-in check": {"n": [1, -5, 9], "start": [0, -5, -9]},
-    "a value failing a custom check": {"label": ["xx", "y", "yy"]},
-    "a row failing the table-level check": {"start": [0, 5, 10]},
-    "a duplicated key": {"key": ["a", "a", "c"]},
-    "a value the isin check does not allow": {"key": ["a", "b", "z"]},
-}
-
-
-def test_a_clean_table_passes_in_one_query_as_pandera_passes_it(session):
-    table = _table(session, "good", GOOD)
-    schema = _one_query_schema()
-    assert schemas.passes_in_one_query(schema, table)
-    assert schemas._pandera_outcome(schema, table).passed
-
-
-@pytest.mark.parametrize("broken", sorted(BROKEN))
-def test_a_broken_table_does_not_pass_in_one_query_and_pandera_reports_it(session, broken):
-    table = _table(session, "broken", {**GOOD, **BROKEN[broken]})
-    schema = _one_query_schema()
-    assert not schemas.passes_in_one_query(schema, table)
-    outcome = schemas.validate(schema, table)
-    assert not outcome.passed and outcome.failures
-    assert outcome == schemas._pandera_outcome(schema, table)
-
-
-def test_schema_level_failures_are_left_to_pandera(session):
-    wrong_type = _table(session, "wrong_type", {**GOOD, "n": [1.0, 5.0, 9.0]}, ibis.schema({**TYPES, "n": "float64"}))
-    extra = _table(session, "extra", {**GOOD, "extra": [1, 2, 3]}, ibis.schema({**TYPES, "extra": "int64"}))
-    missing = _table(session, "missing", {c: v for c, v in GOOD.items() if c != "label"})
-    for table in (wrong_type, extra, missing):
-        assert not schemas.passes_in_one_query(_one_query_schema(), table)
-        assert not schemas.validate(_one_query_schema(), table).passed
-
-
-def test_an_empty_table_passes(session):
-    table = _table(session, "good", GOOD)
-    empty = table.filter(table.n > 100)
-    if isinstance(session, DuckDBWarehouseSession):
-        # pandera.ibis alone reads DuckDB's all() over no rows (NULL) as failed: "contains nulls".
-        assert not schemas._pandera_outcome(_one_query_schema(), empty).passed
-    assert schemas.validate(_one_query_schema(), empty).passed
-
-
-def test_a_check_that_cannot_be_batched_is_left_to_pandera(session):
-    table = _table(session, "good", GOOD)
-    element_wise = pa.DataFrameSchema({"n": pa.Column(ibis.dtype("int64"), pa.Check(lambda v: v >= 0, element_wise=True))})
-    assert not schemas.passes_in_one_query(element_wise, table.select("n"))
-
-
-def test_a_column_check_reading_another_column_is_left_to_pandera(session):
-    # pandera hands a column check its column alone, where this check cannot run (a failure).
-    table = _table(session, "good", GOOD)
-    schema = pa.DataFrameSchema({
-        "n": pa.Column(ibis.dtype("int64"), pa.Check(lambda d: d.table.n >= d.table.start, name="other")),
-        "start": pa.Column(ibis.dtype("int64")),
-    })
-    narrowed = table.select("n", "start")
-    assert not schemas.passes_in_one_query(schema, narrowed)
-    assert schemas.validate(schema, narrowed) == schemas._pandera_outcome(schema, narrowed)
-
-
-def test_a_check_that_raises_is_reported_as_pandera_reports_it(session):
-    table = _table(session, "good", GOOD).select("n")
-
-    def broken(data):
-        raise RuntimeError("no such thing")
-
-    schema = pa.DataFrameSchema({"n": pa.Column(ibis.dtype("int64"), pa.Check(broken, name="broken"))})
-    outcome = schemas.validate(schema, table)
-    assert not outcome.passed and outcome == schemas._pandera_outcome(schema, table)
+def test_a_schema_without_an_experiment_keeps_the_checks_that_hold_for_every_one():
+    exp = experiment()
+    with_experiment = schemas.deduped_assignments_schema(exp, ["device_type"])
+    without = schemas.deduped_assignments_schema(None)
+    assert "device_type" in with_experiment.columns and "device_type" not in without.columns
+    checks = {name: [c.name for c in col.checks] for name, col in without.columns.items()}
+    assert checks["variant_id"] == [] and checks["n_exposures"] == ["greater_than_or_equal_to"]
+    assert [c.name for c in with_experiment.columns["assigned_at"].checks] == ["inside_experiment_window"]
+    assert isinstance(with_experiment, pa.DataFrameSchema)

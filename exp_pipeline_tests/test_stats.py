@@ -138,7 +138,7 @@ def simulated_relative_results():
     sums = (y_t.sum(1), np.einsum("ij,ij->i", y_t, y_t), y_c.sum(1), np.einsum("ij,ij->i", y_c, y_c))
     results = [
         compare(SufficientStats(n_t, st, st2), SufficientStats(n_c, sc, sc2))
-        for st, st2, sc, sc2 in zip(*sums)
+        for st, st2, sc, sc2 in zip(*sums, strict=True)
     ]
     return lift, results
 
@@ -154,7 +154,7 @@ def test_p_value_consistent_with_relative_ci(simulated_relative_results, ab):
     significant = [r.p_value < 0.05 for r in results]
     # The check is only meaningful if both outcomes occur.
     assert 0 < sum(significant) < len(results)
-    for r, sig in zip(results, significant):
+    for r, sig in zip(results, significant, strict=True):
         assert sig == (not r.ci_low <= 0 <= r.ci_high)
     # At alpha = p the interval must touch zero.
     r = compare(suff(ab[0]), suff(ab[1]))
@@ -283,7 +283,7 @@ def test_srm_matches_scipy_chisquare_with_unequal_weights():
     assert res.chi2 == pytest.approx(ref.statistic, rel=1e-12)
     assert res.p_value == pytest.approx(ref.pvalue, rel=1e-9)
     assert res.df == 2
-    assert res.expected == pytest.approx(dict(zip(weights, f_exp)))
+    assert res.expected == pytest.approx(dict(zip(weights, f_exp, strict=True)))
     assert res.judged and res.flagged == (ref.pvalue < 0.001)
 
 

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Set up and run the whole test suite. pytest exits non-zero on failures and with 5 when it
-# collected no tests; both fail this script.
+# Set up, lint, and run the whole test suite (or the tests named in the arguments, e.g. the inner
+# loop: -m "not slow"). pytest exits non-zero on failures and with 5 when it collected no tests;
+# both fail this script, as does a lint finding.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
@@ -14,4 +15,5 @@ if [ ${#missing[@]} -gt 0 ]; then
     $SUDO apt-get update -qq
     DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${missing[@]}" > /dev/null
 fi
+.venv/bin/ruff check .
 exec .venv/bin/python -m pytest "$@"

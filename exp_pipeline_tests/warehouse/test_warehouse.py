@@ -12,7 +12,9 @@ from dagster_duckdb import DuckDBResource
 from pyspark.errors import PySparkException
 
 from exp_pipeline.registry import Source
-from exp_pipeline.warehouse import DuckDBWarehouse, SourceError, WarehouseBusy
+from exp_pipeline.warehouse.duckdb_engine import WarehouseBusy
+from exp_pipeline.warehouse.interface import SourceError
+from exp_pipeline.warehouse.resources import DuckDBWarehouse
 from exp_pipeline_tests.conftest import ENGINES, warehouse_at
 
 # What a failed write raises on each engine.
@@ -213,9 +215,10 @@ import sys
 from dagster import DagsterInstance, materialize
 from dagster_duckdb import DuckDBResource
 from pyspark.errors import PySparkException
-from exp_pipeline.assets import ANALYSIS_ASSETS, experiment_partitions
-from exp_pipeline.resources import RegistryResource
-from exp_pipeline.warehouse import DuckDBWarehouse
+from exp_pipeline.defs.assets import ANALYSIS_ASSETS
+from exp_pipeline.defs.partitions import experiment_partitions
+from exp_pipeline.defs.resources import RegistryResource
+from exp_pipeline.warehouse.resources import DuckDBWarehouse
 
 registry, database, home, experiment, repeat = sys.argv[1:6]
 resources = {
@@ -252,9 +255,9 @@ def test_killing_a_run_mid_write_leaves_every_table_intact_and_the_next_run_succ
 
     from dagster import DagsterInstance, materialize
 
-    from exp_pipeline.assets import ANALYSIS_ASSETS, experiment_partitions
-
-    from .conftest import write_tiny_workspace
+    from exp_pipeline.defs.assets import ANALYSIS_ASSETS
+    from exp_pipeline.defs.partitions import experiment_partitions
+    from exp_pipeline_tests.conftest import write_tiny_workspace
 
     # Big enough that writing takes a good part of each run.
     workspace = write_tiny_workspace(tmp_path / "ws", arms={"exp_a": {"control": 20000, "treatment": 20000}})
@@ -305,9 +308,8 @@ def test_two_processes_writing_one_file_at_once_both_succeed(tmp_path):
 
     from dagster import DagsterInstance, materialize
 
-    from exp_pipeline.assets import ANALYSIS_ASSETS
-
-    from .conftest import write_tiny_workspace
+    from exp_pipeline.defs.assets import ANALYSIS_ASSETS
+    from exp_pipeline_tests.conftest import write_tiny_workspace
 
     workspace = write_tiny_workspace(
         tmp_path / "ws",

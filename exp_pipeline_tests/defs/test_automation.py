@@ -4,13 +4,13 @@ import copy
 import datetime as dt
 
 import pytest
-
 import yaml
 from dagster import SensorResult, build_sensor_context
 
-from exp_pipeline.assets import experiment_partitions
-from exp_pipeline.automation import register_new_experiments
-from exp_pipeline.resources import DEFAULT_REGISTRY, RegistryResource
+from exp_pipeline.defs.automation import register_new_experiments
+from exp_pipeline.defs.partitions import experiment_partitions
+from exp_pipeline.defs.resources import RegistryResource
+from exp_pipeline.settings import DEFAULT_REGISTRY
 
 
 def evaluate(instance, registry_path) -> SensorResult:
@@ -49,7 +49,7 @@ def test_sensor_registers_new_experiments_once_and_analyses_them(instance, tmp_p
 def schedule_requests(instance, when: str):
     from dagster import build_schedule_context
 
-    from exp_pipeline.automation import daily_experiment_refresh
+    from exp_pipeline.defs.automation import daily_experiment_refresh
 
     with build_schedule_context(
         instance=instance,

@@ -26,16 +26,13 @@ import ibis.expr.types as ir
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
-from dagster_pyspark import LazyPySparkResource
-from pydantic import Field
 
 from exp_pipeline.registry import SAFE_ID_PATTERN, is_uri
-from exp_pipeline.transforms import UTC_TIMESTAMP
-from exp_pipeline.warehouse import (
+from exp_pipeline.vocabulary import UTC_TIMESTAMP
+from exp_pipeline.warehouse.interface import (
     PartitionRefresh,
     RefreshCounts,
     SourceError,
-    Warehouse,
     WarehouseSession,
     unreadable_file,
 )
@@ -384,27 +381,11 @@ class SparkWarehouseSession(WarehouseSession):
         return self.count(self.table(name))
 
 
-class SparkWarehouse(Warehouse):
-    """Spark through dagster-pyspark; the session starts when an asset first needs it."""
-
-    pyspark: LazyPySparkResource
-    database: str = Field(default="exp", description="Spark catalog database holding the pipeline's tables")
-    location: str | None = Field(
-        default=None,
-        description=(
-            "folder (or URI: s3a://, abfss://, hdfs://) of the database's tables; None keeps the "
-            "database where the catalog puts it (spark.sql.warehouse.dir)"
-        ),
-    )
-
-    def describe(self) -> str:
-        where = self.location or "the catalog's warehouse folder"
-        return f"Spark database {self.database} ({where})"
-
-    @contextmanager
-    def session(self) -> Iterator[SparkWarehouseSession]:
-        session = SparkWarehouseSession(self.pyspark.spark_session, self.database, self.location)
-        try:
-            yield session
-        finally:
-            session.close()
+@contextmanager
+def open_session(spark, database: str, location: str | None) -> Iterator[SparkWarehouseSession]:
+    """A session on a Spark session (views and checkpoints released when it closes)."""
+    session = SparkWarehouseSession(spark, database, location)
+    try:
+        yield session
+    finally:
+        session.close()

@@ -1,4 +1,4 @@
-"""Partitions, jobs, schedules and sensors: one dynamic partition per experiment in the registry."""
+"""Jobs, the daily schedule and the sensors (new experiments, alerts on failed checks and runs)."""
 
 import datetime as dt
 import os
@@ -19,17 +19,14 @@ from dagster import (
     sensor,
 )
 
-from dagster._core.storage.asset_check_execution_record import (
-    AssetCheckExecutionRecord,
-    AssetCheckExecutionRecordStatus,
-)
-
 from exp_pipeline import alerts
-from exp_pipeline.assets import ANALYSIS_ASSETS, REGISTRY_ASSETS, experiment_partitions
-from exp_pipeline.checks import ASSET_CHECKS
+from exp_pipeline.defs.assets import ANALYSIS_ASSETS, REGISTRY_ASSETS
+from exp_pipeline.defs.check_history import failed_check_executions
+from exp_pipeline.defs.checks import ASSET_CHECKS
+from exp_pipeline.defs.partitions import experiment_partitions
+from exp_pipeline.defs.resources import RegistryResource
 from exp_pipeline.registry import Experiment, Registry
-from exp_pipeline.resources import RegistryResource
-from exp_pipeline.warehouse import Warehouse
+from exp_pipeline.warehouse.resources import Warehouse
 
 analyze_experiment_job = define_asset_job(
     "analyze_experiment",
@@ -108,7 +105,7 @@ def experiments_to_refresh(registry: Registry, known_partitions: set[str], now: 
     description="Every day at 06:00 UTC: one run per experiment whose analysis window is open.",
 )
 def daily_experiment_refresh(context: ScheduleEvaluationContext, registry: RegistryResource):
-    now = context.scheduled_execution_time or dt.datetime.now(dt.timezone.utc)
+    now = context.scheduled_execution_time or dt.datetime.now(dt.UTC)
     known = set(context.instance.get_dynamic_partitions(experiment_partitions.name))
     ids = experiments_to_refresh(registry.load(), known, now)
     if not ids:
@@ -119,7 +116,6 @@ def daily_experiment_refresh(context: ScheduleEvaluationContext, registry: Regis
 
 # -- alerts ----------------------------------------------------------------------------------------
 
-CHECK_HISTORY_PAGE = 100
 CHECK_KEYS = [key for check_def in ASSET_CHECKS for key in check_def.check_keys]
 # Execution ids are handed out when a run is planned, not when its check is evaluated, so runs that
 # interleave evaluate out of id order. The cursor is therefore the newest evaluation *time* seen,
@@ -127,30 +123,8 @@ CHECK_KEYS = [key for check_def in ASSET_CHECKS for key in check_def.check_keys]
 CURSOR_MARGIN_SECONDS = 15 * 60
 
 
-def failed_check_executions(storage, evaluated_after: float | None) -> list[AssetCheckExecutionRecord]:
-    """Failed check executions (WARN or ERROR) evaluated after `evaluated_after`, oldest first.
-
-    Read per check key from the check execution index, which every event log storage keeps (the
-    default SQLite storage cannot list evaluation events across runs).
-    """
-    found = []
-    for key in CHECK_KEYS:
-        cursor = None
-        while True:
-            page = storage.get_asset_check_execution_history(
-                key, limit=CHECK_HISTORY_PAGE, cursor=cursor,
-                status={AssetCheckExecutionRecordStatus.FAILED},
-            )
-            new = [r for r in page if evaluated_after is None or r.event.timestamp > evaluated_after]
-            found.extend(new)
-            # Pages run newest-created first; stop once a whole page is older than the cursor.
-            if len(page) < CHECK_HISTORY_PAGE or not new:
-                break
-            cursor = page[-1].id
-    return sorted(found, key=lambda r: (r.event.timestamp, r.id))
-
-
-def check_alert(record: AssetCheckExecutionRecord) -> alerts.Alert:
+def check_alert(record) -> alerts.Alert:
+    """The alert of one failed check execution record."""
     evaluation = record.event.dagster_event.event_specific_data
     return alerts.Alert(
         alert_id=f"check-{record.id}",
@@ -161,7 +135,7 @@ def check_alert(record: AssetCheckExecutionRecord) -> alerts.Alert:
         summary=evaluation.description or "check failed",
         run_id=record.run_id,
         run_url=alerts.run_url(record.run_id),
-        created_at=dt.datetime.fromtimestamp(record.create_timestamp, dt.timezone.utc),
+        created_at=dt.datetime.fromtimestamp(record.create_timestamp, dt.UTC),
         figures=alerts.key_figures(dict(evaluation.metadata)),
     )
 
@@ -177,7 +151,7 @@ def check_alert(record: AssetCheckExecutionRecord) -> alerts.Alert:
 def alert_on_failed_checks(context: SensorEvaluationContext, warehouse: Warehouse):
     newest_seen = float(context.cursor) if context.cursor else None
     since = None if newest_seen is None else newest_seen - CURSOR_MARGIN_SECONDS
-    records = failed_check_executions(context.instance.event_log_storage, since)
+    records = failed_check_executions(context.instance.event_log_storage, CHECK_KEYS, since)
     fresh = [r for r in records if newest_seen is None or r.event.timestamp > newest_seen]
     webhook_url = os.environ.get(alerts.WEBHOOK_ENV)
     if not fresh and not webhook_url:
@@ -211,7 +185,7 @@ def alert_on_run_failure(context: RunFailureSensorContext, warehouse: Warehouse)
         summary=(context.failure_event.message or "run failed")[:500],
         run_id=run.run_id,
         run_url=alerts.run_url(run.run_id),
-        created_at=dt.datetime.now(dt.timezone.utc),
+        created_at=dt.datetime.now(dt.UTC),
     )
     # Logged first: if the warehouse cannot be written now, the alert is still in the sensor's log.
     context.log.error(alert.log_line())

@@ -5,12 +5,12 @@ import pandas as pd
 import pytest
 from dagster import AssetCheckSeverity, materialize
 
-from exp_pipeline import checks, schemas
-from exp_pipeline.assets import ANALYSIS_ASSETS, experiment_partitions
-from exp_pipeline.checks import EXPERIMENT_CHECKS
+from exp_pipeline import checks, validation
+from exp_pipeline.defs.assets import ANALYSIS_ASSETS
+from exp_pipeline.defs.checks import EXPERIMENT_CHECKS, check_result
+from exp_pipeline.defs.partitions import experiment_partitions
 from exp_pipeline.registry import load_registry
-
-from .conftest import ENGINES, write_tiny_workspace
+from exp_pipeline_tests.conftest import ENGINES, write_tiny_workspace
 
 
 def run(workspace, instance, experiment_id="exp_a"):
@@ -45,7 +45,7 @@ def evaluations(result) -> dict:
 @pytest.mark.parametrize("engine", ENGINES)
 def test_every_check_passes_on_clean_data(tmp_path, instance, engine, monkeypatch):
     check_by_check = []
-    monkeypatch.setattr(schemas, "_pandera_outcome", lambda *args: check_by_check.append(args))
+    monkeypatch.setattr(validation, "_pandera_outcome", lambda *args: check_by_check.append(args))
     workspace = write_tiny_workspace(tmp_path, engine=engine)
     result = run(workspace, instance)
     assert result.success
@@ -74,8 +74,8 @@ def test_a_duplicated_subject_fails_uniqueness_with_its_key(clean):
         rows = stored(session, "deduped_assignments")
         copy = rows[rows.subject_id == "exp_a_control_7"].assign(variant_id="treatment")
         rewrite(session, "deduped_assignments", pd.concat([rows, copy]))
-        result = checks.evaluate_unique_active_subject(session, experiment)
-        schema = checks.evaluate_schema(session, "deduped_assignments", experiment, registry)
+        result = check_result(checks.evaluate_unique_active_subject(session, experiment))
+        schema = check_result(checks.evaluate_schema(session, "deduped_assignments", experiment, registry))
     assert not result.passed and result.severity == AssetCheckSeverity.ERROR
     assert result.metadata["duplicated_subjects"].value == 1
     assert result.metadata["sample_duplicated_keys"].value == [
@@ -92,8 +92,8 @@ def test_an_event_before_assignment_fails_leakage_and_schema(clean):
         assert moved.sum() == 1
         rows.loc[moved, "event_at"] = rows.loc[moved, "assigned_at"] - pd.Timedelta(hours=1)
         rewrite(session, "post_assignment_events", rows)
-        leakage = checks.evaluate_no_pre_assignment_events(session, experiment)
-        schema = checks.evaluate_schema(session, "post_assignment_events", experiment, registry)
+        leakage = check_result(checks.evaluate_no_pre_assignment_events(session, experiment))
+        schema = check_result(checks.evaluate_schema(session, "post_assignment_events", experiment, registry))
     assert not leakage.passed and leakage.severity == AssetCheckSeverity.ERROR
     assert leakage.metadata["leaked_events"].value == 1
     assert leakage.metadata["sample"].value[0]["subject_id"] == "exp_a_treatment_3"
@@ -107,7 +107,7 @@ def test_schema_check_names_the_column_and_check(clean):
         rows = stored(session, "deduped_assignments")
         rows.loc[rows.subject_id == "exp_a_control_1", "variant_id"] = "purple"
         rewrite(session, "deduped_assignments", rows)
-        result = checks.evaluate_schema(session, "deduped_assignments", experiment, registry)
+        result = check_result(checks.evaluate_schema(session, "deduped_assignments", experiment, registry))
     assert not result.passed
     assert "variant_id: isin(['control', 'treatment'])" in result.description
 
@@ -224,7 +224,7 @@ def test_bad_rows_are_rejected_with_reasons_and_every_row_is_accounted_for(tmp_p
     assert meta["empty_files_skipped"] == [str(tmp_path / "logs" / "exposures_3.csv")]
     rejected = workspace.rows("rejected_rows", "exp_a")
     raw = workspace.rows("raw_assignments", "exp_a")
-    times = dict(zip(raw.subject_id, raw.assigned_at))
+    times = dict(zip(raw.subject_id, raw.assigned_at, strict=True))
     assert len(rejected) == 7 and rejected.source_file.str.endswith("exposures_2.csv").all()
     assert any("assigned_at=last tuesday" in r for r in rejected.record)
     assert times["bad6"] == times["bad7"] == pd.Timestamp("2026-10-03T02:00:00Z")
@@ -253,7 +253,7 @@ def test_an_experiment_with_an_empty_arm_still_reports_every_variant(tmp_path, i
     srm = evaluations(result)["deduped_assignments.no_sample_ratio_mismatch"]
     assert not srm.passed and srm.metadata["observed"].value == {"control": 300, "treatment": 0}
     rows = workspace.rows("variant_metrics", "exp_a").sort_values("variant_id")
-    assert list(zip(rows.variant_id, rows.n)) == [("control", 300), ("treatment", 0)]
+    assert list(zip(rows.variant_id, rows.n, strict=True)) == [("control", 300), ("treatment", 0)]
     assert pd.isna(rows.rel_lift.iloc[1])  # no lift without subjects, and no crash
 
 

@@ -8,11 +8,16 @@ import pandas as pd
 import pytest
 from dagster import DagsterInstance, materialize
 
-from exp_pipeline.assets import ANALYSIS_ASSETS, REGISTRY_ASSETS, experiment_partitions
-from exp_pipeline.checks import EXPERIMENT_CHECKS
-from exp_pipeline.resources import DEFAULT_REGISTRY
+from exp_pipeline import schemas, validation
+from exp_pipeline.defs.assets import ANALYSIS_ASSETS, REGISTRY_ASSETS
+from exp_pipeline.defs.checks import EXPERIMENT_CHECKS
+from exp_pipeline.defs.partitions import experiment_partitions
+from exp_pipeline.registry import load_registry
 from exp_pipeline.sample_data import generate
+from exp_pipeline.settings import DEFAULT_REGISTRY
 from exp_pipeline_tests.conftest import ENGINES, Workspace
+
+pytestmark = pytest.mark.e2e
 
 EXPERIMENTS = ["checkout_redesign", "aa_homepage", "pricing_three_arm", "onboarding_srm"]
 
@@ -151,6 +156,31 @@ def test_on_the_sample_only_the_srm_experiment_fails_a_check_naming_the_device(p
             assert failed == {}, experiment_id
 
 
+def test_every_table_the_pipeline_writes_keeps_its_contract(pipeline):
+    """Each table holds exactly its schema's columns and passes its checks, partition by partition."""
+    workspace, _, _ = pipeline
+    registry = load_registry(workspace.registry_path)
+    properties = registry.sources.assignments.properties
+    with_properties = {"raw_assignments", "deduped_assignments"}
+    written = set(schemas.TABLES) - {"alerts"}  # no sensor ran: there are no alerts
+    with workspace.warehouse().session() as session:
+        assert {name for name in schemas.TABLES if session.has_table(name)} == written
+        failures = {}
+        for name in sorted(written):
+            table = schemas.TABLES[name]
+            parts = [(e, session.partition(name, e.id)) for e in registry.experiments] if table.per_experiment else [
+                (None, session.table(name))
+            ]
+            for experiment, rows in parts:
+                args = (experiment, properties) if name in with_properties else (experiment,)
+                if name == "variant_metrics":
+                    args = (experiment, experiment.metrics)
+                outcome = validation.validate(table.schema(*args), rows)
+                if not outcome.passed:
+                    failures[(name, experiment and experiment.id)] = outcome.failed_checks
+    assert failures == {}
+
+
 def test_variant_metrics_columns_and_sufficient_statistics(pipeline):
     workspace, _, _ = pipeline
     rows = metrics_of(workspace, "pricing_three_arm").reset_index()
@@ -181,7 +211,7 @@ def test_rematerializing_a_partition_gives_identical_tables(pipeline):
 
 def test_no_large_table_passes_through_pandas(pipeline, monkeypatch):
     """Only small results (sufficient statistics, counts) are ever fetched into Python."""
-    from exp_pipeline.warehouse import WarehouseSession
+    from exp_pipeline.warehouse.interface import WarehouseSession
 
     workspace, _, instance = pipeline
     fetched = []

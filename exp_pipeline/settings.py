@@ -1,6 +1,7 @@
-"""Resources and where they point by default (environment variables override every default).
+"""Where things are by default, and the settings read from the environment.
 
-EXP_PIPELINE_ENGINE picks the warehouse engine: `duckdb` (default) or `spark`.
+Environment variables override every default: EXP_PIPELINE_REGISTRY, EXP_PIPELINE_DUCKDB,
+EXP_PIPELINE_ENGINE (`duckdb`, the default, or `spark`), EXP_PIPELINE_SPARK_CONF.
 """
 
 from __future__ import annotations
@@ -9,11 +10,7 @@ import json
 import os
 from pathlib import Path
 
-from dagster import ConfigurableResource
-from dagster_duckdb import DuckDBResource
-
-from exp_pipeline.registry import Registry, is_uri, load_registry
-from exp_pipeline.warehouse import DuckDBWarehouse, Warehouse
+from exp_pipeline.warehouse.spark_engine import COMMON_SPARK_CONFIG, LOCAL_SPARK_CONFIG
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_REGISTRY = PROJECT_ROOT / "data" / "registry.yaml"
@@ -21,15 +18,6 @@ DEFAULT_REGISTRY = PROJECT_ROOT / "data" / "registry.yaml"
 DEFAULT_DUCKDB = PROJECT_ROOT / "data" / "warehouse" / "warehouse.duckdb"
 DEFAULT_SPARK_LOCATION = PROJECT_ROOT / "data" / "warehouse" / "spark" / "exp.db"
 ENGINES = ("duckdb", "spark")
-
-
-class RegistryResource(ConfigurableResource):
-    """The experiment registry file; read fresh on every use so edits apply without a restart."""
-
-    path: str
-
-    def load(self) -> Registry:
-        return load_registry(self.path)
 
 
 def registry_path() -> str:
@@ -54,8 +42,6 @@ def spark_config() -> dict[str, str]:
     with the local defaults (two cores, 4 GB driver, the catalog's folder under data/warehouse);
     with one, only the settings every engine needs (UTC) are added to the user's.
     """
-    from exp_pipeline.spark_warehouse import COMMON_SPARK_CONFIG, LOCAL_SPARK_CONFIG
-
     text = os.environ.get("EXP_PIPELINE_SPARK_CONF", "{}")
     try:
         overrides = json.loads(text)
@@ -74,37 +60,3 @@ def spark_config() -> dict[str, str]:
 def is_local_spark(config: dict[str, str]) -> bool:
     master = config.get("spark.master", "local")
     return "spark.remote" not in config and (master == "local" or master.startswith("local["))
-
-
-def spark_warehouse() -> Warehouse:
-    """The Spark warehouse of the environment; a cluster's tables must live on shared storage."""
-    from dagster_pyspark import LazyPySparkResource
-
-    from exp_pipeline.spark_warehouse import SparkWarehouse
-
-    config = spark_config()
-    local = is_local_spark(config)
-    location = os.environ.get("EXP_PIPELINE_SPARK_LOCATION", str(DEFAULT_SPARK_LOCATION) if local else "")
-    if location and not local and not is_uri(location):
-        raise ValueError(
-            f"EXP_PIPELINE_SPARK_LOCATION={location!r} is a folder of this machine, but Spark runs on "
-            f"a cluster ({config.get('spark.master') or config.get('spark.remote')}) whose executors "
-            "cannot write there: use shared storage (s3a://, abfss://, hdfs://, ...) or leave it "
-            "empty for the catalog's own location"
-        )
-    return SparkWarehouse(
-        pyspark=LazyPySparkResource(spark_config=config),
-        database=os.environ.get("EXP_PIPELINE_SPARK_DATABASE", "exp"),
-        location=location or None,
-    )
-
-
-def default_warehouse() -> Warehouse:
-    if engine() == "spark":
-        return spark_warehouse()
-    return DuckDBWarehouse(duckdb=DuckDBResource(database=duckdb_path()))
-
-
-def default_resources() -> dict[str, ConfigurableResource]:
-    # Only paths are resolved here: nothing opens the database or starts Spark at import time.
-    return {"registry": RegistryResource(path=registry_path()), "warehouse": default_warehouse()}

@@ -10,10 +10,14 @@ import pandas as pd
 import pytest
 from dagster import DagsterInstance, materialize
 
-from exp_pipeline.assets import ANALYSIS_ASSETS, REGISTRY_ASSETS, experiment_partitions
-from exp_pipeline.checks import EXPERIMENT_CHECKS
+from exp_pipeline.defs.assets import ANALYSIS_ASSETS, REGISTRY_ASSETS
+from exp_pipeline.defs.checks import EXPERIMENT_CHECKS
+from exp_pipeline.defs.partitions import experiment_partitions
 from exp_pipeline.registry import Source
 from exp_pipeline_tests.conftest import Workspace, spark_warehouse_at
+
+pytestmark = pytest.mark.spark
+
 
 PARITY_USERS = 20_000
 EXPERIMENTS = ["checkout_redesign", "aa_homepage", "pricing_three_arm", "onboarding_srm"]

@@ -2,9 +2,8 @@
 
 import pytest
 
-from exp_pipeline.resources import default_warehouse, spark_config
-from exp_pipeline.spark_warehouse import SparkWarehouse
-from exp_pipeline.warehouse import DuckDBWarehouse
+from exp_pipeline.settings import spark_config
+from exp_pipeline.warehouse.resources import DuckDBWarehouse, SparkWarehouse, default_warehouse
 
 
 def test_duckdb_by_default_spark_when_asked(monkeypatch):

@@ -1,5 +1,4 @@
-"""Thin assets: read from the warehouse, call a transform, write one partition, report metadata."""
-
+"""Thin assets: read from the warehouse, call the library, write one partition, report metadata."""
 
 import datetime as dt
 import json
@@ -11,40 +10,46 @@ from dagster import (
     AssetKey,
     AssetSpec,
     Config,
-    DynamicPartitionsDefinition,
     MaterializeResult,
     MetadataValue,
     TableColumn,
+    TableColumnConstraints,
     TableSchema,
     asset,
     multi_asset,
 )
 from pydantic import Field
 
-from exp_pipeline import report_html, results, schemas, transforms
+from exp_pipeline import refresh, report_html, results, schemas
+from exp_pipeline.defs.check_history import latest_check_results
+from exp_pipeline.defs.partitions import WRITER_POOL, experiment_partitions
+from exp_pipeline.defs.resources import RegistryResource
+from exp_pipeline.refresh import SUBJECT_VALUES, SUBJECT_VALUES_STATE, WINDOW_EVENTS_STATE
 from exp_pipeline.registry import Experiment, Registry
 from exp_pipeline.reports import results_markdown
-from exp_pipeline.resources import RegistryResource
-from exp_pipeline.warehouse import PartitionRefresh, Warehouse, WarehouseSession
-
-experiment_partitions = DynamicPartitionsDefinition(name="experiment")
+from exp_pipeline.transforms import fixed_point, ingestion, subject_values, temporal_join
+from exp_pipeline.transforms.assignments import (
+    analysable_assignments,
+    apply_assignment_history,
+    assignment_counts,
+    exposure_row_counts,
+    first_exposures,
+)
+from exp_pipeline.warehouse.interface import PartitionRefresh, WarehouseSession
+from exp_pipeline.warehouse.resources import Warehouse
 
 GROUP = "experiment_analysis"
 OWNERS = ["team:experimentation"]
-# Every asset writing the DuckDB file shares one pool so that writers queue instead of colliding.
-WRITER_POOL = "warehouse_writer"
-
-
 PREVIEW_ROWS = 5
 
 
 def _columns(table: str) -> dict:
-    """Static asset metadata: the documented column schema the UI shows."""
-    return {
-        "dagster/column_schema": TableSchema(
-            columns=[TableColumn(name, type_, description) for name, type_, description in schemas.COLUMN_DOCS[table]]
-        )
-    }
+    """Static asset metadata: the column schema the UI shows, from the table's Pandera schema."""
+    columns = [
+        TableColumn(name, kind, text, constraints=TableColumnConstraints(nullable=nullable))
+        for name, kind, nullable, text in schemas.TABLES[table].columns()
+    ]
+    return {"dagster/column_schema": TableSchema(columns=columns)}
 
 
 def _written(session: WarehouseSession, table: str, experiment_id: str, rows: int) -> dict:
@@ -84,18 +89,19 @@ def _read_source(session: WarehouseSession, registry: Registry, kind: str):
 
 def _usable_events(session: WarehouseSession, registry: Registry, experiment: Experiment):
     """The experiment's metric events, without the rows source_audit rejects."""
-    events = transforms.canonical_events(_read_source(session, registry, "events"), registry.sources.events)
+    events = ingestion.canonical_events(_read_source(session, registry, "events"), registry.sources.events)
     event_names = sorted({m.event_name for m in registry.metrics_of(experiment)})
-    return transforms.usable_events(events, event_names)
+    return ingestion.usable_events(events, event_names)
 
 
 @asset(
     group_name=GROUP, owners=OWNERS, kinds={"duckdb"}, pool=WRITER_POOL,
     description="Experiments from the registry: dates, status and analysis settings.",
+    metadata=_columns("dim_experiments"),
 )
 def dim_experiments(registry: RegistryResource, warehouse: Warehouse) -> MaterializeResult:
     reg = registry.load()
-    now = dt.datetime.now(dt.timezone.utc)
+    now = dt.datetime.now(dt.UTC)
     frame = pd.DataFrame(
         [
             {
@@ -128,6 +134,7 @@ def dim_experiments(registry: RegistryResource, warehouse: Warehouse) -> Materia
 @asset(
     group_name=GROUP, owners=OWNERS, kinds={"duckdb"}, pool=WRITER_POOL,
     description="Variants per experiment: expected traffic share and which one is the control.",
+    metadata=_columns("dim_variants"),
 )
 def dim_variants(registry: RegistryResource, warehouse: Warehouse) -> MaterializeResult:
     reg = registry.load()
@@ -152,46 +159,42 @@ def dim_variants(registry: RegistryResource, warehouse: Warehouse) -> Materializ
         "that cannot be used (missing ids or timestamps, unparsable timestamps, non-numeric values, "
         "exact duplicates) are kept in rejected_source_rows with their reason and file."
     ),
+    metadata=_columns("rejected_source_rows"),
 )
 def source_audit(registry: RegistryResource, warehouse: Warehouse) -> MaterializeResult:
     reg = registry.load()
     with warehouse.session() as session:
-        exposures = transforms.canonical_assignments(
+        exposures = ingestion.canonical_assignments(
             _read_source(session, reg, "assignments"), reg.sources.assignments, None
         )
-        unassignable = transforms.unassignable_rows(exposures, [e.id for e in reg.experiments])
-        events = transforms.classify_events(
-            transforms.canonical_events(_read_source(session, reg, "events"), reg.sources.events)
+        unassignable = ingestion.unassignable_rows(exposures, [e.id for e in reg.experiments])
+        events = ingestion.classify_events(
+            ingestion.canonical_events(_read_source(session, reg, "events"), reg.sources.events)
         )
-        exposure_counts = session.to_pandas(transforms.rejection_counts(unassignable))
-        event_counts = session.to_pandas(transforms.rejection_counts(events))
+        exposure_counts = session.to_pandas(ingestion.rejection_counts(unassignable))
+        event_counts = session.to_pandas(ingestion.rejection_counts(events))
         rejected = ibis.union(
-            transforms.rejected(unassignable, "assignments", None),
-            transforms.rejected(events, "events", None),
+            ingestion.rejected(unassignable, "assignments", None),
+            ingestion.rejected(events, "events", None),
             distinct=False,
         )
         written = session.replace_table("rejected_source_rows", rejected)
-    exposure_by_reason = dict(zip(exposure_counts["reason"], exposure_counts["rows"].astype(int)))
-    event_by_reason = dict(zip(event_counts["reason"], event_counts["rows"].astype(int)))
-    exposures_read = sum(exposure_by_reason.values())
-    events_read = sum(event_by_reason.values())
-    exposures_rejected = exposures_read - exposure_by_reason.get("ingested", 0)
-    events_rejected = events_read - event_by_reason.get("ingested", 0)
-    if written != exposures_rejected + events_rejected:
+    exposures, events = ingestion.RowAccounting.of(exposure_counts), ingestion.RowAccounting.of(event_counts)
+    if written != exposures.rejected + events.rejected:
         raise RuntimeError(
-            f"row accounting broke: {exposures_rejected} + {events_rejected} rows rejected, {written} written"
+            f"row accounting broke: {exposures.rejected} + {events.rejected} rows rejected, {written} written"
         )
     return MaterializeResult(
         metadata={
             "dagster/row_count": written,
-            "assignment_rows_read": exposures_read,
-            "assignment_rows_of_no_known_experiment": exposures_rejected,
-            "assignment_rejected_by_reason": {k: v for k, v in exposure_by_reason.items() if k != "ingested"},
-            "event_rows_read": events_read,
-            "event_rows_usable": events_read - events_rejected,
-            "event_rows_rejected": events_rejected,
-            "event_rejected_share": events_rejected / events_read if events_read else 0.0,
-            "event_rejected_by_reason": {k: v for k, v in event_by_reason.items() if k != "ingested"},
+            "assignment_rows_read": exposures.read,
+            "assignment_rows_of_no_known_experiment": exposures.rejected,
+            "assignment_rejected_by_reason": exposures.rejected_by_reason,
+            "event_rows_read": events.read,
+            "event_rows_usable": events.ingested,
+            "event_rows_rejected": events.rejected,
+            "event_rejected_share": events.rejected_share,
+            "event_rejected_by_reason": events.rejected_by_reason,
         }
     )
 
@@ -207,37 +210,35 @@ def raw_assignments(
     experiment = _experiment(context, reg)
     source = reg.sources.assignments
     with warehouse.session() as session:
-        rows = transforms.canonical_assignments(_read_source(session, reg, "assignments"), source, experiment.id)
-        classified = transforms.classify_assignments(rows, experiment, source.properties)
+        rows = ingestion.canonical_assignments(_read_source(session, reg, "assignments"), source, experiment.id)
+        classified = ingestion.classify_assignments(rows, experiment, source.properties)
         # Materialized once so that the counts and both writes see exactly the same rows.
         classified = session.temp_table("_classified_assignments", classified)
-        counts = session.to_pandas(transforms.rejection_counts(classified))
+        counts = session.to_pandas(ingestion.rejection_counts(classified))
         written = session.replace_partitions(
             experiment.id,
             {
-                "raw_assignments": transforms.ingested(classified),
-                "rejected_rows": transforms.rejected(classified, "assignments", experiment.id),
+                "raw_assignments": ingestion.ingested(classified),
+                "rejected_rows": ingestion.rejected(classified, "assignments", experiment.id),
             },
         )
         metadata = _written(session, "raw_assignments", experiment.id, written["raw_assignments"])
         skipped = list(session.skipped_empty_files)
-    by_reason = dict(zip(counts["reason"], counts["rows"].astype(int)))
-    read = sum(by_reason.values())
-    rejected = read - by_reason.get("ingested", 0)
+    accounting = ingestion.RowAccounting.of(counts)
     # Every row read is either ingested or kept aside with its reason.
-    if (written["raw_assignments"], written["rejected_rows"]) != (read - rejected, rejected):
+    if (written["raw_assignments"], written["rejected_rows"]) != (accounting.ingested, accounting.rejected):
         raise RuntimeError(
-            f"row accounting broke for {experiment.id}: read {read}, wrote {written} (expected "
-            f"{read - rejected} ingested and {rejected} rejected)"
+            f"row accounting broke for {experiment.id}: read {accounting.read}, wrote {written} (expected "
+            f"{accounting.ingested} ingested and {accounting.rejected} rejected)"
         )
     return MaterializeResult(
         metadata={
             **metadata,
-            "rows_read": read,
-            "rows_ingested": read - rejected,
-            "rows_rejected": rejected,
-            "rejected_share": rejected / read if read else 0.0,
-            "rejected_by_reason": {k: v for k, v in by_reason.items() if k != "ingested"},
+            "rows_read": accounting.read,
+            "rows_ingested": accounting.ingested,
+            "rows_rejected": accounting.rejected,
+            "rejected_share": accounting.rejected_share,
+            "rejected_by_reason": accounting.rejected_by_reason,
             "empty_files_skipped": skipped,
         }
     )
@@ -258,7 +259,7 @@ def deduped_assignments(
     properties = reg.sources.assignments.properties
     with warehouse.session() as session:
         raw = session.partition("raw_assignments", experiment.id)
-        current = transforms.first_exposures(raw, experiment, properties)
+        current = first_exposures(raw, experiment, properties)
         previous = (
             session.partition("deduped_assignments", experiment.id)
             if session.has_table("deduped_assignments")
@@ -267,21 +268,21 @@ def deduped_assignments(
         if previous is not None:
             # Materialize the previous state first: the write below replaces it.
             previous = session.temp_table("_previous_deduped", previous)
-        recorded_at = dt.datetime.now(dt.timezone.utc)
-        new_state = transforms.apply_assignment_history(current, previous, recorded_at)
+        recorded_at = dt.datetime.now(dt.UTC)
+        new_state = apply_assignment_history(current, previous, recorded_at)
         written = session.replace_partition("deduped_assignments", experiment.id, new_state)
-        row_counts = session.to_pandas(transforms.exposure_row_counts(raw, experiment))
-        analysable = transforms.analysable_assignments(session.partition("deduped_assignments", experiment.id))
-        counts = session.to_pandas(transforms.assignment_counts(analysable, []))
+        row_counts = session.to_pandas(exposure_row_counts(raw, experiment))
+        analysable = analysable_assignments(session.partition("deduped_assignments", experiment.id))
+        counts = session.to_pandas(assignment_counts(analysable, []))
         written_metadata = _written(session, "deduped_assignments", experiment.id, written)
         excluded = session.count(
             session.partition("deduped_assignments", experiment.id).filter(
                 lambda t: t.is_active & t.exclusion_reason.notnull()
             )
         )
-    observed = dict(zip(counts["variant_id"], counts["n"].astype(int)))
+    observed = dict(zip(counts["variant_id"], counts["n"].astype(int), strict=True))
     total_subjects = sum(observed.values()) + excluded
-    reasons = dict(zip(row_counts["reason"], row_counts["rows"].astype(int)))
+    reasons = dict(zip(row_counts["reason"], row_counts["rows"].astype(int), strict=True))
     per_variant = pd.DataFrame(
         [
             {
@@ -316,48 +317,8 @@ class WindowEventsConfig(Config):
     )
 
 
-WINDOW_EVENTS_STATE = "window_events_state"
 post_assignment_events = AssetKey("post_assignment_events")
 pre_assignment_events = AssetKey("pre_assignment_events")
-
-
-def _refresh_state(session: WarehouseSession, experiment_id: str, fingerprint: str) -> dict | None:
-    """What the last refresh of this experiment's window events recorded, when an incremental
-    refresh can build on it: same registry definition, tables present, some event seen."""
-    if not all(session.has_table(t) for t in ("post_assignment_events", "pre_assignment_events")):
-        return None
-    state = _one_state_row(session, WINDOW_EVENTS_STATE, experiment_id)
-    if state is None or state["fingerprint"] != fingerprint or state["events_through"] is None:
-        return None
-    return state
-
-
-def _one_state_row(session: WarehouseSession, table: str, experiment_id: str) -> dict | None:
-    """An experiment's row of a state table as a dict (timestamps as datetimes, null as None);
-    None unless there is exactly one."""
-    if not session.has_table(table):
-        return None
-    rows = session.to_pandas(session.partition(table, experiment_id))
-    if len(rows) != 1:
-        return None
-    return {
-        column: _timestamp(value) if isinstance(value, (pd.Timestamp, type(pd.NaT))) else value
-        for column, value in rows.iloc[0].items()
-    }
-
-
-def _frame_with_timestamps(row: dict) -> pd.DataFrame:
-    """A one-row state frame; datetime and None values as UTC timestamp columns."""
-    frame = pd.DataFrame([row])
-    for column, value in row.items():
-        if value is None or isinstance(value, dt.datetime):
-            frame[column] = pd.to_datetime(frame[column], utc=True)
-    return frame
-
-
-def _timestamp(value) -> dt.datetime | None:
-    """A timestamp from the engine as a datetime; None for null (NaT)."""
-    return None if pd.isna(value) else pd.Timestamp(value).to_pydatetime()
 
 
 @multi_asset(
@@ -393,36 +354,36 @@ def window_events(
     metrics = reg.metrics_of(experiment)
     pre_window = experiment.cuped_pre_window_days
     fingerprint = reg.window_events_fingerprint(experiment)
-    now = dt.datetime.now(dt.timezone.utc)
+    now = dt.datetime.now(dt.UTC)
     with warehouse.session() as session:
         deduped = session.partition("deduped_assignments", experiment.id)
-        assignments_as_of = _timestamp(session.scalar(deduped.valid_from.max()))
-        state = None if config.full_refresh else _refresh_state(session, experiment.id, fingerprint)
-        if state is not None and not transforms.history_reaches(
-            _timestamp(session.scalar(deduped.valid_from.min())), state["assignments_as_of"]
+        assignments_as_of = refresh.engine_timestamp(session.scalar(deduped.valid_from.max()))
+        state = None if config.full_refresh else refresh.window_events_state(session, experiment.id, fingerprint)
+        if state is not None and not refresh.history_reaches(
+            refresh.engine_timestamp(session.scalar(deduped.valid_from.min())), state["assignments_as_of"]
         ):
             state = None
-        analysable = transforms.analysable_assignments(deduped)
+        analysable = analysable_assignments(deduped)
         analysable = analysable.mutate(
             is_new=ibis.literal(True) if state is None else analysable.valid_from > state["assignments_as_of"]
         )
         # Small (one row per subject); materialized so every query below sees the same subjects.
         analysable = session.temp_table("tmp_analysable", analysable)
-        events = transforms.experiment_events(_usable_events(session, reg, experiment), experiment, metrics, pre_window)
+        events = temporal_join.experiment_events(_usable_events(session, reg, experiment), experiment, metrics, pre_window)
         incremental = state is not None
         if incremental:
             earliest_new = session.scalar(analysable.filter(analysable.is_new).assigned_at.min())
-            cutoff, scan_from = transforms.refresh_lower_bound(
-                state["events_through"], reg.sources.events.late_arrival_days, _timestamp(earliest_new), pre_window
+            cutoff, scan_from = refresh.refresh_lower_bound(
+                state["events_through"], reg.sources.events.late_arrival_days, refresh.engine_timestamp(earliest_new), pre_window
             )
-            rows = transforms.refreshed_window_events(analysable, events, metrics, pre_window, cutoff, scan_from)
+            rows = refresh.refreshed_window_events(analysable, events, metrics, pre_window, cutoff, scan_from)
         else:
-            rows = transforms.join_window_events(analysable, events, metrics, pre_window)
+            rows = temporal_join.join_window_events(analysable, events, metrics, pre_window)
         rows = session.temp_table("tmp_window_events", rows)
-        events_through = transforms.next_events_through(
-            _timestamp(session.scalar(rows.event_at.max())), state and state["events_through"], now
+        events_through = refresh.next_events_through(
+            refresh.engine_timestamp(session.scalar(rows.event_at.max())), state and state["events_through"], now
         )
-        new_state = _frame_with_timestamps({
+        new_state = refresh.state_frame({
             "experiment_id": experiment.id,
             "fingerprint": fingerprint,
             "events_through": events_through,
@@ -435,12 +396,12 @@ def window_events(
             "previous_refreshed_at": state["refreshed_at"] if incremental else None,
         })
         tables = {
-            "post_assignment_events": transforms.post_assignment_rows(rows),
-            "pre_assignment_events": transforms.pre_assignment_rows(rows),
+            "post_assignment_events": temporal_join.post_assignment_rows(rows),
+            "pre_assignment_events": temporal_join.pre_assignment_rows(rows),
         }
         if incremental:
             stale = session.temp_table(
-                "tmp_stale_subjects", transforms.assignments_changed_since(deduped, state["assignments_as_of"])
+                "tmp_stale_subjects", refresh.assignments_changed_since(deduped, state["assignments_as_of"])
             )
             refreshed = session.refresh_partitions(
                 experiment.id,
@@ -465,58 +426,8 @@ def window_events(
     yield from results
 
 
-def _bounds(session: WarehouseSession, table: ibis.Table, by: str) -> dict[str, transforms.SumBound]:
-    return transforms.read_bounds(session.to_pandas(transforms.value_bounds(table, by)), by)
-
-
-SUBJECT_VALUES = "subject_metric_values"
-SUBJECT_VALUES_STATE = "subject_metric_values_state"
-# period -> the events table its per-subject values come from
-PERIOD_EVENTS = {"post": "post_assignment_events", "pre": "pre_assignment_events"}
-
-
-def _stored_values_state(session: WarehouseSession, experiment_id: str) -> dict | None:
-    state = _one_state_row(session, SUBJECT_VALUES_STATE, experiment_id)
-    if state is None or not session.has_table(SUBJECT_VALUES):
-        return None
-    return {**state, "scales": json.loads(state["scales"])}
-
-
-def _period_values(
-    session: WarehouseSession, assignments: ibis.Table, period: str, experiment_id: str, metrics,
-    event_bounds: dict[str, transforms.SumBound], reuse: transforms.SubjectValuesReuse | None,
-) -> tuple[ibis.Table, int]:
-    """Uncapped per-(subject, metric) values of one period, materialized, and how many subjects
-    were computed from their events (the others' stored values are reused)."""
-    events = session.partition(PERIOD_EVENTS[period], experiment_id)
-    windows = period == "post"  # pre-assignment events are already cut to the covariate window
-    if reuse is None:
-        values = transforms.subject_metric_values(
-            assignments, events, metrics, event_bounds, apply_metric_windows=windows
-        )
-        table = session.temp_table(f"tmp_{period}_values", values.mutate(period=ibis.literal(period)))
-        return table, session.count(assignments)
-    assigned_after = reuse.post_assigned_after if period == "post" else reuse.pre_assigned_after
-    recompute = transforms.recomputed_subjects(assignments, assigned_after, reuse.changed_since)
-    changed = session.temp_table(f"tmp_{period}_recomputed", assignments.filter(recompute))
-    reassigned = changed.filter(changed.valid_from > reuse.changed_since)
-    # Rows carry their subject's assigned_at: most recomputed subjects are found by it, the few
-    # whose assignment changed by id.
-    of_changed = events.subject_id.isin(reassigned.subject_id)
-    if assigned_after is not None:
-        of_changed |= events.assigned_at > assigned_after
-    fresh = transforms.subject_metric_values(
-        changed, events.filter(of_changed), metrics, event_bounds, apply_metric_windows=windows
-    )
-    stored = session.partition(SUBJECT_VALUES, experiment_id)
-    stored = stored.filter(stored.period == period)
-    unchanged = assignments.filter(~recompute).select("subject_id", "variant_id")
-    kept = stored.join(unchanged, ["subject_id", "variant_id"]).select(
-        "experiment_id", "subject_id", "variant_id", "metric", "value"
-    )
-    values = ibis.union(kept, fresh.select(*kept.columns), distinct=False)
-    table = session.temp_table(f"tmp_{period}_values", values.mutate(period=ibis.literal(period)))
-    return table, session.count(changed)
+def _bounds(session: WarehouseSession, table: ibis.Table, by: str) -> dict[str, fixed_point.SumBound]:
+    return fixed_point.read_bounds(session.to_pandas(fixed_point.value_bounds(table, by)), by)
 
 
 @_experiment_asset(
@@ -539,42 +450,42 @@ def variant_metrics(
     properties = reg.sources.assignments.properties
     periods = ["post", "pre"] if experiment.cuped_pre_window_days > 0 else ["post"]
     fingerprint = reg.subject_values_fingerprint(experiment)
-    now = dt.datetime.now(dt.timezone.utc)
+    now = dt.datetime.now(dt.UTC)
     with warehouse.session() as session:
         deduped = session.partition("deduped_assignments", experiment.id)
-        assignments_as_of = _timestamp(session.scalar(deduped.valid_from.max()))
+        assignments_as_of = refresh.engine_timestamp(session.scalar(deduped.valid_from.max()))
         assignments = session.temp_table(
             "tmp_metric_assignments",
-            transforms.analysable_assignments(deduped).select(
+            analysable_assignments(deduped).select(
                 "experiment_id", "subject_id", "variant_id", "assigned_at", "valid_from", *properties
             ),
         )
         event_bounds = {
-            p: _bounds(session, session.partition(PERIOD_EVENTS[p], experiment.id), "event_name") for p in periods
+            p: _bounds(session, session.partition(refresh.PERIOD_EVENTS[p], experiment.id), "event_name") for p in periods
         }
-        scales = {p: transforms.subject_value_scales(event_bounds[p], metrics) for p in periods}
-        events_state = _one_state_row(session, WINDOW_EVENTS_STATE, experiment.id)
-        reuse = transforms.subject_values_reuse(
-            _stored_values_state(session, experiment.id), events_state, fingerprint, scales,
+        scales = {p: subject_values.subject_value_scales(event_bounds[p], metrics) for p in periods}
+        events_state = refresh.one_state_row(session, WINDOW_EVENTS_STATE, experiment.id)
+        reuse = refresh.subject_values_reuse(
+            refresh.stored_values_state(session, experiment.id), events_state, fingerprint, scales,
             max(m.window_end_days for m in metrics),
         )
         values, recomputed = {}, {}
         for period in periods:
-            values[period], recomputed[period] = _period_values(
+            values[period], recomputed[period] = refresh.period_values(
                 session, assignments, period, experiment.id, metrics, event_bounds[period], reuse
             )
         # Caps are quantiles over the (materialized) values: cheap enough to compute in each query.
-        capped = {p: transforms.cap_subject_values(v.drop("period"), metrics) for p, v in values.items()}
+        capped = {p: subject_values.cap_subject_values(v.drop("period"), metrics) for p, v in values.items()}
         post, pre = capped["post"], capped.get("pre")
         x_bounds = _bounds(session, pre, "metric") if pre is not None else None
         # Only these small tables leave the engine.
         sufficient = session.to_pandas(
-            transforms.sufficient_statistics(post, pre, _bounds(session, post, "metric"), x_bounds)
+            subject_values.sufficient_statistics(post, pre, _bounds(session, post, "metric"), x_bounds)
         )
-        counts = session.to_pandas(transforms.assignment_counts(assignments, properties))
+        counts = session.to_pandas(assignment_counts(assignments, properties))
         srm, causes = results.srm_of(counts, experiment)
         frame = results.variant_metric_rows(sufficient, experiment, metrics, srm)
-        values_state = _frame_with_timestamps({
+        values_state = refresh.state_frame({
             "experiment_id": experiment.id,
             "fingerprint": fingerprint,
             "scales": json.dumps(scales, sort_keys=True),
@@ -607,32 +518,10 @@ def variant_metrics(
     return MaterializeResult(metadata=metadata)
 
 
-def _latest_check_results(context: AssetExecutionContext, experiment_id: str) -> list[dict]:
-    """The newest evaluation of every check of this experiment's partition, from the instance."""
-    from exp_pipeline.checks import ASSET_CHECKS  # checks import this module
-
-    storage = context.instance.event_log_storage
-    found = []
-    for key in [k for check_def in ASSET_CHECKS for k in check_def.check_keys]:
-        history = storage.get_asset_check_execution_history(key, limit=CHECK_HISTORY_DEPTH)
-        latest = next((r for r in history if r.partition == experiment_id and r.event is not None), None)
-        evaluation = getattr(latest.event.dagster_event, "event_specific_data", None) if latest else None
-        if evaluation is None or not hasattr(evaluation, "passed"):
-            continue
-        found.append(
-            {
-                "asset": key.asset_key.to_user_string(),
-                "check": key.name,
-                "passed": evaluation.passed,
-                "severity": evaluation.severity.value,
-                "description": evaluation.description,
-            }
-        )
-    return found
-
-
-# How far back to look for a partition's latest check evaluation (one entry per run and partition).
-CHECK_HISTORY_DEPTH = 200
+def _check_keys(context: AssetExecutionContext):
+    """Every check defined beside this asset (its job's asset graph): the report lists their latest
+    results without this module importing the checks, which import it."""
+    return context.job_def.asset_layer.asset_graph.asset_check_keys
 
 
 @_experiment_asset(
@@ -650,23 +539,22 @@ def experiment_report(
     with warehouse.session() as session:
         metrics = session.partition("variant_metrics", experiment.id)
         frame = session.to_pandas(metrics.order_by("metric", "variant_id"))
-        assignments = transforms.analysable_assignments(session.partition("deduped_assignments", experiment.id))
-        counts = session.to_pandas(transforms.assignment_counts(assignments, reg.sources.assignments.properties))
+        assignments = analysable_assignments(session.partition("deduped_assignments", experiment.id))
+        counts = session.to_pandas(assignment_counts(assignments, reg.sources.assignments.properties))
     srm, causes = results.srm_of(counts, experiment)
-    verdict = "SRM" if srm.flagged else ("ok" if srm.judged else "not judged")
     html_text = report_html.experiment_report_html(
         experiment_id=experiment.id,
         name=experiment.name,
         frame=frame,
-        checks=_latest_check_results(context, experiment.id),
+        checks=latest_check_results(context.instance, _check_keys(context), experiment.id),
         srm={
-            "verdict": verdict,
+            "verdict": srm.verdict,
             "p_value": float(srm.p_value),
             "observed": srm.observed,
             "expected": srm.expected,
             "likely_cause": f"{causes[0].property} = {causes[0].value}" if causes else None,
         },
-        generated_at=dt.datetime.now(dt.timezone.utc),
+        generated_at=dt.datetime.now(dt.UTC),
     )
     path = report_html.write_report(reg.data_root / "reports" / f"{experiment.id}.html", html_text)
     return MaterializeResult(

@@ -1,0 +1,136 @@
+"""Assignments: exposure rows -> one row per subject (first exposure wins), with history."""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Sequence
+
+import ibis
+import ibis.expr.types as ir
+
+from exp_pipeline.registry import Experiment
+from exp_pipeline.vocabulary import MULTIPLE_VARIANTS, OUTSIDE_WINDOW, USED, UTC_TIMESTAMP
+
+
+def _row_reason(rows: ir.Table, experiment: Experiment) -> ir.StringValue:
+    """Why an ingested exposure row does not count for the assignment, or null when it does."""
+    in_window = rows.assigned_at >= experiment.start_at
+    if experiment.end_at is not None:
+        in_window &= rows.assigned_at < experiment.end_at
+    return ibis.ifelse(in_window, ibis.null("string"), ibis.literal(OUTSIDE_WINDOW))
+
+
+def classify_exposures(raw: ir.Table, experiment: Experiment) -> ir.Table:
+    """Raw exposure rows with `exclusion_reason` (null for usable rows)."""
+    return raw.mutate(exclusion_reason=_row_reason(raw, experiment))
+
+
+def exposure_row_counts(raw: ir.Table, experiment: Experiment) -> ir.Table:
+    """Small table: raw rows per exclusion reason ('used' for usable rows)."""
+    classified = classify_exposures(raw, experiment)
+    return classified.group_by(
+        reason=classified.exclusion_reason.fill_null(USED)
+    ).aggregate(rows=classified.count())
+
+
+def first_exposures(raw: ir.Table, experiment: Experiment, properties: Sequence[str]) -> ir.Table:
+    """One row per subject: the first usable exposure wins, with its properties.
+
+    Subjects whose usable exposures name more than one variant keep a row too, marked
+    `exclusion_reason = 'multiple_variants'`, so they are counted and reported, not lost.
+    """
+    usable = classify_exposures(raw, experiment)
+    usable = usable.filter(usable.exclusion_reason.isnull()).drop("exclusion_reason")
+    per_subject = ibis.window(
+        group_by=usable.subject_id,
+        # Ties on the timestamp are broken deterministically so reruns give the same answer.
+        order_by=[usable.assigned_at, usable.variant_id, *(usable[p] for p in properties), usable.source_file],
+    )
+    ranked = usable.mutate(
+        _rank=ibis.row_number().over(per_subject),
+    )
+    summary = usable.group_by("subject_id").aggregate(
+        n_exposures=usable.count(),
+        n_variants_seen=usable.variant_id.nunique(),
+    )
+    first = ranked.filter(ranked._rank == 0).drop("_rank", "source_file")
+    joined = first.join(summary, "subject_id")
+    return joined.select(
+        "experiment_id",
+        "subject_id",
+        "variant_id",
+        "assigned_at",
+        *properties,
+        n_exposures=joined.n_exposures.cast("int64"),
+        n_variants_seen=joined.n_variants_seen.cast("int64"),
+        exclusion_reason=ibis.ifelse(
+            joined.n_variants_seen > 1, ibis.literal(MULTIPLE_VARIANTS), ibis.null("string")
+        ),
+    )
+
+
+# Columns that, when they change for a subject, make a correction (old row kept inactive).
+TRACKED_COLUMNS = ("variant_id", "assigned_at", "exclusion_reason")
+# Counts of an unchanged subject follow the log in place; everything else stays as first recorded.
+COUNT_COLUMNS = ("n_exposures", "n_variants_seen")
+
+
+def apply_assignment_history(
+    current: ir.Table, previous: ir.Table | None, recorded_at: dt.datetime
+) -> ir.Table:
+    """The new contents of an experiment's deduped_assignments partition, history included.
+
+    `current` is the assignment state computed from the log now; `previous` is what the table held.
+    Unchanged subjects keep their row (properties and `valid_from` included), so reruns are
+    idempotent; only their counts (n_exposures, n_variants_seen) follow the log.
+    A subject whose variant, first exposure or exclusion changed is a correction: the old row is
+    kept with `is_active = false` and `valid_to` set, and the new row is inserted active. Rows that
+    were already inactive stay forever. Nothing is deleted.
+    """
+    recorded = ibis.literal(recorded_at, type=UTC_TIMESTAMP)
+    fresh = current.mutate(
+        is_active=ibis.literal(True),
+        valid_from=recorded,
+        valid_to=ibis.null(UTC_TIMESTAMP),
+    )
+    if previous is None:
+        return fresh
+    columns = fresh.columns
+    previous = previous.select(*columns)
+    history = previous.filter(~previous.is_active)
+    active = previous.filter(previous.is_active)
+
+    key = ["experiment_id", "subject_id"]
+    # Unchanged subjects keep their row and its valid_from; counts (n_exposures, ...) are updated
+    # in place: they are not history.
+    same = [active[c].identical_to(current[c]) for c in TRACKED_COLUMNS]
+    unchanged = active.semi_join(current, [*(active[k] == current[k] for k in key), *same])
+    counts = current.select(*key, *(ibis._[c].name(f"_{c}") for c in COUNT_COLUMNS))
+    kept = unchanged.join(counts, key).mutate(**{c: ibis._[f"_{c}"] for c in COUNT_COLUMNS}).select(*columns)
+    # Changed or vanished subjects: the previous active row closes.
+    closed = active.anti_join(kept, key).mutate(is_active=ibis.literal(False), valid_to=recorded)
+    # New or changed subjects: the current row opens.
+    opened = fresh.anti_join(kept, key)
+    return ibis.union(history, kept, closed, opened.select(*columns), distinct=False)
+
+
+def analysable_assignments(deduped: ir.Table) -> ir.Table:
+    """Active, not excluded assignments: the subjects whose metrics are analysed."""
+    return deduped.filter(deduped.is_active & deduped.exclusion_reason.isnull())
+
+
+
+def assignment_counts(assignments: ir.Table, properties: Sequence[str]) -> ir.Table:
+    """Small table of subject counts per variant, overall (property '') and per property value."""
+    overall = assignments.group_by("variant_id").aggregate(n=assignments.count()).mutate(
+        property=ibis.literal(""), value=ibis.literal("")
+    )
+    parts = [overall]
+    for prop in properties:
+        parts.append(
+            assignments.group_by("variant_id", value=assignments[prop].cast("string").fill_null("(null)"))
+            .aggregate(n=assignments.count())
+            .mutate(property=ibis.literal(prop))
+        )
+    columns = ["property", "value", "variant_id", "n"]
+    return ibis.union(*(p.select(*columns) for p in parts), distinct=False)

@@ -1,0 +1,285 @@
+"""Ingestion: source rows mapped onto canonical names and types, then classified as ingested or
+rejected with a reason (every rejected row is kept, never dropped).
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import ibis
+import ibis.expr.types as ir
+import pandas as pd
+
+from exp_pipeline.registry import Experiment, Source
+from exp_pipeline.vocabulary import (
+    DUPLICATE_ROW,
+    INGESTED,
+    MISSING_EVENT_NAME,
+    MISSING_EXPERIMENT_ID,
+    MISSING_SUBJECT_ID,
+    MISSING_TIMESTAMP,
+    MISSING_VARIANT_ID,
+    NON_NUMERIC_VALUE,
+    UNKNOWN_EXPERIMENT,
+    UNKNOWN_VARIANT,
+    UNPARSABLE_TIMESTAMP,
+    UTC_TIMESTAMP,
+    trim_whitespace,
+)
+
+
+def to_utc_timestamp(column: ir.Value) -> ir.TimestampValue:
+    """Normalize any timestamp form to one type: UTC, microseconds.
+
+    Naive timestamps are taken as UTC (the session's time zone); aware ones are converted; strings
+    are parsed, unparsable ones become null. Doing this once at ingestion is what lets later
+    comparisons work whatever wrote the source (pandas writes nanoseconds, others microseconds).
+    """
+    if column.type().is_string():
+        return column.try_cast(UTC_TIMESTAMP)
+    return column.cast(UTC_TIMESTAMP)
+
+
+def _require_columns(table: ir.Table, source: Source, canonical: Sequence[str], what: str) -> None:
+    missing = []
+    for name in canonical:
+        column = source.source_column(name)
+        if column not in table.columns:
+            mapped = f" (mapped from {name!r})" if column != name else ""
+            missing.append(f"{column!r}{mapped}")
+    if missing:
+        raise ValueError(
+            f"{what}: missing columns {', '.join(missing)}; the source has {list(table.columns)}. "
+            "Fix the column mapping under sources in the registry."
+        )
+
+
+def canonical_assignments(source_rows: ir.Table, source: Source, experiment_id: str | None) -> ir.Table:
+    """One experiment's exposure rows (all rows with None), mapped onto canonical names and types.
+
+    `assigned_at_text` keeps the timestamp as logged, so a rejected row shows what was wrong.
+    """
+    _require_columns(
+        source_rows,
+        source,
+        ("subject_id", "experiment_id", "variant_id", "assigned_at", *source.properties),
+        "assignments source",
+    )
+    experiment_column = source_rows[source.source_column("experiment_id")].cast("string")
+    rows = source_rows if experiment_id is None else source_rows.filter(trim_whitespace(experiment_column) == experiment_id)
+    logged_at = rows[source.source_column("assigned_at")]
+    return rows.select(
+        experiment_id=trim_whitespace(rows[source.source_column("experiment_id")].cast("string")),
+        subject_id=rows[source.source_column("subject_id")].cast("string"),
+        variant_id=rows[source.source_column("variant_id")].cast("string"),
+        assigned_at=to_utc_timestamp(logged_at),
+        **{p: rows[p].cast("string") for p in source.properties},
+        source_file=rows.source_file.cast("string"),
+        **_logged_text("assigned_at", logged_at, _is_time(logged_at)),
+    )
+
+
+def _is_time(column: ir.Value) -> bool:
+    return column.type().is_timestamp() or column.type().is_date()
+
+
+def _logged_text(name: str, logged: ir.Value, parses: bool) -> dict[str, ir.Value]:
+    """`{name}_text`, the value as logged, for a column whose parsing may fail (text from CSV or
+    Parquet, or a type that does not convert, like a timestamp mapped as `value`): a rejected row
+    must show what was there. A column that `parses` (already the right kind of type) gets no
+    twin: formatting every timestamp of a large log as text costs more than the rest of the join.
+    """
+    return {} if parses else {f"{name}_text": logged.cast("string")}
+
+
+def _text_or_value(rows: ir.Table, name: str) -> ir.Value:
+    """The logged text of a column when it was logged as text, else the typed value."""
+    return rows[f"{name}_text"] if f"{name}_text" in rows.columns else rows[name]
+
+
+def _missing(rows: ir.Table, name: str) -> ir.BooleanValue:
+    """Nothing logged in the column: null, or (logged as text) only whitespace."""
+    if f"{name}_text" in rows.columns:
+        return _blank(rows[f"{name}_text"])
+    return rows[name].isnull()
+
+
+def canonical_events(source_rows: ir.Table, source: Source) -> ir.Table:
+    """Every event row, mapped onto canonical names and types, with the logged text kept.
+
+    Unparsable timestamps and non-numeric values become null here; `classify_events` says why.
+    """
+    _require_columns(source_rows, source, ("subject_id", "event_at", "event_name"), "events source")
+    value_column = source.source_column("value")
+    if value_column in source_rows.columns:
+        logged_value = source_rows[value_column]
+        kind = logged_value.type()
+        if kind.is_numeric() or kind.is_boolean() or kind.is_string():
+            value = logged_value.try_cast("float64")
+            # NaN and infinity are no amounts: missing, as a null is (Spark, unlike DuckDB, sums NaN
+            # to NaN); logged as text they are rejected as non-numeric values.
+            # (Not isinf(): Ibis compiles it to FALSE on Spark.)
+            infinite = value.abs() > ibis.literal(sys.float_info.max)
+            value = ibis.ifelse(value.isnan() | infinite, ibis.null("float64"), value)
+        else:
+            # A timestamp or date mapped as the value is not an amount (Spark would cast it to seconds).
+            value = ibis.null("float64")
+        value_text = _logged_text("value", logged_value, kind.is_numeric() or kind.is_boolean())
+    else:
+        value = ibis.null("float64")  # a count-only event log
+        value_text = {}
+    logged_at = source_rows[source.source_column("event_at")]
+    return source_rows.select(
+        subject_id=source_rows[source.source_column("subject_id")].cast("string"),
+        event_at=to_utc_timestamp(logged_at),
+        event_name=source_rows[source.source_column("event_name")].cast("string"),
+        value=value,
+        source_file=source_rows.source_file.cast("string"),
+        **_logged_text("event_at", logged_at, _is_time(logged_at)),
+        **value_text,
+    )
+
+
+def _blank(column: ir.StringValue) -> ir.BooleanValue:
+    return column.isnull() | (trim_whitespace(column) == "")
+
+
+def _duplicate_rank(rows: ir.Table, columns: Sequence[str]) -> ir.IntegerValue:
+    """0 for the first copy of a row (by source file), 1, 2, ... for exact repeats of it."""
+    window = ibis.window(group_by=[rows[c] for c in columns], order_by=[rows.source_file])
+    return ibis.row_number().over(window)
+
+
+def classify_assignments(rows: ir.Table, experiment: Experiment, properties: Sequence[str]) -> ir.Table:
+    """Canonical exposure rows with `rejection_reason` (null for rows that are ingested)."""
+    keyed = rows.mutate(_at=_text_or_value(rows, "assigned_at"))
+    ranked = keyed.mutate(
+        _copy=_duplicate_rank(keyed, ["experiment_id", "subject_id", "variant_id", "_at", *properties])
+    ).drop("_at")
+    known = [v.id for v in experiment.variants]
+    reason = ibis.cases(
+        (_blank(ranked.subject_id), MISSING_SUBJECT_ID),
+        (_blank(ranked.variant_id), MISSING_VARIANT_ID),
+        (_missing(ranked, "assigned_at"), MISSING_TIMESTAMP),
+        (ranked.assigned_at.isnull(), UNPARSABLE_TIMESTAMP),
+        (~ranked.variant_id.isin(known), UNKNOWN_VARIANT),
+        (ranked._copy > 0, DUPLICATE_ROW),
+        else_=ibis.null("string"),
+    )
+    return ranked.mutate(rejection_reason=reason).drop("_copy")
+
+
+def classify_events(rows: ir.Table, detect_duplicates: bool = True) -> ir.Table:
+    """Canonical event rows with `rejection_reason` (null for usable events).
+
+    Finding duplicates needs a window over every event; the per-experiment path skips it and
+    drops exact duplicates after the (much smaller) temporal join instead.
+    """
+    if detect_duplicates:
+        keyed = rows.mutate(_at=_text_or_value(rows, "event_at"), _value=_text_or_value(rows, "value"))
+        ranked = keyed.mutate(
+            _copy=_duplicate_rank(keyed, ["subject_id", "_at", "event_name", "_value"])
+        ).drop("_at", "_value")
+    else:
+        ranked = rows.mutate(_copy=ibis.literal(0))
+    # Only a value logged as text can fail to parse.
+    non_numeric = (
+        ~_blank(ranked.value_text) & ranked.value.isnull() if "value_text" in ranked.columns else ibis.literal(False)
+    )
+    reason = ibis.cases(
+        (_blank(ranked.subject_id), MISSING_SUBJECT_ID),
+        (_blank(ranked.event_name), MISSING_EVENT_NAME),
+        (_missing(ranked, "event_at"), MISSING_TIMESTAMP),
+        (ranked.event_at.isnull(), UNPARSABLE_TIMESTAMP),
+        (non_numeric, NON_NUMERIC_VALUE),
+        (ranked._copy > 0, DUPLICATE_ROW),
+        else_=ibis.null("string"),
+    )
+    return ranked.mutate(rejection_reason=reason).drop("_copy")
+
+
+def usable_events(rows: ir.Table, event_names: Sequence[str]) -> ir.Table:
+    """The events a metric may use: of the named events, not rejected, canonical columns only.
+
+    The same rows `classify_events` accepts, less two tests that the temporal join makes for free:
+    a blank subject id equals no assigned subject's (blank ids are rejected at ingestion), and
+    exact duplicates are dropped after the (much smaller) join. Testing every id of the log for
+    whitespace would cost a third of the scan.
+    """
+    usable = rows.filter(rows.event_name.isin(list(event_names)), rows.event_at.notnull())
+    if "value_text" in rows.columns:
+        usable = usable.filter(_blank(usable.value_text) | usable.value.notnull())
+    return usable.select("subject_id", "event_at", "event_name", "value")
+
+
+def ingested(classified: ir.Table) -> ir.Table:
+    return classified.filter(classified.rejection_reason.isnull()).drop(
+        "rejection_reason", *[c for c in classified.columns if c.endswith("_text")]
+    )
+
+
+def rejected(classified: ir.Table, source_name: str, experiment_id: str | None) -> ir.Table:
+    """Rejected rows in the rejected_rows layout: where from, why, and the row as logged."""
+    rows = classified.filter(classified.rejection_reason.notnull())
+    # Show each value as logged: the *_text copy stands in for its parsed column.
+    parsed_twins = {c.removesuffix("_text") for c in rows.columns if c.endswith("_text")}
+    shown = [c for c in rows.columns if c not in ("rejection_reason", "source_file", *parsed_twins)]
+    record = ibis.literal("")
+    for i, column in enumerate(shown):
+        name = column.removesuffix("_text")
+        text = rows[column].cast("string").fill_null("<null>")
+        record = record + ibis.literal(("; " if i else "") + f"{name}=") + text
+    return rows.select(
+        experiment_id=ibis.literal(experiment_id, type="string"),
+        source=ibis.literal(source_name),
+        source_file=rows.source_file,
+        reason=rows.rejection_reason,
+        record=record,
+    )
+
+
+def unassignable_rows(rows: ir.Table, experiment_ids: Sequence[str]) -> ir.Table:
+    """Exposure rows that belong to no experiment of the registry, with the reason."""
+    reason = ibis.cases(
+        (_blank(rows.experiment_id), MISSING_EXPERIMENT_ID),
+        (~trim_whitespace(rows.experiment_id).isin(list(experiment_ids)), UNKNOWN_EXPERIMENT),
+        else_=ibis.null("string"),
+    )
+    return rows.mutate(rejection_reason=reason)
+
+
+def rejection_counts(classified: ir.Table) -> ir.Table:
+    """Small table: rows per rejection reason ('ingested' for the rows kept)."""
+    return classified.group_by(reason=classified.rejection_reason.fill_null(INGESTED)).aggregate(
+        rows=classified.count()
+    )
+
+
+
+@dataclass(frozen=True)
+class RowAccounting:
+    """Where a source's rows went: every row read is ingested or kept aside with its reason."""
+
+    ingested: int
+    rejected_by_reason: dict[str, int]
+
+    @classmethod
+    def of(cls, counts: pd.DataFrame) -> RowAccounting:
+        """From a small table of rows per reason (`rejection_counts`: 'ingested' for the rows kept)."""
+        by_reason = dict(zip(counts["reason"], counts["rows"].astype(int), strict=True))
+        ingested = by_reason.pop(INGESTED, 0)
+        return cls(ingested=ingested, rejected_by_reason=by_reason)
+
+    @property
+    def rejected(self) -> int:
+        return sum(self.rejected_by_reason.values())
+
+    @property
+    def read(self) -> int:
+        return self.ingested + self.rejected
+
+    @property
+    def rejected_share(self) -> float:
+        return self.rejected / self.read if self.read else 0.0

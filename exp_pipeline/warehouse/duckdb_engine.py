@@ -1,0 +1,228 @@
+"""The DuckDB engine: one DuckDB file, every write one transaction."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import duckdb
+import ibis
+import ibis.expr.types as ir
+import pandas as pd
+
+from exp_pipeline.registry import SAFE_ID_PATTERN
+from exp_pipeline.warehouse.interface import PartitionRefresh, RefreshCounts, WarehouseSession, unreadable_file
+
+# CSV is read as text (types come from the column mapping, and unparsable values are rejected row by
+# row); a short last line (a truncated file) is padded with nulls so its row is rejected, not lost.
+CSV_OPTIONS = {"header": True, "all_varchar": True, "null_padding": True, "union_by_name": True}
+
+
+LOCK_RETRY_SECONDS = 1.0
+
+
+def _quote(identifier: str) -> str:
+    # Only identifiers that passed SAFE_ID_PATTERN reach SQL text; values always go as parameters.
+    if not SAFE_ID_PATTERN.match(identifier):
+        raise ValueError(f"unsafe identifier {identifier!r}")
+    return f'"{identifier}"'
+
+
+class DuckDBWarehouseSession(WarehouseSession):
+    """A DuckDB connection; every write is one transaction."""
+
+    def __init__(self, raw_connection, schema: str):
+        super().__init__()
+        self.raw = raw_connection
+        self.schema = schema
+        self.ibis = ibis.duckdb.from_connection(raw_connection)
+        self.raw.execute(f"CREATE SCHEMA IF NOT EXISTS {_quote(schema)}")
+
+    # -- reading -------------------------------------------------------------------------------
+
+    def has_table(self, name: str) -> bool:
+        # Not ibis' list_tables: with DuckDB 2.0 it calls a removed fetch_arrow_table().
+        found = self.raw.execute(
+            "SELECT count(*) FROM information_schema.tables WHERE table_schema = ? AND table_name = ?",
+            [self.schema, name],
+        ).fetchone()[0]
+        return found > 0
+
+    def table(self, name: str) -> ir.Table:
+        if not self.has_table(name):
+            raise LookupError(
+                f"table {self.schema}.{name} does not exist yet: materialize its asset first"
+            )
+        return self.ibis.table(name, database=self.schema)
+
+    def _catalog_table(self, qualified_name: str) -> ir.Table:
+        database, _, table_name = qualified_name.rpartition(".")
+        return self.ibis.table(table_name, database=database or None)
+
+    def _read_parquet(self, files: list[str], description: str) -> ir.Table:
+        for path in files:
+            self._probe(path, "parquet", description)
+        return self.ibis.read_parquet(files, filename=True, union_by_name=True).rename(source_file="filename")
+
+    def _read_csv(self, files: list[str], description: str) -> ir.Table:
+        for path in files:
+            self._probe(path, "csv", description)
+        return self.ibis.read_csv(files, filename=True, **CSV_OPTIONS).rename(source_file="filename")
+
+    def temp_table(self, name: str, expr: ir.Table) -> ir.Table:
+        return self.ibis.create_table(name, expr, temp=True, overwrite=True)
+
+    def _probe(self, path: str, file_format: str, description: str) -> None:
+        """Fail on a file that is not what the registry says, naming the file and the fix."""
+        try:
+            if file_format == "parquet":
+                self.raw.execute("SELECT * FROM parquet_schema(?)", [path]).fetchall()
+            else:
+                self.raw.execute(
+                    "SELECT count(*) FROM read_csv(?, header = true, all_varchar = true, null_padding = true)",
+                    [path],
+                ).fetchall()
+        except duckdb.Error as exc:
+            reason = str(exc).splitlines()[0]
+            raise unreadable_file(description, path, file_format, reason) from None
+
+    # -- writing -------------------------------------------------------------------------------
+
+    def _ensure_table(self, name: str, schema: ibis.Schema) -> None:
+        if not self.has_table(name):
+            self.ibis.create_table(name, schema=schema, database=self.schema)
+            return
+        existing = self.ibis.table(name, database=self.schema).schema()
+        for column, dtype in schema.items():
+            if column not in existing:
+                # A newer pipeline version added a column: older partitions read it as null.
+                sql_type = self.ibis.compiler.type_mapper.to_string(dtype)
+                self.raw.execute(
+                    f"ALTER TABLE {_quote(self.schema)}.{_quote(name)} "
+                    f"ADD COLUMN {_quote(column)} {sql_type}"
+                )
+
+    @contextmanager
+    def _transaction(self) -> Iterator[None]:
+        self.raw.begin()
+        try:
+            yield
+        except BaseException:
+            self.raw.rollback()
+            raise
+        self.raw.commit()
+
+    def replace_partitions(
+        self, experiment_id: str, tables: dict[str, ir.Table | pd.DataFrame]
+    ) -> dict[str, int]:
+        """Replace one experiment's rows of several tables in ONE transaction (all or nothing)."""
+        with self._transaction():
+            return {name: self._replace(name, experiment_id, rows) for name, rows in tables.items()}
+
+    def _replace(self, name: str, experiment_id: str, rows: ir.Table | pd.DataFrame) -> int:
+        expr = rows if isinstance(rows, ir.Table) else ibis.memtable(rows)
+        self._ensure_table(name, expr.schema())
+        self.raw.execute(
+            f"DELETE FROM {_quote(self.schema)}.{_quote(name)} WHERE experiment_id = ?", [experiment_id]
+        )
+        self.ibis.insert(name, expr, database=self.schema)
+        return self._partition_rows(name, experiment_id)
+
+    def refresh_partitions(
+        self,
+        experiment_id: str,
+        refreshes: dict[str, PartitionRefresh],
+        replace: dict[str, ir.Table | pd.DataFrame] | None = None,
+    ) -> dict[str, RefreshCounts]:
+        """Update part of one experiment's rows of several tables in ONE transaction.
+
+        Per table: delete the stale rows (see PartitionRefresh), insert the new ones. `replace`
+        tables are replaced whole-partition in the same transaction (a state row, say).
+        """
+        counts = {}
+        with self._transaction():
+            for name, refresh in refreshes.items():
+                self._ensure_table(name, refresh.rows.schema())
+                table = f"{_quote(self.schema)}.{_quote(name)}"
+                column, since = refresh.stale_from
+                stale = ".".join(map(_quote, refresh.stale_subjects.get_name().split(".")))
+                # A probe of a few stale subjects; an anti-join of every row against all the kept
+                # subjects cost 9x as much (200 M events: 0.85 s against 0.09 s on one table).
+                deleted = self.raw.execute(
+                    f"DELETE FROM {table} AS t WHERE t.experiment_id = ? AND (t.{_quote(column)} >= ? "
+                    f"OR t.subject_id IN (SELECT subject_id FROM {stale}))",
+                    [experiment_id, since],
+                ).fetchone()[0]
+                before = self._partition_rows(name, experiment_id)
+                self.ibis.insert(name, refresh.rows, database=self.schema)
+                after = self._partition_rows(name, experiment_id)
+                counts[name] = RefreshCounts(deleted=int(deleted), inserted=after - before, rows=after)
+            for name, rows in (replace or {}).items():
+                self._replace(name, experiment_id, rows)
+        return counts
+
+    def _partition_rows(self, name: str, experiment_id: str) -> int:
+        return int(
+            self.raw.execute(
+                f"SELECT count(*) FROM {_quote(self.schema)}.{_quote(name)} WHERE experiment_id = ?",
+                [experiment_id],
+            ).fetchone()[0]
+        )
+
+    def append(self, name: str, rows: ir.Table) -> None:
+        """Append rows (creating the table on first use) in one transaction."""
+        with self._transaction():
+            self._ensure_table(name, rows.schema())
+            self.ibis.insert(name, rows, database=self.schema)
+
+    def update_row(self, name: str, key_column: str, key: str, values: dict) -> None:
+        """Set `values` on the rows where key_column = key (values bound as parameters)."""
+        assignments = ", ".join(f"{_quote(column)} = ?" for column in values)
+        self.raw.execute(
+            f"UPDATE {_quote(self.schema)}.{_quote(name)} SET {assignments} WHERE {_quote(key_column)} = ?",
+            [*values.values(), key],
+        )
+
+    def replace_table(self, name: str, rows: ir.Table | pd.DataFrame) -> int:
+        """Replace a whole (unpartitioned) table in one transaction."""
+        expr = rows if isinstance(rows, ir.Table) else ibis.memtable(rows)
+        with self._transaction():
+            if self.has_table(name):
+                self.raw.execute(f"DROP TABLE {_quote(self.schema)}.{_quote(name)}")
+            self.ibis.create_table(name, expr, database=self.schema)
+        return self.count(self.table(name))
+
+
+class WarehouseBusy(RuntimeError):
+    """Another process held the DuckDB file for longer than the configured wait."""
+
+
+
+
+@contextmanager
+def open_session(
+    database: str, schema: str, config: dict, lock_timeout_seconds: float
+) -> Iterator[DuckDBWarehouseSession]:
+    """A session on the DuckDB file, waiting up to `lock_timeout_seconds` for another writer."""
+    if database != ":memory:":
+        Path(database).parent.mkdir(parents=True, exist_ok=True)
+    deadline = time.monotonic() + lock_timeout_seconds
+    while True:
+        try:
+            raw = duckdb.connect(database, read_only=False, config=config)
+            break
+        except duckdb.IOException as exc:
+            if "lock" not in str(exc).lower():
+                raise
+            if time.monotonic() > deadline:
+                raise WarehouseBusy(
+                    f"the warehouse {database} stayed locked by another process for "
+                    f"{lock_timeout_seconds:.0f}s; is a run or a DuckDB shell holding it?"
+                ) from None
+            time.sleep(LOCK_RETRY_SECONDS)
+    try:
+        yield DuckDBWarehouseSession(raw, schema)
+    finally:
+        raw.close()

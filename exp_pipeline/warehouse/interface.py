@@ -1,0 +1,185 @@
+"""The engine interface: one open connection as Ibis tables in, atomic partition writes out.
+
+DuckDB (duckdb_engine.py) and Spark (spark_engine.py) implement it; assets, checks and the alert
+outbox only use this interface, and transforms only ever see Ibis tables.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import glob as globlib
+import os
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+import ibis
+import ibis.expr.types as ir
+import pandas as pd
+from ibis.backends import BaseBackend
+
+from exp_pipeline.registry import Source, is_uri
+
+
+class SourceError(ValueError):
+    """A source cannot be read at all; the message names the file and says how to fix it."""
+
+
+def unreadable_file(description: str, path: str, file_format: str, reason: str) -> SourceError:
+    return SourceError(
+        f"{description}: {path} is not a readable {file_format} file ({reason}). Fix or remove "
+        f"the file, or set 'format' for this source in the registry if it is not {file_format}."
+    )
+
+
+
+@dataclass(frozen=True)
+class PartitionRefresh:
+    """An incremental update of one experiment's rows of a table.
+
+    Deleted: rows whose `stale_from` column is at or after its value, and every row of the
+    subjects in `stale_subjects` (a small table in the session with a subject_id column).
+    Inserted: `rows`.
+    """
+
+    rows: ir.Table
+    stale_from: tuple[str, dt.datetime]
+    stale_subjects: ir.Table
+
+
+@dataclass(frozen=True)
+class RefreshCounts:
+    deleted: int
+    inserted: int
+    rows: int  # in the partition after the refresh
+
+
+class WarehouseSession(ABC):
+    """One open connection to an engine: tables and sources as Ibis tables, atomic partition writes.
+
+    The engine-neutral part lives here; DuckDBWarehouseSession and SparkWarehouseSession (in
+    spark_engine.py) implement the rest. Assets and checks only use this interface.
+    """
+
+    ibis: BaseBackend
+    schema: str
+
+    def __init__(self) -> None:
+        self.skipped_empty_files: list[str] = []
+
+    # -- reading -------------------------------------------------------------------------------
+
+    @abstractmethod
+    def has_table(self, name: str) -> bool: ...
+
+    @abstractmethod
+    def table(self, name: str) -> ir.Table:
+        """A pipeline table; LookupError (saying to materialize its asset) when it is missing."""
+
+    def partition(self, name: str, experiment_id: str) -> ir.Table:
+        table = self.table(name)
+        return table.filter(table.experiment_id == experiment_id)
+
+    def read_source(self, source: Source, resolved_path: str | None, description: str) -> ir.Table:
+        """The source as an Ibis table, with a `source_file` column naming where each row came from."""
+        if source.table is not None:
+            try:
+                table = self._catalog_table(source.table)
+            except Exception as exc:  # the backend's own error type varies
+                raise SourceError(
+                    f"{description}: table {source.table!r} is not in the warehouse ({exc})"
+                ) from None
+            return table.mutate(source_file=ibis.literal(source.table))
+        assert resolved_path is not None
+        files = self._source_files(resolved_path, description)
+        if source.file_format == "parquet":
+            return self._read_parquet(files, description)
+        return self._read_csv(files, description)
+
+    def _source_files(self, resolved_path: str, description: str) -> list[str]:
+        """The files a path or glob names, minus empty ones (recorded), each probed readable."""
+        if is_uri(resolved_path):
+            raise SourceError(
+                f"{description}: {resolved_path!r} is not a local path; DuckDB reads local files "
+                "(run on Spark, EXP_PIPELINE_ENGINE=spark, or copy the files)"
+            )
+        files = sorted(globlib.glob(resolved_path))
+        if not files:
+            raise SourceError(
+                f"{description}: no file matches {resolved_path!r}; check 'path' in the registry "
+                "(relative paths are relative to the registry file's folder)"
+            )
+        # A 0-byte file holds no rows (and no header or footer to read): skip it, say so.
+        empty = [f for f in files if os.path.getsize(f) == 0]
+        self.skipped_empty_files.extend(empty)
+        files = [f for f in files if f not in empty]
+        if not files:
+            raise SourceError(
+                f"{description}: every file matching {resolved_path!r} is empty (0 bytes): "
+                f"{', '.join(empty)}"
+            )
+        return files
+
+    @abstractmethod
+    def _catalog_table(self, qualified_name: str) -> ir.Table: ...
+
+    @abstractmethod
+    def _read_parquet(self, files: list[str], description: str) -> ir.Table:
+        """All files as one table (columns united by name), `source_file` naming each row's file."""
+
+    @abstractmethod
+    def _read_csv(self, files: list[str], description: str) -> ir.Table:
+        """As _read_parquet, every column as text (see CSV_OPTIONS)."""
+
+    def to_pandas(self, expr: ir.Table) -> pd.DataFrame:
+        """Only for small results: sufficient statistics, counts, previews."""
+        return self.ibis.to_pandas(expr)
+
+    def count(self, expr: ir.Table) -> int:
+        return int(self.ibis.execute(expr.count()))
+
+    def scalar(self, expr: ir.Scalar):
+        """One value computed by the engine (a max, a min)."""
+        return self.ibis.execute(expr)
+
+    @abstractmethod
+    def temp_table(self, name: str, expr: ir.Table) -> ir.Table:
+        """Compute `expr` once and keep it for this session, so later queries see the same rows."""
+
+    # -- writing -------------------------------------------------------------------------------
+
+    def replace_partition(self, name: str, experiment_id: str, rows: ir.Table | pd.DataFrame) -> int:
+        """Replace one experiment's rows of `name`; returns the rows written.
+
+        A failure (or a killed process) before the commit leaves the previous rows in place.
+        """
+        return self.replace_partitions(experiment_id, {name: rows})[name]
+
+    @abstractmethod
+    def replace_partitions(
+        self, experiment_id: str, tables: dict[str, ir.Table | pd.DataFrame]
+    ) -> dict[str, int]:
+        """Replace one experiment's rows of several tables, in the given order; rows written per table."""
+
+    @abstractmethod
+    def refresh_partitions(
+        self,
+        experiment_id: str,
+        refreshes: dict[str, PartitionRefresh],
+        replace: dict[str, ir.Table | pd.DataFrame] | None = None,
+    ) -> dict[str, RefreshCounts]:
+        """Update part of one experiment's rows of several tables (see PartitionRefresh); `replace`
+        tables are replaced whole-partition afterwards (a state row, say)."""
+
+    @abstractmethod
+    def append(self, name: str, rows: ir.Table) -> None:
+        """Append rows, creating the table on first use."""
+
+    @abstractmethod
+    def update_row(self, name: str, key_column: str, key: str, values: dict) -> None:
+        """Set `values` on the rows where key_column = key."""
+
+    @abstractmethod
+    def replace_table(self, name: str, rows: ir.Table | pd.DataFrame) -> int:
+        """Replace a whole (unpartitioned) table; returns its rows."""
+
+

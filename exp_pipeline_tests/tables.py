@@ -1,0 +1,63 @@
+"""Small tables for tests of the transforms: experiments, metrics, assignment and event rows."""
+
+import datetime as dt
+
+import pandas as pd
+
+from exp_pipeline.registry import Experiment, Metric
+from exp_pipeline.transforms.temporal_join import join_window_events, post_assignment_rows
+
+UTC = dt.UTC
+START = dt.datetime(2026, 10, 1, tzinfo=UTC)
+END = dt.datetime(2026, 10, 29, tzinfo=UTC)
+
+
+def ts(text: str) -> pd.Timestamp:
+    return pd.Timestamp(text, tz="UTC")
+
+
+
+def experiment(**overrides) -> Experiment:
+    fields = dict(
+        id="exp",
+        name="Exp",
+        start_at=START,
+        end_at=END,
+        variants=[{"id": "control", "weight": 0.5, "control": True}, {"id": "treatment", "weight": 0.5}],
+        metrics=["revenue"],
+    )
+    fields.update(overrides)
+    return Experiment.model_validate(fields)
+
+
+def raw_rows(con, rows):
+    frame = pd.DataFrame(rows, columns=["subject_id", "variant_id", "assigned_at", "device_type"])
+    frame["assigned_at"] = pd.to_datetime(frame["assigned_at"], utc=True, format="ISO8601")
+    frame.insert(0, "experiment_id", "exp")
+    frame["source_file"] = "f.parquet"
+    return con.create_table("raw", frame, overwrite=True)
+
+
+def metric(**overrides) -> Metric:
+    fields = dict(id="revenue", event_name="purchase", aggregation="sum", window_start_days=0, window_end_days=14)
+    fields.update(overrides)
+    return Metric.model_validate(fields)
+
+
+def assignments_table(con, rows):
+    frame = pd.DataFrame(rows, columns=["subject_id", "variant_id", "assigned_at"])
+    frame["assigned_at"] = pd.to_datetime(frame["assigned_at"], utc=True)
+    frame.insert(0, "experiment_id", "exp")
+    return con.create_table("assignments", frame, overwrite=True)
+
+
+def events_table(con, rows):
+    frame = pd.DataFrame(rows, columns=["subject_id", "event_at", "event_name", "value"])
+    frame["event_at"] = pd.to_datetime(frame["event_at"], utc=True, format="ISO8601")
+    frame["value"] = frame["value"].astype("float64")
+    return con.create_table("events", frame, overwrite=True)
+
+
+def post_rows(assignments, events, metrics):
+    """post_assignment_events as the pipeline builds it: the window join, post-assignment half."""
+    return post_assignment_rows(join_window_events(assignments, events, metrics, 0))
