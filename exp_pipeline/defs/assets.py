@@ -20,7 +20,7 @@ from dagster import (
 )
 from pydantic import Field
 
-from exp_pipeline import refresh, report_html, results, schemas
+from exp_pipeline import dimensions, refresh, report_html, results, schemas
 from exp_pipeline.defs.check_history import latest_check_results
 from exp_pipeline.defs.partitions import WRITER_POOL, experiment_partitions
 from exp_pipeline.defs.resources import RegistryResource
@@ -94,62 +94,31 @@ def _usable_events(session: WarehouseSession, registry: Registry, experiment: Ex
     return ingestion.usable_events(events, event_names)
 
 
-@asset(
-    group_name=GROUP, owners=OWNERS, kinds={"duckdb"}, pool=WRITER_POOL,
-    description="Experiments from the registry: dates, status and analysis settings.",
-    metadata=_columns("dim_experiments"),
-)
+def _registry_asset(table: str, description: str):
+    """The decorator of an asset built from the registry alone (one table, no partition)."""
+    return asset(
+        name=table, group_name=GROUP, owners=OWNERS, kinds={"duckdb"}, pool=WRITER_POOL,
+        description=description, metadata=_columns(table),
+    )
+
+
+def _replace_dimension(warehouse: Warehouse, table: str, frame: pd.DataFrame) -> MaterializeResult:
+    with warehouse.session() as session:
+        rows = session.replace_table(table, frame)
+    return MaterializeResult(
+        metadata={"dagster/row_count": rows, "preview": MetadataValue.md(frame.to_markdown(index=False))}
+    )
+
+
+@_registry_asset("dim_experiments", "Experiments from the registry: dates, status and analysis settings.")
 def dim_experiments(registry: RegistryResource, warehouse: Warehouse) -> MaterializeResult:
-    reg = registry.load()
-    now = dt.datetime.now(dt.UTC)
-    frame = pd.DataFrame(
-        [
-            {
-                "experiment_id": e.id,
-                "name": e.name,
-                "description": e.description,
-                "start_at": e.start_at,
-                "end_at": e.end_at,
-                "status": e.status(now),
-                "metrics": ",".join(e.metrics),
-                "alpha": e.alpha,
-                "srm_p_threshold": e.srm.p_threshold,
-                "srm_min_subjects": e.srm.min_subjects,
-                "srm_blocks_metrics": e.srm.blocks_metrics,
-                "cuped_pre_window_days": e.cuped_pre_window_days,
-                "multi_variant_warn_share": e.multi_variant.warn_share,
-                "multi_variant_error_share": e.multi_variant.error_share,
-            }
-            for e in reg.experiments
-        ]
-    )
-    frame["end_at"] = pd.to_datetime(frame["end_at"], utc=True)
-    with warehouse.session() as session:
-        rows = session.replace_table("dim_experiments", frame)
-    return MaterializeResult(
-        metadata={"dagster/row_count": rows, "preview": MetadataValue.md(frame.to_markdown(index=False))}
-    )
+    frame = dimensions.dim_experiments_frame(registry.load(), dt.datetime.now(dt.UTC))
+    return _replace_dimension(warehouse, "dim_experiments", frame)
 
 
-@asset(
-    group_name=GROUP, owners=OWNERS, kinds={"duckdb"}, pool=WRITER_POOL,
-    description="Variants per experiment: expected traffic share and which one is the control.",
-    metadata=_columns("dim_variants"),
-)
+@_registry_asset("dim_variants", "Variants per experiment: expected traffic share and which one is the control.")
 def dim_variants(registry: RegistryResource, warehouse: Warehouse) -> MaterializeResult:
-    reg = registry.load()
-    frame = pd.DataFrame(
-        [
-            {"experiment_id": e.id, "variant_id": v.id, "is_control": v.control, "weight": v.weight}
-            for e in reg.experiments
-            for v in e.variants
-        ]
-    )
-    with warehouse.session() as session:
-        rows = session.replace_table("dim_variants", frame)
-    return MaterializeResult(
-        metadata={"dagster/row_count": rows, "preview": MetadataValue.md(frame.to_markdown(index=False))}
-    )
+    return _replace_dimension(warehouse, "dim_variants", dimensions.dim_variants_frame(registry.load()))
 
 
 @asset(

@@ -7,12 +7,16 @@ import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pandas as pd
+import pytest
 from dagster import DagsterEventType, build_run_status_sensor_context, build_sensor_context
 
 from exp_pipeline import alerts
 from exp_pipeline.defs.automation import alert_on_failed_checks, alert_on_run_failure
 from exp_pipeline_tests.conftest import write_tiny_workspace
 from exp_pipeline_tests.defs.test_checks import run
+
+# Each test materializes experiments and ticks the sensors against a real endpoint.
+pytestmark = pytest.mark.e2e
 
 
 class Receiver:

@@ -246,6 +246,7 @@ def snapshot(warehouse) -> dict:
         }
 
 
+@pytest.mark.e2e
 def test_killing_a_run_mid_write_leaves_every_table_intact_and_the_next_run_succeeds(tmp_path):
     import os
     import random
@@ -299,6 +300,7 @@ def test_killing_a_run_mid_write_leaves_every_table_intact_and_the_next_run_succ
     assert report.rstrip().endswith("</html>")
 
 
+@pytest.mark.e2e
 def test_two_processes_writing_one_file_at_once_both_succeed(tmp_path):
     """Without Dagster's pools (two `dagster` processes, a script and the UI, ...) the second writer
     waits for DuckDB's lock instead of crashing; both results are correct."""
