@@ -25,7 +25,8 @@ def dim_experiments_frame(registry: Registry, now: dt.datetime) -> pd.DataFrame:
                 "srm_p_threshold": e.srm.p_threshold,
                 "srm_min_subjects": e.srm.min_subjects,
                 "srm_blocks_metrics": e.srm.blocks_metrics,
-                "cuped_pre_window_days": e.cuped_pre_window_days,
+                # A number of days, fractional or not (the registry keeps a whole default as an int).
+                "cuped_pre_window_days": float(e.cuped_pre_window_days),
                 "multi_variant_warn_share": e.multi_variant.warn_share,
                 "multi_variant_error_share": e.multi_variant.error_share,
             }
