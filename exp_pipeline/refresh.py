@@ -8,17 +8,21 @@ from __future__ import annotations
 import datetime as dt
 import json
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import NamedTuple
 
 import ibis
 import ibis.expr.types as ir
 import pandas as pd
 
-from exp_pipeline.registry import Metric
+from exp_pipeline import sources
+from exp_pipeline.registry import Experiment, Metric, Registry
+from exp_pipeline.transforms import temporal_join
+from exp_pipeline.transforms.assignments import analysable_assignments
 from exp_pipeline.transforms.fixed_point import SumBound
 from exp_pipeline.transforms.subject_values import subject_metric_values
 from exp_pipeline.transforms.temporal_join import join_window_events, whole_seconds
-from exp_pipeline.warehouse.interface import WarehouseSession
+from exp_pipeline.warehouse.interface import PartitionRefresh, RefreshCounts, WarehouseSession
 
 WINDOW_EVENTS_STATE = "window_events_state"
 SUBJECT_VALUES = "subject_metric_values"
@@ -187,6 +191,96 @@ def period_values(
     values = ibis.union(kept, fresh.select(*kept.columns), distinct=False)
     table = session.temp_table(f"tmp_{period}_values", values.mutate(period=ibis.literal(period)))
     return table, session.count(changed)
+
+
+# -- the window events ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class WindowEventsWrite:
+    """What a refresh of an experiment's window events wrote."""
+
+    rows: dict[str, int]  # per events table: its rows in the partition after the write
+    refreshed_from: dt.datetime | None  # the cutoff of an incremental refresh; None: recomputed in full
+    refreshed: dict[str, RefreshCounts] | None  # incremental: rows deleted and inserted per table
+
+    @property
+    def mode(self) -> str:
+        return "full" if self.refreshed_from is None else "incremental"
+
+
+def write_window_events(
+    session: WarehouseSession, registry: Registry, experiment: Experiment, full_refresh: bool, now: dt.datetime
+) -> WindowEventsWrite:
+    """Join the experiment's analysable subjects with the event log (one temporal join for both
+    periods) and write post_assignment_events, pre_assignment_events and the refresh state in one
+    partition write: incrementally on top of the last refresh when it can, else in full."""
+    metrics = registry.metrics_of(experiment)
+    pre_window = experiment.cuped_pre_window_days
+    fingerprint = registry.window_events_fingerprint(experiment)
+    deduped = session.partition("deduped_assignments", experiment.id)
+    assignments_as_of = engine_timestamp(session.scalar(deduped.valid_from.max()))
+    state = None if full_refresh else window_events_state(session, experiment.id, fingerprint)
+    if state is not None and not history_reaches(
+        engine_timestamp(session.scalar(deduped.valid_from.min())), state["assignments_as_of"]
+    ):
+        state = None
+    analysable = analysable_assignments(deduped)
+    analysable = analysable.mutate(
+        is_new=ibis.literal(True) if state is None else analysable.valid_from > state["assignments_as_of"]
+    )
+    # Small (one row per subject); materialized so every query below sees the same subjects.
+    analysable = session.temp_table("tmp_analysable", analysable)
+    events = temporal_join.experiment_events(sources.usable_events(session, registry, experiment), experiment, metrics, pre_window)
+    incremental = state is not None
+    if incremental:
+        earliest_new = session.scalar(analysable.filter(analysable.is_new).assigned_at.min())
+        cutoff, scan_from = refresh_lower_bound(
+            state["events_through"], registry.sources.events.late_arrival_days, engine_timestamp(earliest_new), pre_window
+        )
+        rows = refreshed_window_events(analysable, events, metrics, pre_window, cutoff, scan_from)
+    else:
+        rows = temporal_join.join_window_events(analysable, events, metrics, pre_window)
+    rows = session.temp_table("tmp_window_events", rows)
+    events_through = next_events_through(
+        engine_timestamp(session.scalar(rows.event_at.max())), state and state["events_through"], now
+    )
+    new_state = state_frame({
+        "experiment_id": experiment.id,
+        "fingerprint": fingerprint,
+        "events_through": events_through,
+        "assignments_as_of": assignments_as_of,
+        "refreshed_at": now,
+        "mode": "incremental" if incremental else "full",
+        # What variant_metrics needs to reuse per-subject values: the rows this refresh
+        # rewrote are those at or after refreshed_from, on top of the refresh before it.
+        "refreshed_from": cutoff if incremental else None,
+        "previous_refreshed_at": state["refreshed_at"] if incremental else None,
+    })
+    tables = {
+        "post_assignment_events": temporal_join.post_assignment_rows(rows),
+        "pre_assignment_events": temporal_join.pre_assignment_rows(rows),
+    }
+    if incremental:
+        stale = session.temp_table(
+            "tmp_stale_subjects", assignments_changed_since(deduped, state["assignments_as_of"])
+        )
+        refreshed = session.refresh_partitions(
+            experiment.id,
+            {
+                name: PartitionRefresh(rows=expr, stale_from=("event_at", cutoff), stale_subjects=stale)
+                for name, expr in tables.items()
+            },
+            replace={WINDOW_EVENTS_STATE: new_state},
+        )
+        written = {name: counts.rows for name, counts in refreshed.items()}
+    else:
+        written = session.replace_partitions(experiment.id, {**tables, WINDOW_EVENTS_STATE: new_state})
+    return WindowEventsWrite(
+        rows={name: written[name] for name in tables},
+        refreshed_from=cutoff if incremental else None,
+        refreshed=refreshed if incremental else None,
+    )
 
 
 # -- state rows ----------------------------------------------------------------------------------

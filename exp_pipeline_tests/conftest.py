@@ -14,10 +14,11 @@ import pytest
 from dagster import DagsterInstance
 from dagster_duckdb import DuckDBResource
 
+from exp_pipeline.analysis import sum_bounds
 from exp_pipeline.defs.resources import RegistryResource
 from exp_pipeline.sample_data import generate
 from exp_pipeline.settings import DEFAULT_REGISTRY, spark_config
-from exp_pipeline.transforms.fixed_point import SumBound, read_bounds, value_bounds
+from exp_pipeline.transforms.fixed_point import SumBound
 from exp_pipeline.warehouse.duckdb_engine import DuckDBWarehouseSession
 from exp_pipeline.warehouse.resources import DuckDBWarehouse, SparkWarehouse, Warehouse
 
@@ -124,7 +125,7 @@ class EngineTables:
         return self.tables[name]
 
     def bounds(self, table: ibis.Table, by: str = "metric") -> dict[str, SumBound]:
-        return read_bounds(self.session.to_pandas(value_bounds(table, by)), by)
+        return sum_bounds(self.session, table, by)
 
     def table(self, name: str) -> ibis.Table:
         return self.tables[name]

@@ -1,7 +1,6 @@
 """Thin assets: read from the warehouse, call the library, write one partition, report metadata."""
 
 import datetime as dt
-import json
 
 import ibis
 import pandas as pd
@@ -20,14 +19,14 @@ from dagster import (
 )
 from pydantic import Field
 
-from exp_pipeline import dimensions, refresh, report_html, results, schemas
+from exp_pipeline import dimensions, refresh, report_html, results, schemas, sources
+from exp_pipeline.analysis import analyse_experiment
 from exp_pipeline.defs.check_history import latest_check_results
 from exp_pipeline.defs.partitions import WRITER_POOL, experiment_partitions
 from exp_pipeline.defs.resources import RegistryResource
-from exp_pipeline.refresh import SUBJECT_VALUES, SUBJECT_VALUES_STATE, WINDOW_EVENTS_STATE
 from exp_pipeline.registry import Experiment, Registry
 from exp_pipeline.reports import results_markdown
-from exp_pipeline.transforms import fixed_point, ingestion, subject_values, temporal_join
+from exp_pipeline.transforms import ingestion
 from exp_pipeline.transforms.assignments import (
     analysable_assignments,
     apply_assignment_history,
@@ -35,7 +34,7 @@ from exp_pipeline.transforms.assignments import (
     exposure_row_counts,
     first_exposures,
 )
-from exp_pipeline.warehouse.interface import PartitionRefresh, WarehouseSession
+from exp_pipeline.warehouse.interface import WarehouseSession
 from exp_pipeline.warehouse.resources import Warehouse
 
 GROUP = "experiment_analysis"
@@ -81,19 +80,6 @@ def _experiment(context: AssetExecutionContext, registry: Registry) -> Experimen
         ) from None
 
 
-def _read_source(session: WarehouseSession, registry: Registry, kind: str):
-    source = getattr(registry.sources, kind)
-    path = registry.resolve_path(source.path) if source.path else None
-    return session.read_source(source, path, f"{kind} source")
-
-
-def _usable_events(session: WarehouseSession, registry: Registry, experiment: Experiment):
-    """The experiment's metric events, without the rows source_audit rejects."""
-    events = ingestion.canonical_events(_read_source(session, registry, "events"), registry.sources.events)
-    event_names = sorted({m.event_name for m in registry.metrics_of(experiment)})
-    return ingestion.usable_events(events, event_names)
-
-
 def _registry_asset(table: str, description: str):
     """The decorator of an asset built from the registry alone (one table, no partition)."""
     return asset(
@@ -134,11 +120,11 @@ def source_audit(registry: RegistryResource, warehouse: Warehouse) -> Materializ
     reg = registry.load()
     with warehouse.session() as session:
         exposures = ingestion.canonical_assignments(
-            _read_source(session, reg, "assignments"), reg.sources.assignments, None
+            sources.read_source(session, reg, "assignments"), reg.sources.assignments, None
         )
         unassignable = ingestion.unassignable_rows(exposures, [e.id for e in reg.experiments])
         events = ingestion.classify_events(
-            ingestion.canonical_events(_read_source(session, reg, "events"), reg.sources.events)
+            ingestion.canonical_events(sources.read_source(session, reg, "events"), reg.sources.events)
         )
         exposure_counts = session.to_pandas(ingestion.rejection_counts(unassignable))
         event_counts = session.to_pandas(ingestion.rejection_counts(events))
@@ -179,7 +165,7 @@ def raw_assignments(
     experiment = _experiment(context, reg)
     source = reg.sources.assignments
     with warehouse.session() as session:
-        rows = ingestion.canonical_assignments(_read_source(session, reg, "assignments"), source, experiment.id)
+        rows = ingestion.canonical_assignments(sources.read_source(session, reg, "assignments"), source, experiment.id)
         classified = ingestion.classify_assignments(rows, experiment, source.properties)
         # Materialized once so that the counts and both writes see exactly the same rows.
         classified = session.temp_table("_classified_assignments", classified)
@@ -320,83 +306,17 @@ def window_events(
 ):
     reg = registry.load()
     experiment = _experiment(context, reg)
-    metrics = reg.metrics_of(experiment)
-    pre_window = experiment.cuped_pre_window_days
-    fingerprint = reg.window_events_fingerprint(experiment)
-    now = dt.datetime.now(dt.UTC)
     with warehouse.session() as session:
-        deduped = session.partition("deduped_assignments", experiment.id)
-        assignments_as_of = refresh.engine_timestamp(session.scalar(deduped.valid_from.max()))
-        state = None if config.full_refresh else refresh.window_events_state(session, experiment.id, fingerprint)
-        if state is not None and not refresh.history_reaches(
-            refresh.engine_timestamp(session.scalar(deduped.valid_from.min())), state["assignments_as_of"]
-        ):
-            state = None
-        analysable = analysable_assignments(deduped)
-        analysable = analysable.mutate(
-            is_new=ibis.literal(True) if state is None else analysable.valid_from > state["assignments_as_of"]
-        )
-        # Small (one row per subject); materialized so every query below sees the same subjects.
-        analysable = session.temp_table("tmp_analysable", analysable)
-        events = temporal_join.experiment_events(_usable_events(session, reg, experiment), experiment, metrics, pre_window)
-        incremental = state is not None
-        if incremental:
-            earliest_new = session.scalar(analysable.filter(analysable.is_new).assigned_at.min())
-            cutoff, scan_from = refresh.refresh_lower_bound(
-                state["events_through"], reg.sources.events.late_arrival_days, refresh.engine_timestamp(earliest_new), pre_window
-            )
-            rows = refresh.refreshed_window_events(analysable, events, metrics, pre_window, cutoff, scan_from)
-        else:
-            rows = temporal_join.join_window_events(analysable, events, metrics, pre_window)
-        rows = session.temp_table("tmp_window_events", rows)
-        events_through = refresh.next_events_through(
-            refresh.engine_timestamp(session.scalar(rows.event_at.max())), state and state["events_through"], now
-        )
-        new_state = refresh.state_frame({
-            "experiment_id": experiment.id,
-            "fingerprint": fingerprint,
-            "events_through": events_through,
-            "assignments_as_of": assignments_as_of,
-            "refreshed_at": now,
-            "mode": "incremental" if incremental else "full",
-            # What variant_metrics needs to reuse per-subject values: the rows this refresh
-            # rewrote are those at or after refreshed_from, on top of the refresh before it.
-            "refreshed_from": cutoff if incremental else None,
-            "previous_refreshed_at": state["refreshed_at"] if incremental else None,
-        })
-        tables = {
-            "post_assignment_events": temporal_join.post_assignment_rows(rows),
-            "pre_assignment_events": temporal_join.pre_assignment_rows(rows),
-        }
-        if incremental:
-            stale = session.temp_table(
-                "tmp_stale_subjects", refresh.assignments_changed_since(deduped, state["assignments_as_of"])
-            )
-            refreshed = session.refresh_partitions(
-                experiment.id,
-                {
-                    name: PartitionRefresh(rows=expr, stale_from=("event_at", cutoff), stale_subjects=stale)
-                    for name, expr in tables.items()
-                },
-                replace={WINDOW_EVENTS_STATE: new_state},
-            )
-            written = {name: counts.rows for name, counts in refreshed.items()}
-        else:
-            written = session.replace_partitions(experiment.id, {**tables, WINDOW_EVENTS_STATE: new_state})
+        written = refresh.write_window_events(session, reg, experiment, config.full_refresh, dt.datetime.now(dt.UTC))
         results = []
-        for name in tables:
-            metadata = _written(session, name, experiment.id, written[name])
-            metadata["refresh_mode"] = "incremental" if incremental else "full"
-            if incremental:
-                metadata["refreshed_from"] = MetadataValue.timestamp(cutoff)
-                metadata["rows_deleted"] = refreshed[name].deleted
-                metadata["rows_inserted"] = refreshed[name].inserted
+        for name, rows in written.rows.items():
+            metadata = {**_written(session, name, experiment.id, rows), "refresh_mode": written.mode}
+            if written.refreshed_from is not None:
+                metadata["refreshed_from"] = MetadataValue.timestamp(written.refreshed_from)
+                metadata["rows_deleted"] = written.refreshed[name].deleted
+                metadata["rows_inserted"] = written.refreshed[name].inserted
             results.append(MaterializeResult(asset_key=AssetKey(name), metadata=metadata))
     yield from results
-
-
-def _bounds(session: WarehouseSession, table: ibis.Table, by: str) -> dict[str, fixed_point.SumBound]:
-    return fixed_point.read_bounds(session.to_pandas(fixed_point.value_bounds(table, by)), by)
 
 
 @_experiment_asset(
@@ -415,74 +335,22 @@ def variant_metrics(
 ) -> MaterializeResult:
     reg = registry.load()
     experiment = _experiment(context, reg)
-    metrics = reg.metrics_of(experiment)
-    properties = reg.sources.assignments.properties
-    periods = ["post", "pre"] if experiment.cuped_pre_window_days > 0 else ["post"]
-    fingerprint = reg.subject_values_fingerprint(experiment)
-    now = dt.datetime.now(dt.UTC)
     with warehouse.session() as session:
-        deduped = session.partition("deduped_assignments", experiment.id)
-        assignments_as_of = refresh.engine_timestamp(session.scalar(deduped.valid_from.max()))
-        assignments = session.temp_table(
-            "tmp_metric_assignments",
-            analysable_assignments(deduped).select(
-                "experiment_id", "subject_id", "variant_id", "assigned_at", "valid_from", *properties
-            ),
-        )
-        event_bounds = {
-            p: _bounds(session, session.partition(refresh.PERIOD_EVENTS[p], experiment.id), "event_name") for p in periods
-        }
-        scales = {p: subject_values.subject_value_scales(event_bounds[p], metrics) for p in periods}
-        events_state = refresh.one_state_row(session, WINDOW_EVENTS_STATE, experiment.id)
-        reuse = refresh.subject_values_reuse(
-            refresh.stored_values_state(session, experiment.id), events_state, fingerprint, scales,
-            max(m.window_end_days for m in metrics),
-        )
-        values, recomputed = {}, {}
-        for period in periods:
-            values[period], recomputed[period] = refresh.period_values(
-                session, assignments, period, experiment.id, metrics, event_bounds[period], reuse
-            )
-        # Caps are quantiles over the (materialized) values: cheap enough to compute in each query.
-        capped = {p: subject_values.cap_subject_values(v.drop("period"), metrics) for p, v in values.items()}
-        post, pre = capped["post"], capped.get("pre")
-        x_bounds = _bounds(session, pre, "metric") if pre is not None else None
-        # Only these small tables leave the engine.
-        sufficient = session.to_pandas(
-            subject_values.sufficient_statistics(post, pre, _bounds(session, post, "metric"), x_bounds)
-        )
-        counts = session.to_pandas(assignment_counts(assignments, properties))
-        srm, causes = results.srm_of(counts, experiment)
-        frame = results.variant_metric_rows(sufficient, experiment, metrics, srm)
-        values_state = refresh.state_frame({
-            "experiment_id": experiment.id,
-            "fingerprint": fingerprint,
-            "scales": json.dumps(scales, sort_keys=True),
-            "events_refreshed_at": events_state["refreshed_at"] if events_state else None,
-            "events_assignments_as_of": events_state["assignments_as_of"] if events_state else None,
-            "assignments_as_of": assignments_as_of,
-            "computed_at": now,
-            "mode": "full" if reuse is None else "incremental",
-        })
-        all_values = ibis.union(*values.values(), distinct=False)
-        written = session.replace_partitions(
-            experiment.id,
-            {"variant_metrics": frame, SUBJECT_VALUES: all_values, SUBJECT_VALUES_STATE: values_state},
-        )["variant_metrics"]
-        subjects = int(counts.query("property == ''").n.sum())
+        analysis = analyse_experiment(session, reg, experiment, dt.datetime.now(dt.UTC))
+    frame, srm = analysis.frame, analysis.srm
     plot = report_html.forest_plot_svg(frame, title=f"{experiment.name}: relative lift vs control (95% CI)")
     metadata = {
-        "dagster/row_count": written,
+        "dagster/row_count": analysis.rows,
         "srm_p_value": float(srm.p_value),
         "srm_flagged": srm.flagged,
         "results": MetadataValue.md(results_markdown(frame)),
         "forest_plot": MetadataValue.md(f"![forest plot of relative lifts]({report_html.svg_data_uri(plot)})"),
-        "subject_values": "full" if reuse is None else "incremental",
-        "analysable_subjects": subjects,
-        **{f"subjects_recomputed_{p}": n for p, n in recomputed.items()},
+        "subject_values": analysis.subject_values,
+        "analysable_subjects": analysis.analysable_subjects,
+        **{f"subjects_recomputed_{p}": n for p, n in analysis.subjects_recomputed.items()},
     }
-    if causes:
-        top = causes[0]
+    if analysis.causes:
+        top = analysis.causes[0]
         metadata["srm_likely_cause"] = f"{top.property} = {top.value} (p = {top.p_value_bonferroni:.2e})"
     return MaterializeResult(metadata=metadata)
 
