@@ -20,7 +20,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 IMPORT_SECONDS = time.perf_counter() - started
-WHITESPACE = " \t\n\r\v\f"  # what Ibis' strip() removes (transforms._blank)
+WHITESPACE = " \t\n\r\v\f"  # trimmed around ids, as the pipeline does (vocabulary.trim_whitespace)
 KEY = ["experiment_id", "subject_id"]
 
 

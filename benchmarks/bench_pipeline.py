@@ -6,7 +6,7 @@ instance. Per step it records the wall time Dagster reports (STEP_SUCCESS durati
 from the materialization metadata and the highest RSS sampled while the step ran.
 
 Started by run_benchmark.py: `bench_pipeline.py [--engine spark] --config CONFIG --scratch DIR --result FILE`.
-On Spark (local mode, exp_pipeline.warehouse.spark_engine's settings) the JVM is a child process: memory
+On Spark (local mode, exp_pipeline.settings.LOCAL_SPARK_CONFIG) the JVM is a child process: memory
 is then the sampled RSS of the whole process tree, Python driver and JVM together.
 """
 

@@ -91,7 +91,7 @@ def _us(moment: dt.datetime | None) -> int | None:
 
 
 def _days_us(days: float) -> int:
-    # Whole seconds, as transforms.py turns day windows into intervals.
+    # Whole seconds, as the pipeline turns day windows into intervals (vocabulary.whole_seconds).
     return int(round(days * SECONDS_PER_DAY)) * US_PER_SECOND
 
 

@@ -21,7 +21,8 @@ from exp_pipeline.transforms import temporal_join
 from exp_pipeline.transforms.assignments import analysable_assignments
 from exp_pipeline.transforms.fixed_point import SumBound
 from exp_pipeline.transforms.subject_values import subject_metric_values
-from exp_pipeline.transforms.temporal_join import join_window_events, whole_seconds
+from exp_pipeline.transforms.temporal_join import join_window_events
+from exp_pipeline.vocabulary import whole_seconds
 from exp_pipeline.warehouse.interface import PartitionRefresh, RefreshCounts, WarehouseSession
 
 WINDOW_EVENTS_STATE = "window_events_state"

@@ -33,8 +33,11 @@ def _marker(p_value: float, alpha: float = 0.05) -> str:
     return "*" if is_finite(p_value) and p_value < alpha else ""
 
 
-def srm_text(verdict: str, p_value: float) -> str:
-    """The stored SRM verdict with its p-value: 'ok (p=0.420)', 'SRM (p=1.5e-132)', 'not judged'."""
+def srm_text(verdict: str | None, p_value: float) -> str:
+    """The stored SRM verdict with its p-value: 'ok (p=0.420)', 'SRM (p=1.5e-132)', 'not judged';
+    'n/a' for a row written before the verdict was stored."""
+    if not isinstance(verdict, str):
+        return "n/a"
     return verdict if verdict == "not judged" else f"{verdict} (p={p_value_text(p_value)})"
 
 

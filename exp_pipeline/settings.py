@@ -10,14 +10,25 @@ import json
 import os
 from pathlib import Path
 
-from exp_pipeline.warehouse.spark_engine import COMMON_SPARK_CONFIG, LOCAL_SPARK_CONFIG
-
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_REGISTRY = PROJECT_ROOT / "data" / "registry.yaml"
 # The schema is `exp`; the file is not named after it (DuckDB 2.0 finds `exp.x` ambiguous then).
 DEFAULT_DUCKDB = PROJECT_ROOT / "data" / "warehouse" / "warehouse.duckdb"
 DEFAULT_SPARK_LOCATION = PROJECT_ROOT / "data" / "warehouse" / "spark" / "exp.db"
 ENGINES = ("duckdb", "spark")
+
+# Every session: Spark's timestamps shown and parsed in UTC, like the pipeline's.
+COMMON_SPARK_CONFIG = {"spark.app.name": "exp_pipeline", "spark.sql.session.timeZone": "UTC"}
+# Local mode on this machine (the default, the tests and the benchmark); a cluster sets its own.
+LOCAL_SPARK_CONFIG = {
+    "spark.master": "local[2]",
+    "spark.ui.enabled": "false",
+    "spark.sql.shuffle.partitions": "4",
+    "spark.driver.memory": "4g",
+    # A console for people: no progress bars, and Spark's own warnings only when they are errors.
+    "spark.ui.showConsoleProgress": "false",
+    "spark.log.level": "ERROR",
+}
 
 
 def registry_path() -> str:

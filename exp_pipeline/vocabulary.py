@@ -55,3 +55,8 @@ def trim_whitespace(column: ir.StringValue) -> ir.StringValue:
     '\\f' as the letters v and f, so a subject named "v" would come out blank.
     """
     return column.re_replace(r"^\s+|\s+$", "")
+
+
+def whole_seconds(days: float) -> int:
+    # Whole seconds, as the registry's day windows are turned into intervals everywhere.
+    return int(round(days * SECONDS_PER_DAY))

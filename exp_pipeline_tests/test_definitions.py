@@ -1,5 +1,5 @@
 """The Definitions load (from exp_pipeline/defs/) with exactly the expected assets, checks, jobs,
-schedule, sensors and resources, without opening the warehouse."""
+schedule, sensors and resources."""
 
 import dagster as dg
 

@@ -28,7 +28,8 @@ def test_dim_experiments_keeps_its_contract(registry):
     frame = dimensions.dim_experiments_frame(registry, dt.datetime(2026, 10, 20, tzinfo=dt.UTC))
     assert list(frame.columns) == list(schemas.dim_experiments_schema().columns)
     assert sorted(frame.experiment_id) == sorted(e.id for e in registry.experiments)
-    assert _passes(frame, schemas.dim_experiments_schema()).failures == []
+    outcome = _passes(frame, schemas.dim_experiments_schema())
+    assert outcome.failures == [] and outcome.passed
 
 
 def test_dim_variants_has_one_control_per_experiment(registry):
@@ -36,4 +37,5 @@ def test_dim_variants_has_one_control_per_experiment(registry):
     assert list(frame.columns) == list(schemas.dim_variants_schema().columns)
     assert frame.groupby("experiment_id").is_control.sum().eq(1).all()
     assert len(frame) == sum(len(e.variants) for e in registry.experiments)
-    assert _passes(frame, schemas.dim_variants_schema()).failures == []
+    outcome = _passes(frame, schemas.dim_variants_schema())
+    assert outcome.failures == [] and outcome.passed

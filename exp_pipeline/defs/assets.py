@@ -22,6 +22,7 @@ from pydantic import Field
 from exp_pipeline import dimensions, refresh, report_html, results, schemas, sources
 from exp_pipeline.analysis import analyse_experiment
 from exp_pipeline.defs.check_history import latest_check_results
+from exp_pipeline.defs.checks import CHECK_KEYS
 from exp_pipeline.defs.partitions import WRITER_POOL, experiment_partitions
 from exp_pipeline.defs.resources import RegistryResource
 from exp_pipeline.registry import Experiment, Registry
@@ -355,12 +356,6 @@ def variant_metrics(
     return MaterializeResult(metadata=metadata)
 
 
-def _check_keys(context: AssetExecutionContext):
-    """Every check defined beside this asset (its job's asset graph): the report lists their latest
-    results without this module importing the checks, which import it."""
-    return context.job_def.asset_layer.asset_graph.asset_check_keys
-
-
 @_experiment_asset(
     (
         "A self-contained HTML report per experiment (results table, forest plot, SRM verdict, check "
@@ -383,7 +378,7 @@ def experiment_report(
         experiment_id=experiment.id,
         name=experiment.name,
         frame=frame,
-        checks=latest_check_results(context.instance, _check_keys(context), experiment.id),
+        checks=latest_check_results(context.instance, CHECK_KEYS, experiment.id),
         srm={
             "verdict": srm.verdict,
             "p_value": float(srm.p_value),

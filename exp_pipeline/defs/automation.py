@@ -22,7 +22,7 @@ from dagster import (
 from exp_pipeline import alerts
 from exp_pipeline.defs.assets import ANALYSIS_ASSETS, REGISTRY_ASSETS
 from exp_pipeline.defs.check_history import failed_check_executions
-from exp_pipeline.defs.checks import ASSET_CHECKS
+from exp_pipeline.defs.checks import CHECK_KEYS
 from exp_pipeline.defs.partitions import experiment_partitions
 from exp_pipeline.defs.resources import RegistryResource
 from exp_pipeline.registry import Experiment, Registry
@@ -116,7 +116,6 @@ def daily_experiment_refresh(context: ScheduleEvaluationContext, registry: Regis
 
 # -- alerts ----------------------------------------------------------------------------------------
 
-CHECK_KEYS = [key for check_def in ASSET_CHECKS for key in check_def.check_keys]
 # Execution ids are handed out when a run is planned, not when its check is evaluated, so runs that
 # interleave evaluate out of id order. The cursor is therefore the newest evaluation *time* seen,
 # and each tick rereads a margin before it; the alerts table's alert_id drops what was seen already.

@@ -12,7 +12,7 @@ import ibis.expr.types as ir
 import pandas as pd
 
 from exp_pipeline.registry import Experiment, Metric
-from exp_pipeline.vocabulary import SECONDS_PER_DAY
+from exp_pipeline.vocabulary import whole_seconds
 
 
 def metric_windows(metrics: Sequence[Metric]) -> ir.Table:
@@ -27,11 +27,6 @@ def metric_windows(metrics: Sequence[Metric]) -> ir.Table:
         }
     )
     return ibis.memtable(frame)
-
-
-def whole_seconds(days: float) -> int:
-    # Whole seconds, as the registry's day windows are turned into intervals everywhere.
-    return int(round(days * SECONDS_PER_DAY))
 
 
 def experiment_events(

@@ -31,7 +31,6 @@ def unreadable_file(description: str, path: str, file_format: str, reason: str) 
     )
 
 
-
 @dataclass(frozen=True)
 class PartitionRefresh:
     """An incremental update of one experiment's rows of a table.

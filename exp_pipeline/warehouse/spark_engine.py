@@ -40,19 +40,6 @@ from exp_pipeline.warehouse.interface import (
 PARTITION_COLUMN = "experiment_id"
 MANIFEST = "_exp_pipeline_tables"  # a folder: one CREATE statement per table (no shared file to race on)
 
-# Every session: Spark's timestamps shown and parsed in UTC, like the pipeline's.
-COMMON_SPARK_CONFIG = {"spark.app.name": "exp_pipeline", "spark.sql.session.timeZone": "UTC"}
-# Local mode on this machine (the default, the tests and the benchmark); a cluster sets its own.
-LOCAL_SPARK_CONFIG = {
-    "spark.master": "local[2]",
-    "spark.ui.enabled": "false",
-    "spark.sql.shuffle.partitions": "4",
-    "spark.driver.memory": "4g",
-    # A console for people: no progress bars, and Spark's own warnings only when they are errors.
-    "spark.ui.showConsoleProgress": "false",
-    "spark.log.level": "ERROR",
-}
-
 def _quote(identifier: str) -> str:
     if not SAFE_ID_PATTERN.match(identifier):
         raise ValueError(f"unsafe identifier {identifier!r}")

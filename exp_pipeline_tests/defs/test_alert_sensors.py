@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 from dagster import DagsterEventType, build_run_status_sensor_context, build_sensor_context
 
-from exp_pipeline import alerts
+from exp_pipeline import alerts, schemas, validation
 from exp_pipeline.defs.automation import alert_on_failed_checks, alert_on_run_failure
 from exp_pipeline_tests.conftest import write_tiny_workspace
 from exp_pipeline_tests.defs.test_checks import run
@@ -65,6 +65,12 @@ def tick(instance, workspace, cursor=None):
     ) as context:
         result = alert_on_failed_checks(context)
         return context.cursor, result
+
+
+def assert_alerts_keep_their_contract(workspace) -> None:
+    with workspace.warehouse().session() as session:
+        outcome = validation.validate(schemas.alerts_schema(), session.table(alerts.ALERTS_TABLE))
+    assert outcome.failures == [] and outcome.passed
 
 
 def alert_rows(workspace) -> pd.DataFrame:
@@ -128,6 +134,7 @@ def test_an_alert_survives_a_down_webhook_and_arrives_once(tmp_path, instance, m
         tick(instance, workspace, cursor)
         assert len(receiver.received) == 1
         assert bool(alert_rows(workspace).delivered.iloc[0])
+        assert_alerts_keep_their_contract(workspace)  # delivered_at set by the update
     finally:
         receiver.close()
 
@@ -153,6 +160,7 @@ def test_without_a_webhook_alerts_are_logged_and_stored(tmp_path, instance, monk
     rows = alert_rows(workspace)
     assert list(rows.source) == ["deduped_assignments / no_sample_ratio_mismatch"]
     assert not rows.delivered.iloc[0] and rows.attempts.iloc[0] == 0
+    assert_alerts_keep_their_contract(workspace)
 
 
 def test_no_alert_when_every_check_passes(tmp_path, instance, monkeypatch):

@@ -10,7 +10,7 @@ from dagster import DagsterInstance, materialize
 
 from exp_pipeline import schemas, validation
 from exp_pipeline.defs.assets import ANALYSIS_ASSETS, REGISTRY_ASSETS
-from exp_pipeline.defs.checks import EXPERIMENT_CHECKS
+from exp_pipeline.defs.checks import CHECK_KEYS, EXPERIMENT_CHECKS
 from exp_pipeline.defs.partitions import experiment_partitions
 from exp_pipeline.registry import load_registry
 from exp_pipeline.sample_data import generate
@@ -171,6 +171,8 @@ def test_every_table_the_pipeline_writes_keeps_its_contract(pipeline):
             parts = [(e, session.partition(name, e.id)) for e in registry.experiments] if table.per_experiment else [
                 (None, session.table(name))
             ]
+            if table.per_experiment:  # no row outside the registry's experiments' partitions
+                assert sum(session.count(rows) for _, rows in parts) == session.count(session.table(name)), name
             for experiment, rows in parts:
                 args = (experiment, properties) if name in with_properties else (experiment,)
                 if name == "variant_metrics":
@@ -245,6 +247,23 @@ def test_the_html_report_is_written_with_checks_and_srm(pipeline):
             assert "device_type = android" in html_text and 'id="srm-warning"' in html_text
         else:
             assert 'id="srm-warning"' not in html_text
+
+
+def test_the_report_materialized_alone_lists_every_check_of_the_experiment_in_order(pipeline):
+    """As when someone re-materializes only experiment_report from the UI: the report still shows
+    the latest result of each of the experiment's checks, in the same order every time."""
+    workspace, _, instance = pipeline
+    result = materialize(
+        [*ANALYSIS_ASSETS, *EXPERIMENT_CHECKS], selection=["experiment_report"],
+        partition_key="checkout_redesign", instance=instance, resources=workspace.resources(),
+    )
+    assert result.success
+    [event] = result.get_asset_materialization_events()
+    html_text = open(event.materialization.metadata["report_path"].value, encoding="utf-8").read()
+    expected = [f"{k.asset_key.to_user_string()}</td><td>{k.name}<" for k in CHECK_KEYS if k.asset_key.path[-1] != "source_audit"]
+    assert "10 of 10 checks passed" in html_text
+    positions = [html_text.find(cell) for cell in expected]
+    assert -1 not in positions and positions == sorted(positions)
 
 
 def test_variant_metrics_metadata_embeds_the_forest_plot(pipeline):
