@@ -1,0 +1,113 @@
+"""The check rules on tables built here, without Dagster: verdicts, severities and figures as plain
+values (defs/test_checks.py runs them as Dagster asset checks on materialized experiments)."""
+
+import duckdb
+import ibis
+import pandas as pd
+import pytest
+import yaml
+
+from exp_pipeline import checks, schemas
+from exp_pipeline.registry import parse_registry
+from exp_pipeline.warehouse.duckdb_engine import DuckDBWarehouseSession
+from exp_pipeline_tests.conftest import TINY_REGISTRY
+
+ASSIGNED = pd.Timestamp("2026-10-02T00:00:00Z")
+
+
+@pytest.fixture()
+def session():
+    return DuckDBWarehouseSession(duckdb.connect(), "exp")
+
+
+@pytest.fixture()
+def registry(tmp_path):
+    return parse_registry(yaml.safe_load(TINY_REGISTRY.replace("BLOCKS", "false")), tmp_path / "registry.yaml")
+
+
+def write_assignments(session, arms: dict[str, int], multi_variant: int = 0, device=lambda i: "ios") -> None:
+    """exp_a's deduped_assignments: `arms` subjects per variant, the first `multi_variant` excluded."""
+    rows = []
+    for variant, count in arms.items():
+        for i in range(count):
+            excluded = len(rows) < multi_variant
+            rows.append({
+                "experiment_id": "exp_a", "subject_id": f"{variant}_{i}", "variant_id": variant,
+                "assigned_at": ASSIGNED, "device_type": device(i), "n_exposures": 2 if excluded else 1,
+                "n_variants_seen": 2 if excluded else 1,
+                "exclusion_reason": "multiple_variants" if excluded else None, "is_active": True,
+                "valid_from": pd.Timestamp("2026-10-10T00:00:00Z"), "valid_to": pd.NaT,
+            })
+    replace_assignments(session, pd.DataFrame(rows))
+
+
+def replace_assignments(session, frame: pd.DataFrame) -> None:
+    """exp_a's deduped_assignments as `frame`, typed by the table's schema (nulls included)."""
+    types = schemas.ibis_schema(schemas.deduped_assignments_schema(None, ["device_type"]))
+    frame = frame[list(types)].astype(object).where(frame[list(types)].notna(), None)
+    session.replace_partition("deduped_assignments", "exp_a", ibis.memtable(frame, schema=types))
+
+
+@pytest.mark.parametrize(
+    ("multi_variant", "passed", "severity"), [(3, True, "WARN"), (12, False, "WARN"), (60, False, "ERROR")]
+)
+def test_multi_variant_share_warns_then_errors(session, registry, multi_variant, passed, severity):
+    write_assignments(session, {"control": 300, "treatment": 300}, multi_variant=multi_variant)
+    outcome = checks.evaluate_multi_variant_share(session, registry.experiment("exp_a"))
+    assert (outcome.passed, outcome.severity) == (passed, severity)
+    assert outcome.metadata["multi_variant_subjects"] == multi_variant
+    assert outcome.metadata["multi_variant_share"] == pytest.approx(multi_variant / 600)
+
+
+def test_a_subject_active_twice_is_named(session, registry):
+    write_assignments(session, {"control": 5, "treatment": 5})
+    rows = session.to_pandas(session.table("deduped_assignments"))
+    twice = pd.concat([rows, rows[rows.subject_id == "control_3"].assign(variant_id="treatment")])
+    replace_assignments(session, twice)
+    outcome = checks.evaluate_unique_active_subject(session, registry.experiment("exp_a"))
+    assert not outcome.passed and outcome.severity == "ERROR"
+    assert outcome.metadata["sample_duplicated_keys"] == [
+        {"experiment_id": "exp_a", "subject_id": "control_3", "active_rows": 2}
+    ]
+
+
+def test_sample_ratio_is_judged_only_from_the_minimum_count_and_names_the_cause(session, registry):
+    experiment = registry.experiment("exp_a")
+    write_assignments(session, {"control": 60, "treatment": 20})
+    small = checks.evaluate_sample_ratio(session, experiment, registry)
+    assert small.passed and small.metadata["verdict"] == "not judged"
+    # Treatment lost its android subjects (every third is on android).
+    device = ("ios", "android", "web")
+    write_assignments(session, {"control": 400, "treatment": 400}, device=lambda i: device[i % 3])
+    rows = session.to_pandas(session.table("deduped_assignments"))
+    kept = rows[~((rows.variant_id == "treatment") & (rows.device_type == "android"))]
+    replace_assignments(session, kept)
+    flagged = checks.evaluate_sample_ratio(session, experiment, registry)
+    assert not flagged.passed and flagged.severity == "WARN" and flagged.metadata["verdict"] == "SRM"
+    assert flagged.metadata["likely_cause"] == "device_type = android"
+
+
+def test_the_rejected_share_counts_every_row_read_and_leaves_duplicates_aside(session, registry):
+    experiment = registry.experiment("exp_a")
+    raw = pd.DataFrame({
+        "experiment_id": "exp_a", "subject_id": [f"s{i}" for i in range(96)], "variant_id": "control",
+        "assigned_at": ASSIGNED, "device_type": "ios", "source_file": "f.parquet",
+    })
+    rejected = pd.DataFrame({
+        "experiment_id": "exp_a", "source": "assignments", "source_file": "f.parquet",
+        "reason": ["duplicate_row", "duplicate_row", "missing_subject_id", "unknown_variant"], "record": "x",
+    })
+    session.replace_partitions("exp_a", {"raw_assignments": raw, "rejected_rows": rejected})
+    outcome = checks.evaluate_rejected_share(session, experiment, registry)
+    assert outcome.metadata["rows_read"] == 100 and outcome.metadata["rows_rejected"] == 2
+    assert outcome.metadata["rejected_share"] == pytest.approx(0.02)
+    assert not outcome.passed and outcome.severity == "ERROR"  # above the default bound of 1%
+    assert outcome.metadata["rejected_by_reason"] == {"duplicate_row": 2, "missing_subject_id": 1, "unknown_variant": 1}
+
+
+def test_an_empty_partition_passes_its_schema(session, registry):
+    experiment = registry.experiment("exp_a")
+    write_assignments(session, {"control": 1})
+    replace_assignments(session, session.to_pandas(session.table("deduped_assignments")).iloc[:0])
+    outcome = checks.evaluate_schema(session, "deduped_assignments", experiment, registry)
+    assert outcome.passed and outcome.metadata["rows"] == 0
