@@ -12,7 +12,7 @@ import ibis
 import ibis.expr.types as ir
 import pandas as pd
 
-from exp_pipeline.registry import Experiment, Source
+from exp_pipeline.registry import ASSIGNMENT_COLUMNS, REQUIRED_EVENT_COLUMNS, Experiment, Source
 from exp_pipeline.vocabulary import (
     DUPLICATE_ROW,
     INGESTED,
@@ -64,7 +64,7 @@ def canonical_assignments(source_rows: ir.Table, source: Source, experiment_id: 
     _require_columns(
         source_rows,
         source,
-        ("subject_id", "experiment_id", "variant_id", "assigned_at", *source.properties),
+        (*ASSIGNMENT_COLUMNS, *source.properties),
         "assignments source",
     )
     experiment_column = source_rows[source.source_column("experiment_id")].cast("string")
@@ -111,7 +111,7 @@ def canonical_events(source_rows: ir.Table, source: Source) -> ir.Table:
 
     Unparsable timestamps and non-numeric values become null here; `classify_events` says why.
     """
-    _require_columns(source_rows, source, ("subject_id", "event_at", "event_name"), "events source")
+    _require_columns(source_rows, source, REQUIRED_EVENT_COLUMNS, "events source")
     value_column = source.source_column("value")
     if value_column in source_rows.columns:
         logged_value = source_rows[value_column]
