@@ -8,11 +8,14 @@ from the environment when needed and never logged or stored.
 from __future__ import annotations
 
 import datetime as dt
+import http.client
 import json
 import os
-import urllib.error
-import urllib.request
+import socket
+import threading
+import time
 from dataclasses import asdict, dataclass, field
+from urllib.parse import urlsplit
 
 import ibis
 import pandas as pd
@@ -93,24 +96,51 @@ class DeliveryError(RuntimeError):
 
 
 def post_webhook(url: str, payload: dict, timeout: float = WEBHOOK_TIMEOUT_SECONDS) -> None:
+    """POST the payload; `timeout` is a deadline for the whole request, not per socket read.
+
+    A socket timeout alone lets an endpoint that trickles one byte a second hold the caller (the
+    alert sensor's tick) for as long as it likes: a watchdog shuts the socket at the deadline.
+    """
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        # The message never quotes the URL: it is a secret.
+        raise DeliveryError(f"webhook URL in {WEBHOOK_ENV} is not a valid http(s) URL")
     try:
-        request = urllib.request.Request(
-            url,
-            data=json.dumps(payload, default=str).encode(),
-            headers={"Content-Type": "application/json"},
-            method="POST",
-        )
-        with urllib.request.urlopen(request, timeout=timeout) as response:
-            if not 200 <= response.status < 300:
-                raise DeliveryError(f"webhook answered HTTP {response.status}")
-    except urllib.error.HTTPError as exc:
-        raise DeliveryError(f"webhook answered HTTP {exc.code}") from None
-    except (urllib.error.URLError, TimeoutError, OSError) as exc:
-        reason = getattr(exc, "reason", exc)
-        raise DeliveryError(f"webhook unreachable: {type(reason).__name__}") from None
+        port = parts.port
     except ValueError:
-        # urllib's message would quote the URL, which is a secret.
         raise DeliveryError(f"webhook URL in {WEBHOOK_ENV} is not a valid http(s) URL") from None
+    connection_type = http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection
+    connection = connection_type(parts.hostname, port, timeout=timeout)
+    deadline = time.monotonic() + timeout
+    watchdog = threading.Timer(timeout, _abort, [connection])
+    watchdog.daemon = True
+    watchdog.start()
+    try:
+        target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+        body = json.dumps(payload, default=str).encode()
+        connection.request("POST", target, body=body, headers={"Content-Type": "application/json"})
+        response = connection.getresponse()
+        response.read()
+        status = response.status
+    except (OSError, http.client.HTTPException) as exc:
+        if time.monotonic() >= deadline - 0.05:
+            raise DeliveryError(f"webhook did not answer within {timeout:g} s") from None
+        raise DeliveryError(f"webhook unreachable: {type(exc).__name__}") from None
+    finally:
+        watchdog.cancel()
+        connection.close()
+    if not 200 <= status < 300:
+        raise DeliveryError(f"webhook answered HTTP {status}")
+
+
+def _abort(connection: http.client.HTTPConnection) -> None:
+    """Wake a blocked read or write of the connection: the request fails at once."""
+    sock = connection.sock
+    if sock is not None:
+        try:
+            sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass  # already closed
 
 
 # -- the alerts table ------------------------------------------------------------------------------

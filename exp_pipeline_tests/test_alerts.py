@@ -23,3 +23,78 @@ def test_slack_payload_carries_the_key_figures():
 @pytest.mark.parametrize("metadata, expected", [({"n": 3, "share": 0.5, "nested": {"a": 1}}, {"n": 3, "share": 0.5})])
 def test_key_figures_keep_scalars(metadata, expected):
     assert alerts.key_figures(metadata) == expected
+
+
+class TricklingEndpoint:
+    """An HTTP endpoint on 127.0.0.1 that answers one byte every `interval` seconds, forever."""
+
+    def __init__(self, interval: float = 0.2):
+        import socket
+        import threading
+
+        self.interval = interval
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.listener.getsockname()[1]}/hook"
+        self.stopped = threading.Event()
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self):
+        while not self.stopped.is_set():
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            with client:
+                client.recv(65536)
+                answer = b"HTTP/1.1 200 OK\r\nContent-Length: 100000\r\n\r\n" + b"x" * 100000
+                for byte in answer:
+                    if self.stopped.wait(self.interval):
+                        return
+                    try:
+                        client.sendall(bytes([byte]))
+                    except OSError:
+                        break
+
+    def close(self):
+        self.stopped.set()
+        self.listener.close()
+
+
+def test_a_trickling_webhook_is_abandoned_at_the_deadline():
+    import time
+
+    endpoint = TricklingEndpoint(interval=0.2)  # every read gets a byte well inside the timeout
+    try:
+        started = time.monotonic()
+        with pytest.raises(alerts.DeliveryError, match="did not answer within 1 s"):
+            alerts.post_webhook(endpoint.url, {"text": "x"}, timeout=1.0)
+        assert time.monotonic() - started < 2.0
+    finally:
+        endpoint.close()
+
+
+def test_an_answer_within_the_deadline_is_delivered_and_an_error_status_is_not():
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+    import threading
+
+    statuses = iter([204, 500])
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self):
+            self.rfile.read(int(self.headers["Content-Length"]))
+            self.send_response(next(statuses))
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}/hook?token=1"
+    try:
+        alerts.post_webhook(url, {"text": "x"}, timeout=5.0)
+        with pytest.raises(alerts.DeliveryError, match="HTTP 500"):
+            alerts.post_webhook(url, {"text": "x"}, timeout=5.0)
+    finally:
+        server.shutdown()
+        server.server_close()
