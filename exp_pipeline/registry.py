@@ -41,6 +41,12 @@ EVENT_COLUMNS = ("subject_id", "event_at", "event_name", "value")
 REQUIRED_EVENT_COLUMNS = ("subject_id", "event_at", "event_name")
 
 WEIGHT_TOLERANCE = 1e-6
+# Columns the pipeline adds to the assignment and event tables: a property of the same name would
+# overwrite one (test_schemas checks this list against the tables' schemas).
+RESERVED_COLUMN_NAMES = frozenset({
+    "source_file", "n_exposures", "n_variants_seen", "exclusion_reason", "is_active", "valid_from",
+    "valid_to", "event_at", "event_name", "value", "metric", "period", "rejection_reason",
+})
 
 
 class RegistryError(ValueError):
@@ -70,7 +76,8 @@ UtcDatetime = Annotated[dt.datetime, AfterValidator(_utc)]
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # No infinite or NaN numbers anywhere: `window_end_days: .inf` is a typo, not a window.
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class Variant(_Strict):
@@ -237,6 +244,15 @@ class Sources(_Strict):
         clash = sorted(set(self.assignments.properties) & set(ASSIGNMENT_COLUMNS))
         if clash:
             raise ValueError(f"assignments.properties must not repeat canonical columns: {clash}")
+        reserved = sorted(set(self.assignments.properties) & RESERVED_COLUMN_NAMES)
+        if reserved:
+            raise ValueError(
+                f"assignments.properties {reserved} are names of columns the pipeline adds; rename "
+                "the column in the log or leave it out of properties"
+            )
+        repeated = sorted({p for p in self.assignments.properties if self.assignments.properties.count(p) > 1})
+        if repeated:
+            raise ValueError(f"assignments.properties repeats {repeated}")
         return self
 
 
@@ -245,7 +261,7 @@ class Registry(_Strict):
     allow_paths_outside_data_root: bool = False
     sources: Sources
     metrics: dict[str, Metric]
-    experiments: list[Experiment]
+    experiments: list[Experiment] = Field(min_length=1)
 
     def experiment(self, experiment_id: str) -> Experiment:
         for experiment in self.experiments:
@@ -388,13 +404,40 @@ def _digest(relevant: dict) -> str:
 def load_registry(path: str | Path) -> Registry:
     """The registry as the file says now (read on every call, so an edit applies at once)."""
     path = Path(path)
+    hint = "set EXP_PIPELINE_REGISTRY to your registry file"
     try:
-        text = path.read_text()
+        text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
+        raise RegistryError(f"registry file {path} does not exist; {hint}") from None
+    except IsADirectoryError:
+        raise RegistryError(f"registry path {path} is a directory, not a YAML file; {hint}") from None
+    except UnicodeDecodeError as exc:
         raise RegistryError(
-            f"registry file {path} does not exist; set EXP_PIPELINE_REGISTRY to your registry file"
+            f"registry file {path} is not UTF-8 text (byte {exc.start} cannot be decoded); save it as UTF-8"
         ) from None
+    except OSError as exc:
+        raise RegistryError(f"registry file {path} cannot be read ({exc.strerror}); {hint}") from None
     return _parsed_registry(path, text)
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, refusing a key repeated in one mapping (YAML keeps the last silently:
+    a second `experiments:` block would drop the first without a word)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            try:
+                first = seen.setdefault(key, key_node.start_mark.line + 1)
+            except TypeError:
+                continue  # an unhashable key: the base loader reports it
+            if first != key_node.start_mark.line + 1:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key!r} appears twice (lines {first} and {key_node.start_mark.line + 1})",
+                    key_node.start_mark,
+                )
+        return super().construct_mapping(node, deep=deep)
 
 
 @functools.lru_cache(maxsize=8)
@@ -402,7 +445,7 @@ def _parsed_registry(path: Path, text: str) -> Registry:
     # Every step of a run loads the registry: the same text is parsed and validated once (the
     # models are frozen, so callers can share one). Errors are not cached: they raise again.
     try:
-        raw = yaml.safe_load(text)
+        raw = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
     except yaml.YAMLError as exc:
         raise RegistryError(f"registry file {path} is not valid YAML: {exc}") from None
     return parse_registry(raw, path)

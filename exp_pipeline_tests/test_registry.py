@@ -76,6 +76,16 @@ def test_status_follows_the_dates():
          r"sources, field 'assignments.path'.*cannot tell the format"),
         (lambda r: r["experiments"].append(copy.deepcopy(r["experiments"][0])),
          r"experiment 'checkout_redesign', field 'id': defined twice"),
+        (lambda r: r.update(experiments=[]),
+         r"registry, field 'experiments': List should have at least 1 item"),
+        (lambda r: r["metrics"]["revenue"].update(window_end_days=float("inf")),
+         r"metric 'revenue', field 'window_end_days': Input should be a finite number"),
+        (lambda r: r["experiments"][0].update(cuped_pre_window_days=float("nan")),
+         r"experiment 'checkout_redesign', field 'cuped_pre_window_days': Input should be a finite number"),
+        (lambda r: r["sources"]["assignments"]["properties"].append("source_file"),
+         r"sources: assignments.properties \['source_file'\] are names of columns the pipeline adds"),
+        (lambda r: r["sources"]["assignments"]["properties"].append(r["sources"]["assignments"]["properties"][0]),
+         r"sources: assignments.properties repeats"),
     ],
 )
 def test_invalid_registry_names_experiment_and_field(tmp_path, mutate, message):
@@ -90,6 +100,30 @@ def test_error_names_the_file(tmp_path):
         load_registry(bad)
     with pytest.raises(RegistryError, match="does not exist"):
         load_registry(tmp_path / "missing.yaml")
+
+
+def test_a_registry_that_cannot_be_read_is_one_message(tmp_path):
+    with pytest.raises(RegistryError, match=f"registry path {tmp_path} is a directory, not a YAML file"):
+        load_registry(tmp_path)
+    latin = tmp_path / "latin.yaml"
+    latin.write_bytes(DEFAULT_REGISTRY.read_bytes() + "# caf\u00e9\n".encode("latin-1"))
+    with pytest.raises(RegistryError, match=f"registry file {latin} is not UTF-8 text .*save it as UTF-8"):
+        load_registry(latin)
+
+
+def test_a_key_repeated_in_the_registry_is_refused_with_both_lines(tmp_path):
+    text = DEFAULT_REGISTRY.read_text()
+    lines = text.splitlines()
+    first = next(i for i, line in enumerate(lines) if line.startswith("experiments:")) + 1
+    twice = tmp_path / "registry.yaml"
+    twice.write_text(text + "\nexperiments: []\n")
+    last = len(twice.read_text().splitlines())
+    with pytest.raises(RegistryError, match=f"key 'experiments' appears twice \\(lines {first} and {last}\\)"):
+        load_registry(twice)
+    nested = tmp_path / "nested.yaml"
+    nested.write_text(text.replace("    aggregation: sum\n", "    aggregation: sum\n    aggregation: count\n", 1))
+    with pytest.raises(RegistryError, match="key 'aggregation' appears twice"):
+        load_registry(nested)
 
 
 def test_paths_outside_the_data_root_can_be_allowed_explicitly(tmp_path):

@@ -80,3 +80,14 @@ def test_a_schema_without_an_experiment_keeps_the_checks_that_hold_for_every_one
     checks = {name: [c.name for c in col.checks] for name, col in without.columns.items()}
     assert checks["variant_id"] == [] and checks["n_exposures"] == ["greater_than_or_equal_to"]
     assert [c.name for c in with_experiment.columns["assigned_at"].checks] == ["inside_experiment_window"]
+
+
+@pytest.mark.parametrize(
+    "name", ["raw_assignments", "deduped_assignments", "post_assignment_events", "pre_assignment_events",
+             "subject_metric_values"],
+)
+def test_a_property_cannot_take_the_name_of_a_column_the_pipeline_adds(name):
+    from exp_pipeline.registry import ASSIGNMENT_COLUMNS, RESERVED_COLUMN_NAMES
+
+    added = {column for column, *_ in schemas.TABLES[name].columns()} - set(ASSIGNMENT_COLUMNS)
+    assert added <= RESERVED_COLUMN_NAMES
