@@ -13,7 +13,8 @@ def read_source(session: WarehouseSession, registry: Registry, kind: str) -> ir.
     """The `assignments` or `events` source as logged, with `source_file`."""
     source = getattr(registry.sources, kind)
     path = registry.resolve_path(source.path) if source.path else None
-    return session.read_source(source, path, f"{kind} source")
+    root = None if registry.allow_paths_outside_data_root else registry.data_root.resolve()
+    return session.read_source(source, path, f"{kind} source", root)
 
 
 def usable_events(session: WarehouseSession, registry: Registry, experiment: Experiment) -> ir.Table:

@@ -21,6 +21,14 @@ CSV_OPTIONS = {"header": True, "all_varchar": True, "null_padding": True, "union
 
 
 LOCK_RETRY_SECONDS = 1.0
+# DuckDB's column naming each row's file; not `filename`, which a log may have of its own.
+FILE_COLUMN = "_exp_pipeline_source_file"
+
+
+def _with_source_file(rows: ir.Table) -> ir.Table:
+    # A log column that happens to be called source_file is not one the pipeline reads.
+    rows = rows.drop("source_file") if "source_file" in rows.columns else rows
+    return rows.rename(source_file=FILE_COLUMN)
 
 
 def _quote(identifier: str) -> str:
@@ -64,12 +72,12 @@ class DuckDBWarehouseSession(WarehouseSession):
     def _read_parquet(self, files: list[str], description: str) -> ir.Table:
         for path in files:
             self._probe(path, "parquet", description)
-        return self.ibis.read_parquet(files, filename=True, union_by_name=True).rename(source_file="filename")
+        return _with_source_file(self.ibis.read_parquet(files, filename=FILE_COLUMN, union_by_name=True))
 
     def _read_csv(self, files: list[str], description: str) -> ir.Table:
         for path in files:
             self._probe(path, "csv", description)
-        return self.ibis.read_csv(files, filename=True, **CSV_OPTIONS).rename(source_file="filename")
+        return _with_source_file(self.ibis.read_csv(files, filename=FILE_COLUMN, **CSV_OPTIONS))
 
     def temp_table(self, name: str, expr: ir.Table) -> ir.Table:
         return self.ibis.create_table(name, expr, temp=True, overwrite=True)
@@ -85,7 +93,12 @@ class DuckDBWarehouseSession(WarehouseSession):
                     [path],
                 ).fetchall()
         except duckdb.Error as exc:
-            reason = str(exc).splitlines()[0]
+            lines = str(exc).splitlines()
+            reason = lines[0]
+            # DuckDB says what is wrong with a CSV a few lines down ("... not utf-8 encoded.").
+            detail = next((line for line in lines[1:4] if "encoded" in line or "Invalid unicode" in line), None)
+            if detail:
+                reason = f"{reason.removeprefix('Invalid Input Error: ')}: {detail.strip()} Re-export it as UTF-8"
             raise unreadable_file(description, path, file_format, reason) from None
 
     # -- writing -------------------------------------------------------------------------------

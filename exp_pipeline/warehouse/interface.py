@@ -6,11 +6,14 @@ outbox only use this interface, and transforms only ever see Ibis tables.
 
 from __future__ import annotations
 
+import csv
 import datetime as dt
 import glob as globlib
+import gzip
 import os
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
+from pathlib import Path
 
 import ibis
 import ibis.expr.types as ir
@@ -78,8 +81,13 @@ class WarehouseSession(ABC):
         table = self.table(name)
         return table.filter(table.experiment_id == experiment_id)
 
-    def read_source(self, source: Source, resolved_path: str | None, description: str) -> ir.Table:
-        """The source as an Ibis table, with a `source_file` column naming where each row came from."""
+    def read_source(
+        self, source: Source, resolved_path: str | None, description: str, root: Path | None = None
+    ) -> ir.Table:
+        """The source as an Ibis table, with a `source_file` column naming where each row came from.
+
+        With a `root`, every file must resolve inside it (a symlink matched by a glob included).
+        """
         if source.table is not None:
             try:
                 table = self._catalog_table(source.table)
@@ -90,8 +98,13 @@ class WarehouseSession(ABC):
             return table.mutate(source_file=ibis.literal(source.table))
         assert resolved_path is not None
         files = self._source_files(resolved_path, description)
+        if root is not None:
+            _refuse_files_outside(files, root, description)
         if source.file_format == "parquet":
             return self._read_parquet(files, description)
+        for path in files:
+            if not is_uri(path):
+                _refuse_repeated_header_names(path, description)
         return self._read_csv(files, description)
 
     def _source_files(self, resolved_path: str, description: str) -> list[str]:
@@ -182,3 +195,38 @@ class WarehouseSession(ABC):
         """Replace a whole (unpartitioned) table; returns its rows."""
 
 
+
+
+def _refuse_files_outside(files: list[str], root: Path, description: str) -> None:
+    """A glob inside the data root can still match a symlink (or a file under a symlinked folder)
+    that points elsewhere: each file must really be under the root."""
+    for path in files:
+        if is_uri(path):
+            continue
+        real = Path(path).resolve()
+        if not real.is_relative_to(root):
+            raise SourceError(
+                f"{description}: {path} resolves to {real}, outside the data root {root}; move the "
+                "file under it or set allow_paths_outside_data_root: true in the registry"
+            )
+
+
+def _refuse_repeated_header_names(path: str, description: str) -> None:
+    """A CSV header naming a column twice: readers keep one copy (or rename the other) without a word."""
+    opener = gzip.open if path.endswith(".gz") else open
+    try:
+        with opener(path, "rt", encoding="utf-8-sig", newline="") as handle:
+            header = handle.readline()
+    except (OSError, UnicodeDecodeError, EOFError):
+        return  # the engine's probe reports an unreadable file with its reason
+    try:
+        dialect = csv.Sniffer().sniff(header, delimiters=",;\t|")
+    except csv.Error:
+        dialect = csv.excel
+    names = [name.strip() for name in next(csv.reader([header], dialect), [])]
+    repeated = sorted({name for name in names if names.count(name) > 1})
+    if repeated:
+        raise SourceError(
+            f"{description}: the header of {path} names {', '.join(map(repr, repeated))} more than once; "
+            "rename the repeated columns in the file"
+        )

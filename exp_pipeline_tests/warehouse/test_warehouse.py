@@ -58,6 +58,44 @@ def test_unreadable_sources_fail_naming_the_file_and_the_fix(warehouse, tmp_path
         read(warehouse, tmp_path / name, file_format)
 
 
+def test_a_glob_never_reads_a_symlink_that_points_outside_the_data_root(warehouse, tmp_path):
+    root, outside = tmp_path / "data", tmp_path / "secret"
+    root.mkdir()
+    outside.mkdir()
+    pd.DataFrame({"a": [1]}).to_parquet(root / "inside.parquet")
+    pd.DataFrame({"a": [2]}).to_parquet(outside / "passwords.parquet")
+    (root / "linked.parquet").symlink_to(outside / "passwords.parquet")
+    with warehouse.session() as session, pytest.raises(
+        SourceError, match=rf"linked\.parquet resolves to {outside}/passwords\.parquet, outside the data root"
+    ):
+        session.read_source(Source(path="*.parquet"), str(root / "*.parquet"), "events source", root.resolve())
+    with warehouse.session() as session:  # allowed explicitly (no root to stay in)
+        frame = session.to_pandas(session.read_source(Source(path="*.parquet"), str(root / "*.parquet"), "events source"))
+        assert sorted(frame.a) == [1, 2]
+
+
+def test_a_csv_header_naming_a_column_twice_is_refused(warehouse, tmp_path):
+    (tmp_path / "a.csv").write_text("user_id;ts;user_id\nu1;2026-01-01;u2\n")
+    with pytest.raises(SourceError, match=r"the header of .*a\.csv names 'user_id' more than once"):
+        read(warehouse, tmp_path / "a.csv", "csv")
+
+
+@pytest.mark.parametrize("file_format", ["parquet", "csv"])
+def test_a_log_with_its_own_filename_and_source_file_columns_is_read(warehouse, tmp_path, file_format):
+    frame = pd.DataFrame({"user_id": ["a"], "filename": ["report.pdf"], "source_file": ["upstream.log"]})
+    path = tmp_path / f"log.{file_format}"
+    frame.to_parquet(path) if file_format == "parquet" else frame.to_csv(path, index=False)
+    read_back, _ = read(warehouse, path, file_format)
+    assert read_back.filename.tolist() == ["report.pdf"]
+    assert read_back.source_file.tolist() == [str(path)]
+
+
+def test_a_csv_that_is_not_utf8_says_so(duckdb_warehouse, tmp_path):
+    (tmp_path / "latin.csv").write_bytes("user_id,city\nu1,K\u00f6ln\n".encode("latin-1"))
+    with pytest.raises(SourceError, match=r"latin\.csv is not a readable csv file \(CSV Error on Line: 2: .*not utf-8 encoded"):
+        read(duckdb_warehouse, tmp_path / "latin.csv", "csv")
+
+
 def test_duckdb_refuses_a_storage_uri_naming_the_engine_that_reads_it(duckdb_warehouse):
     with pytest.raises(SourceError, match=r"'s3a://logs/x/\*\.parquet' is not a local path; DuckDB reads local files"):
         read(duckdb_warehouse, "s3a://logs/x/*.parquet", "parquet")
