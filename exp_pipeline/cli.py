@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from exp_pipeline.settings import PROJECT_ROOT, registry_path
@@ -27,13 +28,60 @@ def _ensure_sample_data(users: int, seed: int) -> None:
     generate(SAMPLE_DIR, n_users=users, seed=seed)
 
 
-# Dagster's step-by-step DEBUG log drowns the results; warnings (failed checks) still show.
-QUIET_LOGS = {"loggers": {"console": {"config": {"log_level": "WARNING"}}}}
+# Dagster's console log would print every failure with its stack trace (a wrong column mapping
+# four times over); the summary names each failed step, check and cause once, and the full log
+# is in the Dagster UI.
+QUIET_LOGS = {"loggers": {"console": {"config": {"log_level": "CRITICAL"}}}}
+
+
+@dataclass
+class RunOutcome:
+    """What one run of the main command did, for the summary."""
+
+    name: str
+    success: bool
+    errors: list[str] = field(default_factory=list)  # "step: first line of the error"
+    skipped: list[str] = field(default_factory=list)  # steps not run (a blocking check failed upstream)
+    failed_checks: list[tuple[str, str, str]] = field(default_factory=list)  # (check, severity, description)
+
+
+def _outcome(name: str, result) -> RunOutcome:
+    outcome = RunOutcome(name=name, success=result.success)
+    for event in result.all_events:
+        if event.is_step_failure:
+            outcome.errors.append(f"{event.step_key}: {_root_cause(event.step_failure_data.error)}")
+        elif event.is_step_skipped:
+            outcome.skipped.append(event.step_key)
+    outcome.failed_checks = [
+        (f"{e.asset_key.to_user_string()}.{e.check_name}", e.severity.value, e.description)
+        for e in result.get_asset_check_evaluations()
+        if not e.passed
+    ]
+    return outcome
+
+
+# Our own errors already say what is wrong and where: their class name adds nothing.
+_PLAIN_ERRORS = ("ValueError: ", "SourceError: ", "RegistryError: ", "WarehouseBusy: ", "LookupError: ")
+
+
+def _root_cause(error) -> str:
+    """The first line of the innermost cause: Dagster wraps the real error in its own."""
+    while error.cause is not None:
+        error = error.cause
+    lines = error.message.strip().splitlines() or [error.cls_name or "failed"]
+    first = lines[0]
+    for prefix in _PLAIN_ERRORS:
+        first = first.removeprefix(prefix)
+    return first
+
+
+def _unique(values: list[str]) -> list[str]:
+    return list(dict.fromkeys(values))
 
 
 def run(experiment_ids: list[str] | None, users: int, seed: int) -> int:
     os.environ.setdefault("DAGSTER_HOME", str(DEFAULT_DAGSTER_HOME))
-    Path(os.environ["DAGSTER_HOME"]).mkdir(parents=True, exist_ok=True)
+    home = Path(os.environ["DAGSTER_HOME"])
     if registry_path() == str(PROJECT_ROOT / "data" / "registry.yaml"):
         _ensure_sample_data(users, seed)
 
@@ -41,67 +89,110 @@ def run(experiment_ids: list[str] | None, users: int, seed: int) -> int:
     from dagster import DagsterInstance
 
     from exp_pipeline.definitions import defs
-    from exp_pipeline.defs.partitions import experiment_partitions
+    from exp_pipeline.defs.instance import ensure_instance_config, instance_lock, prepare_instance, run_tags
     from exp_pipeline.registry import load_registry
     from exp_pipeline.reports import results_text
     from exp_pipeline.warehouse.resources import Warehouse
 
     registry = load_registry(registry_path())
-    wanted = experiment_ids or [e.id for e in registry.experiments]
+    wanted = _unique(experiment_ids or [e.id for e in registry.experiments])
     for experiment_id in wanted:
         registry.experiment(experiment_id)  # fails early, naming an unknown experiment
+    warehouse: Warehouse = defs.resources["warehouse"]
+    _open_or_explain(warehouse)
 
-    with DagsterInstance.get() as instance:
-        known = set(instance.get_dynamic_partitions(experiment_partitions.name))
-        new = [e for e in wanted if e not in known]
-        if new:
-            instance.add_dynamic_partitions(experiment_partitions.name, new)
-        failed = []
-        failed_checks = []
-        if not defs.resolve_job_def("refresh_registry").execute_in_process(
-            instance=instance, raise_on_error=False, run_config=QUIET_LOGS
-        ).success:
-            failed.append("refresh_registry")
+    with instance_lock(home):
+        ensure_instance_config(home)
+        instance = DagsterInstance.get()
+        released = prepare_instance(instance, wanted)
+    for run_id in released:
+        print(f"run {run_id} belonged to a process that died: marked failed, its pool slot freed", flush=True)
+    tags = run_tags()
+    outcomes: list[RunOutcome] = []
+    with instance:
+        result = defs.resolve_job_def("refresh_registry").execute_in_process(
+            instance=instance, raise_on_error=False, run_config=QUIET_LOGS, tags=tags
+        )
+        outcomes.append(_outcome("refresh_registry", result))
         job = defs.resolve_job_def("analyze_experiment")
         for experiment_id in wanted:
             print(f"analysing {experiment_id} ...", flush=True)
             result = job.execute_in_process(
-                partition_key=experiment_id, instance=instance, raise_on_error=False, run_config=QUIET_LOGS
+                partition_key=experiment_id, instance=instance, raise_on_error=False, run_config=QUIET_LOGS,
+                tags=tags,
             )
-            if not result.success:
-                failed.append(experiment_id)
-            failed_checks += [
-                (experiment_id, f"{e.asset_key.to_user_string()}.{e.check_name}", e.severity.value, e.description)
-                for e in result.get_asset_check_evaluations()
-                if not e.passed
-            ]
+            outcomes.append(_outcome(experiment_id, result))
 
+    failed = [o.name for o in outcomes if not o.success]
     # Results of a failed (or blocked) run would be the previous run's: they are not shown as fresh.
     fresh = [e for e in wanted if e not in failed]
-    warehouse: Warehouse = defs.resources["warehouse"]
-    with warehouse.session() as session:
-        table = session.table("variant_metrics") if session.has_table("variant_metrics") else None
-        frame = None if table is None or not fresh else session.to_pandas(
-            table.filter(table.experiment_id.isin(fresh)).order_by("experiment_id", "metric", "variant_id")
-        )
+    frame = _fresh_results(warehouse, fresh)
     print()
     if frame is not None and len(frame):
         print(results_text(frame))
-    stale = [e for e in wanted if e in failed]
-    if stale:
-        print(f"\nNo fresh results for {', '.join(stale)}: the run failed or a blocking check stopped it "
-              "(earlier results, if any, stay in the warehouse).")
-    if failed_checks:
-        print("\nFailed checks:")
-        for experiment_id, check_name, severity, description in failed_checks:
-            print(f"  {severity:5} {experiment_id}: {check_name}: {description}")
-    else:
-        print("\nAll checks passed.")
+    _print_summary(outcomes, wanted)
     print(f"\nwarehouse: {warehouse.describe()}")
     if failed:
         print(f"FAILED: {', '.join(failed)}; see the run logs in the Dagster UI", file=sys.stderr)
         return 1
     return 0
+
+
+class WarehouseUnusable(RuntimeError):
+    """The warehouse cannot be opened at all (a directory, a file that is not a database)."""
+
+
+def _open_or_explain(warehouse) -> None:
+    """Open the warehouse once before any run: a path that is no database is one message, not
+    a failed step per asset and a traceback at the end."""
+    try:
+        with warehouse.session() as session:
+            session.has_table("variant_metrics")
+    except Exception as exc:  # the engines' error types vary (duckdb.IOException, Spark's)
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise WarehouseUnusable(
+            f"the warehouse {warehouse.describe()} cannot be opened ({reason}); point EXP_PIPELINE_DUCKDB "
+            "at a DuckDB file (it is created if missing) or move the file that is in the way"
+        ) from None
+
+
+def _fresh_results(warehouse, experiment_ids: list[str]):
+    if not experiment_ids:
+        return None
+    with warehouse.session() as session:
+        if not session.has_table("variant_metrics"):
+            return None
+        table = session.table("variant_metrics")
+        return session.to_pandas(
+            table.filter(table.experiment_id.isin(experiment_ids)).order_by("experiment_id", "metric", "variant_id")
+        )
+
+
+def _print_summary(outcomes: list[RunOutcome], wanted: list[str]) -> None:
+    """The truth about the runs: failures and blocked steps first, then failed checks."""
+    stale = [o.name for o in outcomes if not o.success and o.name in wanted]
+    if stale:
+        print(f"\nNo fresh results for {', '.join(stale)}: the run failed or a blocking check stopped it "
+              "(earlier results, if any, stay in the warehouse).")
+    errors = [(o.name, error) for o in outcomes for error in o.errors]
+    if errors:
+        print("\nFailed steps:")
+        for name, error in errors:
+            print(f"  {name}: {error}")
+    blocked = [(o.name, o.skipped) for o in outcomes if o.skipped]
+    if blocked:
+        print("\nNot run (upstream failed or a blocking check failed):")
+        for name, steps in blocked:
+            print(f"  {name}: {', '.join(steps)}")
+    failed_checks = [(o.name, *check) for o in outcomes for check in o.failed_checks]
+    if failed_checks:
+        print("\nFailed checks:")
+        for name, check_name, severity, description in failed_checks:
+            print(f"  {severity:5} {name}: {check_name}: {description}")
+    elif not stale and not errors:
+        print("\nAll checks passed.")
+    else:
+        print("\nNo check failed, but not every run succeeded (above).")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -116,7 +207,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return run(args.experiment, args.users, args.seed)
-    except (RegistryError, KeyError) as exc:
+    except (RegistryError, KeyError, WarehouseUnusable) as exc:
         # A clear message, not a stack trace: what is wrong and where to fix it.
         print(f"error: {exc.args[0] if exc.args else exc}", file=sys.stderr)
         return 2

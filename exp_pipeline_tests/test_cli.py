@@ -14,16 +14,9 @@ pytestmark = pytest.mark.e2e
 def run_cli(workspace, tmp_path, *args):
     home = tmp_path / "dagster_home"
     home.mkdir(exist_ok=True)
-    env = {
-        **os.environ,
-        "EXP_PIPELINE_REGISTRY": str(workspace.registry_path),
-        "EXP_PIPELINE_DUCKDB": str(workspace.database),
-        "DAGSTER_HOME": str(home),
-        "DAGSTER_DISABLE_TELEMETRY": "1",
-    }
     return subprocess.run(
         [sys.executable, "-m", "exp_pipeline.cli", "run", *args],
-        env=env, capture_output=True, text=True, timeout=600,
+        env=cli_env(workspace, home), capture_output=True, text=True, timeout=600,
     )
 
 
@@ -69,3 +62,100 @@ def test_an_invalid_registry_is_one_clear_message(tmp_path):
     assert done.returncode == 2
     assert "experiment 'exp_a', field 'variants': variant weights must sum to 1, they sum to 1.2" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+def cli_env(workspace, home):
+    return {
+        **os.environ,
+        "EXP_PIPELINE_REGISTRY": str(workspace.registry_path),
+        "EXP_PIPELINE_DUCKDB": str(workspace.database),
+        "DAGSTER_HOME": str(home),
+        "DAGSTER_DISABLE_TELEMETRY": "1",
+    }
+
+
+def slot_holders(home) -> set[str]:
+    from dagster import DagsterInstance
+    from dagster._core.instance.ref import InstanceRef
+
+    with DagsterInstance.from_ref(InstanceRef.from_dir(str(home))) as instance:
+        return set(instance.event_log_storage.get_concurrency_run_ids())
+
+
+def test_a_run_killed_holding_the_pool_slot_does_not_block_the_next_on_the_same_instance(tmp_path):
+    import signal
+    import time
+
+    workspace = write_tiny_workspace(tmp_path)
+    home = tmp_path / "dagster_home"
+    assert run_cli(workspace, tmp_path).returncode == 0  # the instance exists, as after a first run
+    env = cli_env(workspace, home)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "exp_pipeline.cli", "run"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    deadline = time.monotonic() + 120
+    while not slot_holders(home) and time.monotonic() < deadline and process.poll() is None:
+        time.sleep(0.05)
+    assert slot_holders(home), "the run never claimed the warehouse pool slot"
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert slot_holders(home)  # the dead run still holds it: this is the state that used to hang
+    done = run_cli(workspace, tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "belonged to a process that died: marked failed, its pool slot freed" in done.stdout
+    assert "All checks passed." in done.stdout and done.stdout.count("revenue") == 2
+    assert slot_holders(home) == set()
+
+
+def test_four_first_runs_at_once_on_a_fresh_instance_all_succeed(tmp_path):
+    workspace = write_tiny_workspace(tmp_path)
+    home = tmp_path / "fresh_home"  # does not exist yet: the state after clone and setup
+    processes = [
+        subprocess.Popen(
+            [sys.executable, "-m", "exp_pipeline.cli", "run"], env=cli_env(workspace, home),
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )
+        for _ in range(4)
+    ]
+    outputs = [process.communicate(timeout=900) for process in processes]
+    for process, (out, err) in zip(processes, outputs, strict=True):
+        assert process.returncode == 0, err[-3000:]
+        assert "All checks passed." in out and out.count("revenue") == 2
+    later = subprocess.run(
+        [sys.executable, "-m", "exp_pipeline.cli", "run"], env=cli_env(workspace, home),
+        capture_output=True, text=True, timeout=600,
+    )
+    assert later.returncode == 0, later.stderr[-3000:]  # the instance was left usable
+
+
+def test_an_experiment_named_twice_is_analysed_once(tmp_path):
+    workspace = write_tiny_workspace(tmp_path)
+    done = run_cli(workspace, tmp_path, "--experiment", "exp_a", "--experiment", "exp_a")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("analysing exp_a") == 1 and done.stdout.count("revenue") == 1
+
+
+@pytest.mark.parametrize("kind", ["directory", "garbage"])
+def test_a_warehouse_path_that_is_no_database_is_one_message(tmp_path, kind):
+    workspace = write_tiny_workspace(tmp_path)
+    workspace.database.parent.mkdir(parents=True, exist_ok=True)
+    if kind == "directory":
+        workspace.database.mkdir()
+    else:
+        workspace.database.write_bytes(b"this is not a duckdb file" * 100)
+    done = run_cli(workspace, tmp_path)
+    assert done.returncode == 2
+    assert done.stderr.startswith(f"error: the warehouse DuckDB {workspace.database} (schema exp) cannot be opened (")
+    assert "Traceback" not in done.stderr and "All checks passed" not in done.stdout
+
+
+def test_a_failed_run_is_named_with_its_error_and_never_summarized_as_all_passed(tmp_path):
+    workspace = write_tiny_workspace(tmp_path)
+    registry = workspace.registry_path.read_text()
+    workspace.registry_path.write_text(registry.replace("experiment_id: experiment_key", "experiment_id: nowhere"))
+    done = run_cli(workspace, tmp_path)
+    assert done.returncode == 1
+    assert "All checks passed" not in done.stdout
+    assert "Failed steps:" in done.stdout
+    assert "exp_a: raw_assignments: assignments source: missing columns 'nowhere'" in done.stdout
+    assert "No check failed, but not every run succeeded (above)." in done.stdout

@@ -51,7 +51,7 @@ def _require_columns(table: ir.Table, source: Source, canonical: Sequence[str], 
             missing.append(f"{column!r}{mapped}")
     if missing:
         raise ValueError(
-            f"{what}: missing columns {', '.join(missing)}; the source has {list(table.columns)}. "
+            f"{what}: missing columns {', '.join(missing)}; the source has {[c for c in table.columns if c != 'source_file']}. "
             "Fix the column mapping under sources in the registry."
         )
 

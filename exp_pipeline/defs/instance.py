@@ -1,0 +1,106 @@
+"""Care of the Dagster instance the main command runs in: safe when several first runs start at
+once, and never blocked by a run whose process died (kill -9, a lost machine) holding the
+`warehouse_writer` pool slot that every step needs.
+
+Runs of the main command carry the pid and host of their process. Before it starts, a run looks
+for runs of this host that are not finished although their process is gone: it marks them failed
+and frees their pool slots (runs launched by `dagster dev` are the daemon's run monitoring's).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import shutil
+import socket
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from dagster import DagsterInstance, DagsterRunStatus, RunsFilter
+
+from exp_pipeline.defs.partitions import WRITER_POOL, experiment_partitions
+from exp_pipeline.settings import PROJECT_ROOT
+
+PID_TAG = "exp_pipeline/pid"
+HOST_TAG = "exp_pipeline/host"
+LOCK_FILE = ".exp_pipeline.lock"
+# The project's instance configuration: the pool limit that keeps DuckDB's single writer safe.
+PROJECT_INSTANCE_CONFIG = PROJECT_ROOT / ".dagster_home" / "dagster.yaml"
+UNFINISHED = [DagsterRunStatus.NOT_STARTED, DagsterRunStatus.STARTING, DagsterRunStatus.STARTED]
+
+
+def run_tags() -> dict[str, str]:
+    """Tags of a run of this process: who to ask whether it is still alive."""
+    return {PID_TAG: str(os.getpid()), HOST_TAG: socket.gethostname()}
+
+
+@contextmanager
+def instance_lock(home: Path) -> Iterator[None]:
+    """One process at a time sets up the instance: Dagster creates and migrates its SQLite storage
+    on first use, and two processes doing it at once can crash (or leave it half-migrated)."""
+    home.mkdir(parents=True, exist_ok=True)
+    with open(home / LOCK_FILE, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)  # released when the process dies, whatever the cause
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def ensure_instance_config(home: Path) -> None:
+    """A DAGSTER_HOME without a dagster.yaml gets the project's (pool limit, no telemetry)."""
+    config = home / "dagster.yaml"
+    if not config.exists() and PROJECT_INSTANCE_CONFIG.exists() and config.resolve() != PROJECT_INSTANCE_CONFIG.resolve():
+        shutil.copyfile(PROJECT_INSTANCE_CONFIG, config)
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's process: alive
+    cmdline = Path(f"/proc/{pid}/cmdline")
+    if cmdline.exists():
+        # A reused pid belongs to another program; a zombie has an empty command line.
+        return b"exp_pipeline" in cmdline.read_bytes()
+    return True
+
+
+def release_dead_runs(instance: DagsterInstance) -> list[str]:
+    """Fail the unfinished runs of this host whose process is gone and free their pool slots;
+    returns their run ids."""
+    host = socket.gethostname()
+    released = []
+    for run in instance.get_runs(filters=RunsFilter(statuses=UNFINISHED, tags={HOST_TAG: host})):
+        pid = run.tags.get(PID_TAG, "")
+        if not pid.isdigit() or _process_alive(int(pid)):
+            continue
+        instance.report_run_failed(
+            run, message=f"the process that ran it (pid {pid} on {host}) is gone; marked failed by a later run"
+        )
+        released.append(run.run_id)
+    # Finished runs free their slots as they end; a run killed mid-step never does.
+    holding = instance.event_log_storage.get_concurrency_run_ids()
+    for run_id in holding:
+        run = instance.get_run_by_id(run_id)
+        if run is None or run.is_finished:
+            instance.event_log_storage.free_concurrency_slots_for_run(run_id)
+    return released
+
+
+def prepare_instance(instance: DagsterInstance, experiment_ids: list[str]) -> list[str]:
+    """Call under `instance_lock`: create every storage now (not concurrently in the runs),
+    release dead runs, and add the experiments' partitions. Returns the released run ids."""
+    instance.get_runs(limit=1)
+    instance.all_instigator_state()
+    if instance.event_log_storage.supports_global_concurrency_limits:
+        instance.event_log_storage.initialize_concurrency_limit_to_default(WRITER_POOL)
+    released = release_dead_runs(instance)
+    known = set(instance.get_dynamic_partitions(experiment_partitions.name))
+    new = [e for e in experiment_ids if e not in known]
+    if new:
+        instance.add_dynamic_partitions(experiment_partitions.name, new)
+    return released
