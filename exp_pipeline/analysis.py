@@ -5,7 +5,6 @@ partition write of variant_metrics with the values and their state."""
 from __future__ import annotations
 
 import datetime as dt
-import json
 from dataclasses import dataclass
 
 import ibis
@@ -13,7 +12,6 @@ import ibis.expr.types as ir
 import pandas as pd
 
 from exp_pipeline.refresh import (
-    PERIOD_EVENTS,
     SUBJECT_VALUES,
     SUBJECT_VALUES_STATE,
     WINDOW_EVENTS_STATE,
@@ -29,7 +27,7 @@ from exp_pipeline.results import srm_of, variant_metric_rows
 from exp_pipeline.stats import SrmCause, SrmResult
 from exp_pipeline.transforms.assignments import analysable_assignments, assignment_counts
 from exp_pipeline.transforms.fixed_point import SumBound, read_bounds, value_bounds
-from exp_pipeline.transforms.subject_values import cap_subject_values, subject_value_scales, sufficient_statistics
+from exp_pipeline.transforms.subject_values import cap_subject_values, sufficient_statistics
 from exp_pipeline.warehouse.interface import WarehouseSession
 
 
@@ -66,19 +64,15 @@ def analyse_experiment(
             "experiment_id", "subject_id", "variant_id", "assigned_at", "valid_from", *properties
         ),
     )
-    event_bounds = {
-        p: sum_bounds(session, session.partition(PERIOD_EVENTS[p], experiment.id), "event_name") for p in periods
-    }
-    scales = {p: subject_value_scales(event_bounds[p], metrics) for p in periods}
     events_state = one_state_row(session, WINDOW_EVENTS_STATE, experiment.id)
     reuse = subject_values_reuse(
-        stored_values_state(session, experiment.id), events_state, fingerprint, scales,
+        stored_values_state(session, experiment.id), events_state, fingerprint,
         max(m.window_end_days for m in metrics),
     )
     values, recomputed = {}, {}
     for period in periods:
         values[period], recomputed[period] = period_values(
-            session, assignments, period, experiment.id, metrics, event_bounds[period], reuse
+            session, assignments, period, experiment.id, metrics, reuse
         )
     # Caps are quantiles over the (materialized) values: cheap enough to compute in each query.
     capped = {p: cap_subject_values(v.drop("period"), metrics) for p, v in values.items()}
@@ -94,7 +88,6 @@ def analyse_experiment(
     values_state = state_frame({
         "experiment_id": experiment.id,
         "fingerprint": fingerprint,
-        "scales": json.dumps(scales, sort_keys=True),
         "events_refreshed_at": events_state["refreshed_at"] if events_state else None,
         "events_assignments_as_of": events_state["assignments_as_of"] if events_state else None,
         "assignments_as_of": assignments_as_of,

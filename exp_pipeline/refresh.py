@@ -6,7 +6,6 @@ through a warehouse session.
 from __future__ import annotations
 
 import datetime as dt
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -19,7 +18,6 @@ from exp_pipeline import sources
 from exp_pipeline.registry import Experiment, Metric, Registry
 from exp_pipeline.transforms import temporal_join
 from exp_pipeline.transforms.assignments import analysable_assignments
-from exp_pipeline.transforms.fixed_point import SumBound
 from exp_pipeline.transforms.subject_values import subject_metric_values
 from exp_pipeline.transforms.temporal_join import join_window_events
 from exp_pipeline.vocabulary import whole_seconds
@@ -106,15 +104,16 @@ class SubjectValuesReuse(NamedTuple):
 
 
 def subject_values_reuse(
-    stored: dict | None, events_state: dict | None, fingerprint: str, scales: dict, widest_window_days: float
+    stored: dict | None, events_state: dict | None, fingerprint: str, widest_window_days: float
 ) -> SubjectValuesReuse | None:
     """Whether the stored per-subject values can be partly reused, and which; None: recompute all.
 
-    `stored` is what the last computation recorded (fingerprint, scales, the window events'
+    `stored` is what the last computation recorded (fingerprint, the window events'
     refreshed_at and assignments_as_of it read, its own assignments_as_of); `events_state` the
     window events' state now
     (refreshed_at, mode, refreshed_from, previous_refreshed_at). Reuse needs the same definitions
-    and scales, and at most one window-events refresh since, an incremental one: it rewrote only
+    (a subject's value depends on its own rows only, its fixed-point scale included), and at most
+    one window-events refresh since, an incremental one: it rewrote only
     rows at or after its cutoff (`refreshed_from`) and the whole windows of changed subjects. A
     subject's post-assignment rows lie before assigned_at + the widest metric window, its
     pre-period rows before assigned_at: earlier subjects have no row at or after the cutoff.
@@ -123,7 +122,7 @@ def subject_values_reuse(
         stored["assignments_as_of"], stored["events_assignments_as_of"]
     ):
         return None
-    if stored["fingerprint"] != fingerprint or stored["scales"] != scales:
+    if stored["fingerprint"] != fingerprint:
         return None
     if events_state["refreshed_at"] == stored["events_refreshed_at"]:
         # No window events written since: only assignments may have changed.
@@ -159,7 +158,7 @@ def recomputed_subjects(assignments: ir.Table, assigned_after: dt.datetime | Non
 
 def period_values(
     session: WarehouseSession, assignments: ibis.Table, period: str, experiment_id: str, metrics,
-    event_bounds: dict[str, SumBound], reuse: SubjectValuesReuse | None,
+    reuse: SubjectValuesReuse | None,
 ) -> tuple[ibis.Table, int]:
     """Uncapped per-(subject, metric) values of one period, materialized, and how many subjects
     were computed from their events (the others' stored values are reused)."""
@@ -167,7 +166,7 @@ def period_values(
     windows = period == "post"  # pre-assignment events are already cut to the covariate window
     if reuse is None:
         values = subject_metric_values(
-            assignments, events, metrics, event_bounds, apply_metric_windows=windows
+            assignments, events, metrics, apply_metric_windows=windows
         )
         table = session.temp_table(f"tmp_{period}_values", values.mutate(period=ibis.literal(period)))
         return table, session.count(assignments)
@@ -181,7 +180,7 @@ def period_values(
     if assigned_after is not None:
         of_changed |= events.assigned_at > assigned_after
     fresh = subject_metric_values(
-        changed, events.filter(of_changed), metrics, event_bounds, apply_metric_windows=windows
+        changed, events.filter(of_changed), metrics, apply_metric_windows=windows
     )
     stored = session.partition(SUBJECT_VALUES, experiment_id)
     stored = stored.filter(stored.period == period)
@@ -299,11 +298,11 @@ def window_events_state(session: WarehouseSession, experiment_id: str, fingerpri
 
 
 def stored_values_state(session: WarehouseSession, experiment_id: str) -> dict | None:
-    """What the last computation of the per-subject values recorded (scales decoded)."""
+    """What the last computation of the per-subject values recorded."""
     state = one_state_row(session, SUBJECT_VALUES_STATE, experiment_id)
     if state is None or not session.has_table(SUBJECT_VALUES):
         return None
-    return {**state, "scales": json.loads(state["scales"])}
+    return state
 
 
 def one_state_row(session: WarehouseSession, table: str, experiment_id: str) -> dict | None:

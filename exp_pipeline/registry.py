@@ -31,7 +31,8 @@ from pydantic import (
 # Bump when the temporal join's rules change: stored window events are then rebuilt in full.
 WINDOW_EVENTS_LOGIC_VERSION = 1
 # Bump when per-subject metric values are computed differently: stored ones are then recomputed.
-SUBJECT_VALUES_LOGIC_VERSION = 1
+# 2: each subject's fixed-point scale from its own values (was: the largest value of the event).
+SUBJECT_VALUES_LOGIC_VERSION = 2
 # Ids become partition keys, table filters and file names: keep them boring.
 SAFE_ID_PATTERN = re.compile(r"^[a-z][a-z0-9_]{0,63}$")
 

@@ -316,7 +316,6 @@ def subject_metric_values_state_schema(experiment: Experiment | None = None) -> 
         {
             "experiment_id": _experiment_column(experiment),
             "fingerprint": _column(STRING, "digest of the metric definitions the values were computed with"),
-            "scales": _column(STRING, "the values' fixed-point scales per period and metric (JSON)"),
             "events_refreshed_at": _column(UTC_TIMESTAMP, "the window-events refresh they read", nullable=True),
             "events_assignments_as_of": _column(UTC_TIMESTAMP, "the assignments that refresh had seen", nullable=True),
             "assignments_as_of": _column(UTC_TIMESTAMP, "newest valid_from of the assignments they read", nullable=True),

@@ -74,8 +74,8 @@ def test_a_trickling_webhook_is_abandoned_at_the_deadline():
 
 
 def test_an_answer_within_the_deadline_is_delivered_and_an_error_status_is_not():
-    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
     import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
     statuses = iter([204, 500])
 

@@ -60,12 +60,9 @@ def test_refreshed_rows_are_recent_events_and_whole_windows_of_new_subjects(con)
 T0 = dt.datetime(2026, 10, 1, tzinfo=dt.UTC)
 
 
-SCALES = {"post": {"revenue": {"value_up1": 2.0**20}}}
-
-
 def _stored(**changes) -> dict:
     return {
-        "fingerprint": "f", "scales": SCALES, "events_refreshed_at": T0, "events_assignments_as_of": T0,
+        "fingerprint": "f", "events_refreshed_at": T0, "events_assignments_as_of": T0,
         "assignments_as_of": T0, **changes,
     }
 
@@ -79,7 +76,7 @@ def _events_state(**changes) -> dict:
 
 
 def test_stored_values_after_one_incremental_refresh_are_reused_up_to_its_cutoff():
-    reuse = subject_values_reuse(_stored(), _events_state(), "f", SCALES, widest_window_days=14)
+    reuse = subject_values_reuse(_stored(), _events_state(), "f", widest_window_days=14)
     cutoff = T0 - dt.timedelta(days=2)
     assert reuse == SubjectValuesReuse(
         post_assigned_after=cutoff - dt.timedelta(days=14), pre_assigned_after=cutoff, changed_since=T0
@@ -88,28 +85,27 @@ def test_stored_values_after_one_incremental_refresh_are_reused_up_to_its_cutoff
 
 def test_with_no_refresh_since_only_changed_assignments_are_recomputed():
     reuse = subject_values_reuse(
-        _stored(), _events_state(refreshed_at=T0), "f", SCALES, widest_window_days=14
+        _stored(), _events_state(refreshed_at=T0), "f", widest_window_days=14
     )
     assert reuse == SubjectValuesReuse(None, None, T0)
 
 
 @pytest.mark.parametrize(
-    ("stored", "events_state", "fingerprint", "scales"),
+    ("stored", "events_state", "fingerprint"),
     [
-        pytest.param(None, _events_state(), "f", SCALES, id="nothing stored"),
-        pytest.param(_stored(), None, "f", SCALES, id="no window events state"),
-        pytest.param(_stored(), _events_state(), "g", SCALES, id="definitions changed"),
-        pytest.param(_stored(), _events_state(), "f", {"post": {"revenue": {"value_up1": 2.0**19}}}, id="a larger value"),
-        pytest.param(_stored(), _events_state(mode="full", refreshed_from=None), "f", SCALES, id="a full rebuild since"),
-        pytest.param(_stored(), _events_state(previous_refreshed_at=T0 - dt.timedelta(days=1)), "f", SCALES,
+        pytest.param(None, _events_state(), "f", id="nothing stored"),
+        pytest.param(_stored(), None, "f", id="no window events state"),
+        pytest.param(_stored(), _events_state(), "g", id="definitions changed"),
+        pytest.param(_stored(), _events_state(mode="full", refreshed_from=None), "f", id="a full rebuild since"),
+        pytest.param(_stored(), _events_state(previous_refreshed_at=T0 - dt.timedelta(days=1)), "f",
                      id="a refresh these values never saw"),
-        pytest.param(_stored(assignments_as_of=None), _events_state(), "f", SCALES, id="no assignments then"),
-        pytest.param(_stored(events_assignments_as_of=None), _events_state(), "f", SCALES,
+        pytest.param(_stored(assignments_as_of=None), _events_state(), "f", id="no assignments then"),
+        pytest.param(_stored(events_assignments_as_of=None), _events_state(), "f",
                      id="window events of no assignments then"),
     ],
 )
-def test_stored_values_are_not_reused_when_anything_they_rest_on_changed(stored, events_state, fingerprint, scales):
-    assert subject_values_reuse(stored, events_state, fingerprint, scales, 14) is None
+def test_stored_values_are_not_reused_when_anything_they_rest_on_changed(stored, events_state, fingerprint):
+    assert subject_values_reuse(stored, events_state, fingerprint, 14) is None
 
 
 def test_recomputed_subjects_are_the_recently_assigned_and_the_changed(con):
@@ -147,7 +143,7 @@ def test_values_valued_after_a_refresh_on_newer_assignments_are_recomputed_from_
     # (assignments of T0 + 1 h): the next refresh rewrote subjects changed since T0.
     later = T0 + dt.timedelta(hours=1)
     stored = _stored(assignments_as_of=later, events_assignments_as_of=T0)
-    reuse = subject_values_reuse(stored, _events_state(), "f", SCALES, widest_window_days=14)
+    reuse = subject_values_reuse(stored, _events_state(), "f", widest_window_days=14)
     assert reuse.changed_since == T0
 
 

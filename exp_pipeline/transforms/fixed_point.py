@@ -45,11 +45,29 @@ class SumBound(NamedTuple):
 
 
 NO_TERMS = SumBound(0, 0.0)
-# A subject's sum has few terms: its scale leaves room for 2**40 of them, so that it depends only on
-# the largest value of the event (its power of two), not on how many rows the partition holds that
-# day. The same rows then give the same bits in any run, and stored per-subject values can be
-# reused by a later run (see subject_values_reuse). 2**-80 of the largest value per term.
-PER_SUBJECT_TERMS = 2**40
+# A subject's sum has few terms: its scale leaves room for 2**40 of them and is set by the largest
+# |value| of that subject's own terms (its power of two). So no other subject's value, however
+# large, moves it, and the same rows give the same bits in any run (stored per-subject values can be
+# reused by a later run). Rounding: 2**-80 of the subject's own largest value per term.
+PER_SUBJECT_TERM_BITS = 40
+
+
+def with_own_scale(table: ir.Table, term: ir.NumericColumn, group_by: Sequence[str], name: str) -> ir.Table:
+    """`table` with the `{name}_up1/_up2/_down1/_down2` columns of a fixed-point sum of `term` per
+    group: the scale of each group from its own largest |term| (see PER_SUBJECT_TERM_BITS)."""
+    largest = term.abs().max().over(ibis.window(group_by=[table[c] for c in group_by]))
+    # The power of two at or above the largest term (0 when every term is zero or null).
+    magnitude = ibis.ifelse(largest > 0, largest.log2().ceil(), 0).cast("int64")
+    exponent = FIXED_POINT_BITS - PER_SUBJECT_TERM_BITS - magnitude
+    # Two factors: a tiny largest value needs up to 2**1154, beyond a float.
+    half = (exponent / 2).floor().cast("int64")
+    two = ibis.literal(2.0)
+    return table.mutate(**{
+        f"{name}_up1": two**half,
+        f"{name}_up2": two ** (exponent - half),
+        f"{name}_down1": two ** (-half),
+        f"{name}_down2": two ** (half - exponent),
+    })
 
 
 def value_bounds(table: ir.Table, by: str) -> ir.Table:

@@ -10,10 +10,10 @@ import ibis.expr.types as ir
 from exp_pipeline.registry import Metric
 from exp_pipeline.transforms.fixed_point import (
     NO_TERMS,
-    PER_SUBJECT_TERMS,
     SumBound,
     fixed_point_sum,
     scales_table,
+    with_own_scale,
 )
 from exp_pipeline.transforms.temporal_join import metric_windows
 
@@ -22,30 +22,29 @@ def subject_metric_values(
     assignments: ir.Table,
     events: ir.Table,
     metrics: Sequence[Metric],
-    event_bounds: dict[str, SumBound],
     *,
     apply_metric_windows: bool = True,
 ) -> ir.Table:
     """Per (subject, metric) value; subjects without events count as zero.
 
     For post-assignment events each metric's own window applies. Pre-assignment events (the CUPED
-    covariate) are already cut to the pre window: pass `apply_metric_windows=False`.
-    `event_bounds` bounds the events' values per event name (`value_bounds`: a sum metric's terms
-    are its event's values). Capping is applied separately (`cap_subject_values`).
+    covariate) are already cut to the pre window: pass `apply_metric_windows=False`. Each subject's
+    sum has its own fixed-point scale (`with_own_scale`). Capping is applied separately
+    (`cap_subject_values`).
     """
     windows = metric_windows(metrics)
-    scales = scales_table(
-        [{"metric": metric, **scale} for metric, scale in subject_value_scales(event_bounds, metrics).items()],
-        ["value"],
-    )
-    matched = events.join(windows, "event_name").join(scales, "metric")
+    matched = events.join(windows, "event_name")
     if apply_metric_windows:
         matched = matched.filter(
             matched.event_at >= matched.assigned_at + matched.start_seconds.as_interval("s"),
             matched.event_at < matched.assigned_at + matched.end_seconds.as_interval("s"),
         )
     # Only sum metrics use the values: the others skip the fixed-point conversion (null terms).
-    summed = ibis.ifelse(matched.aggregation == "sum", matched.value.fill_null(0.0), ibis.null("float64"))
+    matched = matched.mutate(
+        _term=ibis.ifelse(matched.aggregation == "sum", matched.value.fill_null(0.0), ibis.null("float64"))
+    )
+    matched = with_own_scale(matched, matched._term, ["experiment_id", "subject_id", "metric"], "value")
+    summed = matched._term
     per_subject = matched.group_by("experiment_id", "subject_id", "metric").aggregate(
         sum_value=fixed_point_sum(matched, summed, "value"),
         n_events=matched.count(),
@@ -61,14 +60,6 @@ def subject_metric_values(
         else_=ibis.ifelse(n_events > 0, 1.0, 0.0),
     )
     return valued.select("experiment_id", "subject_id", "variant_id", "metric", value=value)
-
-
-def subject_value_scales(event_bounds: dict[str, SumBound], metrics: Sequence[Metric]) -> dict[str, dict]:
-    """Per metric, the scale columns of its per-subject sums (`PER_SUBJECT_TERMS`)."""
-    return {
-        m.id: SumBound(PER_SUBJECT_TERMS, event_bounds.get(m.event_name, NO_TERMS).max_abs).scale_columns("value")
-        for m in metrics
-    }
 
 
 def cap_subject_values(values: ir.Table, metrics: Sequence[Metric]) -> ir.Table:

@@ -6,12 +6,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from exp_pipeline.registry import Metric
-from exp_pipeline.transforms.fixed_point import SumBound
 from exp_pipeline.transforms.subject_values import (
     cap_subject_values,
     subject_metric_values,
-    subject_value_scales,
     sufficient_statistics,
 )
 from exp_pipeline_tests.tables import assignments_table, events_table, metric, post_rows
@@ -35,7 +32,7 @@ def test_per_subject_values_with_zeros_and_metric_windows(con):
         metric(id="sessions", event_name="session", aggregation="count"),
     ]
     post = post_rows(a, e, metrics)
-    values = con.to_pandas(subject_metric_values(a, post, metrics, con.bounds(post, "event_name")))
+    values = con.to_pandas(subject_metric_values(a, post, metrics))
     got = values.set_index(["subject_id", "metric"])["value"].to_dict()
     assert got == {
         ("buyer", "revenue"): 15.0, ("buyer", "purchases_7d"): 2.0,
@@ -98,9 +95,30 @@ def test_sufficient_statistics_match_numpy(con):
             assert row[column] == pytest.approx(math.fsum(terms), rel=1e-15, abs=0), column
 
 
-def test_a_subjects_sum_has_the_same_scale_however_many_rows_the_partition_holds():
-    metric = Metric(id="revenue", event_name="purchase", aggregation="sum")
-    few = subject_value_scales({"purchase": SumBound(10, 30.0)}, [metric])
-    many = subject_value_scales({"purchase": SumBound(10**9, 31.9)}, [metric])
-    larger = subject_value_scales({"purchase": SumBound(10, 32.5)}, [metric])
-    assert few == many != larger
+def test_a_huge_value_leaves_every_other_subjects_sum_exact(con):
+    rng = np.random.default_rng(7)
+    subjects = [f"s{i}" for i in range(300)]
+    a = assignments_table(con, [(s, "control", "2026-10-02T00:00:00Z") for s in subjects])
+    amounts = {s: [float(v) for v in rng.gamma(2.0, 10.0, size=3)] for s in subjects}
+    amounts["s0"] = [1e308, 1.0]  # one absurd amount (an export bug, a test row)
+    amounts["s1"] = [1e-300, 3e-301]  # and tiny ones
+    rows = [(s, f"2026-10-02T0{i + 1}:00:00Z", "purchase", v) for s, vs in amounts.items() for i, v in enumerate(vs)]
+    post = post_rows(a, events_table(con, rows), [metric()])
+    values = con.to_pandas(subject_metric_values(a, post, [metric()])).set_index("subject_id")["value"]
+    for subject, terms in amounts.items():
+        # Correctly rounded (math.fsum): each subject's scale is its own, whatever the others hold.
+        assert values[subject] == pytest.approx(math.fsum(terms), rel=1e-15, abs=0), subject
+    assert values["s2"] == math.fsum(amounts["s2"])
+
+
+def test_a_subjects_sum_does_not_depend_on_other_subjects(con):
+    a = assignments_table(con, [("a", "control", "2026-10-02T00:00:00Z"), ("b", "control", "2026-10-02T00:00:00Z")])
+    alone = [("a", "2026-10-02T01:00:00Z", "purchase", 0.1), ("a", "2026-10-02T02:00:00Z", "purchase", 0.2)]
+    with_big = [*alone, ("b", "2026-10-02T01:00:00Z", "purchase", 1e25)]
+
+    def value_of_a(rows):
+        post = post_rows(a, events_table(con, rows), [metric()])
+        values = con.to_pandas(subject_metric_values(a, post, [metric()]))
+        return values.set_index("subject_id")["value"]["a"]
+
+    assert value_of_a(alone) == value_of_a(with_big) == math.fsum([0.1, 0.2])
