@@ -210,11 +210,13 @@ class WindowEventsWrite:
 
 
 def write_window_events(
-    session: WarehouseSession, registry: Registry, experiment: Experiment, full_refresh: bool, now: dt.datetime
+    session: WarehouseSession, registry: Registry, experiment: Experiment, full_refresh: bool, now: dt.datetime,
+    event_rows_read: int,
 ) -> WindowEventsWrite:
     """Join the experiment's analysable subjects with the event log (one temporal join for both
     periods) and write post_assignment_events, pre_assignment_events and the refresh state in one
-    partition write: incrementally on top of the last refresh when it can, else in full."""
+    partition write: incrementally on top of the last refresh when it can, else in full.
+    `event_rows_read` (the log's rows now) is kept in the state for the next run to compare."""
     metrics = registry.metrics_of(experiment)
     pre_window = experiment.cuped_pre_window_days
     fingerprint = registry.window_events_fingerprint(experiment)
@@ -256,6 +258,7 @@ def write_window_events(
         # rewrote are those at or after refreshed_from, on top of the refresh before it.
         "refreshed_from": cutoff if incremental else None,
         "previous_refreshed_at": state["refreshed_at"] if incremental else None,
+        "event_rows_read": event_rows_read,
     })
     tables = {
         "post_assignment_events": temporal_join.post_assignment_rows(rows),

@@ -196,6 +196,10 @@ class Source(_Strict):
     max_rejected_share: float = Field(
         default=0.01, ge=0, le=1, description="share of rejected rows above which ingestion is an ERROR"
     )
+    max_row_drop_share: float = Field(
+        default=0.5, ge=0, le=1,
+        description="WARN when a run reads this share fewer rows than the run before (files missing?)",
+    )
     late_arrival_days: float = Field(
         default=2, ge=0,
         description=(
@@ -278,7 +282,9 @@ class Registry(_Strict):
         incremental refresh cannot build on the stored rows and recomputes them in full."""
         relevant = {
             "logic": WINDOW_EVENTS_LOGIC_VERSION,
-            "events_source": self.sources.events.model_dump(exclude={"max_rejected_share", "late_arrival_days"}),
+            "events_source": self.sources.events.model_dump(
+                exclude={"max_rejected_share", "late_arrival_days", "max_row_drop_share"}
+            ),
             "start_at": experiment.start_at.isoformat(),
             "end_at": experiment.end_at.isoformat() if experiment.end_at else None,
             "pre_window_days": experiment.cuped_pre_window_days,

@@ -290,6 +290,7 @@ def window_events_state_schema(experiment: Experiment | None = None) -> pa.DataF
             "mode": _column(STRING, "full or incremental", pa.Check.isin(["full", "incremental"])),
             "refreshed_from": _column(UTC_TIMESTAMP, "incremental: the cutoff it rewrote events from", nullable=True),
             "previous_refreshed_at": _column(UTC_TIMESTAMP, "incremental: the refresh it built on", nullable=True),
+            "event_rows_read": _column(INT64, "rows of the event log when it ran (null before this was kept)", nullable=True),
         },
         strict=True,
         name="window_events_state",

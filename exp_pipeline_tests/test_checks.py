@@ -111,3 +111,20 @@ def test_an_empty_partition_passes_its_schema(session, registry):
     replace_assignments(session, session.to_pandas(session.table("deduped_assignments")).iloc[:0])
     outcome = checks.evaluate_schema(session, "deduped_assignments", experiment, registry)
     assert outcome.passed and outcome.metadata["rows"] == 0
+
+
+@pytest.mark.parametrize(
+    ("now", "before", "kept", "passed", "severity"),
+    [
+        (0, 100, True, False, "ERROR"),  # an empty export where rows were: kept, blocks
+        (40, 100, False, False, "WARN"),  # 60% fewer than the run before, bound 50%
+        (60, 100, False, True, "WARN"),
+        (100, None, False, True, "WARN"),  # a first run: nothing to compare
+        (150, 100, False, True, "WARN"),  # growth is normal
+    ],
+)
+def test_rows_read_against_the_run_before(now, before, kept, passed, severity):
+    from exp_pipeline.checks import evaluate_rows_read
+
+    outcome = evaluate_rows_read("the event log", now, before, kept, 0.5)
+    assert (outcome.passed, outcome.severity) == (passed, severity)

@@ -159,3 +159,48 @@ def test_a_failed_run_is_named_with_its_error_and_never_summarized_as_all_passed
     assert "Failed steps:" in done.stdout
     assert "exp_a: raw_assignments: assignments source: missing columns 'nowhere'" in done.stdout
     assert "No check failed, but not every run succeeded (above)." in done.stdout
+
+
+def results_of(workspace):
+    frame = workspace.rows("variant_metrics")
+    return frame.sort_values(["experiment_id", "variant_id"])[["experiment_id", "variant_id", "n", "sum_y"]].reset_index(
+        drop=True
+    )
+
+
+@pytest.mark.parametrize("log", ["assignments", "events"])
+def test_a_header_only_export_after_a_good_run_keeps_the_results_and_fails_the_check(tmp_path, log):
+    import pandas as pd
+
+    workspace = write_tiny_workspace(tmp_path)
+    assert run_cli(workspace, tmp_path).returncode == 0
+    before = results_of(workspace)
+    values_before = len(workspace.rows("subject_metric_values"))
+    path = tmp_path / "logs" / f"{log}.parquet"
+    pd.read_parquet(path).iloc[0:0].to_parquet(path)  # the header (schema) and no rows
+    done = run_cli(workspace, tmp_path)
+    assert done.returncode == 1
+    asset = "raw_assignments" if log == "assignments" else "post_assignment_events"
+    assert f"ERROR exp_a: {asset}.rows_read_not_dropped: " in done.stdout
+    assert "rows of the previous run were kept" in done.stdout
+    assert "All checks passed" not in done.stdout
+    pd.testing.assert_frame_equal(results_of(workspace), before)
+    assert len(workspace.rows("subject_metric_values")) == values_before
+    active = workspace.rows("deduped_assignments")
+    assert active.is_active.all()  # no assignment was closed
+
+
+def test_a_large_drop_in_rows_read_between_runs_warns(tmp_path):
+    import pandas as pd
+
+    workspace = write_tiny_workspace(tmp_path)
+    assert run_cli(workspace, tmp_path).returncode == 0
+    path = tmp_path / "logs" / "events.parquet"
+    events = pd.read_parquet(path)
+    events.iloc[: len(events) // 4].to_parquet(path)  # three quarters of the files went missing
+    done = run_cli(workspace, tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert (
+        f"WARN  exp_a: post_assignment_events.rows_read_not_dropped: the event log: {len(events) // 4} rows, "
+        f"75% fewer than the {len(events)} of the previous run (warn above 50%)"
+    ) in done.stdout

@@ -5,6 +5,7 @@ import datetime as dt
 import ibis
 import pandas as pd
 from dagster import (
+    AssetCheckSpec,
     AssetExecutionContext,
     AssetKey,
     AssetSpec,
@@ -19,10 +20,10 @@ from dagster import (
 )
 from pydantic import Field
 
-from exp_pipeline import dimensions, refresh, report_html, results, schemas, sources
+from exp_pipeline import checks, dimensions, refresh, report_html, results, schemas, sources
 from exp_pipeline.analysis import analyse_experiment
 from exp_pipeline.defs.check_history import latest_check_results
-from exp_pipeline.defs.checks import CHECK_KEYS
+from exp_pipeline.defs.checks import CHECK_KEYS, ROWS_READ_CHECK, check_result
 from exp_pipeline.defs.partitions import WRITER_POOL, experiment_partitions
 from exp_pipeline.defs.resources import RegistryResource
 from exp_pipeline.registry import Experiment, Registry
@@ -62,12 +63,37 @@ def _written(session: WarehouseSession, table: str, experiment_id: str, rows: in
     }
 
 
-def _experiment_asset(description: str, deps=(), kinds=("duckdb", "pandera"), columns: str | None = None):
+def _experiment_asset(
+    description: str, deps=(), kinds=("duckdb", "pandera"), columns: str | None = None, check_specs=()
+):
     """The decorator of a per-experiment asset: one dynamic partition per experiment, one writer pool."""
     return asset(
         group_name=GROUP, owners=OWNERS, kinds=set(kinds), pool=WRITER_POOL,
-        partitions_def=experiment_partitions, deps=list(deps),
+        partitions_def=experiment_partitions, deps=list(deps), check_specs=list(check_specs),
         metadata=_columns(columns) if columns else None, description=description,
+    )
+
+
+def _rows_read_spec(asset_key: str, source: str) -> AssetCheckSpec:
+    """The check an asset evaluates as it reads its source: nothing replaced by an empty export,
+    no large unexplained drop."""
+    return AssetCheckSpec(
+        ROWS_READ_CHECK, asset=asset_key, blocking=True, partitions_def=experiment_partitions,
+        description=(
+            f"The {source} source is not empty where the warehouse holds rows from the last run (ERROR: "
+            f"they are kept, not reset to nothing, and downstream stops) and read at most "
+            f"sources.{source}.max_row_drop_share fewer rows than the run before (WARN)."
+        ),
+    )
+
+
+class SourceReadConfig(Config):
+    accept_empty_source: bool = Field(
+        default=False,
+        description=(
+            "replace the experiment's stored rows even when the source now has none (by default an "
+            "empty source keeps the previous rows and fails the rows_read_not_dropped check)"
+        ),
     )
 
 
@@ -157,10 +183,10 @@ def source_audit(registry: RegistryResource, warehouse: Warehouse) -> Materializ
 
 @_experiment_asset(
     "The experiment's exposure log as ingested, many rows per subject, canonical names.",
-    columns="raw_assignments",
+    columns="raw_assignments", check_specs=[_rows_read_spec("raw_assignments", "assignments")],
 )
 def raw_assignments(
-    context: AssetExecutionContext, registry: RegistryResource, warehouse: Warehouse
+    context: AssetExecutionContext, config: SourceReadConfig, registry: RegistryResource, warehouse: Warehouse
 ) -> MaterializeResult:
     reg = registry.load()
     experiment = _experiment(context, reg)
@@ -171,6 +197,20 @@ def raw_assignments(
         # Materialized once so that the counts and both writes see exactly the same rows.
         classified = session.temp_table("_classified_assignments", classified)
         counts = session.to_pandas(ingestion.rejection_counts(classified))
+        accounting = ingestion.RowAccounting.of(counts)
+        stored = session.count(session.partition("raw_assignments", experiment.id)) if session.has_table(
+            "raw_assignments"
+        ) else 0
+        if accounting.read == 0 and stored > 0 and not config.accept_empty_source:
+            # An export that came out empty (a header-only file) must not reset the experiment.
+            outcome = checks.evaluate_rows_read(
+                f"the exposure log for {experiment.id}", 0, stored, True, source.max_row_drop_share
+            )
+            context.log.error(f"{experiment.id}: {outcome.description}")
+            return MaterializeResult(
+                metadata={"rows_read": 0, "kept_previous_rows": stored},
+                check_results=[check_result(outcome, ROWS_READ_CHECK)],
+            )
         written = session.replace_partitions(
             experiment.id,
             {
@@ -180,7 +220,6 @@ def raw_assignments(
         )
         metadata = _written(session, "raw_assignments", experiment.id, written["raw_assignments"])
         skipped = list(session.skipped_empty_files)
-    accounting = ingestion.RowAccounting.of(counts)
     # Every row read is either ingested or kept aside with its reason.
     if (written["raw_assignments"], written["rejected_rows"]) != (accounting.ingested, accounting.rejected):
         raise RuntimeError(
@@ -196,7 +235,16 @@ def raw_assignments(
             "rejected_share": accounting.rejected_share,
             "rejected_by_reason": accounting.rejected_by_reason,
             "empty_files_skipped": skipped,
-        }
+        },
+        check_results=[
+            check_result(
+                checks.evaluate_rows_read(
+                    f"the exposure log for {experiment.id}", accounting.ingested, stored or None, False,
+                    source.max_row_drop_share,
+                ),
+                ROWS_READ_CHECK,
+            )
+        ],
     )
 
 
@@ -262,7 +310,7 @@ def deduped_assignments(
     )
 
 
-class WindowEventsConfig(Config):
+class WindowEventsConfig(SourceReadConfig):
     full_refresh: bool = Field(
         default=False,
         description=(
@@ -296,6 +344,7 @@ pre_assignment_events = AssetKey("pre_assignment_events")
     name="window_events",
     partitions_def=experiment_partitions,
     pool=WRITER_POOL,
+    check_specs=[_rows_read_spec("post_assignment_events", "events")],
     description=(
         "One temporal join for both tables. Incremental: after the first run only events from the "
         "newest one seen minus sources.events.late_arrival_days are recomputed, plus the whole window "
@@ -307,8 +356,27 @@ def window_events(
 ):
     reg = registry.load()
     experiment = _experiment(context, reg)
+    bound = reg.sources.events.max_row_drop_share
+    what = "the event log"
     with warehouse.session() as session:
-        written = refresh.write_window_events(session, reg, experiment, config.full_refresh, dt.datetime.now(dt.UTC))
+        rows_read = session.count(sources.read_source(session, reg, "events"))
+        previous = refresh.one_state_row(session, refresh.WINDOW_EVENTS_STATE, experiment.id)
+        rows_before = previous.get("event_rows_read") if previous else None
+        rows_before = None if rows_before is None or pd.isna(rows_before) else int(rows_before)
+        stored = session.count(session.partition("post_assignment_events", experiment.id)) if session.has_table(
+            "post_assignment_events"
+        ) else 0
+        if rows_read == 0 and stored > 0 and not config.accept_empty_source:
+            outcome = checks.evaluate_rows_read(what, 0, rows_before or stored, True, bound)
+            context.log.error(f"{experiment.id}: {outcome.description}")
+            yield MaterializeResult(
+                asset_key=post_assignment_events, metadata={"rows_read": 0, "kept_previous_rows": stored},
+                check_results=[check_result(outcome, ROWS_READ_CHECK)],
+            )
+            return
+        written = refresh.write_window_events(
+            session, reg, experiment, config.full_refresh, dt.datetime.now(dt.UTC), rows_read
+        )
         results = []
         for name, rows in written.rows.items():
             metadata = {**_written(session, name, experiment.id, rows), "refresh_mode": written.mode}
@@ -316,7 +384,11 @@ def window_events(
                 metadata["refreshed_from"] = MetadataValue.timestamp(written.refreshed_from)
                 metadata["rows_deleted"] = written.refreshed[name].deleted
                 metadata["rows_inserted"] = written.refreshed[name].inserted
-            results.append(MaterializeResult(asset_key=AssetKey(name), metadata=metadata))
+            checked = []
+            if AssetKey(name) == post_assignment_events:
+                metadata["event_log_rows_read"] = rows_read
+                checked = [check_result(checks.evaluate_rows_read(what, rows_read, rows_before, False, bound), ROWS_READ_CHECK)]
+            results.append(MaterializeResult(asset_key=AssetKey(name), metadata=metadata, check_results=checked))
     yield from results
 
 

@@ -6,6 +6,7 @@ import warnings
 
 from dagster import (
     AssetCheckExecutionContext,
+    AssetCheckKey,
     AssetCheckResult,
     AssetCheckSeverity,
     AssetKey,
@@ -33,8 +34,13 @@ source_audit = AssetKey("source_audit")
 warnings.filterwarnings("ignore", message="Specifying a partitions_def on an AssetCheckSpec", category=PreviewWarning)
 
 
-def check_result(outcome: CheckOutcome) -> AssetCheckResult:
+# Evaluated by raw_assignments and window_events as they read their source (see defs/assets.py).
+ROWS_READ_CHECK = "rows_read_not_dropped"
+
+
+def check_result(outcome: CheckOutcome, check_name: str | None = None) -> AssetCheckResult:
     return AssetCheckResult(
+        check_name=check_name,
         passed=outcome.passed,
         severity=AssetCheckSeverity(outcome.severity),
         description=outcome.description,
@@ -161,5 +167,10 @@ EXPERIMENT_CHECKS = [
     variant_metrics_matches_schema,
 ]
 ASSET_CHECKS = [*EXPERIMENT_CHECKS, source_audit_rejected_share]
-# Every check key, in this order in the report and read in this order by the alert sensor.
-CHECK_KEYS = [key for check_def in ASSET_CHECKS for key in check_def.check_keys]
+# Every check key, in this order in the report and read in this order by the alert sensor (the
+# checks the assets evaluate themselves first).
+CHECK_KEYS = [
+    AssetCheckKey(raw_assignments, ROWS_READ_CHECK),
+    AssetCheckKey(post_assignment_events, ROWS_READ_CHECK),
+    *(key for check_def in ASSET_CHECKS for key in check_def.check_keys),
+]
