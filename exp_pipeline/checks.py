@@ -9,8 +9,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 
-from exp_pipeline import results, schemas, validation
+from exp_pipeline import results, schemas, sources, validation
 from exp_pipeline.registry import Experiment, Registry
+from exp_pipeline.transforms import temporal_join
 from exp_pipeline.transforms.assignments import analysable_assignments, assignment_counts
 from exp_pipeline.transforms.ingestion import RowAccounting
 from exp_pipeline.vocabulary import HARMLESS_REJECTIONS, MULTIPLE_VARIANTS
@@ -263,4 +264,52 @@ def evaluate_rows_read(what: str, rows_now: int, rows_before: int | None, kept: 
             f"{what}: {rows_now} rows, {drop:.0%} fewer than the {rows_before} of the previous run "
             f"(warn above {bound:.0%})" if rows_before else f"{what}: {rows_now} rows (no previous run to compare)"
         ),
+    )
+
+
+def evaluate_metric_events_match_subjects(
+    session: WarehouseSession, experiment: Experiment, registry: Registry
+) -> CheckOutcome:
+    """Do the metrics' events find the experiment's subjects? Among the usable events of the
+    metrics' event names since the experiment started, the share whose subject is no analysable
+    subject of it. A high share means the two logs' ids do not line up (another id, another
+    format); an event name that never occurs means every subject gets 0 for its metrics."""
+    metrics = registry.metrics_of(experiment)
+    names = sorted({m.event_name for m in metrics})
+    events = temporal_join.experiment_events(sources.usable_events(session, registry, experiment), experiment, metrics, 0)
+    subjects = analysable_assignments(session.partition("deduped_assignments", experiment.id))
+    subjects = subjects.select("subject_id").distinct().mutate(_assigned=True)
+    joined = events.left_join(subjects, "subject_id")
+    counts = session.to_pandas(
+        joined.group_by("event_name").aggregate(rows=joined.count(), matched=joined._assigned.notnull().sum())
+    )
+    by_name = {row.event_name: (int(row.rows), int(row.matched)) for row in counts.itertuples()}
+    rows = sum(n for n, _ in by_name.values())
+    matched = sum(m for _, m in by_name.values())
+    share = 1 - matched / rows if rows else 0.0
+    never = [n for n in names if n not in by_name]
+    bound = registry.sources.events.max_unmatched_share
+    problems = []
+    if never:
+        event_metrics = {n: [m.id for m in metrics if m.event_name == n] for n in never}
+        problems.append(
+            "no event named " + ", ".join(f"{n!r} (metrics {event_metrics[n]})" for n in never)
+            + " in the event log since the experiment started: every subject gets 0; check event_name"
+        )
+    if rows and share > bound:
+        problems.append(
+            f"{share:.1%} of {rows} metric events since the start match no analysable subject (warn above "
+            f"{bound:.0%}): do the two logs use the same subject id? (sources.*.columns.subject_id)"
+        )
+    return CheckOutcome(
+        passed=not problems,
+        severity=WARN,
+        description="; ".join(problems) if problems else (
+            f"{share:.1%} of {rows} metric events match no analysable subject (warn above {bound:.0%})"
+        ),
+        metadata={
+            "metric_events": rows, "matched_events": matched, "unmatched_share": share, "bound": bound,
+            "events_by_name": {n: {"rows": r, "matched": m} for n, (r, m) in by_name.items()},
+            "event_names_never_logged": never,
+        },
     )

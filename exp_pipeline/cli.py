@@ -126,10 +126,14 @@ def run(experiment_ids: list[str] | None, users: int, seed: int) -> int:
     failed = [o.name for o in outcomes if not o.success]
     # Results of a failed (or blocked) run would be the previous run's: they are not shown as fresh.
     fresh = [e for e in wanted if e not in failed]
-    frame = _fresh_results(warehouse, fresh)
+    frame, set_aside = _fresh_results(warehouse, fresh)
     print()
     if frame is not None and len(frame):
         print(results_text(frame))
+    if set_aside:
+        print("\nRows set aside (kept with their reason in rejected_rows / rejected_source_rows):")
+        for line in set_aside:
+            print(f"  {line}")
     _print_summary(outcomes, wanted)
     print(f"\nwarehouse: {warehouse.describe()}")
     if failed:
@@ -156,16 +160,30 @@ def _open_or_explain(warehouse) -> None:
         ) from None
 
 
-def _fresh_results(warehouse, experiment_ids: list[str]):
-    if not experiment_ids:
-        return None
+def _fresh_results(warehouse, experiment_ids: list[str]) -> tuple:
+    """The fresh experiments' results, and the rows set aside (theirs and the logs' as a whole)."""
+    import ibis
+
+    from exp_pipeline.reports import set_aside_lines
+
+    frame, parts = None, []
     with warehouse.session() as session:
-        if not session.has_table("variant_metrics"):
-            return None
-        table = session.table("variant_metrics")
-        return session.to_pandas(
-            table.filter(table.experiment_id.isin(experiment_ids)).order_by("experiment_id", "metric", "variant_id")
-        )
+        if experiment_ids and session.has_table("variant_metrics"):
+            table = session.table("variant_metrics")
+            frame = session.to_pandas(
+                table.filter(table.experiment_id.isin(experiment_ids)).order_by("experiment_id", "metric", "variant_id")
+            )
+        if experiment_ids and session.has_table("rejected_rows"):
+            rejected = session.table("rejected_rows")
+            rejected = rejected.filter(rejected.experiment_id.isin(experiment_ids))
+            parts.append(rejected.group_by(where=rejected.experiment_id, source=rejected.source, reason=rejected.reason)
+                         .aggregate(rows=rejected.count()))
+        if session.has_table("rejected_source_rows"):
+            whole = session.table("rejected_source_rows")
+            parts.append(whole.group_by(where=ibis.literal(""), source=whole.source, reason=whole.reason)
+                         .aggregate(rows=whole.count()))
+        by_reason = session.to_pandas(ibis.union(*parts, distinct=False)) if parts else None
+    return frame, set_aside_lines(by_reason) if by_reason is not None and len(by_reason) else []
 
 
 def _print_summary(outcomes: list[RunOutcome], wanted: list[str]) -> None:

@@ -193,8 +193,20 @@ class Source(_Strict):
     format: Literal["parquet", "csv"] | None = None
     columns: dict[str, str] = Field(default_factory=dict, description="canonical name -> source column")
     properties: list[str] = Field(default_factory=list, description="assignment properties to keep")
+    timestamp_unit: Literal["auto", "s", "ms", "us", "ns"] = Field(
+        default="auto",
+        description="unit of integer (epoch) timestamps; auto: from each value's magnitude (see docs)",
+    )
     max_rejected_share: float = Field(
         default=0.01, ge=0, le=1, description="share of rejected rows above which ingestion is an ERROR"
+    )
+    max_unmatched_share: float = Field(
+        default=0.9, ge=0, le=1,
+        description=(
+            "events: WARN when more than this share of the metrics' events since an experiment's start "
+            "belong to none of its subjects (ids that do not line up); raise it for experiments on a "
+            "small share of traffic"
+        ),
     )
     max_row_drop_share: float = Field(
         default=0.5, ge=0, le=1,
@@ -283,7 +295,7 @@ class Registry(_Strict):
         relevant = {
             "logic": WINDOW_EVENTS_LOGIC_VERSION,
             "events_source": self.sources.events.model_dump(
-                exclude={"max_rejected_share", "late_arrival_days", "max_row_drop_share"}
+                exclude={"max_rejected_share", "late_arrival_days", "max_row_drop_share", "max_unmatched_share"}
             ),
             "start_at": experiment.start_at.isoformat(),
             "end_at": experiment.end_at.isoformat() if experiment.end_at else None,

@@ -78,3 +78,17 @@ def results_markdown(frame: pd.DataFrame) -> str:
 
 def results_text(frame: pd.DataFrame) -> str:
     return results_rows(frame).to_string(index=False)
+
+
+def set_aside_lines(by_reason: pd.DataFrame) -> list[str]:
+    """One line per (where, source) of rows set aside: 'exp_a exposures: unknown_variant 3, ...'.
+
+    `by_reason` has columns where (an experiment id, or '' for the logs as a whole), source,
+    reason and rows.
+    """
+    lines = []
+    for (where, source), group in by_reason.groupby(["where", "source"], sort=True):
+        label = f"{where} {source}" if where else f"{source} log as a whole"
+        reasons = ", ".join(f"{r.reason} {int(r.rows)}" for r in group.sort_values("reason").itertuples())
+        lines.append(f"{label}: {reasons}")
+    return lines

@@ -1,6 +1,7 @@
 """The main command, run as a user runs it (a subprocess with its environment)."""
 
 import os
+import re
 import subprocess
 import sys
 
@@ -204,3 +205,108 @@ def test_a_large_drop_in_rows_read_between_runs_warns(tmp_path):
         f"WARN  exp_a: post_assignment_events.rows_read_not_dropped: the event log: {len(events) // 4} rows, "
         f"75% fewer than the {len(events)} of the previous run (warn above 50%)"
     ) in done.stdout
+
+
+def test_epoch_millisecond_exposures_and_float_ids_in_the_event_log_give_the_true_figures(tmp_path):
+    """The export accidents of real logs: exposure times as epoch milliseconds, integer user ids
+    in the exposure log and the same ids as floats in the event log, ids and variants in another
+    case. The figures must equal those computed here from the logs directly."""
+    import numpy as np
+    import pandas as pd
+
+    workspace = write_tiny_workspace(tmp_path)
+    rng = np.random.default_rng(11)
+    users = np.arange(100_000, 100_600)
+    exposed = pd.Timestamp("2026-10-02T00:00:00Z") + pd.to_timedelta(rng.integers(0, 7 * 86_400, len(users)), unit="s")
+    variants = np.where(rng.random(len(users)) < 0.5, "control", "treatment")
+    exposures = pd.DataFrame({
+        "user_id": users, "experiment_key": np.where(users % 2 == 0, "exp_a", "EXP_B"),
+        "variation": [f"{v} " if i % 3 == 0 else v.upper() for i, v in enumerate(variants)],
+        "exposed_at": exposed.astype("int64") // 1_000_000,  # epoch milliseconds
+        "device_type": "ios",
+    })
+    buyer = rng.random(len(users)) < 0.6
+    amount = rng.gamma(2.0, 10.0, len(users))
+    events = pd.DataFrame({
+        "user_id": users[buyer].astype(float),  # 100000.0: the same ids, written as floats
+        "event_ts": (exposed + pd.Timedelta(hours=3))[buyer], "event_type": "purchase", "amount": amount[buyer],
+    })
+    exposures.to_parquet(tmp_path / "logs" / "assignments.parquet")
+    events.to_parquet(tmp_path / "logs" / "events.parquet")
+
+    done = run_cli(workspace, tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    got = workspace.rows("variant_metrics").set_index(["experiment_id", "variant_id"])
+    truth = pd.DataFrame({
+        "experiment_id": np.where(users % 2 == 0, "exp_a", "exp_b"), "variant_id": variants,
+        "revenue": np.where(buyer, amount, 0.0),
+    })
+    for (experiment_id, variant), group in truth.groupby(["experiment_id", "variant_id"]):
+        row = got.loc[(experiment_id, variant)]
+        assert row["n"] == len(group)
+        assert row["sum_y"] == pytest.approx(group.revenue.sum(), rel=1e-12)
+    assert "metric_events_match_subjects" not in done.stdout
+
+
+def test_ids_that_do_not_line_up_and_an_event_name_never_logged_warn(tmp_path):
+    import pandas as pd
+
+    workspace = write_tiny_workspace(tmp_path)
+    events = pd.read_parquet(tmp_path / "logs" / "events.parquet")
+    events["user_id"] = "u-" + events["user_id"]  # another id scheme in the event log
+    events.to_parquet(tmp_path / "logs" / "events.parquet")
+    registry = workspace.registry_path.read_text()
+    registry = registry.replace(
+        "  revenue: {event_name: purchase, aggregation: sum, window_end_days: 14}",
+        "  revenue: {event_name: purchase, aggregation: sum, window_end_days: 14}\n"
+        "  refunds: {event_name: refund, aggregation: count}",
+    ).replace("    metrics: [revenue]\n", "    metrics: [revenue, refunds]\n", 1)
+    workspace.registry_path.write_text(registry)
+    done = run_cli(workspace, tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    line = next(x for x in done.stdout.splitlines() if "exp_a: post_assignment_events.metric_events_match_subjects" in x)
+    assert line.startswith("  WARN")
+    assert "no event named 'refund' (metrics ['refunds']) in the event log since the experiment started" in line
+    assert re.search(r"100.0% of \d+ metric events since the start match no analysable subject", line)
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (lambda text, path: path.unlink() or path.mkdir(), "is a directory, not a YAML file"),
+        (lambda text, path: path.write_bytes(text.encode() + "# caf\u00e9\n".encode("latin-1")), "is not UTF-8 text"),
+        (lambda text, path: path.write_text(text + "\nexperiments: []\n"), "key 'experiments' appears twice"),
+        (lambda text, path: path.write_text(text.split("experiments:")[0] + "experiments: []\n"),
+         "field 'experiments': List should have at least 1 item"),
+        (lambda text, path: path.write_text(text.replace("window_end_days: 14", "window_end_days: .inf")),
+         "metric 'revenue', field 'window_end_days': Input should be a finite number"),
+        (lambda text, path: path.write_text(text.replace("properties: [device_type]", "properties: [source_file]")),
+         "are names of columns the pipeline adds"),
+    ],
+    ids=["directory", "latin-1", "repeated key", "no experiments", "infinite window", "reserved property"],
+)
+def test_a_registry_problem_is_one_message_without_a_traceback(tmp_path, edit, message):
+    workspace = write_tiny_workspace(tmp_path)
+    edit(workspace.registry_path.read_text(), workspace.registry_path)
+    done = run_cli(workspace, tmp_path)
+    assert done.returncode == 2
+    assert done.stderr.startswith("error: ") and message in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def test_rows_set_aside_are_counted_in_the_summary(tmp_path):
+    import pandas as pd
+
+    workspace = write_tiny_workspace(tmp_path)
+    path = tmp_path / "logs" / "assignments.parquet"
+    exposures = pd.read_parquet(path)
+    extra = exposures.head(3).copy()
+    extra["experiment_key"] = "exp_retired"  # an experiment the registry does not know
+    purple = exposures.head(2).copy()
+    purple["variation"] = "purple"  # a variant exp_a does not have
+    pd.concat([exposures, extra, purple, exposures.head(1)]).to_parquet(path)  # and one exact duplicate
+    done = run_cli(workspace, tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "Rows set aside (kept with their reason in rejected_rows / rejected_source_rows):" in done.stdout
+    assert "  exp_a assignments: duplicate_row 1, unknown_variant 2" in done.stdout
+    assert "  assignments log as a whole: unknown_experiment 3" in done.stdout

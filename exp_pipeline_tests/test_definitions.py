@@ -14,6 +14,8 @@ CHECKS = {
     "deduped_assignments.matches_schema", "deduped_assignments.one_active_row_per_subject",
     "deduped_assignments.multi_variant_share_within_bounds", "deduped_assignments.no_sample_ratio_mismatch",
     "post_assignment_events.matches_schema", "post_assignment_events.no_events_before_assignment",
+    "post_assignment_events.metric_events_match_subjects",
+    "raw_assignments.rows_read_not_dropped", "post_assignment_events.rows_read_not_dropped",
     "pre_assignment_events.matches_schema", "variant_metrics.matches_schema",
     "source_audit.rejected_share_within_bound",
 }
@@ -28,6 +30,13 @@ def test_the_definitions_hold_every_asset_check_job_schedule_sensor_and_resource
     assert {s.name for s in defs.sensors} == {"register_new_experiments", "alert_on_failed_checks", "alert_on_run_failure"}
     assert set(defs.resources) == {"registry", "warehouse"}
     assert defs.executor is dg.in_process_executor
+
+
+def test_the_check_keys_the_sensor_and_report_read_are_every_check():
+    from exp_pipeline.defs.checks import CHECK_KEYS
+
+    assert {f"{k.asset_key.to_user_string()}.{k.name}" for k in CHECK_KEYS} == CHECKS
+    assert len(CHECK_KEYS) == len(CHECKS)
 
 
 def test_the_analysis_job_covers_every_experiment_asset_and_its_checks():

@@ -146,13 +146,19 @@ def dim_variants(registry: RegistryResource, warehouse: Warehouse) -> Materializ
 def source_audit(registry: RegistryResource, warehouse: Warehouse) -> MaterializeResult:
     reg = registry.load()
     with warehouse.session() as session:
-        exposures = ingestion.canonical_assignments(
-            sources.read_source(session, reg, "assignments"), reg.sources.assignments, None
-        )
+        exposure_log = sources.read_source(session, reg, "assignments")
+        event_log = sources.read_source(session, reg, "events")
+        exposures = ingestion.canonical_assignments(exposure_log, reg.sources.assignments, None)
         unassignable = ingestion.unassignable_rows(exposures, [e.id for e in reg.experiments])
-        events = ingestion.classify_events(
-            ingestion.canonical_events(sources.read_source(session, reg, "events"), reg.sources.events)
-        )
+        events = ingestion.classify_events(ingestion.canonical_events(event_log, reg.sources.events))
+        epoch_units = {}
+        for kind, log, canonical in (("assignments", exposure_log, "assigned_at"), ("events", event_log, "event_at")):
+            source = getattr(reg.sources, kind)
+            counts = ingestion.epoch_unit_counts(log, source.source_column(canonical), source.timestamp_unit)
+            if counts is not None:
+                frame = session.to_pandas(counts)
+                if len(frame):
+                    epoch_units[f"{canonical}_epoch_units"] = dict(zip(frame["unit"], frame["rows"].astype(int), strict=True))
         exposure_counts = session.to_pandas(ingestion.rejection_counts(unassignable))
         event_counts = session.to_pandas(ingestion.rejection_counts(events))
         rejected = ibis.union(
@@ -177,6 +183,8 @@ def source_audit(registry: RegistryResource, warehouse: Warehouse) -> Materializ
             "event_rows_rejected": events.rejected,
             "event_rejected_share": events.rejected_share,
             "event_rejected_by_reason": events.rejected_by_reason,
+            # Timestamps logged as epoch numbers: the unit each was read in (declared or detected).
+            **epoch_units,
         }
     )
 

@@ -133,6 +133,15 @@ no_events_before_assignment = _experiment_check(
     "No pre-assignment leakage: every event has event_at >= its subject's current assigned_at.",
 )
 
+metric_events_match_subjects = _experiment_check(
+    post_assignment_events,
+    "metric_events_match_subjects",
+    checks.evaluate_metric_events_match_subjects,
+    "The metrics' events find the experiment's subjects: WARN when an event name never occurs in the log, "
+    "or when more than sources.events.max_unmatched_share of them belong to no analysable subject.",
+    blocking=False,
+)
+
 
 @asset_check(
     asset=source_audit,
@@ -163,14 +172,16 @@ EXPERIMENT_CHECKS = [
     no_sample_ratio_mismatch,
     post_assignment_events_matches_schema,
     no_events_before_assignment,
+    metric_events_match_subjects,
     pre_assignment_events_matches_schema,
     variant_metrics_matches_schema,
 ]
 ASSET_CHECKS = [*EXPERIMENT_CHECKS, source_audit_rejected_share]
 # Every check key, in this order in the report and read in this order by the alert sensor (the
 # checks the assets evaluate themselves first).
-CHECK_KEYS = [
+EXPERIMENT_CHECK_KEYS = [
     AssetCheckKey(raw_assignments, ROWS_READ_CHECK),
     AssetCheckKey(post_assignment_events, ROWS_READ_CHECK),
-    *(key for check_def in ASSET_CHECKS for key in check_def.check_keys),
+    *(key for check_def in EXPERIMENT_CHECKS for key in check_def.check_keys),
 ]
+CHECK_KEYS = [*EXPERIMENT_CHECK_KEYS, *source_audit_rejected_share.check_keys]

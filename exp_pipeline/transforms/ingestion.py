@@ -4,6 +4,8 @@ rejected with a reason (every rejected row is kept, never dropped).
 
 from __future__ import annotations
 
+import datetime as dt
+import math
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -29,17 +31,96 @@ from exp_pipeline.vocabulary import (
     trim_whitespace,
 )
 
+# Integer (or numeric text) timestamps are seconds, milliseconds, microseconds or nanoseconds since
+# 1970, as the source mapping's timestamp_unit says; with "auto" each value's magnitude tells:
+# below 1e11 seconds (up to year 5138), below 1e14 milliseconds (from 1973), below 1e17
+# microseconds, else nanoseconds.
+EPOCH_UNIT_LIMITS = (("s", 1e11), ("ms", 1e14), ("us", 1e17), ("ns", math.inf))
+MICROSECONDS_PER = {"s": 1_000_000, "ms": 1_000, "us": 1, "ns": 0.001}
+_EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
+MAX_EPOCH_MICROSECONDS = 2.5e17
+_NUMBER_TEXT = r"^\s*[-+]?[0-9]+(\.[0-9]+)?\s*$"
 
-def to_utc_timestamp(column: ir.Value) -> ir.TimestampValue:
+
+def epoch_unit(number: ir.NumericValue, unit: str) -> ir.StringValue:
+    """The unit of an epoch number: the declared one, or (auto) the one its magnitude says."""
+    if unit != "auto":
+        return ibis.literal(unit)
+    magnitude = number.abs()
+    return ibis.cases(*((magnitude < limit, name) for name, limit in EPOCH_UNIT_LIMITS[:-1]), else_="ns")
+
+
+def _from_epoch(number: ir.NumericValue, unit: str) -> ir.TimestampValue:
+    detected = epoch_unit(number, unit)
+    factor = ibis.cases(*((detected == name, per) for name, per in MICROSECONDS_PER.items()))
+    microseconds = number.cast("float64") * factor
+    # Beyond about year 9900 either way is no timestamp: unparsable (and no engine overflow).
+    in_range = microseconds.abs() < MAX_EPOCH_MICROSECONDS
+    at = ibis.literal(_EPOCH, type=UTC_TIMESTAMP) + microseconds.round().cast("int64").as_interval("us")
+    return ibis.ifelse(in_range, at, ibis.null(UTC_TIMESTAMP))
+
+
+def is_epoch_text(column: ir.StringValue) -> ir.BooleanValue:
+    return column.re_search(_NUMBER_TEXT)
+
+
+def to_utc_timestamp(column: ir.Value, unit: str = "auto") -> ir.TimestampValue:
     """Normalize any timestamp form to one type: UTC, microseconds.
 
-    Naive timestamps are taken as UTC (the session's time zone); aware ones are converted; strings
-    are parsed, unparsable ones become null. Doing this once at ingestion is what lets later
-    comparisons work whatever wrote the source (pandas writes nanoseconds, others microseconds).
+    Naive timestamps are taken as UTC (the session's time zone); aware ones are converted; numbers
+    (and numeric text) are epochs in `unit` (see EPOCH_UNIT_LIMITS); other strings are parsed,
+    unparsable ones become null. Doing this once at ingestion is what lets later comparisons work
+    whatever wrote the source (pandas writes nanoseconds, others microseconds or epoch numbers).
     """
-    if column.type().is_string():
-        return column.try_cast(UTC_TIMESTAMP)
+    kind = column.type()
+    if kind.is_string():
+        # Integer text keeps every digit (a float would round nanosecond epochs).
+        number = ibis.ifelse(
+            column.contains("."), column.try_cast("float64"), column.try_cast("int64").cast("float64")
+        )
+        return ibis.ifelse(is_epoch_text(column), _from_epoch(number, unit), column.try_cast(UTC_TIMESTAMP))
+    if kind.is_numeric():
+        return _from_epoch(column, unit)
     return column.cast(UTC_TIMESTAMP)
+
+
+def epoch_unit_counts(source_rows: ir.Table, column: str, unit: str) -> ir.Table | None:
+    """Rows per epoch unit (declared or detected) of a timestamp column logged as numbers; None
+    when the column holds timestamps (nothing to detect)."""
+    logged = source_rows[column]
+    kind = logged.type()
+    if kind.is_numeric():
+        rows = source_rows.filter(logged.notnull())
+        number = rows[column]
+    elif kind.is_string():
+        rows = source_rows.filter(is_epoch_text(logged))
+        number = rows[column].try_cast("float64")
+    else:
+        return None
+    return rows.group_by(unit=epoch_unit(number, unit)).aggregate(rows=rows.count())
+
+
+def canonical_id(column: ir.Value) -> ir.StringValue:
+    """An id as text, so that 100000, 100000.0 and "100000" are one subject.
+
+    Exports often write integer ids as floats (a column with a null becomes float in pandas):
+    a whole float becomes its integer digits, and text of digits ending in ".0" loses the ".0".
+    """
+    kind = column.type()
+    if kind.is_floating():
+        whole = (column == column.floor()) & (column.abs() < 2.0**53)
+        return ibis.ifelse(whole, column.cast("int64").cast("string"), column.cast("string"))
+    text = column.cast("string")
+    # endswith first: the regular expressions only run on the few ids that may need them (and no
+    # backreference: Spark and DuckDB spell them differently).
+    whole = text.endswith(".0") & text.re_search(r"^[-+]?[0-9]+\.0+$")
+    return ibis.ifelse(whole, text.re_replace(r"\.0+$", ""), text)
+
+
+def canonical_label(column: ir.Value) -> ir.StringValue:
+    """An experiment or variant id as logged, trimmed and lowercased: registry ids are lowercase, so
+    'EXP_A' and 'treatment ' are the registry's exp_a and treatment, not unknown ids."""
+    return trim_whitespace(column.cast("string")).lower()
 
 
 def _require_columns(table: ir.Table, source: Source, canonical: Sequence[str], what: str) -> None:
@@ -67,14 +148,14 @@ def canonical_assignments(source_rows: ir.Table, source: Source, experiment_id: 
         (*ASSIGNMENT_COLUMNS, *source.properties),
         "assignments source",
     )
-    experiment_column = source_rows[source.source_column("experiment_id")].cast("string")
-    rows = source_rows if experiment_id is None else source_rows.filter(trim_whitespace(experiment_column) == experiment_id)
+    experiment_column = source_rows[source.source_column("experiment_id")]
+    rows = source_rows if experiment_id is None else source_rows.filter(canonical_label(experiment_column) == experiment_id)
     logged_at = rows[source.source_column("assigned_at")]
     return rows.select(
-        experiment_id=trim_whitespace(rows[source.source_column("experiment_id")].cast("string")),
-        subject_id=rows[source.source_column("subject_id")].cast("string"),
-        variant_id=rows[source.source_column("variant_id")].cast("string"),
-        assigned_at=to_utc_timestamp(logged_at),
+        experiment_id=canonical_label(rows[source.source_column("experiment_id")]),
+        subject_id=canonical_id(rows[source.source_column("subject_id")]),
+        variant_id=canonical_label(rows[source.source_column("variant_id")]),
+        assigned_at=to_utc_timestamp(logged_at, source.timestamp_unit),
         **{p: rows[p].cast("string") for p in source.properties},
         source_file=rows.source_file.cast("string"),
         **_logged_text("assigned_at", logged_at, _is_time(logged_at)),
@@ -132,8 +213,8 @@ def canonical_events(source_rows: ir.Table, source: Source) -> ir.Table:
         value_text = {}
     logged_at = source_rows[source.source_column("event_at")]
     return source_rows.select(
-        subject_id=source_rows[source.source_column("subject_id")].cast("string"),
-        event_at=to_utc_timestamp(logged_at),
+        subject_id=canonical_id(source_rows[source.source_column("subject_id")]),
+        event_at=to_utc_timestamp(logged_at, source.timestamp_unit),
         event_name=source_rows[source.source_column("event_name")].cast("string"),
         value=value,
         source_file=source_rows.source_file.cast("string"),
@@ -244,7 +325,7 @@ def unassignable_rows(rows: ir.Table, experiment_ids: Sequence[str]) -> ir.Table
     """Exposure rows that belong to no experiment of the registry, with the reason."""
     reason = ibis.cases(
         (_blank(rows.experiment_id), MISSING_EXPERIMENT_ID),
-        (~trim_whitespace(rows.experiment_id).isin(list(experiment_ids)), UNKNOWN_EXPERIMENT),
+        (~rows.experiment_id.isin(list(experiment_ids)), UNKNOWN_EXPERIMENT),
         else_=ibis.null("string"),
     )
     return rows.mutate(rejection_reason=reason)

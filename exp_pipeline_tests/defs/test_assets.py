@@ -10,7 +10,7 @@ from dagster import DagsterInstance, materialize
 
 from exp_pipeline import schemas, validation
 from exp_pipeline.defs.assets import ANALYSIS_ASSETS, REGISTRY_ASSETS
-from exp_pipeline.defs.checks import CHECK_KEYS, EXPERIMENT_CHECKS
+from exp_pipeline.defs.checks import CHECK_KEYS, EXPERIMENT_CHECK_KEYS, EXPERIMENT_CHECKS
 from exp_pipeline.defs.partitions import experiment_partitions
 from exp_pipeline.registry import load_registry
 from exp_pipeline.sample_data import generate
@@ -145,7 +145,7 @@ def test_on_the_sample_only_the_srm_experiment_fails_a_check_naming_the_device(p
     workspace, results, _ = pipeline
     for experiment_id in EXPERIMENTS:
         evaluations = results[experiment_id].get_asset_check_evaluations()
-        assert len(evaluations) == len(EXPERIMENT_CHECKS)
+        assert len(evaluations) == len(EXPERIMENT_CHECK_KEYS)
         failed = {e.check_name: e for e in evaluations if not e.passed}
         if experiment_id == "onboarding_srm":
             assert list(failed) == ["no_sample_ratio_mismatch"]

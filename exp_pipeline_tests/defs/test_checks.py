@@ -7,7 +7,7 @@ from dagster import AssetCheckSeverity, materialize
 
 from exp_pipeline import checks, validation
 from exp_pipeline.defs.assets import ANALYSIS_ASSETS
-from exp_pipeline.defs.checks import EXPERIMENT_CHECKS, check_result
+from exp_pipeline.defs.checks import EXPERIMENT_CHECK_KEYS, EXPERIMENT_CHECKS, check_result
 from exp_pipeline.defs.partitions import experiment_partitions
 from exp_pipeline.registry import load_registry
 from exp_pipeline_tests.conftest import ENGINES, write_tiny_workspace
@@ -52,7 +52,7 @@ def test_every_check_passes_on_clean_data(tmp_path, instance, engine, monkeypatc
     # Every schema of the pipeline is decided in one query when it passes.
     assert check_by_check == []
     found = evaluations(result)
-    assert len(found) == len(EXPERIMENT_CHECKS)
+    assert sorted(found) == sorted(k.asset_key.to_user_string() + "." + k.name for k in EXPERIMENT_CHECK_KEYS)
     failed = [name for name, e in found.items() if not e.passed]
     assert failed == []
     srm = found["deduped_assignments.no_sample_ratio_mismatch"]

@@ -158,3 +158,55 @@ def test_a_mapping_to_a_missing_column_names_it(con):
     raw = ibis.memtable(pd.DataFrame({"user_id": ["a"], "exp_key": ["exp"], "source_file": ["f"]}))
     with pytest.raises(ValueError, match=r"'arm' \(mapped from 'variant_id'\)"):
         ingestion.canonical_assignments(raw, SOURCE, "exp")
+
+
+SECOND = 1_791_000_000  # 2026-10-03T02:40:00Z
+
+
+@pytest.mark.parametrize(
+    ("logged", "unit"),
+    [
+        (SECOND, "auto"), (SECOND * 1_000 + 123, "auto"), (SECOND * 1_000_000 + 123_456, "auto"),
+        (SECOND * 1_000_000_000 + 123_456_000, "auto"), (SECOND * 1_000, "ms"), (SECOND * 1_000_000, "us"),
+    ],
+)
+@pytest.mark.parametrize("as_text", [False, True], ids=["number", "text"])
+def test_epoch_timestamps_in_any_unit_are_read_as_that_instant(con, logged, unit, as_text):
+    scale = {"auto": None, "ms": 1e3, "us": 1e6}[unit]
+    detected = next(u for u, limit in ingestion.EPOCH_UNIT_LIMITS if logged < limit)
+    per_second = {"s": 1, "ms": 1e3, "us": 1e6, "ns": 1e9}[detected] if scale is None else scale
+    expected = pd.Timestamp(SECOND, unit="s", tz="UTC") + pd.Timedelta(
+        microseconds=round((logged / per_second - SECOND) * 1e6)
+    )
+    frame = pd.DataFrame({"ts": [str(logged) if as_text else logged]})
+    table = con.create_table("epochs", frame, overwrite=True)
+    got = con.to_pandas(table.select(read_at=ingestion.to_utc_timestamp(table.ts, unit))).read_at.iloc[0]
+    assert got == expected
+    counts = con.to_pandas(ingestion.epoch_unit_counts(table, "ts", unit))
+    assert counts.to_dict("records") == [{"unit": unit if unit != "auto" else detected, "rows": 1}]
+
+
+def test_epoch_numbers_beyond_any_date_are_unparsable(con):
+    table = con.create_table("epochs", pd.DataFrame({"ts": ["1e30", "99999999999999999999999"]}), overwrite=True)
+    got = con.to_pandas(table.select(read_at=ingestion.to_utc_timestamp(table.ts, "s")))
+    assert got.read_at.isna().all()
+
+
+def test_ids_logged_as_floats_or_float_text_match_the_integer_ids(con):
+    frame = pd.DataFrame({"as_float": [100000.0, 7.0, 1.5, None], "as_text": ["100000.0", "7", "1.50", "a.0"]})
+    table = con.create_table("ids", frame, overwrite=True)
+    got = con.to_pandas(table.select(f=ingestion.canonical_id(table.as_float), t=ingestion.canonical_id(table.as_text)))
+    assert got.f.tolist()[:3] == ["100000", "7", "1.5"] and pd.isna(got.f.iloc[3])
+    assert got.t.tolist() == ["100000", "7", "1.50", "a.0"]
+
+
+def test_experiment_and_variant_ids_are_matched_whatever_their_case_and_surrounding_space(con):
+    rows = logged_exposures(con, [
+        ("a", "EXP", "Control", "ios", "2026-10-02T00:00:00Z"),
+        ("b", " exp", "treatment ", "ios", "2026-10-02T00:00:00Z"),
+        ("c", "Exp\t", "TREATMENT", "ios", "2026-10-02T00:00:00Z"),
+    ])
+    classified = ingestion.classify_assignments(rows, experiment(), ["device_type"])
+    ingested = con.to_pandas(ingestion.ingested(classified)).sort_values("subject_id")
+    assert ingested.experiment_id.tolist() == ["exp"] * 3
+    assert ingested.variant_id.tolist() == ["control", "treatment", "treatment"]
