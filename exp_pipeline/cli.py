@@ -68,6 +68,9 @@ def _root_cause(error) -> str:
     """The first line of the innermost cause: Dagster wraps the real error in its own."""
     while error.cause is not None:
         error = error.cause
+    if error.cls_name == "DagsterAssetCheckFailedError":
+        # An asset's own blocking check failed: the check (listed below) says why.
+        return "stopped by its blocking check (see Failed checks)"
     lines = error.message.strip().splitlines() or [error.cls_name or "failed"]
     first = lines[0]
     for prefix in _PLAIN_ERRORS:
