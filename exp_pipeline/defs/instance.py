@@ -17,6 +17,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import sqlalchemy
 from dagster import DagsterInstance, DagsterRunStatus, RunsFilter
 
 from exp_pipeline.defs.partitions import WRITER_POOL, experiment_partitions
@@ -99,8 +100,22 @@ def prepare_instance(instance: DagsterInstance, experiment_ids: list[str]) -> li
     if instance.event_log_storage.supports_global_concurrency_limits:
         instance.event_log_storage.initialize_concurrency_limit_to_default(WRITER_POOL)
     released = release_dead_runs(instance)
-    known = set(instance.get_dynamic_partitions(experiment_partitions.name))
-    new = [e for e in experiment_ids if e not in known]
-    if new:
-        instance.add_dynamic_partitions(experiment_partitions.name, new)
+    add_partitions(instance, experiment_ids)
     return released
+
+
+def add_partitions(instance: DagsterInstance, experiment_ids: list[str]) -> None:
+    """Add the experiments' partitions that are missing. The lock keeps other main commands out,
+    not the `register_new_experiments` sensor of a running `dagster dev`: if it adds a key between
+    our read and our insert (a UNIQUE error), read again and add what is still missing."""
+    for attempt in range(3):
+        known = set(instance.get_dynamic_partitions(experiment_partitions.name))
+        new = [e for e in experiment_ids if e not in known]
+        if not new:
+            return
+        try:
+            instance.add_dynamic_partitions(experiment_partitions.name, new)
+            return
+        except sqlalchemy.exc.IntegrityError:
+            if attempt == 2:
+                raise

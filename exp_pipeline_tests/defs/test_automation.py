@@ -91,3 +91,26 @@ def test_schedule_skips_experiments_without_a_partition_yet(instance):
     instance.add_dynamic_partitions(experiment_partitions.name, ["aa_homepage"])
     requests = schedule_requests(instance, "2026-10-10T06:00:00+00:00")
     assert [r.partition_key for r in requests] == ["aa_homepage"]
+
+
+def test_partitions_added_meanwhile_by_someone_else_do_not_fail_the_main_command(instance, monkeypatch):
+    import sqlalchemy
+
+    from exp_pipeline.defs.instance import add_partitions
+    from exp_pipeline.defs.partitions import experiment_partitions
+
+    original = instance.add_dynamic_partitions
+    calls = []
+
+    def racing(name, keys):
+        calls.append(list(keys))
+        if len(calls) == 1:
+            # The sensor inserted exp_a between our read and our insert: UNIQUE fails ours.
+            original(name, ["exp_a"])
+            raise sqlalchemy.exc.IntegrityError("INSERT", {}, Exception("UNIQUE constraint failed"))
+        return original(name, keys)
+
+    monkeypatch.setattr(instance, "add_dynamic_partitions", racing)
+    add_partitions(instance, ["exp_a", "exp_b"])
+    assert sorted(instance.get_dynamic_partitions(experiment_partitions.name)) == ["exp_a", "exp_b"]
+    assert calls == [["exp_a", "exp_b"], ["exp_b"]]
