@@ -14,6 +14,7 @@ import os
 import socket
 import threading
 import time
+import urllib.request
 from dataclasses import asdict, dataclass, field
 from urllib.parse import urlsplit
 
@@ -99,30 +100,32 @@ def post_webhook(url: str, payload: dict, timeout: float = WEBHOOK_TIMEOUT_SECON
     """POST the payload; `timeout` is a deadline for the whole request, not per socket read.
 
     A socket timeout alone lets an endpoint that trickles one byte a second hold the caller (the
-    alert sensor's tick) for as long as it likes: a watchdog shuts the socket at the deadline.
+    alert sensor's tick) for as long as it likes: a watchdog shuts the socket at the deadline. The
+    proxy of the environment (HTTP(S)_PROXY, NO_PROXY) is used as urllib would.
     """
     parts = urlsplit(url)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        # The message never quotes the URL: it is a secret.
-        raise DeliveryError(f"webhook URL in {WEBHOOK_ENV} is not a valid http(s) URL")
     try:
         port = parts.port
     except ValueError:
-        raise DeliveryError(f"webhook URL in {WEBHOOK_ENV} is not a valid http(s) URL") from None
-    connection_type = http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection
-    connection = connection_type(parts.hostname, port, timeout=timeout)
+        port = -1
+    if parts.scheme not in ("http", "https") or not parts.hostname or port == -1:
+        # The message never quotes the URL: it is a secret.
+        raise DeliveryError(f"webhook URL in {WEBHOOK_ENV} is not a valid http(s) URL")
+    connection, target = _connection(parts, port, timeout)
     deadline = time.monotonic() + timeout
     watchdog = threading.Timer(timeout, _abort, [connection])
     watchdog.daemon = True
     watchdog.start()
+    status = None
     try:
-        target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
         body = json.dumps(payload, default=str).encode()
         connection.request("POST", target, body=body, headers={"Content-Type": "application/json"})
         response = connection.getresponse()
-        response.read()
         status = response.status
+        response.read()
     except (OSError, http.client.HTTPException) as exc:
+        if status is not None and 200 <= status < 300:
+            return  # accepted; only the rest of its answer was slow or cut
         if time.monotonic() >= deadline - 0.05:
             raise DeliveryError(f"webhook did not answer within {timeout:g} s") from None
         raise DeliveryError(f"webhook unreachable: {type(exc).__name__}") from None
@@ -131,6 +134,23 @@ def post_webhook(url: str, payload: dict, timeout: float = WEBHOOK_TIMEOUT_SECON
         connection.close()
     if not 200 <= status < 300:
         raise DeliveryError(f"webhook answered HTTP {status}")
+
+
+def _connection(parts, port: int | None, timeout: float) -> tuple[http.client.HTTPConnection, str]:
+    """The connection to open (to the endpoint, or to the environment's proxy) and the request target."""
+    https = parts.scheme == "https"
+    path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+    proxy = urllib.request.getproxies().get(parts.scheme)
+    if proxy and not urllib.request.proxy_bypass(parts.hostname):
+        via = urlsplit(proxy if "://" in proxy else f"http://{proxy}")
+        if https:
+            connection = http.client.HTTPSConnection(via.hostname, via.port or 8080, timeout=timeout)
+            connection.set_tunnel(parts.hostname, port or 443)
+            return connection, path
+        connection = http.client.HTTPConnection(via.hostname, via.port or 8080, timeout=timeout)
+        return connection, f"http://{parts.netloc.rpartition('@')[2]}{path}"
+    connection_type = http.client.HTTPSConnection if https else http.client.HTTPConnection
+    return connection_type(parts.hostname, port, timeout=timeout), path
 
 
 def _abort(connection: http.client.HTTPConnection) -> None:

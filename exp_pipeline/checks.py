@@ -242,18 +242,21 @@ def evaluate_no_pre_assignment_events(session: WarehouseSession, experiment: Exp
 
 
 
-def evaluate_rows_read(what: str, rows_now: int, rows_before: int | None, kept: bool, bound: float) -> CheckOutcome:
-    """Did the source shrink? `kept`: it read nothing and the previous rows were kept instead of
-    being replaced by nothing (ERROR: the results would have reset to n = 0). A drop of more than
-    `bound` against the run before is a WARN (files missing from a glob, a partial export)."""
-    metadata = {"rows_read": rows_now, "rows_before": rows_before, "kept_previous_rows": kept, "bound": bound}
+def evaluate_rows_read(
+    what: str, rows_now: int, rows_before: int | None, bound: float, kept: str | None = None
+) -> CheckOutcome:
+    """Did the source shrink? `kept` (what was kept, e.g. "600 rows of raw_assignments"): it read
+    nothing and the experiment's stored rows were kept instead of being replaced by nothing (ERROR:
+    the results would have reset to n = 0). A drop of more than `bound` against the rows the run
+    before read is a WARN (files missing from a glob, a partial export)."""
+    metadata = {"rows_read": rows_now, "rows_before": rows_before, "kept": kept, "bound": bound}
     if kept:
         return CheckOutcome(
             passed=False, severity=ERROR, metadata=metadata,
             description=(
-                f"{what} has no rows now; the {rows_before} rows of the previous run were kept, with the "
-                "results built on them. Fix the export; if the source really is empty now, materialize "
-                "with config accept_empty_source: true"
+                f"{what} has no rows now; the experiment's stored {kept} were kept, with the results "
+                "built on them. Fix the export; if the source really is empty now, materialize with "
+                "config accept_empty_source: true"
             ),
         )
     drop = 1 - rows_now / rows_before if rows_before else 0.0

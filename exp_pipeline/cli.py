@@ -152,9 +152,13 @@ class WarehouseUnusable(RuntimeError):
 def _open_or_explain(warehouse) -> None:
     """Open the warehouse once before any run: a path that is no database is one message, not
     a failed step per asset and a traceback at the end."""
+    from exp_pipeline.warehouse.duckdb_engine import WarehouseBusy
+
     try:
         with warehouse.session() as session:
             session.has_table("variant_metrics")
+    except WarehouseBusy:
+        raise  # its own message says who holds it
     except Exception as exc:  # the engines' error types vary (duckdb.IOException, Spark's)
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise WarehouseUnusable(
@@ -210,7 +214,7 @@ def _print_summary(outcomes: list[RunOutcome], wanted: list[str]) -> None:
         print("\nFailed checks:")
         for name, check_name, severity, description in failed_checks:
             print(f"  {severity:5} {name}: {check_name}: {description}")
-    elif not stale and not errors:
+    elif all(o.success for o in outcomes):
         print("\nAll checks passed.")
     else:
         print("\nNo check failed, but not every run succeeded (above).")
@@ -225,10 +229,11 @@ def main(argv: list[str] | None = None) -> int:
     run_parser.add_argument("--seed", type=int, default=20261123, help="sample seed if generating")
     args = parser.parse_args(argv)
     from exp_pipeline.registry import RegistryError
+    from exp_pipeline.warehouse.duckdb_engine import WarehouseBusy
 
     try:
         return run(args.experiment, args.users, args.seed)
-    except (RegistryError, KeyError, WarehouseUnusable) as exc:
+    except (RegistryError, KeyError, WarehouseUnusable, WarehouseBusy) as exc:
         # A clear message, not a stack trace: what is wrong and where to fix it.
         print(f"error: {exc.args[0] if exc.args else exc}", file=sys.stderr)
         return 2

@@ -29,7 +29,8 @@ from pydantic import (
 )
 
 # Bump when the temporal join's rules change: stored window events are then rebuilt in full.
-WINDOW_EVENTS_LOGIC_VERSION = 1
+# 2: ids normalized (100000.0 is 100000), epoch timestamps read in their unit.
+WINDOW_EVENTS_LOGIC_VERSION = 2
 # Bump when per-subject metric values are computed differently: stored ones are then recomputed.
 # 2: each subject's fixed-point scale from its own values (was: the largest value of the event).
 SUBJECT_VALUES_LOGIC_VERSION = 2
@@ -447,15 +448,17 @@ class _UniqueKeyLoader(yaml.SafeLoader):
         seen: dict = {}
         for key_node, _ in node.value:
             key = self.construct_object(key_node, deep=deep)
+            line = key_node.start_mark.line + 1
             try:
-                first = seen.setdefault(key, key_node.start_mark.line + 1)
+                first = seen.get(key)
             except TypeError:
                 continue  # an unhashable key: the base loader reports it
-            if first != key_node.start_mark.line + 1:
+            if first is not None:
+                where = f"line {line}" if first == line else f"lines {first} and {line}"
                 raise yaml.constructor.ConstructorError(
-                    None, None, f"key {key!r} appears twice (lines {first} and {key_node.start_mark.line + 1})",
-                    key_node.start_mark,
+                    None, None, f"key {key!r} appears twice ({where})", key_node.start_mark
                 )
+            seen[key] = line
         return super().construct_mapping(node, deep=deep)
 
 

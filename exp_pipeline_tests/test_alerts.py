@@ -98,3 +98,62 @@ def test_an_answer_within_the_deadline_is_delivered_and_an_error_status_is_not()
     finally:
         server.shutdown()
         server.server_close()
+
+
+def test_an_accepted_alert_whose_answer_body_trickles_counts_as_delivered():
+    import socket
+    import threading
+    import time
+
+    listener = socket.create_server(("127.0.0.1", 0))
+    stop = threading.Event()
+
+    def serve():
+        client, _ = listener.accept()
+        with client:
+            client.recv(65536)
+            client.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n")
+            while not stop.wait(0.2):
+                try:
+                    client.sendall(b"x")
+                except OSError:
+                    return
+
+    threading.Thread(target=serve, daemon=True).start()
+    try:
+        started = time.monotonic()
+        alerts.post_webhook(f"http://127.0.0.1:{listener.getsockname()[1]}/hook", {"text": "x"}, timeout=1.0)
+        assert time.monotonic() - started < 2.0  # abandoned at the deadline, but it was accepted
+    finally:
+        stop.set()
+        listener.close()
+
+
+def test_the_environment_proxy_carries_the_post(monkeypatch):
+    """Deployments reach the internet through an egress proxy: the POST goes to it, with the full URL."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    seen = []
+
+    class Proxy(BaseHTTPRequestHandler):
+        def do_POST(self):
+            self.rfile.read(int(self.headers["Content-Length"]))
+            seen.append(self.path)
+            self.send_response(200)
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    proxy = ThreadingHTTPServer(("127.0.0.1", 0), Proxy)
+    threading.Thread(target=proxy.serve_forever, daemon=True).start()
+    monkeypatch.setenv("http_proxy", f"http://127.0.0.1:{proxy.server_address[1]}")
+    monkeypatch.delenv("no_proxy", raising=False)
+    monkeypatch.delenv("NO_PROXY", raising=False)
+    try:
+        alerts.post_webhook("http://hooks.example.invalid/services/T1?x=1", {"text": "x"}, timeout=5.0)
+        assert seen == ["http://hooks.example.invalid/services/T1?x=1"]
+    finally:
+        proxy.shutdown()
+        proxy.server_close()

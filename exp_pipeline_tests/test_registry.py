@@ -124,6 +124,10 @@ def test_a_key_repeated_in_the_registry_is_refused_with_both_lines(tmp_path):
     nested.write_text(text.replace("    aggregation: sum\n", "    aggregation: sum\n    aggregation: count\n", 1))
     with pytest.raises(RegistryError, match="key 'aggregation' appears twice"):
         load_registry(nested)
+    one_line = tmp_path / "one_line.yaml"
+    one_line.write_text(text.replace("aggregation: sum", "aggregation: sum", 1) + "\nextra: {a: 1, a: 2}\n")
+    with pytest.raises(RegistryError, match=r"key 'a' appears twice \(line \d+\)"):
+        load_registry(one_line)
 
 
 def test_paths_outside_the_data_root_can_be_allowed_explicitly(tmp_path):

@@ -212,11 +212,12 @@ def raw_assignments(
         if accounting.read == 0 and stored > 0 and not config.accept_empty_source:
             # An export that came out empty (a header-only file) must not reset the experiment.
             outcome = checks.evaluate_rows_read(
-                f"the exposure log for {experiment.id}", 0, stored, True, source.max_row_drop_share
+                f"the exposure log for {experiment.id}", 0, stored, source.max_row_drop_share,
+                kept=f"{stored} rows of raw_assignments",
             )
             context.log.error(f"{experiment.id}: {outcome.description}")
             return MaterializeResult(
-                metadata={"rows_read": 0, "kept_previous_rows": stored},
+                metadata={"rows_read": 0, "rows_kept": stored},
                 check_results=[check_result(outcome, ROWS_READ_CHECK)],
             )
         written = session.replace_partitions(
@@ -247,7 +248,7 @@ def raw_assignments(
         check_results=[
             check_result(
                 checks.evaluate_rows_read(
-                    f"the exposure log for {experiment.id}", accounting.ingested, stored or None, False,
+                    f"the exposure log for {experiment.id}", accounting.ingested, stored or None,
                     source.max_row_drop_share,
                 ),
                 ROWS_READ_CHECK,
@@ -375,10 +376,12 @@ def window_events(
             "post_assignment_events"
         ) else 0
         if rows_read == 0 and stored > 0 and not config.accept_empty_source:
-            outcome = checks.evaluate_rows_read(what, 0, rows_before or stored, True, bound)
+            outcome = checks.evaluate_rows_read(
+                what, 0, rows_before, bound, kept=f"{stored} rows of post_assignment_events"
+            )
             context.log.error(f"{experiment.id}: {outcome.description}")
             yield MaterializeResult(
-                asset_key=post_assignment_events, metadata={"rows_read": 0, "kept_previous_rows": stored},
+                asset_key=post_assignment_events, metadata={"rows_read": 0, "rows_kept": stored},
                 check_results=[check_result(outcome, ROWS_READ_CHECK)],
             )
             return
@@ -395,7 +398,7 @@ def window_events(
             checked = []
             if AssetKey(name) == post_assignment_events:
                 metadata["event_log_rows_read"] = rows_read
-                checked = [check_result(checks.evaluate_rows_read(what, rows_read, rows_before, False, bound), ROWS_READ_CHECK)]
+                checked = [check_result(checks.evaluate_rows_read(what, rows_read, rows_before, bound), ROWS_READ_CHECK)]
             results.append(MaterializeResult(asset_key=AssetKey(name), metadata=metadata, check_results=checked))
     yield from results
 

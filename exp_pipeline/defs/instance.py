@@ -25,15 +25,21 @@ from exp_pipeline.settings import PROJECT_ROOT
 
 PID_TAG = "exp_pipeline/pid"
 HOST_TAG = "exp_pipeline/host"
+# With the pid, when the process started (clock ticks since boot, /proc/<pid>/stat): a pid reused by
+# any later process has another start time.
+STARTED_TAG = "exp_pipeline/process_started"
 LOCK_FILE = ".exp_pipeline.lock"
 # The project's instance configuration: the pool limit that keeps DuckDB's single writer safe.
 PROJECT_INSTANCE_CONFIG = PROJECT_ROOT / ".dagster_home" / "dagster.yaml"
-UNFINISHED = [DagsterRunStatus.NOT_STARTED, DagsterRunStatus.STARTING, DagsterRunStatus.STARTED]
+UNFINISHED = [
+    DagsterRunStatus.NOT_STARTED, DagsterRunStatus.STARTING, DagsterRunStatus.STARTED, DagsterRunStatus.CANCELING,
+]
 
 
 def run_tags() -> dict[str, str]:
     """Tags of a run of this process: who to ask whether it is still alive."""
-    return {PID_TAG: str(os.getpid()), HOST_TAG: socket.gethostname()}
+    pid = os.getpid()
+    return {PID_TAG: str(pid), HOST_TAG: socket.gethostname(), STARTED_TAG: _process_start(pid) or ""}
 
 
 @contextmanager
@@ -56,17 +62,28 @@ def ensure_instance_config(home: Path) -> None:
         shutil.copyfile(PROJECT_INSTANCE_CONFIG, config)
 
 
-def _process_alive(pid: int) -> bool:
+def _process_start(pid: int) -> str | None:
+    """When the process started (field 22 of /proc/<pid>/stat); None if there is no such process
+    (or no /proc), or it is a zombie (dead, not yet reaped by its parent)."""
     try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    # The command name (field 2) may hold spaces and parentheses: count from its closing one.
+    fields = stat[stat.rindex(")") + 2 :].split()
+    return None if fields[0] == "Z" else fields[19]
+
+
+def _process_alive(pid: int, started: str) -> bool:
+    """Whether the process that ran a run still runs: same pid and same start time."""
+    if started and Path("/proc").is_dir():
+        return _process_start(pid) == started
+    try:  # no /proc (macOS): the pid alone
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
         return True  # someone else's process: alive
-    cmdline = Path(f"/proc/{pid}/cmdline")
-    if cmdline.exists():
-        # A reused pid belongs to another program; a zombie has an empty command line.
-        return b"exp_pipeline" in cmdline.read_bytes()
     return True
 
 
@@ -77,7 +94,7 @@ def release_dead_runs(instance: DagsterInstance) -> list[str]:
     released = []
     for run in instance.get_runs(filters=RunsFilter(statuses=UNFINISHED, tags={HOST_TAG: host})):
         pid = run.tags.get(PID_TAG, "")
-        if not pid.isdigit() or _process_alive(int(pid)):
+        if not pid.isdigit() or _process_alive(int(pid), run.tags.get(STARTED_TAG, "")):
             continue
         instance.report_run_failed(
             run, message=f"the process that ran it (pid {pid} on {host}) is gone; marked failed by a later run"

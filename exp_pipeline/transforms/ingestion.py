@@ -5,7 +5,6 @@ rejected with a reason (every rejected row is kept, never dropped).
 from __future__ import annotations
 
 import datetime as dt
-import math
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -32,22 +31,29 @@ from exp_pipeline.vocabulary import (
 )
 
 # Integer (or numeric text) timestamps are seconds, milliseconds, microseconds or nanoseconds since
-# 1970, as the source mapping's timestamp_unit says; with "auto" each value's magnitude tells:
-# below 1e11 seconds (up to year 5138), below 1e14 milliseconds (from 1973), below 1e17
-# microseconds, else nanoseconds.
-EPOCH_UNIT_LIMITS = (("s", 1e11), ("ms", 1e14), ("us", 1e17), ("ns", math.inf))
+# 1970, as the source mapping's timestamp_unit says. With "auto" each value's magnitude tells, for
+# instants from 2001-09-09 (1e9 s) to the year 5138 (1e11 s): seconds from 1e9, milliseconds from
+# 1e12, microseconds from 1e15, nanoseconds from 1e18. Anything else (a YYYYMMDD number, a 1970s
+# epoch) is no timestamp under auto: unparsable, rejected with its reason. Declare the unit for
+# older epochs.
+EPOCH_UNIT_RANGES = (("s", 1e9, 1e11), ("ms", 1e12, 1e14), ("us", 1e15, 1e17), ("ns", 1e18, 1e20))
 MICROSECONDS_PER = {"s": 1_000_000, "ms": 1_000, "us": 1, "ns": 0.001}
 _EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
 MAX_EPOCH_MICROSECONDS = 2.5e17
 _NUMBER_TEXT = r"^\s*[-+]?[0-9]+(\.[0-9]+)?\s*$"
+# The rows_read label of epoch numbers that auto recognizes as no unit.
+NOT_AN_EPOCH = "out_of_auto_range"
 
 
 def epoch_unit(number: ir.NumericValue, unit: str) -> ir.StringValue:
-    """The unit of an epoch number: the declared one, or (auto) the one its magnitude says."""
+    """The unit of an epoch number: the declared one, or (auto) the one its magnitude says (null
+    outside every range of EPOCH_UNIT_RANGES)."""
     if unit != "auto":
         return ibis.literal(unit)
-    magnitude = number.abs()
-    return ibis.cases(*((magnitude < limit, name) for name, limit in EPOCH_UNIT_LIMITS[:-1]), else_="ns")
+    return ibis.cases(
+        *(((number >= low) & (number < high), name) for name, low, high in EPOCH_UNIT_RANGES),
+        else_=ibis.null("string"),
+    )
 
 
 def _from_epoch(number: ir.NumericValue, unit: str) -> ir.TimestampValue:
@@ -68,17 +74,16 @@ def to_utc_timestamp(column: ir.Value, unit: str = "auto") -> ir.TimestampValue:
     """Normalize any timestamp form to one type: UTC, microseconds.
 
     Naive timestamps are taken as UTC (the session's time zone); aware ones are converted; numbers
-    (and numeric text) are epochs in `unit` (see EPOCH_UNIT_LIMITS); other strings are parsed,
+    (and numeric text) are epochs in `unit` (see EPOCH_UNIT_RANGES); other strings are parsed,
     unparsable ones become null. Doing this once at ingestion is what lets later comparisons work
     whatever wrote the source (pandas writes nanoseconds, others microseconds or epoch numbers).
     """
     kind = column.type()
     if kind.is_string():
-        # Integer text keeps every digit (a float would round nanosecond epochs).
-        number = ibis.ifelse(
-            column.contains("."), column.try_cast("float64"), column.try_cast("int64").cast("float64")
+        # Rounded to the microsecond (a nanosecond epoch is read as a float: within 1 us).
+        return ibis.ifelse(
+            is_epoch_text(column), _from_epoch(column.try_cast("float64"), unit), column.try_cast(UTC_TIMESTAMP)
         )
-        return ibis.ifelse(is_epoch_text(column), _from_epoch(number, unit), column.try_cast(UTC_TIMESTAMP))
     if kind.is_numeric():
         return _from_epoch(column, unit)
     return column.cast(UTC_TIMESTAMP)
@@ -97,23 +102,24 @@ def epoch_unit_counts(source_rows: ir.Table, column: str, unit: str) -> ir.Table
         number = rows[column].try_cast("float64")
     else:
         return None
-    return rows.group_by(unit=epoch_unit(number, unit)).aggregate(rows=rows.count())
+    return rows.group_by(unit=epoch_unit(number, unit).fill_null(NOT_AN_EPOCH)).aggregate(rows=rows.count())
 
 
 def canonical_id(column: ir.Value) -> ir.StringValue:
     """An id as text, so that 100000, 100000.0 and "100000" are one subject.
 
     Exports often write integer ids as floats (a column with a null becomes float in pandas):
-    a whole float becomes its integer digits, and text of digits ending in ".0" loses the ".0".
+    a whole float becomes its integer digits, and text of digits ending in ".0" (or ".00", ...)
+    loses its zero decimals.
     """
     kind = column.type()
     if kind.is_floating():
         whole = (column == column.floor()) & (column.abs() < 2.0**53)
         return ibis.ifelse(whole, column.cast("int64").cast("string"), column.cast("string"))
     text = column.cast("string")
-    # endswith first: the regular expressions only run on the few ids that may need them (and no
-    # backreference: Spark and DuckDB spell them differently).
-    whole = text.endswith(".0") & text.re_search(r"^[-+]?[0-9]+\.0+$")
+    # contains first: the regular expressions only run on the few ids that may need them (and no
+    # backreference: Spark and DuckDB spell them differently). A DECIMAL id reads "100000.00".
+    whole = text.contains(".") & text.re_search(r"^[-+]?[0-9]+\.0+$")
     return ibis.ifelse(whole, text.re_replace(r"\.0+$", ""), text)
 
 

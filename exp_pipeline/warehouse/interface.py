@@ -223,10 +223,11 @@ def _refuse_repeated_header_names(path: str, description: str) -> None:
         dialect = csv.Sniffer().sniff(header, delimiters=",;\t|")
     except csv.Error:
         dialect = csv.excel
-    names = [name.strip() for name in next(csv.reader([header], dialect), [])]
+    # Engines match column names without regard to case (DuckDB renames `User_ID` after `user_id`).
+    names = [name.strip().casefold() for name in next(csv.reader([header], dialect), [])]
     repeated = sorted({name for name in names if names.count(name) > 1})
     if repeated:
         raise SourceError(
-            f"{description}: the header of {path} names {', '.join(map(repr, repeated))} more than once; "
-            "rename the repeated columns in the file"
+            f"{description}: the header of {path} names {', '.join(map(repr, repeated))} more than once "
+            "(ignoring case); rename the repeated columns in the file"
         )

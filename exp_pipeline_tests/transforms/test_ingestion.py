@@ -173,7 +173,7 @@ SECOND = 1_791_000_000  # 2026-10-03T02:40:00Z
 @pytest.mark.parametrize("as_text", [False, True], ids=["number", "text"])
 def test_epoch_timestamps_in_any_unit_are_read_as_that_instant(con, logged, unit, as_text):
     scale = {"auto": None, "ms": 1e3, "us": 1e6}[unit]
-    detected = next(u for u, limit in ingestion.EPOCH_UNIT_LIMITS if logged < limit)
+    detected = next(u for u, low, high in ingestion.EPOCH_UNIT_RANGES if low <= logged < high)
     per_second = {"s": 1, "ms": 1e3, "us": 1e6, "ns": 1e9}[detected] if scale is None else scale
     expected = pd.Timestamp(SECOND, unit="s", tz="UTC") + pd.Timedelta(
         microseconds=round((logged / per_second - SECOND) * 1e6)
@@ -192,12 +192,25 @@ def test_epoch_numbers_beyond_any_date_are_unparsable(con):
     assert got.read_at.isna().all()
 
 
+def test_numbers_auto_cannot_place_are_unparsable_not_1970(con):
+    # A YYYYMMDD number, a small counter, a 1970s epoch: no unit's range holds them.
+    table = con.create_table("epochs", pd.DataFrame({"ts": ["20261002", "42", "500000000000"]}), overwrite=True)
+    got = con.to_pandas(table.select(read_at=ingestion.to_utc_timestamp(table.ts, "auto")))
+    assert got.read_at.isna().all()
+    counts = con.to_pandas(ingestion.epoch_unit_counts(table, "ts", "auto"))
+    assert counts.to_dict("records") == [{"unit": ingestion.NOT_AN_EPOCH, "rows": 3}]
+    declared = con.to_pandas(table.select(read_at=ingestion.to_utc_timestamp(table.ts, "s")))
+    assert declared.read_at.iloc[1] == pd.Timestamp("1970-01-01T00:00:42Z")
+
+
 def test_ids_logged_as_floats_or_float_text_match_the_integer_ids(con):
-    frame = pd.DataFrame({"as_float": [100000.0, 7.0, 1.5, None], "as_text": ["100000.0", "7", "1.50", "a.0"]})
+    frame = pd.DataFrame({
+        "as_float": [100000.0, 7.0, 1.5, None, 2.0], "as_text": ["100000.0", "7", "1.50", "a.0", "100000.00"],
+    })
     table = con.create_table("ids", frame, overwrite=True)
     got = con.to_pandas(table.select(f=ingestion.canonical_id(table.as_float), t=ingestion.canonical_id(table.as_text)))
     assert got.f.tolist()[:3] == ["100000", "7", "1.5"] and pd.isna(got.f.iloc[3])
-    assert got.t.tolist() == ["100000", "7", "1.50", "a.0"]
+    assert got.t.tolist() == ["100000", "7", "1.50", "a.0", "100000"]
 
 
 def test_experiment_and_variant_ids_are_matched_whatever_their_case_and_surrounding_space(con):

@@ -74,9 +74,10 @@ def test_a_glob_never_reads_a_symlink_that_points_outside_the_data_root(warehous
         assert sorted(frame.a) == [1, 2]
 
 
-def test_a_csv_header_naming_a_column_twice_is_refused(warehouse, tmp_path):
-    (tmp_path / "a.csv").write_text("user_id;ts;user_id\nu1;2026-01-01;u2\n")
-    with pytest.raises(SourceError, match=r"the header of .*a\.csv names 'user_id' more than once"):
+@pytest.mark.parametrize("header", ["user_id;ts;user_id", "user_id,ts,User_ID "])
+def test_a_csv_header_naming_a_column_twice_is_refused(warehouse, tmp_path, header):
+    (tmp_path / "a.csv").write_text(f"{header}\nu1;2026-01-01;u2\n")
+    with pytest.raises(SourceError, match=r"the header of .*a\.csv names 'user_id' more than once \(ignoring case\)"):
         read(warehouse, tmp_path / "a.csv", "csv")
 
 
