@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import datetime as dt
 import math
+import shutil
 import time
 from pathlib import Path
 
@@ -38,7 +39,11 @@ DAYS = 28  # already processed when the refresh runs; it refreshes day DAYS + 1
 
 
 def link_logs_until(source_root: Path, target_root: Path, last_day: dt.date) -> None:
-    """Link the generated daily files up to `last_day` into target_root/sample/{kind}/."""
+    """Link the generated daily files up to `last_day` into target_root/sample/{kind}/.
+
+    Hard links: a symlink would resolve outside the scratch registry's data root, which the
+    pipeline refuses to read (a copy where the two are on different file systems).
+    """
     for kind in ("assignments", "events"):
         folder = target_root / "sample" / kind
         folder.mkdir(parents=True, exist_ok=True)
@@ -46,7 +51,10 @@ def link_logs_until(source_root: Path, target_root: Path, last_day: dt.date) -> 
             day = dt.date.fromisoformat(path.stem.rsplit("_", 1)[-1])
             link = folder / path.name
             if day <= last_day and not link.exists():
-                link.symlink_to(path)
+                try:
+                    link.hardlink_to(path)
+                except OSError:
+                    shutil.copyfile(path, link)
 
 
 def run(instance, root: Path) -> dict:
