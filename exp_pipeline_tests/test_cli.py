@@ -2,6 +2,7 @@
 
 import os
 import re
+from contextlib import contextmanager
 import subprocess
 import sys
 
@@ -75,12 +76,17 @@ def cli_env(workspace, home):
     }
 
 
-def slot_holders(home) -> set[str]:
+@contextmanager
+def instance_at(home):
     from dagster import DagsterInstance
     from dagster._core.instance.ref import InstanceRef
 
     with DagsterInstance.from_ref(InstanceRef.from_dir(str(home))) as instance:
-        return set(instance.event_log_storage.get_concurrency_run_ids())
+        yield instance
+
+
+def slot_holders(instance) -> set[str]:
+    return set(instance.event_log_storage.get_concurrency_run_ids())
 
 
 def test_a_run_killed_holding_the_pool_slot_does_not_block_the_next_on_the_same_instance(tmp_path):
@@ -91,21 +97,26 @@ def test_a_run_killed_holding_the_pool_slot_does_not_block_the_next_on_the_same_
     home = tmp_path / "dagster_home"
     assert run_cli(workspace, tmp_path).returncode == 0  # the instance exists, as after a first run
     env = cli_env(workspace, home)
-    process = subprocess.Popen(
-        [sys.executable, "-m", "exp_pipeline.cli", "run"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-    )
-    deadline = time.monotonic() + 120
-    while not slot_holders(home) and time.monotonic() < deadline and process.poll() is None:
-        time.sleep(0.05)
-    assert slot_holders(home), "the run never claimed the warehouse pool slot"
-    process.send_signal(signal.SIGKILL)
-    process.wait()
-    assert slot_holders(home)  # the dead run still holds it: this is the state that used to hang
-    done = run_cli(workspace, tmp_path)
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert "belonged to a process that died: marked failed, its pool slot freed" in done.stdout
-    assert "All checks passed." in done.stdout and done.stdout.count("revenue") == 2
-    assert slot_holders(home) == set()
+    with instance_at(home) as instance:
+        for _attempt in range(5):  # a loaded machine can finish a run between two looks
+            process = subprocess.Popen(
+                [sys.executable, "-m", "exp_pipeline.cli", "run"], env=env,
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            )
+            deadline = time.monotonic() + 120
+            while not slot_holders(instance) and time.monotonic() < deadline and process.poll() is None:
+                time.sleep(0.01)
+            process.send_signal(signal.SIGKILL)
+            process.wait()
+            if slot_holders(instance):
+                break
+        # The dead run still holds the slot: this is the state that used to hang the next run.
+        assert slot_holders(instance), "no run was killed while it held the warehouse pool slot"
+        done = run_cli(workspace, tmp_path)
+        assert done.returncode == 0, done.stderr[-3000:]
+        assert "belonged to a process that died: marked failed, its pool slot freed" in done.stdout
+        assert "All checks passed." in done.stdout and done.stdout.count("revenue") == 2
+        assert slot_holders(instance) == set()
 
 
 def test_four_first_runs_at_once_on_a_fresh_instance_all_succeed(tmp_path):
