@@ -2,9 +2,9 @@
 
 import os
 import re
-from contextlib import contextmanager
 import subprocess
 import sys
+from contextlib import contextmanager
 
 import pytest
 
