@@ -240,8 +240,6 @@ def evaluate_no_pre_assignment_events(session: WarehouseSession, experiment: Exp
     )
 
 
-
-
 def evaluate_rows_read(
     what: str, rows_now: int, rows_before: int | None, bound: float, kept: str | None = None
 ) -> CheckOutcome:

@@ -87,6 +87,27 @@ def _rows_read_spec(asset_key: str, source: str) -> AssetCheckSpec:
     )
 
 
+def _stored_rows(session: WarehouseSession, table: str, experiment_id: str) -> int:
+    return session.count(session.partition(table, experiment_id)) if session.has_table(table) else 0
+
+
+def _kept_instead_of_empty(
+    context: AssetExecutionContext, accept_empty_source: bool, what: str, rows_read: int, stored: int,
+    table: str, rows_before: int | None, bound: float, asset_key: AssetKey | None = None,
+) -> MaterializeResult | None:
+    """When the source reads no rows where `table` holds the experiment's `stored` rows: nothing is
+    written, and the result carries the failed (blocking) rows_read check. None: write as usual."""
+    if rows_read or not stored or accept_empty_source:
+        return None
+    # An export that came out empty (a header-only file) must not reset the experiment.
+    outcome = checks.evaluate_rows_read(what, 0, rows_before, bound, kept=f"{stored} rows of {table}")
+    context.log.error(f"{context.partition_key}: {outcome.description}")
+    return MaterializeResult(
+        asset_key=asset_key, metadata={"rows_read": 0, "rows_kept": stored},
+        check_results=[check_result(outcome, ROWS_READ_CHECK)],
+    )
+
+
 class SourceReadConfig(Config):
     accept_empty_source: bool = Field(
         default=False,
@@ -199,6 +220,7 @@ def raw_assignments(
     reg = registry.load()
     experiment = _experiment(context, reg)
     source = reg.sources.assignments
+    what = f"the exposure log for {experiment.id}"
     with warehouse.session() as session:
         rows = ingestion.canonical_assignments(sources.read_source(session, reg, "assignments"), source, experiment.id)
         classified = ingestion.classify_assignments(rows, experiment, source.properties)
@@ -206,20 +228,13 @@ def raw_assignments(
         classified = session.temp_table("_classified_assignments", classified)
         counts = session.to_pandas(ingestion.rejection_counts(classified))
         accounting = ingestion.RowAccounting.of(counts)
-        stored = session.count(session.partition("raw_assignments", experiment.id)) if session.has_table(
-            "raw_assignments"
-        ) else 0
-        if accounting.read == 0 and stored > 0 and not config.accept_empty_source:
-            # An export that came out empty (a header-only file) must not reset the experiment.
-            outcome = checks.evaluate_rows_read(
-                f"the exposure log for {experiment.id}", 0, stored, source.max_row_drop_share,
-                kept=f"{stored} rows of raw_assignments",
-            )
-            context.log.error(f"{experiment.id}: {outcome.description}")
-            return MaterializeResult(
-                metadata={"rows_read": 0, "rows_kept": stored},
-                check_results=[check_result(outcome, ROWS_READ_CHECK)],
-            )
+        stored = _stored_rows(session, "raw_assignments", experiment.id)
+        kept = _kept_instead_of_empty(
+            context, config.accept_empty_source, what, accounting.read, stored, "raw_assignments", stored,
+            source.max_row_drop_share,
+        )
+        if kept is not None:
+            return kept
         written = session.replace_partitions(
             experiment.id,
             {
@@ -247,10 +262,7 @@ def raw_assignments(
         },
         check_results=[
             check_result(
-                checks.evaluate_rows_read(
-                    f"the exposure log for {experiment.id}", accounting.ingested, stored or None,
-                    source.max_row_drop_share,
-                ),
+                checks.evaluate_rows_read(what, accounting.ingested, stored or None, source.max_row_drop_share),
                 ROWS_READ_CHECK,
             )
         ],
@@ -372,18 +384,13 @@ def window_events(
         previous = refresh.one_state_row(session, refresh.WINDOW_EVENTS_STATE, experiment.id)
         rows_before = previous.get("event_rows_read") if previous else None
         rows_before = None if rows_before is None or pd.isna(rows_before) else int(rows_before)
-        stored = session.count(session.partition("post_assignment_events", experiment.id)) if session.has_table(
-            "post_assignment_events"
-        ) else 0
-        if rows_read == 0 and stored > 0 and not config.accept_empty_source:
-            outcome = checks.evaluate_rows_read(
-                what, 0, rows_before, bound, kept=f"{stored} rows of post_assignment_events"
-            )
-            context.log.error(f"{experiment.id}: {outcome.description}")
-            yield MaterializeResult(
-                asset_key=post_assignment_events, metadata={"rows_read": 0, "rows_kept": stored},
-                check_results=[check_result(outcome, ROWS_READ_CHECK)],
-            )
+        stored = _stored_rows(session, "post_assignment_events", experiment.id)
+        kept = _kept_instead_of_empty(
+            context, config.accept_empty_source, what, rows_read, stored, "post_assignment_events", rows_before,
+            bound, asset_key=post_assignment_events,
+        )
+        if kept is not None:
+            yield kept
             return
         written = refresh.write_window_events(
             session, reg, experiment, config.full_refresh, dt.datetime.now(dt.UTC), rows_read
