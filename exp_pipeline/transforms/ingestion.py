@@ -66,8 +66,15 @@ def _from_epoch(number: ir.NumericValue, unit: str) -> ir.TimestampValue:
     return ibis.ifelse(in_range, at, ibis.null(UTC_TIMESTAMP))
 
 
-def is_epoch_text(column: ir.StringValue) -> ir.BooleanValue:
-    return column.re_search(_NUMBER_TEXT)
+def _epoch_number(column: ir.Value) -> tuple[ir.BooleanValue, ir.NumericValue] | None:
+    """(is the value logged as an epoch number, that number) for a numeric or text column; None
+    for a column of timestamps or dates."""
+    kind = column.type()
+    if kind.is_numeric():
+        return column.notnull(), column
+    if kind.is_string():
+        return column.re_search(_NUMBER_TEXT), column.try_cast("float64")
+    return None
 
 
 def to_utc_timestamp(column: ir.Value, unit: str = "auto") -> ir.TimestampValue:
@@ -78,31 +85,26 @@ def to_utc_timestamp(column: ir.Value, unit: str = "auto") -> ir.TimestampValue:
     unparsable ones become null. Doing this once at ingestion is what lets later comparisons work
     whatever wrote the source (pandas writes nanoseconds, others microseconds or epoch numbers).
     """
-    kind = column.type()
-    if kind.is_string():
-        # Rounded to the microsecond (a nanosecond epoch is read as a float: within 1 us).
-        return ibis.ifelse(
-            is_epoch_text(column), _from_epoch(column.try_cast("float64"), unit), column.try_cast(UTC_TIMESTAMP)
-        )
-    if kind.is_numeric():
-        return _from_epoch(column, unit)
-    return column.cast(UTC_TIMESTAMP)
+    epoch = _epoch_number(column)
+    if epoch is None:
+        return column.cast(UTC_TIMESTAMP)
+    logged_as_epoch, number = epoch
+    # Text that is no number is parsed as a timestamp; epochs are rounded to the microsecond (a
+    # nanosecond epoch is read as a float: within 1 us).
+    parsed = column.try_cast(UTC_TIMESTAMP) if column.type().is_string() else ibis.null(UTC_TIMESTAMP)
+    return ibis.ifelse(logged_as_epoch, _from_epoch(number, unit), parsed)
 
 
 def epoch_unit_counts(source_rows: ir.Table, column: str, unit: str) -> ir.Table | None:
     """Rows per epoch unit (declared or detected) of a timestamp column logged as numbers; None
     when the column holds timestamps (nothing to detect)."""
-    logged = source_rows[column]
-    kind = logged.type()
-    if kind.is_numeric():
-        rows = source_rows.filter(logged.notnull())
-        number = rows[column]
-    elif kind.is_string():
-        rows = source_rows.filter(is_epoch_text(logged))
-        number = rows[column].try_cast("float64")
-    else:
+    epoch = _epoch_number(source_rows[column])
+    if epoch is None:
         return None
-    return rows.group_by(unit=epoch_unit(number, unit).fill_null(NOT_AN_EPOCH)).aggregate(rows=rows.count())
+    logged_as_epoch, number = epoch
+    rows = source_rows.mutate(_epoch=logged_as_epoch, _unit=epoch_unit(number, unit).fill_null(NOT_AN_EPOCH))
+    rows = rows.filter(rows._epoch)
+    return rows.group_by(unit=rows._unit).aggregate(rows=rows.count())
 
 
 def canonical_id(column: ir.Value) -> ir.StringValue:
