@@ -1,10 +1,12 @@
-"""Benchmark worker (b): the hand-written DuckDB reference, reference.sql.
+"""Benchmark worker (b): the hand-written DuckDB scripts the pipeline is measured against.
 
 Python only loads the registry's configuration (a few rows: experiments, variants, metrics) into
-small tables and variables; reference.sql does all the work on the data. Two modes (see the
-script's header): `tables` writes the analysable subjects and the post- and pre-assignment events
-to a DuckDB file in --scratch, as the pipeline does; `statistics` computes only the sufficient
-statistics, in one query, in memory.
+small tables and variables; the script does all the work on the data. Two modes:
+
+  one_pass      one_pass.sql, the headline reference: what a team would write by hand instead of
+                the pipeline; straight from the logs to the statistics, nothing written, in memory
+  table_design  reference.sql writing the analysable subjects and the post- and pre-assignment
+                events as tables to a DuckDB file in --scratch (the pipeline's old table design)
 
 Started by run_benchmark.py: `bench_reference.py --mode MODE --config CONFIG --scratch DIR --result FILE`.
 """
@@ -20,20 +22,11 @@ started = time.perf_counter()
 import duckdb  # noqa: E402
 
 IMPORT_SECONDS = time.perf_counter() - started
-SCRIPT = Path(__file__).with_name("reference.sql")
-# What the script's placeholders become in each mode.
-TABLES = {"{{table}}": "TABLE", "{{temp}}": "TEMP TABLE"}
+HERE = Path(__file__).parent
+# mode -> (script, what its placeholders become, database)
 MODES = {
-    "tables": TABLES,
-    # The same, run once per experiment (a connection and a schema each), as the pipeline's
-    # per-experiment runs do: the cost of analysing experiments independently, without Dagster.
-    "tables_per_experiment": TABLES,
-    "statistics": {"{{table}}": "TEMP VIEW", "{{temp}}": "TEMP VIEW"},
-}
-IMPLEMENTATION = {
-    "tables": "reference",
-    "tables_per_experiment": "reference_per_experiment",
-    "statistics": "reference_stats",
+    "one_pass": (HERE / "one_pass.sql", {}, False),
+    "table_design": (HERE / "reference.sql", {"{{table}}": "TABLE", "{{temp}}": "TEMP TABLE"}, True),
 }
 
 CONFIG_TABLES = """
@@ -75,31 +68,25 @@ def load_configuration(con: duckdb.DuckDBPyConnection, config: dict) -> None:
 
 def main() -> None:
     args, config = measure.worker_args(
-        lambda parser: parser.add_argument("--mode", choices=sorted(MODES), default="tables")
+        lambda parser: parser.add_argument("--mode", choices=sorted(MODES), default="one_pass")
     )
-    script = SCRIPT.read_text()
-    for placeholder, sql in MODES[args.mode].items():
+    path, placeholders, writes_tables = MODES[args.mode]
+    script = path.read_text()
+    for placeholder, sql in placeholders.items():
         script = script.replace(placeholder, sql)
     rss_after_imports = measure.current_rss_kib()
 
-    database = ":memory:" if args.mode == "statistics" else f"{args.scratch}/reference.duckdb"
-    if args.mode == "tables_per_experiment":
-        batches = [(f"experiment_{i}", {**config, "experiments": [e]}) for i, e in enumerate(config["experiments"])]
-    else:
-        batches = [("main", config)]
+    database = f"{args.scratch}/reference.duckdb" if writes_tables else ":memory:"
     t0 = time.perf_counter()
-    rows = []
-    for schema, batch in batches:
-        with duckdb.connect(database) as con:
-            con.execute(f"CREATE SCHEMA IF NOT EXISTS {schema}; SET schema = '{schema}'")
-            load_configuration(con, batch)
-            cursor = con.execute(script)
-            columns = [d[0] for d in cursor.description]
-            rows += [dict(zip(columns, row, strict=True)) for row in cursor.fetchall()]
+    with duckdb.connect(database) as con:
+        load_configuration(con, config)
+        cursor = con.execute(script)
+        columns = [d[0] for d in cursor.description]
+        rows = [dict(zip(columns, row, strict=True)) for row in cursor.fetchall()]
     wall = time.perf_counter() - t0
 
     measure.write_result(args.result, {
-        "implementation": IMPLEMENTATION[args.mode],
+        "implementation": args.mode,
         "import_seconds": IMPORT_SECONDS,
         "wall_seconds": wall,
         "rss_after_imports_kib": rss_after_imports,
