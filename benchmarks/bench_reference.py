@@ -5,6 +5,8 @@ small tables and variables; the script does all the work on the data. Two modes:
 
   one_pass      one_pass.sql, the headline reference: what a team would write by hand instead of
                 the pipeline; straight from the logs to the statistics, nothing written, in memory
+  one_pass_keep_duplicates  the same without the exact-duplicate rule (no DISTINCT over the log):
+                what that one rule costs; correct only on a log without repeated rows
   table_design  reference.sql writing the analysable subjects and the post- and pre-assignment
                 events as tables to a DuckDB file in --scratch (the pipeline's old table design)
 
@@ -25,7 +27,8 @@ IMPORT_SECONDS = time.perf_counter() - started
 HERE = Path(__file__).parent
 # mode -> (script, what its placeholders become, database)
 MODES = {
-    "one_pass": (HERE / "one_pass.sql", {}, False),
+    "one_pass": (HERE / "one_pass.sql", {"{{distinct}}": "DISTINCT"}, False),
+    "one_pass_keep_duplicates": (HERE / "one_pass.sql", {"{{distinct}}": ""}, False),
     "table_design": (HERE / "reference.sql", {"{{table}}": "TABLE", "{{temp}}": "TEMP TABLE"}, True),
 }
 

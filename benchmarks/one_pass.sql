@@ -10,7 +10,10 @@
 --   3. caps (the cap_percentile of the metric's non-zero values) and per-variant sums.
 --
 -- The rules are the pipeline's (README "Assignment rules", docs/data-model.md), including one the
--- sample data never exercises: an event logged twice (same subject, name, time and value) counts once.
+-- sample data never exercises: an event logged twice (same subject, name, time and value) counts
+-- once. That rule is a DISTINCT over the whole event log (in the events CTE): bench_reference.py
+-- runs the script with it (one_pass) and without it (one_pass_keep_duplicates), so the report shows
+-- what the rule costs a hand-written script.
 -- bench_reference.py sets the same configuration as for reference.sql (its header lists it):
 -- bench_experiments, bench_variants, bench_metrics and the variables assignments_path,
 -- events_path, cap_percentiles. Times are integer microseconds since the epoch (UTC).
@@ -35,7 +38,7 @@ subjects AS (
     HAVING count(DISTINCT e.variant_id) = 1
 ),
 events AS (
-    SELECT DISTINCT e.user_id AS subject_id, epoch_us(e.event_ts::TIMESTAMPTZ) AS at_us,
+    SELECT {{distinct}} e.user_id AS subject_id, epoch_us(e.event_ts::TIMESTAMPTZ) AS at_us,
            e.event_type AS event_name, e.amount::DOUBLE AS value
     FROM read_parquet(getvariable('events_path')) AS e
     WHERE e.event_ts IS NOT NULL
