@@ -1,14 +1,13 @@
-"""Benchmark worker (c): the daily incremental refresh of a running experiment against a full
-recomputation of the same data.
+"""Benchmark worker (c): the daily refresh (one new day) against a full recomputation of the same data.
 
-The logs are cut at a day: the experiment's first DAYS days are processed (a full run, not timed
-as the refresh), then the files of the next day are added, and
+The logs are cut at a day: the first DAYS days since the running experiment's start are processed
+(a run, not timed as the refresh), then the files of the next day are added, and
 
-  refresh   the same run again on that warehouse: the window events are refreshed incrementally
-  full      the run on a fresh warehouse with the same files: everything recomputed
+  refresh   the daily schedule's run the morning after, on that warehouse: one run over every
+            experiment whose analysis window is open then
+  full      the same run on a fresh warehouse with the same files: everything computed from nothing
 
-are each timed as one Dagster run of the `analyze_experiment` job (all of the experiment's assets
-and checks), the way the daily schedule runs it. Both must give the same variant_metrics.
+are each timed as one Dagster run. Both must give the same variant_metrics, bit for bit.
 
 Started by run_benchmark.py: `bench_incremental.py --config CONFIG --scratch DIR --result FILE`.
 """
@@ -24,17 +23,17 @@ from pathlib import Path
 import measure
 
 started = time.perf_counter()
-from bench_pipeline import QUIET_LOGS, read_sufficient, step_records, warehouse_for  # noqa: E402
+from bench_pipeline import QUIET_LOGS, read_sufficient, stage_seconds, warehouse_for  # noqa: E402
 from dagster import DagsterInstance, materialize  # noqa: E402
 
 from exp_pipeline.defs.assets import ANALYSIS_ASSETS  # noqa: E402
-from exp_pipeline.defs.checks import EXPERIMENT_CHECKS  # noqa: E402
-from exp_pipeline.defs.partitions import experiment_partitions  # noqa: E402
+from exp_pipeline.defs.automation import experiments_to_refresh  # noqa: E402
+from exp_pipeline.defs.partitions import experiment_partitions, run_over  # noqa: E402
 from exp_pipeline.defs.resources import RegistryResource  # noqa: E402
+from exp_pipeline.registry import load_registry  # noqa: E402
 
 IMPORT_SECONDS = time.perf_counter() - started
-EXPERIMENT = "aa_homepage"  # the sample's running experiment (no end date)
-EXPERIMENT_START = dt.date(2026, 10, 1)
+EXPERIMENT_START = dt.date(2026, 10, 1)  # of aa_homepage, the sample's running experiment (no end date)
 DAYS = 28  # already processed when the refresh runs; it refreshes day DAYS + 1
 
 
@@ -57,25 +56,20 @@ def link_logs_until(source_root: Path, target_root: Path, last_day: dt.date) -> 
                     shutil.copyfile(path, link)
 
 
-def run(instance, root: Path) -> dict:
-    """One Dagster run of the experiment on the registry and warehouse in `root`."""
+def run(instance, root: Path, known: list[str], experiment_ids: list[str]) -> dict:
+    """One Dagster run of these experiments on the registry and warehouse in `root`."""
     resources = {
         "registry": RegistryResource(path=str(root / "registry.yaml")),
         "warehouse": warehouse_for("duckdb", str(root)),
     }
+    tags, run_config = run_over(known, experiment_ids)
     t0 = time.perf_counter()
     result = materialize(
-        [*ANALYSIS_ASSETS, *EXPERIMENT_CHECKS], partition_key=EXPERIMENT, instance=instance,
-        resources=resources, run_config=QUIET_LOGS, raise_on_error=False,
+        ANALYSIS_ASSETS, instance=instance, resources=resources, tags=tags,
+        run_config={**QUIET_LOGS, **run_config}, raise_on_error=False,
     )
     seconds = time.perf_counter() - t0
-    modes = {
-        e.asset_key.path[-1]: e.materialization.metadata["refresh_mode"].value
-        for e in result.get_asset_materialization_events()
-        if "refresh_mode" in e.materialization.metadata
-    }
-    steps = {r["step"]: r.get("seconds") for r in step_records(instance, result.run_id)}
-    return {"seconds": seconds, "success": result.success, "modes": modes, "steps": steps}
+    return {"seconds": seconds, "success": result.success, "steps": stage_seconds(result)}
 
 
 def max_relative_difference(a: list[dict], b: list[dict]) -> float:
@@ -108,21 +102,25 @@ def main() -> None:
         (root / "registry.yaml").write_text((data_root / "registry.yaml").read_text())
     link_logs_until(data_root, incremental_root, refreshed_day - dt.timedelta(days=1))
 
+    registry = load_registry(data_root / "registry.yaml")
+    known = [e.id for e in registry.experiments]
+    morning = dt.datetime.combine(refreshed_day + dt.timedelta(days=1), dt.time(6), dt.UTC)
+    due = experiments_to_refresh(registry, set(known), morning)
     (scratch / "dagster").mkdir()
     with DagsterInstance.local_temp(str(scratch / "dagster")) as instance:
-        instance.add_dynamic_partitions(experiment_partitions.name, [EXPERIMENT])
-        initial = run(instance, incremental_root)
+        instance.add_dynamic_partitions(experiment_partitions.name, known)
+        initial = run(instance, incremental_root, known, due)
         link_logs_until(data_root, incremental_root, refreshed_day)
-        refresh = run(instance, incremental_root)
+        refresh = run(instance, incremental_root, known, due)
         link_logs_until(data_root, full_root, refreshed_day)
-        full = run(instance, full_root)
+        full = run(instance, full_root, known, due)
 
     refreshed = read_sufficient(warehouse_for("duckdb", str(incremental_root)))
     recomputed = read_sufficient(warehouse_for("duckdb", str(full_root)))
     measure.write_result(args.result, {
         "implementation": "incremental",
         "import_seconds": IMPORT_SECONDS,
-        "experiment": EXPERIMENT,
+        "experiments": due,
         "days_processed": DAYS,
         "refreshed_day": refreshed_day.isoformat(),
         "initial": initial,

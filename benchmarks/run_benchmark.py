@@ -187,41 +187,6 @@ def table(header: Sequence[str], rows: Sequence[Sequence[str]], align: str) -> s
     return "\n".join(lines)
 
 
-def pipeline_step_rows(runs: Sequence[dict]) -> list[dict]:
-    """Per asset (and per asset's checks), over the experiments: medians over the runs.
-
-    Seconds and rows are summed over the experiments' runs; the sampled peak is the highest.
-    """
-    groups: dict[tuple[str, str], list[dict]] = {}
-    for run_index, result in enumerate(runs):
-        for step in result["steps"]:
-            per_run = groups.setdefault((step["asset"], step["kind"]), [{} for _ in runs])[run_index]
-            per_run["seconds"] = per_run.get("seconds", 0.0) + (step["seconds"] or 0.0)
-            per_run["steps"] = per_run.get("steps", 0) + 1
-            for column in ("rows_in", "rows_out"):
-                if step[column] is not None:
-                    per_run[column] = per_run.get(column, 0) + step[column]
-            if step["peak_rss_kib"] is not None:
-                per_run["peak"] = max(per_run.get("peak", 0), step["peak_rss_kib"])
-    order = runs[0]["asset_order"]
-    # The assets in pipeline order, each followed by its checks.
-    ranked = sorted(groups, key=lambda g: (order.index(g[0]) if g[0] in order else len(order), g[1] != "asset"))
-    rows = []
-    for asset, kind in ranked:
-        per_run = groups[(asset, kind)]
-        first = per_run[0]
-        rows.append({
-            "asset": asset,
-            "kind": kind,
-            "checks": first.get("steps", 0) // max(len(runs[0]["runs"]), 1),
-            "seconds": median_of([r.get("seconds") for r in per_run]),
-            "rows_in": first.get("rows_in"),
-            "rows_out": first.get("rows_out"),
-            "peak": median_of([r.get("peak") for r in per_run]),
-        })
-    return rows
-
-
 def machine() -> dict:
     meminfo = Path("/proc/meminfo").read_text().splitlines()
     total_kib = next(int(line.split()[1]) for line in meminfo if line.startswith("MemTotal:"))
@@ -356,79 +321,52 @@ def render(report: dict) -> str:
 def incremental_section(runs: list[dict]) -> list[str]:
     first = runs[0]
     out = [
-        f"## Incremental refresh ({first['experiment']}: {first['days_processed']} days processed, then "
-        f"{first['refreshed_day']} added)",
+        f"## Daily refresh ({first['days_processed']} days processed, then {first['refreshed_day']} added; "
+        f"{len(first['experiments'])} experiments due: {', '.join(first['experiments'])})",
         "",
-        "One Dagster run of the experiment's assets and checks each, as the daily schedule runs it: the "
-        "refresh on the warehouse that holds the first days, the full recomputation on a fresh one with "
-        "the same files.",
+        "One Dagster run each, as the daily schedule runs it: the refresh on the warehouse that holds "
+        "the first days, the full computation on a fresh one with the same files.",
         "",
     ]
-    rows = []
-    for label, pick in (
-        ("whole run", lambda r, which: r[which]["seconds"]),
-        ("window_events step", lambda r, which: r[which]["steps"].get("window_events")),
-    ):
-        refresh = median_of([pick(r, "refresh") for r in runs])
-        full = median_of([pick(r, "full") for r in runs])
-        rows.append([label, num(refresh), num(full), f"**{refresh / full:.2f}**" if refresh and full else "-",
-                     ", ".join(num(pick(r, "refresh")) for r in runs), ", ".join(num(pick(r, "full")) for r in runs)])
+    refresh = median_of([r["refresh"]["seconds"] for r in runs])
+    full = median_of([r["full"]["seconds"] for r in runs])
+    rows = [["whole run", num(refresh), num(full), f"**{refresh / full:.2f}**" if refresh and full else "-",
+             ", ".join(num(r["refresh"]["seconds"]) for r in runs), ", ".join(num(r["full"]["seconds"]) for r in runs)]]
+    for stage in first["refresh"]["steps"]:
+        r = median_of([x["refresh"]["steps"].get(stage) for x in runs])
+        f = median_of([x["full"]["steps"].get(stage) for x in runs])
+        rows.append([stage, num(r), num(f), f"{r / f:.2f}" if r and f else "-", "", ""])
     out.append(table(["what", "refresh s", "full s", "refresh / full", "refresh per run", "full per run"],
                      rows, "lrrrll"))
-    steps = sorted(first["refresh"]["steps"], key=lambda step: -(first["full"]["steps"].get(step) or 0))
-    step_rows = []
-    for step in steps:
-        refresh = median_of([r["refresh"]["steps"].get(step) for r in runs])
-        full = median_of([r["full"]["steps"].get(step) for r in runs])
-        step_rows.append([step, num(refresh), num(full), f"{refresh / full:.2f}" if refresh and full else "-"])
-    out += ["", "Per step (Dagster's step durations; the rest of a run is Dagster's own):", "",
-            table(["step", "refresh s", "full s", "refresh / full"], step_rows, "lrrr")]
     identical = all(r["identical_variant_metrics"] for r in runs)
     worst = max(r["max_relative_difference"] for r in runs)
     out += [
         "",
-        f"- modes: refresh {first['refresh']['modes'].get('post_assignment_events')}, full "
-        f"{first['full']['modes'].get('post_assignment_events')}",
-        "- variant_metrics of the refresh and of the full recomputation: "
+        "- variant_metrics of the refresh and of the full computation: "
         + ("bit-identical in every run" if identical else
-           f"same rows and n; sums differ by at most {worst:.1e} relative (floating-point summation order)"),
+           f"same rows and n; sums differ by at most {worst:.1e} relative"),
         "",
     ]
     return out
 
 
 def pipeline_sections(runs: list[dict], source_rows: int, total: float, peak: float) -> list[str]:
-    out = ["## Pipeline per asset (summed over the experiments' runs; medians over the runs)", ""]
-    step_rows = pipeline_step_rows(runs)
+    """Where the pipeline's run goes: the pass's stages, Dagster's step and run around them."""
+    out = [f"## Pipeline: one run, one pass, {runs[0]['experiments']} experiments (medians over the runs)", ""]
+    stages = list(runs[0]["stages"])
     rows = []
-    for row in step_rows:
-        label = row["asset"] if row["kind"] != "check" else f"checks of {row['asset']} ({row['checks']})"
-        rows.append([
-            label, num(row["seconds"]), f"{100 * row['seconds'] / total:.0f}%",
-            count(row["rows_in"]), count(row["rows_out"]), rate(row["rows_in"], row["seconds"]), mib(row["peak"]),
-        ])
-    steps_total = median_of([sum(s["seconds"] or 0.0 for s in r["steps"]) for r in runs])
-    overhead = total - steps_total
-    rows.append(["Dagster outside the steps (run setup, event log)", num(overhead), f"{100 * overhead / total:.0f}%",
-                 "-", "-", "-", "-"])
-    rows_out = sum(r["rows_out"] or 0 for r in step_rows if r["asset"] == "variant_metrics" and r["kind"] == "asset")
-    rows.append(["**total**", f"**{num(total)}**", "100%", count(source_rows), count(rows_out),
-                 rate(source_rows, total), f"**{mib(peak)}** (process peak)"])
-    out.append(table(
-        ["asset", "wall s", "share", "rows in", "rows out", "rows in/s", "peak RSS MiB (sampled in step)"],
-        rows, "lrrrrrr",
-    ))
-    out += ["", "Per experiment (one Dagster run each, median seconds):", ""]
-    experiments = [r["experiment"] for r in runs[0]["runs"]]
-    out.append(table(
-        ["experiment", "run wall s", "steps s"],
-        [[e,
-          num(median_of([next(x["seconds"] for x in r["runs"] if x["experiment"] == e) for r in runs])),
-          num(median_of([sum(s["seconds"] or 0.0 for s in r["steps"] if s["experiment"] == e) for r in runs]))]
-         for e in experiments],
-        "lrr",
-    ))
-    out.append("")
+    for stage in stages:
+        seconds = median_of([r["stages"].get(stage) for r in runs])
+        rows.append([stage, num(seconds), f"{100 * seconds / total:.0f}%"])
+    in_stages = median_of([sum(r["stages"].values()) for r in runs])
+    step = median_of([sum(r["step_seconds"].values()) for r in runs])
+    rows.append(["the step outside the pass (Dagster events, metadata, reports)", num(step - in_stages),
+                 f"{100 * (step - in_stages) / total:.0f}%"])
+    rows.append(["the run outside the step (run setup, event log)", num(total - step), f"{100 * (total - step) / total:.0f}%"])
+    rows.append(["**total**", f"**{num(total)}**", "100%"])
+    out.append(table(["stage", "wall s", "share"], rows, "lrr"))
+    out += ["", f"- rows in: {count(source_rows)} ({rate(source_rows, total)} rows/s); process peak RSS "
+            f"{mib(peak)} MiB", ""]
     return out
 
 

@@ -1,20 +1,26 @@
-"""The rules of the asset checks: each `evaluate_*` function reads one experiment's tables through
-a warehouse session and returns a CheckOutcome (pass or fail, severity, description, figures).
+"""The rules of the asset checks: each returns a CheckOutcome (pass or fail, severity, description,
+figures). `evaluate_*` functions read one experiment's tables through a warehouse session; the
+`*_outcome` ones judge figures the analysis pass computed for every experiment at once.
 
-They are tested on tables built in the tests; defs/checks.py wires them to Dagster. Blocking
-checks that fail with ERROR stop the downstream assets of that experiment (and only that one).
+They are tested on tables built in the tests; exp_pipeline.analysis evaluates them in its pass and
+defs/ records them. Blocking checks that fail with ERROR stop the later stages of that experiment
+(and only that one).
 """
 
 from __future__ import annotations
 
+import datetime as dt
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 
-from exp_pipeline import results, schemas, sources, validation
+import ibis.expr.types as ir
+import pandas as pd
+
+from exp_pipeline import schemas, validation
 from exp_pipeline.registry import Experiment, Registry
-from exp_pipeline.transforms import temporal_join
-from exp_pipeline.transforms.assignments import analysable_assignments, assignment_counts
+from exp_pipeline.stats import SrmCause, SrmResult
 from exp_pipeline.transforms.ingestion import RowAccounting
-from exp_pipeline.vocabulary import HARMLESS_REJECTIONS, MULTIPLE_VARIANTS
+from exp_pipeline.vocabulary import HARMLESS_REJECTIONS, MULTIPLE_VARIANTS, whole_seconds
 from exp_pipeline.warehouse.interface import WarehouseSession
 
 SAMPLE_SIZE = 20
@@ -31,12 +37,64 @@ class CheckOutcome:
     metadata: dict = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class CheckDefinition:
+    """A check of every experiment: on which asset, and whether a failure of ERROR severity stops
+    that experiment's later stages (blocking; the others go on)."""
+
+    asset: str
+    check: str
+    blocking: bool
+    description: str
+
+
+RAW, DEDUPED, POST, PRE, METRICS = (
+    "raw_assignments", "deduped_assignments", "post_assignment_events", "pre_assignment_events", "variant_metrics",
+)
+ROWS_READ = "rows_read_not_dropped"
+# In the order the pass evaluates them (the report lists them in this order).
+EXPERIMENT_CHECKS = [CheckDefinition(*c) for c in (
+    (RAW, ROWS_READ, True,
+     "The assignments source is not empty where the warehouse holds rows from the last run (ERROR: they "
+     "are kept, not reset to nothing, and the experiment stops) and read at most "
+     "sources.assignments.max_row_drop_share fewer rows than the run before (WARN)."),
+    (RAW, "rejected_share_within_bound", True,
+     "Share of the experiment's exposure rows rejected at ingestion (kept in rejected_rows) is at most "
+     "sources.assignments.max_rejected_share."),
+    (RAW, "matches_schema", True, "raw_assignments matches its Pandera schema (types, nulls, allowed values)."),
+    (DEDUPED, "matches_schema", True, "deduped_assignments (its active rows) matches its Pandera schema."),
+    (DEDUPED, "one_active_row_per_subject", True,
+     "UNIQUE(experiment_id, subject_id) among active rows: one subject, one experiment, one variant."),
+    (DEDUPED, "multi_variant_share_within_bounds", True,
+     "Share of subjects excluded for seeing several variants: WARN above warn_share, ERROR above error_share."),
+    (DEDUPED, "no_sample_ratio_mismatch", True,
+     "Chi-square test of subjects per variant against the weights; when it fires, the same test per "
+     "assignment property names the likely cause. Stops the metrics if the registry says so (srm.blocks_metrics)."),
+    (POST, ROWS_READ, True,
+     "The events source is not empty where the experiment was analysed on events before (ERROR: the "
+     "results stay, the experiment stops) and read at most sources.events.max_row_drop_share fewer rows "
+     "than the run before (WARN)."),
+    (POST, "matches_schema", True,
+     "The experiment's post-assignment rows of the run's temporal join match the table's Pandera schema."),
+    (PRE, "matches_schema", True,
+     "The experiment's pre-assignment rows of the run's temporal join match the table's Pandera schema."),
+    (POST, "no_events_before_assignment", True,
+     "No pre-assignment leakage: every post-assignment row has event_at >= its subject's current assigned_at."),
+    (POST, "metric_events_match_subjects", False,
+     "The metrics' events find the experiment's subjects: WARN when an event name never occurs in the "
+     "experiment's span of the log, or when more than sources.events.max_unmatched_share of those events "
+     "fall in no analysable subject's window."),
+    (METRICS, "matches_schema", False, "variant_metrics matches its Pandera schema."),
+)]
+BLOCKING = {(c.asset, c.check): c.blocking for c in EXPERIMENT_CHECKS}
+
+
 def _p(value: float, label: str = "p") -> str:
     # Chi-square p-values of large mismatches underflow to 0.0; say so rather than print "p = 0".
     return f"{label} < 1e-300" if value == 0 else f"{label} = {value:.3g}"
 
 
-def _schema_result(outcome: validation.ValidationOutcome, rows: int) -> CheckOutcome:
+def schema_outcome(outcome: validation.ValidationOutcome, rows: int) -> CheckOutcome:
     return CheckOutcome(
         passed=outcome.passed,
         severity=ERROR,
@@ -65,7 +123,7 @@ def evaluate_schema(
         # History rows keep the registry of their day (a moved window, a retired variant): the
         # rules apply to the active rows.
         rows = rows.filter(rows.is_active)
-    return _schema_result(validation.validate(schema, rows), session.count(rows))
+    return schema_outcome(validation.validate(schema, rows), session.count(rows))
 
 
 def evaluate_unique_active_subject(session: WarehouseSession, experiment: Experiment) -> CheckOutcome:
@@ -118,14 +176,11 @@ def evaluate_multi_variant_share(session: WarehouseSession, experiment: Experime
     )
 
 
-def evaluate_sample_ratio(
-    session: WarehouseSession, experiment: Experiment, registry: Registry
+def sample_ratio_outcome(
+    srm: SrmResult, causes: list[SrmCause], experiment: Experiment, properties: Sequence[str]
 ) -> CheckOutcome:
-    analysable = analysable_assignments(session.partition("deduped_assignments", experiment.id))
-    counts = session.to_pandas(
-        assignment_counts(analysable, registry.sources.assignments.properties)
-    )
-    srm, causes = results.srm_of(counts, experiment)
+    """The SRM verdict of `results.srm_of` as a check: ERROR when the registry says an SRM blocks
+    the metrics, else WARN; the likely cause in the description."""
     severity = ERROR if experiment.srm.blocks_metrics else WARN
     observed = srm.observed
     metadata = {
@@ -161,7 +216,7 @@ def evaluate_sample_ratio(
         else:
             description += (
                 ". The imbalance is in every segment of "
-                f"{', '.join(registry.sources.assignments.properties) or 'the data'}: no single property "
+                f"{', '.join(properties) or 'the data'}: no single property "
                 "value explains it; look at assignment or exposure logging as a whole"
             )
             metadata["likely_cause"] = "none: imbalance in every segment"
@@ -170,7 +225,8 @@ def evaluate_sample_ratio(
     )
 
 
-def _rejected_share_result(rows: RowAccounting, bound: float, what: str) -> CheckOutcome:
+def rejected_share(rows: RowAccounting, bound: float, what: str) -> CheckOutcome:
+    """The share of a source's rows rejected (duplicates aside) against its bound."""
     by_reason = rows.rejected_by_reason
     rejected = sum(n for reason, n in by_reason.items() if reason not in HARMLESS_REJECTIONS)
     share = rejected / rows.read if rows.read else 0.0
@@ -193,50 +249,37 @@ def _rejected_by_reason(session: WarehouseSession, rejected_rows) -> RowAccounti
     return RowAccounting.of(counts)
 
 
-def evaluate_rejected_share(session: WarehouseSession, experiment: Experiment, registry: Registry) -> CheckOutcome:
-    rejected_rows = session.partition("rejected_rows", experiment.id)
-    rejected = _rejected_by_reason(session, rejected_rows.filter(rejected_rows.source == "assignments"))
-    rows = replace(rejected, ingested=session.count(session.partition("raw_assignments", experiment.id)))
-    return _rejected_share_result(rows, registry.sources.assignments.max_rejected_share, f"{experiment.id} exposure")
-
-
 def evaluate_source_rejected_share(session: WarehouseSession, registry: Registry, rows_read: int) -> CheckOutcome:
     """Share of the event log's rows rejected; `rows_read` is what source_audit read."""
     table = session.table("rejected_source_rows")
     rejected = _rejected_by_reason(session, table.filter(table.source == "events"))
     rows = replace(rejected, ingested=rows_read - rejected.rejected)
-    return _rejected_share_result(rows, registry.sources.events.max_rejected_share, "event")
+    return rejected_share(rows, registry.sources.events.max_rejected_share, "event")
 
 
-def evaluate_no_pre_assignment_events(session: WarehouseSession, experiment: Experiment) -> CheckOutcome:
-    events = session.partition("post_assignment_events", experiment.id)
-    # Against the current assignments, not only the assigned_at copied into the events: a
-    # correction that moved a subject's assignment later shows up here until events are rebuilt.
-    assignments = analysable_assignments(session.partition("deduped_assignments", experiment.id))
-    joined = events.join(
-        assignments.select("subject_id", current_assigned_at="assigned_at"), "subject_id", how="left"
-    )
-    leaked = joined.filter(
-        (joined.event_at < joined.assigned_at)
-        | joined.current_assigned_at.isnull()
-        | (joined.event_at < joined.current_assigned_at)
-    )
-    count = session.count(leaked)
-    sample = session.to_pandas(
+def leak_sample(leaked: ir.Table) -> ir.Table:
+    """A few of the leaked rows, for the check's metadata."""
+    return (
         leaked.select("subject_id", "assigned_at", "event_at", "event_name")
         .order_by("subject_id", "event_at")
         .limit(SAMPLE_SIZE)
     )
-    for column in ("assigned_at", "event_at"):
-        sample[column] = sample[column].astype(str)
+
+
+def leak_outcome(count: int, sample: pd.DataFrame | None) -> CheckOutcome:
+    """No pre-assignment leakage: `count` post-assignment rows (of the run's join against the
+    current assignments) happened before their subject's assignment."""
+    records = []
+    if sample is not None:
+        sample = sample.copy()
+        for column in ("assigned_at", "event_at"):
+            sample[column] = sample[column].astype(str)
+        records = sample.to_dict("records")
     return CheckOutcome(
         passed=count == 0,
         severity=ERROR,
-        description=None if count == 0 else (
-            f"{count} events happened before their subject's current assignment (or belong to no "
-            "analysable subject)"
-        ),
-        metadata={"leaked_events": count, "sample": sample.to_dict("records")},
+        description=None if count == 0 else f"{count} events happened before their subject's current assignment",
+        metadata={"leaked_events": count, "sample": records},
     )
 
 
@@ -268,26 +311,46 @@ def evaluate_rows_read(
     )
 
 
-def evaluate_metric_events_match_subjects(
-    session: WarehouseSession, experiment: Experiment, registry: Registry
+def metric_event_counts(
+    session: WarehouseSession, events: ir.Table, experiments: Sequence[tuple[Experiment, Sequence]]
+) -> pd.DataFrame:
+    """Per experiment and metric event name: the usable events logged in the span the experiment
+    can use (its pre-period before the start to the end plus the widest window). One query for
+    every experiment: a filtered count each."""
+    spans = {}
+    for i, (experiment, metrics) in enumerate(experiments):
+        lower = experiment.start_at - dt.timedelta(seconds=whole_seconds(experiment.cuped_pre_window_days))
+        inside = events.event_at >= lower
+        if experiment.end_at is not None and metrics:
+            widest = max(whole_seconds(m.window_end_days) for m in metrics)
+            inside &= events.event_at < experiment.end_at + dt.timedelta(seconds=widest)
+        spans[f"in_span_{i}"] = inside.cast("int64").sum()
+    wide = session.to_pandas(events.group_by("event_name").aggregate(**spans))
+    rows = []
+    for i, (experiment, metrics) in enumerate(experiments):
+        names = {m.event_name for m in metrics}
+        for record in wide.to_dict("records"):
+            count = record[f"in_span_{i}"]
+            if record["event_name"] in names and count and not pd.isna(count):
+                rows.append({"experiment_id": experiment.id, "event_name": record["event_name"], "rows": int(count)})
+    return pd.DataFrame(rows, columns=["experiment_id", "event_name", "rows"])
+
+
+def metric_events_outcome(
+    experiment: Experiment, registry: Registry, logged: pd.DataFrame, matched: pd.DataFrame
 ) -> CheckOutcome:
-    """Do the metrics' events find the experiment's subjects? Among the usable events of the
-    metrics' event names since the experiment started, the share whose subject is no analysable
-    subject of it. A high share means the two logs' ids do not line up (another id, another
-    format); an event name that never occurs means every subject gets 0 for its metrics."""
+    """Do the metrics' events find the experiment's subjects? `logged`: usable events per name in
+    the experiment's span (`metric_event_counts`); `matched`: those inside an analysable subject's
+    windows (the run's join). A high unmatched share means the two logs' ids do not line up
+    (another id, another format); an event name that never occurs means every subject gets 0 for
+    its metrics."""
     metrics = registry.metrics_of(experiment)
     names = sorted({m.event_name for m in metrics})
-    events = temporal_join.experiment_events(sources.usable_events(session, registry, experiment), experiment, metrics, 0)
-    subjects = analysable_assignments(session.partition("deduped_assignments", experiment.id))
-    subjects = subjects.select("subject_id").distinct().mutate(_assigned=True)
-    joined = events.left_join(subjects, "subject_id")
-    counts = session.to_pandas(
-        joined.group_by("event_name").aggregate(rows=joined.count(), matched=joined._assigned.notnull().sum())
-    )
-    by_name = {row.event_name: (int(row.rows), int(row.matched)) for row in counts.itertuples()}
+    in_windows = dict(zip(matched["event_name"], matched["matched"].astype(int), strict=True))
+    by_name = {r.event_name: (int(r.rows), in_windows.get(r.event_name, 0)) for r in logged.itertuples(index=False)}
     rows = sum(n for n, _ in by_name.values())
-    matched = sum(m for _, m in by_name.values())
-    share = 1 - matched / rows if rows else 0.0
+    matched_rows = sum(m for _, m in by_name.values())
+    share = 1 - matched_rows / rows if rows else 0.0
     never = [n for n in names if n not in by_name]
     bound = registry.sources.events.max_unmatched_share
     problems = []
@@ -295,21 +358,21 @@ def evaluate_metric_events_match_subjects(
         event_metrics = {n: [m.id for m in metrics if m.event_name == n] for n in never}
         problems.append(
             "no event named " + ", ".join(f"{n!r} (metrics {event_metrics[n]})" for n in never)
-            + " in the event log since the experiment started: every subject gets 0; check event_name"
+            + " in the event log in the experiment's span: every subject gets 0; check event_name"
         )
     if rows and share > bound:
         problems.append(
-            f"{share:.1%} of {rows} metric events since the start match no analysable subject (warn above "
-            f"{bound:.0%}): do the two logs use the same subject id? (sources.*.columns.subject_id)"
+            f"{share:.1%} of {rows} metric events in the experiment's span fall in no analysable subject's "
+            f"window (warn above {bound:.0%}): do the two logs use the same subject id? (sources.*.columns.subject_id)"
         )
     return CheckOutcome(
         passed=not problems,
         severity=WARN,
         description="; ".join(problems) if problems else (
-            f"{share:.1%} of {rows} metric events match no analysable subject (warn above {bound:.0%})"
+            f"{share:.1%} of {rows} metric events fall in no analysable subject's window (warn above {bound:.0%})"
         ),
         metadata={
-            "metric_events": rows, "matched_events": matched, "unmatched_share": share, "bound": bound,
+            "metric_events": rows, "matched_events": matched_rows, "unmatched_share": share, "bound": bound,
             "events_by_name": {n: {"rows": r, "matched": m} for n, (r, m) in by_name.items()},
             "event_names_never_logged": never,
         },

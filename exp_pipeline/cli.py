@@ -46,6 +46,7 @@ class RunOutcome:
 
 
 def _outcome(name: str, result) -> RunOutcome:
+    """A run of one job (no partitions): its failed and skipped steps, its failed checks."""
     outcome = RunOutcome(name=name, success=result.success)
     for event in result.all_events:
         if event.is_step_failure:
@@ -58,6 +59,37 @@ def _outcome(name: str, result) -> RunOutcome:
         if not e.passed
     ]
     return outcome
+
+
+def _experiment_outcomes(result, experiment_ids: list[str]) -> list[RunOutcome]:
+    """One analysis run over several experiments, per experiment: analysed when its variant_metrics
+    were written; a blocking check of its own can stop one experiment and not the others."""
+    from exp_pipeline.analysis import PASS_ASSETS
+    from exp_pipeline.checks import METRICS
+
+    run = _outcome("analysis", result)
+    written: dict[str, set[str]] = {}
+    if run.errors:
+        # The step failed: every experiment of the run failed with it (one error, said once).
+        return [run, *(RunOutcome(name=e, success=False) for e in experiment_ids)]
+    for event in result.all_events:
+        if event.is_step_materialization:
+            materialization = event.event_specific_data.materialization
+            written.setdefault(materialization.partition, set()).add(materialization.asset_key.to_user_string())
+    outcomes = []
+    for experiment_id in experiment_ids:
+        done = written.get(experiment_id, set())
+        outcome = RunOutcome(name=experiment_id, success=result.success and METRICS in done)
+        if result.success and METRICS not in done:
+            outcome.errors.append("stopped by its blocking check (see Failed checks); earlier results stay")
+            outcome.skipped = [a for a in PASS_ASSETS if a not in done]
+        outcome.failed_checks = [
+            (f"{e.asset_key.to_user_string()}.{e.check_name}", e.severity.value, e.description)
+            for e in result.get_asset_check_evaluations()
+            if not e.passed and e.partition == experiment_id
+        ]
+        outcomes.append(outcome)
+    return outcomes
 
 
 # Our own errors already say what is wrong and where: their class name adds nothing.
@@ -93,6 +125,7 @@ def run(experiment_ids: list[str] | None, users: int, seed: int) -> int:
 
     from exp_pipeline.definitions import defs
     from exp_pipeline.defs.instance import ensure_instance_config, instance_lock, prepare_instance, run_tags
+    from exp_pipeline.defs.partitions import experiment_partitions, run_over
     from exp_pipeline.registry import load_registry
     from exp_pipeline.reports import results_text
     from exp_pipeline.warehouse.resources import Warehouse
@@ -117,16 +150,16 @@ def run(experiment_ids: list[str] | None, users: int, seed: int) -> int:
             instance=instance, raise_on_error=False, run_config=QUIET_LOGS, tags=tags
         )
         outcomes.append(_outcome("refresh_registry", result))
-        job = defs.resolve_job_def("analyze_experiment")
-        for experiment_id in wanted:
-            print(f"analysing {experiment_id} ...", flush=True)
-            result = job.execute_in_process(
-                partition_key=experiment_id, instance=instance, raise_on_error=False, run_config=QUIET_LOGS,
-                tags=tags,
-            )
-            outcomes.append(_outcome(experiment_id, result))
+        # Every experiment in one run: one pass over the logs for all of them.
+        print(f"analysing {', '.join(wanted)} ...", flush=True)
+        range_tags, run_config = run_over(instance.get_dynamic_partitions(experiment_partitions.name), wanted)
+        result = defs.resolve_job_def("analyze_experiment").execute_in_process(
+            instance=instance, raise_on_error=False, run_config={**QUIET_LOGS, **run_config},
+            tags={**tags, **range_tags},
+        )
+        outcomes += _experiment_outcomes(result, wanted)
 
-    failed = [o.name for o in outcomes if not o.success]
+    failed = [o.name for o in outcomes if not o.success and o.name != "analysis"]
     # Results of a failed (or blocked) run would be the previous run's: they are not shown as fresh.
     fresh = [e for e in wanted if e not in failed]
     frame, set_aside = _fresh_results(warehouse, fresh)
@@ -206,7 +239,7 @@ def _print_summary(outcomes: list[RunOutcome], wanted: list[str]) -> None:
             print(f"  {name}: {error}")
     blocked = [(o.name, o.skipped) for o in outcomes if o.skipped]
     if blocked:
-        print("\nNot run (upstream failed or a blocking check failed):")
+        print("\nNot written (upstream failed or a blocking check failed):")
         for name, steps in blocked:
             print(f"  {name}: {', '.join(steps)}")
     failed_checks = [(o.name, *check) for o in outcomes for check in o.failed_checks]

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import datetime as dt
 import functools
-import hashlib
-import json
 import math
 import re
 from pathlib import Path
@@ -28,12 +26,6 @@ from pydantic import (
     model_validator,
 )
 
-# Bump when the temporal join's rules change: stored window events are then rebuilt in full.
-# 2: ids normalized (100000.0 is 100000), epoch timestamps read in their unit.
-WINDOW_EVENTS_LOGIC_VERSION = 2
-# Bump when per-subject metric values are computed differently: stored ones are then recomputed.
-# 2: each subject's fixed-point scale from its own values (was: the largest value of the event).
-SUBJECT_VALUES_LOGIC_VERSION = 2
 # Ids become partition keys, table filters and file names: keep them boring.
 SAFE_ID_PATTERN = re.compile(r"^[a-z][a-z0-9_]{0,63}$")
 
@@ -290,33 +282,6 @@ class Registry(_Strict):
     def metrics_of(self, experiment: Experiment) -> list[Metric]:
         return [self.metrics[m] for m in experiment.metrics]
 
-    def window_events_fingerprint(self, experiment: Experiment) -> str:
-        """What the window events of `experiment` depend on besides the data: when it changes, an
-        incremental refresh cannot build on the stored rows and recomputes them in full."""
-        relevant = {
-            "logic": WINDOW_EVENTS_LOGIC_VERSION,
-            "events_source": self.sources.events.model_dump(
-                exclude={"max_rejected_share", "late_arrival_days", "max_row_drop_share", "max_unmatched_share"}
-            ),
-            "start_at": experiment.start_at.isoformat(),
-            "end_at": experiment.end_at.isoformat() if experiment.end_at else None,
-            "pre_window_days": experiment.cuped_pre_window_days,
-            "metrics": [
-                [m.event_name, m.window_start_days, m.window_end_days] for m in self.metrics_of(experiment)
-            ],
-        }
-        return _digest(relevant)
-
-    def subject_values_fingerprint(self, experiment: Experiment) -> str:
-        """What stored per-subject metric values depend on besides the data: the window events'
-        definition and each metric's aggregation."""
-        relevant = {
-            "logic": SUBJECT_VALUES_LOGIC_VERSION,
-            "window_events": self.window_events_fingerprint(experiment),
-            "metrics": [[m.id, m.event_name, m.aggregation] for m in self.metrics_of(experiment)],
-        }
-        return _digest(relevant)
-
     def resolve_path(self, path: str) -> str:
         """Absolute path (or glob) of a source, kept inside the data root unless allowed.
 
@@ -414,11 +379,6 @@ def parse_registry(raw: dict, path: Path) -> Registry:
         raise RegistryError(_format_validation_error(path, exc, raw)) from None
     _cross_check(registry, path)
     return registry
-
-
-def _digest(relevant: dict) -> str:
-    """A short, stable fingerprint of what a stored result depends on."""
-    return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def load_registry(path: str | Path) -> Registry:

@@ -279,52 +279,31 @@ def dim_variants_schema(experiment: Experiment | None = None) -> pa.DataFrameSch
     )
 
 
-def window_events_state_schema(experiment: Experiment | None = None) -> pa.DataFrameSchema:
+def analysis_state_schema(experiment: Experiment | None = None) -> pa.DataFrameSchema:
     return pa.DataFrameSchema(
         {
             "experiment_id": _experiment_column(experiment),
-            "fingerprint": _column(STRING, "digest of the registry definitions the events were joined with"),
-            "events_through": _column(UTC_TIMESTAMP, "newest event processed (never later than the refresh)", nullable=True),
-            "assignments_as_of": _column(UTC_TIMESTAMP, "newest valid_from of the assignments joined", nullable=True),
-            "refreshed_at": _column(UTC_TIMESTAMP, "when the refresh ran"),
-            "mode": _column(STRING, "full or incremental", pa.Check.isin(["full", "incremental"])),
-            "refreshed_from": _column(UTC_TIMESTAMP, "incremental: the cutoff it rewrote events from", nullable=True),
-            "previous_refreshed_at": _column(UTC_TIMESTAMP, "incremental: the refresh it built on", nullable=True),
-            "event_rows_read": _column(INT64, "rows of the event log when it ran (null before this was kept)", nullable=True),
+            "analysed_at": _column(UTC_TIMESTAMP, "when its variant_metrics were last written"),
+            "event_rows_read": _column(INT64, "rows of the event log then (an empty log later is not taken as the truth)"),
         },
         strict=True,
-        name="window_events_state",
+        name="analysis_state",
     )
 
 
-def subject_metric_values_schema(experiment: Experiment | None = None) -> pa.DataFrameSchema:
+def metric_windows_schema(experiment: Experiment | None = None) -> pa.DataFrameSchema:
     return pa.DataFrameSchema(
         {
-            "experiment_id": _experiment_column(experiment),
-            "subject_id": _column(STRING, "analysable subject"),
-            "variant_id": _column(STRING, "the subject's variant", _variants(experiment)),
-            "metric": _column(STRING, "metric id"),
-            "value": _column(FLOAT64, "the subject's metric value before capping (0 without events)"),
-            "period": _column(STRING, "post: the metric; pre: its CUPED covariate", pa.Check.isin(["post", "pre"])),
+            "experiment_id": _column(STRING, "experiment of the registry"),
+            "metric": _column(STRING, "one of its metrics"),
+            "event_name": _column(STRING, "the event the metric counts"),
+            "aggregation": _column(STRING, "sum, count or conversion", pa.Check.isin(list(AGGREGATIONS))),
+            "start_seconds": _column(INT64, "window start after assignment, seconds", pa.Check.ge(0)),
+            "end_seconds": _column(INT64, "window end after assignment (exclusive), seconds"),
+            "pre_seconds": _column(INT64, "the experiment's CUPED pre-period before assignment, seconds", pa.Check.ge(0)),
         },
         strict=True,
-        name="subject_metric_values",
-    )
-
-
-def subject_metric_values_state_schema(experiment: Experiment | None = None) -> pa.DataFrameSchema:
-    return pa.DataFrameSchema(
-        {
-            "experiment_id": _experiment_column(experiment),
-            "fingerprint": _column(STRING, "digest of the metric definitions the values were computed with"),
-            "events_refreshed_at": _column(UTC_TIMESTAMP, "the window-events refresh they read", nullable=True),
-            "events_assignments_as_of": _column(UTC_TIMESTAMP, "the assignments that refresh had seen", nullable=True),
-            "assignments_as_of": _column(UTC_TIMESTAMP, "newest valid_from of the assignments they read", nullable=True),
-            "computed_at": _column(UTC_TIMESTAMP, "when they were computed"),
-            "mode": _column(STRING, "full or incremental", pa.Check.isin(["full", "incremental"])),
-        },
-        strict=True,
-        name="subject_metric_values_state",
+        name="metric_windows",
     )
 
 
@@ -392,19 +371,16 @@ TABLES = {
         Table("deduped_assignments", "experiment x subject (unique among is_active rows)",
               "first exposure per subject, properties frozen at it, exclusions, correction history",
               deduped_assignments_schema),
+        Table("metric_windows", "experiment x metric",
+              "the registry's metric windows and pre-periods, which the two event views join with",
+              metric_windows_schema, per_experiment=False),
         Table("post_assignment_events", "event x experiment",
-              "events of analysable subjects inside the widest window of a metric on that event",
+              "a view: events of analysable subjects inside the widest window of a metric on that event",
               post_assignment_events_schema),
         Table("pre_assignment_events", "event x experiment",
-              "events in the CUPED covariate period before assignment", pre_assignment_events_schema),
-        Table("window_events_state", "experiment",
-              "what the last refresh of the two event tables saw (for the incremental refresh)",
-              window_events_state_schema),
-        Table("subject_metric_values", "experiment x subject x metric x period",
-              "each analysable subject's metric value and CUPED covariate before capping",
-              subject_metric_values_schema),
-        Table("subject_metric_values_state", "experiment", "what the stored per-subject values rest on",
-              subject_metric_values_state_schema),
+              "a view: events in the CUPED covariate period before assignment", pre_assignment_events_schema),
+        Table("analysis_state", "experiment", "when the experiment was last analysed, on how many event rows",
+              analysis_state_schema),
         Table("variant_metrics", "experiment x variant x metric",
               "sufficient statistics, lifts with intervals and p-values, CUPED, Holm, the SRM verdict",
               variant_metrics_schema),

@@ -168,6 +168,39 @@ def passes_in_one_query(schema: pa.DataFrameSchema, table: ir.Table) -> bool:
     return True
 
 
+def validate_partitions(
+    schemas: dict[str, pa.DataFrameSchema], table: ir.Table, key: str = "experiment_id"
+) -> dict[str, ValidationOutcome]:
+    """Each partition's rows of `table` (by column `key`) against its own schema: the verdicts of
+    every partition decided in ONE aggregate query; pandera validates, partition by partition,
+    only those not shown to pass."""
+    _bound_what_failures_fetch()
+    aggregates, batched = {"rows": table.count()}, {}
+    for i, (partition, schema) in enumerate(schemas.items()):
+        try:
+            with config_context(validation_depth=ValidationDepth.SCHEMA_ONLY):
+                schema.validate(table, lazy=True)
+        except SchemaErrors:
+            continue
+        verdicts = _data_verdicts(schema, table)
+        if verdicts is None or schema.unique:
+            continue
+        outside = table[key] != partition
+        batched[partition] = [f"p{i}_{j}" for j in range(len(verdicts))]
+        aggregates.update({name: (outside | v).all() for name, v in zip(batched[partition], verdicts, strict=True)})
+    row = table.aggregate(**aggregates).to_pyarrow().to_pylist()[0]
+    # Over no rows every check passes (pandera reads all()'s NULL over nothing as a failure).
+    empty = row["rows"] == 0
+    outcomes = {}
+    for partition, schema in schemas.items():
+        names = batched.get(partition)
+        if names is not None and (empty or all(row[name] is True for name in names)):
+            outcomes[partition] = ValidationOutcome(passed=True, failures=[])
+        else:
+            outcomes[partition] = validate(schema, table.filter(table[key] == partition))
+    return outcomes
+
+
 def _pandera_outcome(schema: pa.DataFrameSchema, table: ir.Table) -> ValidationOutcome:
     try:
         schema.validate(table, lazy=True)

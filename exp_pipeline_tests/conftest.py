@@ -14,11 +14,11 @@ import pytest
 from dagster import DagsterInstance
 from dagster_duckdb import DuckDBResource
 
-from exp_pipeline.analysis import sum_bounds
 from exp_pipeline.defs.resources import RegistryResource
 from exp_pipeline.sample_data import generate
 from exp_pipeline.settings import DEFAULT_REGISTRY, spark_config
-from exp_pipeline.transforms.fixed_point import SumBound
+from exp_pipeline.transforms.fixed_point import SumBound, read_bounds, value_bounds
+from exp_pipeline.transforms.subject_values import VALUE_KEY
 from exp_pipeline.warehouse.duckdb_engine import DuckDBWarehouseSession
 from exp_pipeline.warehouse.resources import DuckDBWarehouse, SparkWarehouse, Warehouse
 
@@ -124,8 +124,9 @@ class EngineTables:
         self.tables[name] = self.session.temp_table(name, expr)
         return self.tables[name]
 
-    def bounds(self, table: ibis.Table, by: str = "metric") -> dict[str, SumBound]:
-        return sum_bounds(self.session, table, by)
+    def bounds(self, table: ibis.Table, by=VALUE_KEY) -> dict[tuple, SumBound]:
+        """The fixed-point bounds of a values table per group of `by` (a small query)."""
+        return read_bounds(self.session.to_pandas(value_bounds(table, by)), by)
 
     def table(self, name: str) -> ibis.Table:
         return self.tables[name]

@@ -5,7 +5,8 @@ import datetime as dt
 import pandas as pd
 
 from exp_pipeline.registry import Experiment, Metric
-from exp_pipeline.transforms.temporal_join import join_window_events, post_assignment_rows
+from exp_pipeline.transforms.subject_values import subject_metric_values
+from exp_pipeline.transforms.temporal_join import metric_windows_frame, post_assignment_rows, window_rows
 
 UTC = dt.UTC
 START = dt.datetime(2026, 10, 1, tzinfo=UTC)
@@ -58,6 +59,23 @@ def events_table(con, rows):
     return con.create_table("events", frame, overwrite=True)
 
 
-def post_rows(assignments, events, metrics):
+def windows_table(con, metrics, pre_window_days: float = 0):
+    """The metric_windows table of experiment `exp` with these metrics."""
+    exp = experiment(metrics=[m.id for m in metrics], cuped_pre_window_days=pre_window_days)
+    return con.create_table("windows", metric_windows_frame([(exp, metrics)]))
+
+
+def window(con, assignments, events, metrics, pre_window_days: float = 0):
+    """The temporal join of experiment `exp` (both periods)."""
+    return window_rows(assignments, events, windows_table(con, metrics, pre_window_days))
+
+
+def post_rows(con, assignments, events, metrics):
     """post_assignment_events as the pipeline builds it: the window join, post-assignment half."""
-    return post_assignment_rows(join_window_events(assignments, events, metrics, 0))
+    return post_assignment_rows(window(con, assignments, events, metrics))
+
+
+def values_of(con, assignments, events, metrics, pre_window_days: float = 0):
+    """Per-subject values of experiment `exp`, both periods, as the pass computes them."""
+    rows = window(con, assignments, events, metrics, pre_window_days)
+    return subject_metric_values(assignments, rows, windows_table(con, metrics, pre_window_days))

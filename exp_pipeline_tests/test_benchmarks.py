@@ -29,5 +29,5 @@ def test_the_benchmark_runs_and_every_implementation_matches_the_pipeline(tmp_pa
     assert "MISMATCH" not in report and "FAILED" not in report
     for name in ("pipeline_spark", "one_pass", "one_pass_keep_duplicates", "table_design", "pandas"):
         assert f"- {name} = pipeline: all 35 (experiment, variant, metric) rows" in report, name
-    assert "modes: refresh incremental, full full" in report
-    assert "## Pipeline per asset" in report and "peak RSS MiB" in report
+    assert "bit-identical in every run" in report and "## Daily refresh" in report
+    assert "## Pipeline: one run, one pass, 5 experiments" in report and "| temporal join |" in report

@@ -7,8 +7,10 @@ import pandas as pd
 import pytest
 import yaml
 
-from exp_pipeline import checks, schemas
+from exp_pipeline import checks, results, schemas
 from exp_pipeline.registry import parse_registry
+from exp_pipeline.transforms.assignments import analysable_assignments, assignment_counts
+from exp_pipeline.transforms.ingestion import RowAccounting
 from exp_pipeline.warehouse.duckdb_engine import DuckDBWarehouseSession
 from exp_pipeline_tests.conftest import TINY_REGISTRY
 
@@ -71,10 +73,18 @@ def test_a_subject_active_twice_is_named(session, registry):
     ]
 
 
+def sample_ratio(session, experiment, registry):
+    """The SRM check of exp_a as the pass evaluates it, from the stored assignments."""
+    analysable = analysable_assignments(session.partition("deduped_assignments", experiment.id))
+    counts = session.to_pandas(assignment_counts(analysable, registry.sources.assignments.properties))
+    srm, causes = results.srm_of(counts, experiment)
+    return checks.sample_ratio_outcome(srm, causes, experiment, registry.sources.assignments.properties)
+
+
 def test_sample_ratio_is_judged_only_from_the_minimum_count_and_names_the_cause(session, registry):
     experiment = registry.experiment("exp_a")
     write_assignments(session, {"control": 60, "treatment": 20})
-    small = checks.evaluate_sample_ratio(session, experiment, registry)
+    small = sample_ratio(session, experiment, registry)
     assert small.passed and small.metadata["verdict"] == "not judged"
     # Treatment lost its android subjects (every third is on android).
     device = ("ios", "android", "web")
@@ -82,23 +92,14 @@ def test_sample_ratio_is_judged_only_from_the_minimum_count_and_names_the_cause(
     rows = session.to_pandas(session.table("deduped_assignments"))
     kept = rows[~((rows.variant_id == "treatment") & (rows.device_type == "android"))]
     replace_assignments(session, kept)
-    flagged = checks.evaluate_sample_ratio(session, experiment, registry)
+    flagged = sample_ratio(session, experiment, registry)
     assert not flagged.passed and flagged.severity == "WARN" and flagged.metadata["verdict"] == "SRM"
     assert flagged.metadata["likely_cause"] == "device_type = android"
 
 
-def test_the_rejected_share_counts_every_row_read_and_leaves_duplicates_aside(session, registry):
-    experiment = registry.experiment("exp_a")
-    raw = pd.DataFrame({
-        "experiment_id": "exp_a", "subject_id": [f"s{i}" for i in range(96)], "variant_id": "control",
-        "assigned_at": ASSIGNED, "device_type": "ios", "source_file": "f.parquet",
-    })
-    rejected = pd.DataFrame({
-        "experiment_id": "exp_a", "source": "assignments", "source_file": "f.parquet",
-        "reason": ["duplicate_row", "duplicate_row", "missing_subject_id", "unknown_variant"], "record": "x",
-    })
-    session.replace_partitions("exp_a", {"raw_assignments": raw, "rejected_rows": rejected})
-    outcome = checks.evaluate_rejected_share(session, experiment, registry)
+def test_the_rejected_share_counts_every_row_read_and_leaves_duplicates_aside(registry):
+    rows = RowAccounting(ingested=96, rejected_by_reason={"duplicate_row": 2, "missing_subject_id": 1, "unknown_variant": 1})
+    outcome = checks.rejected_share(rows, registry.sources.assignments.max_rejected_share, "exp_a exposure")
     assert outcome.metadata["rows_read"] == 100 and outcome.metadata["rows_rejected"] == 2
     assert outcome.metadata["rejected_share"] == pytest.approx(0.02)
     assert not outcome.passed and outcome.severity == "ERROR"  # above the default bound of 1%

@@ -46,11 +46,11 @@ def test_variant_metrics_columns_keep_their_order():
 def test_the_dagster_column_schemas_are_the_tables_columns():
     shown = {
         "dim_experiments": assets.dim_experiments, "dim_variants": assets.dim_variants,
-        "rejected_source_rows": assets.source_audit, "raw_assignments": assets.raw_assignments,
-        "deduped_assignments": assets.deduped_assignments, "variant_metrics": assets.variant_metrics,
+        "rejected_source_rows": assets.source_audit,
     }
-    specs = {spec.key.path[-1]: spec for spec in assets.window_events.specs}
-    for table in ("post_assignment_events", "pre_assignment_events"):
+    specs = {spec.key.path[-1]: spec for spec in assets.experiment_analysis.specs}
+    for table in ("raw_assignments", "deduped_assignments", "post_assignment_events", "pre_assignment_events",
+                  "variant_metrics"):
         shown[table] = specs[table]
     for table, asset in shown.items():
         spec = asset if not hasattr(asset, "specs") else next(iter(asset.specs))
@@ -83,8 +83,7 @@ def test_a_schema_without_an_experiment_keeps_the_checks_that_hold_for_every_one
 
 
 @pytest.mark.parametrize(
-    "name", ["raw_assignments", "deduped_assignments", "post_assignment_events", "pre_assignment_events",
-             "subject_metric_values"],
+    "name", ["raw_assignments", "deduped_assignments", "post_assignment_events", "pre_assignment_events"],
 )
 def test_a_property_cannot_take_the_name_of_a_column_the_pipeline_adds(name):
     from exp_pipeline.registry import ASSIGNMENT_COLUMNS, RESERVED_COLUMN_NAMES

@@ -23,7 +23,7 @@ from exp_pipeline import alerts
 from exp_pipeline.defs.assets import ANALYSIS_ASSETS, REGISTRY_ASSETS
 from exp_pipeline.defs.check_history import failed_check_executions
 from exp_pipeline.defs.checks import CHECK_KEYS
-from exp_pipeline.defs.partitions import experiment_partitions
+from exp_pipeline.defs.partitions import experiment_partitions, run_over
 from exp_pipeline.defs.resources import RegistryResource
 from exp_pipeline.registry import Experiment, Registry
 from exp_pipeline.warehouse.resources import Warehouse
@@ -31,7 +31,9 @@ from exp_pipeline.warehouse.resources import Warehouse
 analyze_experiment_job = define_asset_job(
     "analyze_experiment",
     selection=AssetSelection.assets(*ANALYSIS_ASSETS),
-    description="Ingest, dedupe, join and analyse one experiment (one partition).",
+    description=(
+        "Ingest, dedupe, join and analyse experiments: one partition, or a range of them in one pass."
+    ),
 )
 
 refresh_registry_job = define_asset_job(
@@ -63,13 +65,15 @@ def register_new_experiments(
     if not new_ids:
         return SensorResult(skip_reason="no new experiments in the registry")
     context.log.info(f"registering new experiments: {new_ids}")
+    # Added after the known partitions, so the new ones are one range: one run analyses them all.
+    tags, run_config = run_over([*context.instance.get_dynamic_partitions(experiment_partitions.name), *new_ids], new_ids)
     return SensorResult(
         dynamic_partitions_requests=[experiment_partitions.build_add_request(new_ids)],
         run_requests=[
             RunRequest(job_name=refresh_registry_job.name, run_key=f"registry-{'-'.join(new_ids)}"),
-            *(
-                RunRequest(job_name=analyze_experiment_job.name, partition_key=e, run_key=f"register-{e}")
-                for e in new_ids
+            RunRequest(
+                job_name=analyze_experiment_job.name, run_key=f"register-{'-'.join(new_ids)}", tags=tags,
+                run_config=run_config,
             ),
         ],
     )
@@ -102,16 +106,16 @@ def experiments_to_refresh(registry: Registry, known_partitions: set[str], now: 
     cron_schedule="0 6 * * *",
     execution_timezone="UTC",
     default_status=DefaultScheduleStatus.RUNNING,
-    description="Every day at 06:00 UTC: one run per experiment whose analysis window is open.",
+    description="Every day at 06:00 UTC: one run, one pass, for every experiment whose analysis window is open.",
 )
 def daily_experiment_refresh(context: ScheduleEvaluationContext, registry: RegistryResource):
     now = context.scheduled_execution_time or dt.datetime.now(dt.UTC)
-    known = set(context.instance.get_dynamic_partitions(experiment_partitions.name))
-    ids = experiments_to_refresh(registry.load(), known, now)
+    known = context.instance.get_dynamic_partitions(experiment_partitions.name)
+    ids = experiments_to_refresh(registry.load(), set(known), now)
     if not ids:
         return SkipReason("no experiment has an open analysis window")
-    day = now.strftime("%Y-%m-%d")
-    return [RunRequest(partition_key=e, run_key=f"daily-{day}-{e}") for e in ids]
+    tags, run_config = run_over(known, ids)
+    return RunRequest(run_key=f"daily-{now.strftime('%Y-%m-%d')}", tags=tags, run_config=run_config)
 
 
 # -- alerts ----------------------------------------------------------------------------------------

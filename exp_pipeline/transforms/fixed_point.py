@@ -70,15 +70,15 @@ def with_own_scale(table: ir.Table, term: ir.NumericColumn, group_by: Sequence[s
     })
 
 
-def value_bounds(table: ir.Table, by: str) -> ir.Table:
-    """Per value of column `by`: the rows and the largest |value| (null when no value)."""
-    return table.group_by(by).aggregate(rows=table.count(), max_abs=table.value.abs().max())
+def value_bounds(table: ir.Table, by: Sequence[str]) -> ir.Table:
+    """Per group of the `by` columns: the rows and the largest |value| (null when no value)."""
+    return table.group_by(*by).aggregate(rows=table.count(), max_abs=table.value.abs().max())
 
 
-def read_bounds(frame: pd.DataFrame, by: str) -> dict[str, SumBound]:
-    """`value_bounds` rows as {key: SumBound}."""
+def read_bounds(frame: pd.DataFrame, by: Sequence[str]) -> dict[tuple, SumBound]:
+    """`value_bounds` rows as {(key values...): SumBound}."""
     return {
-        row[by]: SumBound(int(row["rows"]), 0.0 if pd.isna(row["max_abs"]) else float(row["max_abs"]))
+        tuple(row[c] for c in by): SumBound(int(row["rows"]), 0.0 if pd.isna(row["max_abs"]) else float(row["max_abs"]))
         for _, row in frame.iterrows()
     }
 
@@ -99,8 +99,12 @@ def fixed_point_sum(table: ir.Table, term: ir.NumericColumn, name: str) -> ir.Nu
 
 
 def scales_table(rows: Sequence[dict], terms: Sequence[str]) -> ir.Table:
-    """Small in-engine table: per metric, the `scale_columns` of each term (nulls as nulls)."""
-    schema = {"metric": "string", **{f"{term}_{part}": "float64" for term in terms for part in _SCALE_PARTS}}
+    """Small in-engine table: per experiment and metric, the `scale_columns` of each term (nulls
+    as nulls)."""
+    schema = {
+        "experiment_id": "string", "metric": "string",
+        **{f"{term}_{part}": "float64" for term in terms for part in _SCALE_PARTS},
+    }
     frame = pd.DataFrame(list(rows), columns=list(schema))
     return ibis.memtable(frame.astype(object).where(frame.notna(), None), schema=schema)
 

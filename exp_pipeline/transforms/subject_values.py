@@ -6,6 +6,7 @@ from collections.abc import Sequence
 
 import ibis
 import ibis.expr.types as ir
+import pandas as pd
 
 from exp_pipeline.registry import Metric
 from exp_pipeline.transforms.fixed_point import (
@@ -15,103 +16,99 @@ from exp_pipeline.transforms.fixed_point import (
     scales_table,
     with_own_scale,
 )
-from exp_pipeline.transforms.temporal_join import metric_windows
 
 
-def subject_metric_values(
-    assignments: ir.Table,
-    events: ir.Table,
-    metrics: Sequence[Metric],
-    *,
-    apply_metric_windows: bool = True,
-) -> ir.Table:
-    """Per (subject, metric) value; subjects without events count as zero.
+def subject_metric_values(assignments: ir.Table, rows: ir.Table, windows: ir.Table) -> ir.Table:
+    """Per (experiment, subject, metric, period) value, for every experiment in `windows` at once;
+    subjects without events count as zero.
 
-    For post-assignment events each metric's own window applies. Pre-assignment events (the CUPED
-    covariate) are already cut to the pre window: pass `apply_metric_windows=False`. Each subject's
-    sum has its own fixed-point scale (`with_own_scale`). Capping is applied separately
-    (`cap_subject_values`).
+    `rows` are `window_rows` (deduplicated events inside the windows); `windows` the
+    `metric_windows_frame` table. Period `post`: the metric's own window after assignment;
+    `pre` (only where the experiment has a pre-period): the CUPED covariate, every event of the
+    metric's name in the pre-period. Each subject's sum has its own fixed-point scale
+    (`with_own_scale`). Capping is applied separately (`cap_subject_values`).
     """
-    windows = metric_windows(metrics)
-    matched = events.join(windows, "event_name")
-    if apply_metric_windows:
-        matched = matched.filter(
-            matched.event_at >= matched.assigned_at + matched.start_seconds.as_interval("s"),
-            matched.event_at < matched.assigned_at + matched.end_seconds.as_interval("s"),
-        )
+    matched = rows.join(windows, ["experiment_id", "event_name"])
+    post = (matched.event_at >= matched.assigned_at + matched.start_seconds.as_interval("s")) & (
+        matched.event_at < matched.assigned_at + matched.end_seconds.as_interval("s")
+    )
+    pre = matched.event_at < matched.assigned_at
+    matched = matched.mutate(period=ibis.cases((post, "post"), (pre, "pre"), else_=ibis.null("string")))
+    matched = matched.filter(matched.period.notnull())
     # Only sum metrics use the values: the others skip the fixed-point conversion (null terms).
     matched = matched.mutate(
         _term=ibis.ifelse(matched.aggregation == "sum", matched.value.fill_null(0.0), ibis.null("float64"))
     )
-    matched = with_own_scale(matched, matched._term, ["experiment_id", "subject_id", "metric"], "value")
-    summed = matched._term
-    per_subject = matched.group_by("experiment_id", "subject_id", "metric").aggregate(
-        sum_value=fixed_point_sum(matched, summed, "value"),
+    key = ["experiment_id", "subject_id", "metric", "period"]
+    matched = with_own_scale(matched, matched._term, key, "value")
+    per_subject = matched.group_by(*key).aggregate(
+        sum_value=fixed_point_sum(matched, matched._term, "value"),
         n_events=matched.count(),
     )
 
-    subjects = assignments.select("experiment_id", "subject_id", "variant_id")
-    grid = subjects.cross_join(windows.select("metric", "aggregation"))
-    valued = grid.left_join(per_subject, ["experiment_id", "subject_id", "metric"])
+    periods = ibis.memtable(pd.DataFrame({"period": ["post", "pre"]}))
+    grid = assignments.select("experiment_id", "subject_id", "variant_id").join(
+        windows.select("experiment_id", "metric", "aggregation", "pre_seconds"), "experiment_id"
+    ).cross_join(periods)
+    grid = grid.filter((grid.period == "post") | (grid.pre_seconds > 0))
+    valued = grid.left_join(per_subject, key)
     n_events = valued.n_events.fill_null(0)
     value = ibis.cases(
         (valued.aggregation == "sum", valued.sum_value.fill_null(0.0)),
         (valued.aggregation == "count", n_events.cast("float64")),
         else_=ibis.ifelse(n_events > 0, 1.0, 0.0),
     )
-    return valued.select("experiment_id", "subject_id", "variant_id", "metric", value=value)
+    return valued.select("experiment_id", "subject_id", "variant_id", "metric", "period", value=value)
 
 
 def cap_subject_values(values: ir.Table, metrics: Sequence[Metric]) -> ir.Table:
-    """Winsorize per-subject values at each capped metric's percentile of its non-zero values."""
-    capped = [m for m in metrics if m.cap_percentile is not None]
-    if not capped:
+    """Winsorize per-subject values at each capped metric's percentile of its non-zero values,
+    per experiment (and per period: the covariate has its own cap)."""
+    by_percentile: dict[float, list[str]] = {}
+    for metric in metrics:
+        if metric.cap_percentile is not None:
+            by_percentile.setdefault(metric.cap_percentile, []).append(metric.id)
+    if not by_percentile:
         return values
+    key = ["experiment_id", "metric", "period"]
     caps = []
-    for metric in capped:
+    for percentile, ids in sorted(by_percentile.items()):
         # The percentile of the non-zero values (GrowthBook's "ignore zeros"): with few converters
         # a percentile over everyone is 0 and would cap every value to nothing.
-        of_metric = values.filter((values.metric == metric.id) & (values.value != 0))
-        caps.append(
-            of_metric.aggregate(cap=of_metric.value.quantile(metric.cap_percentile)).mutate(
-                metric=ibis.literal(metric.id)
-            )
-        )
+        of_metrics = values.filter(values.metric.isin(ids) & (values.value != 0))
+        caps.append(of_metrics.group_by(*key).aggregate(cap=of_metrics.value.quantile(percentile)))
     caps = ibis.union(*caps, distinct=False) if len(caps) > 1 else caps[0]
-    joined = values.left_join(caps, "metric")
-    value = ibis.ifelse(
-        joined.cap.notnull() & (joined.value > joined.cap), joined.cap, joined.value
-    )
-    return joined.select("experiment_id", "subject_id", "variant_id", "metric", value=value)
+    joined = values.left_join(caps, key)
+    value = ibis.ifelse(joined.cap.notnull() & (joined.value > joined.cap), joined.cap, joined.value)
+    return joined.select("experiment_id", "subject_id", "variant_id", "metric", "period", value=value)
 
 
-def sufficient_statistics(
-    post_values: ir.Table,
-    pre_values: ir.Table | None,
-    y_bounds: dict[str, SumBound],
-    x_bounds: dict[str, SumBound] | None,
-) -> ir.Table:
-    """Per (experiment, variant, metric): n, sums and cross products of y and its covariate x.
+VALUE_KEY = ("experiment_id", "metric", "period")
 
-    `y_bounds` and `x_bounds` bound the post and pre values per metric (`value_bounds`). This small
-    table is all that leaves the engine for inference.
+
+def sufficient_statistics(values: ir.Table, bounds: dict[tuple, SumBound]) -> ir.Table:
+    """Per (experiment, variant, metric): n, sums and cross products of y (the post value) and its
+    covariate x (the pre value, 0 without a pre-period).
+
+    `bounds` bound the values per (experiment, metric, period) (`value_bounds(values, VALUE_KEY)`).
+    This small table is all that leaves the engine for inference.
     """
-    if pre_values is None:
-        joined = post_values.mutate(x=ibis.literal(0.0))
-    else:
-        joined = post_values.join(
-            pre_values.select("experiment_id", "subject_id", "metric", x="value"),
-            ["experiment_id", "subject_id", "metric"],
-            how="left",
-        )
-        joined = joined.mutate(x=joined.x.fill_null(0.0))
+    key = ["experiment_id", "subject_id", "metric"]
+    post = values.filter(values.period == "post")
+    pre = values.filter(values.period == "pre")
+    joined = post.join(pre.select(*key, x="value"), key, how="left")
+    joined = joined.mutate(x=joined.x.fill_null(0.0))
     scale_rows = []
-    for metric, y_bound in y_bounds.items():
-        # Each metric its own scale: a small metric is not rounded on a large one's grid. A group's
+    for (experiment_id, metric, period), y_bound in bounds.items():
+        if period != "post":
+            continue
+        # Each experiment's metric its own scale: a small metric is not rounded on a large one's
+        # grid, and an experiment's sums do not depend on which others share its run. A group's
         # terms are its metric's post rows, at most y_bound.rows of them.
         rows, max_y = y_bound.rows, y_bound.max_abs
-        max_x = (x_bounds or {}).get(metric, NO_TERMS).max_abs
+        max_x = bounds.get((experiment_id, metric, "pre"), NO_TERMS).max_abs
         scale_rows.append({
+            "experiment_id": experiment_id,
             "metric": metric,
             **y_bound.scale_columns("y"),
             **SumBound(rows, max_y * max_y).scale_columns("y2"),
@@ -119,7 +116,7 @@ def sufficient_statistics(
             **SumBound(rows, max_x * max_x).scale_columns("x2"),
             **SumBound(rows, max_x * max_y).scale_columns("xy"),
         })
-    joined = joined.join(scales_table(scale_rows, ["y", "y2", "x", "x2", "xy"]), "metric")
+    joined = joined.join(scales_table(scale_rows, ["y", "y2", "x", "x2", "xy"]), ["experiment_id", "metric"])
     y = joined.value.cast("float64")
     x = joined.x.cast("float64")
     return joined.group_by("experiment_id", "variant_id", "metric").aggregate(
@@ -130,5 +127,3 @@ def sufficient_statistics(
         sum_x2=fixed_point_sum(joined, x * x, "x2"),
         sum_xy=fixed_point_sum(joined, x * y, "xy"),
     )
-
-

@@ -69,15 +69,30 @@ class DuckDBWarehouseSession(WarehouseSession):
         database, _, table_name = qualified_name.rpartition(".")
         return self.ibis.table(table_name, database=database or None)
 
-    def _read_parquet(self, files: list[str], description: str) -> ir.Table:
+    def _read_parquet(self, files: list[str], description: str, persist_as: str | None = None) -> ir.Table:
         for path in files:
             self._probe(path, "parquet", description)
+        if persist_as:
+            return _with_source_file(self._files_view(persist_as, "read_parquet", files, {"union_by_name": True}))
         return _with_source_file(self.ibis.read_parquet(files, filename=FILE_COLUMN, union_by_name=True))
 
-    def _read_csv(self, files: list[str], description: str) -> ir.Table:
+    def _read_csv(self, files: list[str], description: str, persist_as: str | None = None) -> ir.Table:
         for path in files:
             self._probe(path, "csv", description)
+        if persist_as:
+            return _with_source_file(self._files_view(persist_as, "read_csv", files, CSV_OPTIONS))
         return _with_source_file(self.ibis.read_csv(files, filename=FILE_COLUMN, **CSV_OPTIONS))
+
+    def _files_view(self, name: str, reader: str, files: list[str], options: dict) -> ir.Table:
+        """A view in the warehouse schema reading exactly these files (what ibis' read_* would
+        register as a temporary view, which a stored view could not refer to)."""
+        paths = ", ".join("'" + path.replace("'", "''") + "'" for path in files)
+        settings = ", ".join(f"{key} = {str(value).lower()}" for key, value in options.items())
+        self.raw.execute(
+            f"CREATE OR REPLACE VIEW {_quote(self.schema)}.{_quote(name)} AS SELECT * FROM "
+            f"{reader}([{paths}], {settings}, filename = '{FILE_COLUMN}')"
+        )
+        return self.ibis.table(name, database=self.schema)
 
     def temp_table(self, name: str, expr: ir.Table) -> ir.Table:
         return self.ibis.create_table(name, expr, temp=True, overwrite=True)
@@ -206,6 +221,21 @@ class DuckDBWarehouseSession(WarehouseSession):
                 self.raw.execute(f"DROP TABLE {_quote(self.schema)}.{_quote(name)}")
             self.ibis.create_table(name, expr, database=self.schema)
         return self.count(self.table(name))
+
+
+    def publish_view(self, name: str, expr: ir.Table) -> None:
+        """CREATE OR REPLACE VIEW, in one transaction with dropping a table of that name (the
+        event tables of warehouses written before they became views)."""
+        sql = self.ibis.compile(expr)
+        qualified = f"{_quote(self.schema)}.{_quote(name)}"
+        kind = self.raw.execute(
+            "SELECT table_type FROM information_schema.tables WHERE table_schema = ? AND table_name = ?",
+            [self.schema, name],
+        ).fetchone()
+        with self._transaction():
+            if kind is not None and kind[0] != "VIEW":
+                self.raw.execute(f"DROP TABLE {qualified}")
+            self.raw.execute(f"CREATE OR REPLACE VIEW {qualified} AS {sql}")
 
 
 class WarehouseBusy(RuntimeError):

@@ -82,11 +82,14 @@ class WarehouseSession(ABC):
         return table.filter(table.experiment_id == experiment_id)
 
     def read_source(
-        self, source: Source, resolved_path: str | None, description: str, root: Path | None = None
+        self, source: Source, resolved_path: str | None, description: str, root: Path | None = None,
+        persist_as: str | None = None,
     ) -> ir.Table:
         """The source as an Ibis table, with a `source_file` column naming where each row came from.
 
         With a `root`, every file must resolve inside it (a symlink matched by a glob included).
+        With `persist_as`, the files are read through a view of that name kept in the warehouse
+        (where the engine has views), so that views built on it (`publish_view`) outlive the session.
         """
         if source.table is not None:
             try:
@@ -101,11 +104,11 @@ class WarehouseSession(ABC):
         if root is not None:
             _refuse_files_outside(files, root, description)
         if source.file_format == "parquet":
-            return self._read_parquet(files, description)
+            return self._read_parquet(files, description, persist_as)
         for path in files:
             if not is_uri(path):
                 _refuse_repeated_header_names(path, description)
-        return self._read_csv(files, description)
+        return self._read_csv(files, description, persist_as)
 
     def _source_files(self, resolved_path: str, description: str) -> list[str]:
         """The files a path or glob names, minus empty ones (recorded), each probed readable."""
@@ -135,11 +138,11 @@ class WarehouseSession(ABC):
     def _catalog_table(self, qualified_name: str) -> ir.Table: ...
 
     @abstractmethod
-    def _read_parquet(self, files: list[str], description: str) -> ir.Table:
+    def _read_parquet(self, files: list[str], description: str, persist_as: str | None = None) -> ir.Table:
         """All files as one table (columns united by name), `source_file` naming each row's file."""
 
     @abstractmethod
-    def _read_csv(self, files: list[str], description: str) -> ir.Table:
+    def _read_csv(self, files: list[str], description: str, persist_as: str | None = None) -> ir.Table:
         """As _read_parquet, every column as text (see CSV_OPTIONS)."""
 
     def to_pandas(self, expr: ir.Table) -> pd.DataFrame:
@@ -193,6 +196,12 @@ class WarehouseSession(ABC):
     @abstractmethod
     def replace_table(self, name: str, rows: ir.Table | pd.DataFrame) -> int:
         """Replace a whole (unpartitioned) table; returns its rows."""
+
+    @abstractmethod
+    def publish_view(self, name: str, expr: ir.Table) -> None:
+        """Make `name` the query `expr` for whoever reads the warehouse: a view where the engine
+        keeps views (it may only read tables and views of the warehouse and sources read with
+        `persist_as`), else the rows as a table. Replaces a table of that name."""
 
 
 

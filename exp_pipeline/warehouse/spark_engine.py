@@ -182,7 +182,7 @@ class SparkWarehouseSession(WarehouseSession):
         path = F.url_decode(F.col("_metadata.file_path"))
         return frame.withColumn("source_file", F.regexp_replace(path, r"^file:(//)?", ""))
 
-    def _read_parquet(self, files: list[str], description: str) -> ir.Table:
+    def _read_parquet(self, files: list[str], description: str, persist_as: str | None = None) -> ir.Table:
         from pyspark.sql import functions as F
 
         kinds: dict[str, set[bool]] = {}  # timestamp column -> {stored as nanoseconds?}
@@ -218,7 +218,7 @@ class SparkWarehouseSession(WarehouseSession):
             raise unreadable_file(description, path, "parquet", str(exc).splitlines()[0]) from None
         return [field for field in schema if isinstance(field.type, pa.TimestampType)]
 
-    def _read_csv(self, files: list[str], description: str) -> ir.Table:
+    def _read_csv(self, files: list[str], description: str, persist_as: str | None = None) -> ir.Table:
         from functools import reduce
 
         # Every column as text; a short last line is padded with nulls (PERMISSIVE), as on DuckDB.
@@ -366,6 +366,14 @@ class SparkWarehouseSession(WarehouseSession):
         self._ensure_table(name, expr.schema(), partitioned=False)
         self._in_table_order(name, frame).write.insertInto(self._qualified(name), overwrite=True)
         return self.count(self.table(name))
+
+    def publish_view(self, name: str, expr: ir.Table) -> None:
+        # The session's views die with it (and its sources are temporary views): the rows are
+        # written as a table instead, replacing the per-experiment partitioned table of old.
+        if self.has_table(name) and self._partition_columns(name):
+            self.spark.sql(f"DROP TABLE {self._qualified(name)}")
+            self._forget(name)
+        self.replace_table(name, expr)
 
 
 @contextmanager

@@ -209,12 +209,11 @@ from dagster import Definitions, in_process_executor
 from dagster_duckdb import DuckDBResource
 from exp_pipeline.defs.assets import ANALYSIS_ASSETS
 from exp_pipeline.defs.automation import analyze_experiment_job
-from exp_pipeline.defs.checks import EXPERIMENT_CHECKS
 from exp_pipeline.defs.resources import RegistryResource
 from exp_pipeline.warehouse.resources import DuckDBWarehouse
 
 defs = Definitions(
-    assets=ANALYSIS_ASSETS, asset_checks=EXPERIMENT_CHECKS, jobs=[analyze_experiment_job],
+    assets=ANALYSIS_ASSETS, jobs=[analyze_experiment_job],
     resources={"registry": RegistryResource(path=REGISTRY), "warehouse": DuckDBWarehouse(duckdb=DuckDBResource(database=DATABASE))},
     executor=in_process_executor,
 )

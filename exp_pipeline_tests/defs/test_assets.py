@@ -1,8 +1,5 @@
 """End to end: materialize every experiment through Dagster on generated data, recover the truth."""
 
-import datetime as dt
-import shutil
-from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -10,12 +7,10 @@ from dagster import DagsterInstance, materialize
 
 from exp_pipeline import schemas, validation
 from exp_pipeline.defs.assets import ANALYSIS_ASSETS, REGISTRY_ASSETS
-from exp_pipeline.defs.checks import CHECK_KEYS, EXPERIMENT_CHECK_KEYS, EXPERIMENT_CHECKS
-from exp_pipeline.defs.partitions import experiment_partitions
+from exp_pipeline.defs.checks import CHECK_KEYS, EXPERIMENT_CHECK_KEYS
+from exp_pipeline.defs.partitions import experiment_partitions, run_over
 from exp_pipeline.registry import load_registry
-from exp_pipeline.sample_data import generate
-from exp_pipeline.settings import DEFAULT_REGISTRY
-from exp_pipeline_tests.conftest import ENGINES, Workspace
+from exp_pipeline_tests.conftest import ENGINES
 
 pytestmark = pytest.mark.e2e
 
@@ -23,33 +18,61 @@ EXPERIMENTS = ["checkout_redesign", "aa_homepage", "pricing_three_arm", "onboard
 
 
 def materialize_experiment(workspace, instance, experiment_id):
+    """A one-partition run, as the UI's Materialize of one experiment."""
     return materialize(
-        [*ANALYSIS_ASSETS, *EXPERIMENT_CHECKS],
-        partition_key=experiment_id,
-        instance=instance,
-        resources=workspace.resources(),
+        ANALYSIS_ASSETS, partition_key=experiment_id, instance=instance, resources=workspace.resources(),
     )
 
 
 @pytest.fixture(scope="module", params=ENGINES)
 def pipeline(request, tmp_path_factory):
-    """Every experiment materialized once per engine; yields (workspace, {experiment: result}, instance)."""
+    """Every experiment materialized in ONE run per engine (as the daily schedule and the main
+    command run them); yields (workspace, the run's result, instance)."""
     workspace = request.getfixturevalue("sample_workspace" if request.param == "duckdb" else "spark_sample_workspace")
     with DagsterInstance.local_temp(str(tmp_path_factory.mktemp("dagster_home"))) as instance:
         instance.add_dynamic_partitions(experiment_partitions.name, EXPERIMENTS)
         assert materialize(REGISTRY_ASSETS, instance=instance, resources=workspace.resources()).success
-        results = {e: materialize_experiment(workspace, instance, e) for e in EXPERIMENTS}
-        yield workspace, results, instance
+        tags, _ = run_over(EXPERIMENTS, EXPERIMENTS)
+        result = materialize(ANALYSIS_ASSETS, instance=instance, resources=workspace.resources(), tags=tags)
+        yield workspace, result, instance
 
 
-def metadata(result, asset_name):
-    [event] = [e for e in result.get_asset_materialization_events() if e.asset_key.path[-1] == asset_name]
+def metadata(result, asset_name, experiment_id):
+    [event] = [
+        e for e in result.get_asset_materialization_events()
+        if e.asset_key.path[-1] == asset_name and e.materialization.partition == experiment_id
+    ]
     return {k: v.value for k, v in event.materialization.metadata.items()}
 
 
-def test_every_partition_succeeds(pipeline):
-    _, results, _ = pipeline
-    assert all(r.success for r in results.values())
+def evaluations_of(result, experiment_id):
+    return [e for e in result.get_asset_check_evaluations() if e.partition == experiment_id]
+
+
+def test_one_run_analyses_every_experiment_in_one_step(pipeline):
+    _, result, _ = pipeline
+    assert result.success
+    steps = {e.step_key for e in result.all_events if e.is_step_success}
+    assert steps == {"experiment_analysis"}
+    for experiment_id in EXPERIMENTS:
+        assert {"raw_assignments", "deduped_assignments", "post_assignment_events", "pre_assignment_events",
+                "variant_metrics", "experiment_report"} == {
+            e.asset_key.path[-1] for e in result.get_asset_materialization_events()
+            if e.materialization.partition == experiment_id
+        }
+        meta = metadata(result, "variant_metrics", experiment_id)
+        assert meta["experiments_in_pass"] == len(EXPERIMENTS)
+        assert meta["pass_stage_seconds"]["temporal join"] > 0
+
+
+def test_each_experiments_check_evaluations_are_recorded_against_its_partition(pipeline):
+    _, result, instance = pipeline
+    storage = instance.event_log_storage
+    for key in EXPERIMENT_CHECK_KEYS:
+        records = storage.get_asset_check_execution_history(key, limit=100)
+        mine = [r for r in records if r.run_id == result.run_id]
+        assert sorted(r.partition for r in mine) == sorted(EXPERIMENTS), key
+        assert {r.status.value for r in mine} <= {"SUCCEEDED", "FAILED"}, key  # none left PLANNED
 
 
 def test_dims_come_from_the_registry(pipeline):
@@ -62,13 +85,13 @@ def test_dims_come_from_the_registry(pipeline):
 
 
 def test_assignment_rules_recover_the_ground_truth(pipeline):
-    workspace, results, _ = pipeline
+    workspace, result, _ = pipeline
     for experiment_id in EXPERIMENTS:
         truth = workspace.truth["experiments"][experiment_id]
         deduped = workspace.rows("deduped_assignments", experiment_id)
         counts = deduped[deduped.is_active & deduped.exclusion_reason.isna()].variant_id.value_counts()
         assert counts.to_dict() == truth["analysable_subjects"]
-        meta = metadata(results[experiment_id], "deduped_assignments")
+        meta = metadata(result, "deduped_assignments", experiment_id)
         assert meta["multi_variant_subjects"] == truth["multi_variant_subjects"]
         assert meta["exposure_rows_by_reason"]["outside_window"] == truth["rows_outside_window"]
         assert sum(meta["exposure_rows_by_reason"].values()) == truth["exposure_rows"]
@@ -131,10 +154,10 @@ def test_cuped_narrows_the_interval(pipeline):
 
 
 def test_srm_fires_only_where_injected_and_names_the_cause(pipeline):
-    workspace, results, _ = pipeline
+    workspace, result, _ = pipeline
     for experiment_id in EXPERIMENTS:
         truth = workspace.truth["experiments"][experiment_id]
-        meta = metadata(results[experiment_id], "variant_metrics")
+        meta = metadata(result, "variant_metrics", experiment_id)
         assert meta["srm_flagged"] == truth["srm_injected"], experiment_id
         if truth["srm_injected"]:
             cause = truth["srm_cause"]
@@ -142,9 +165,9 @@ def test_srm_fires_only_where_injected_and_names_the_cause(pipeline):
 
 
 def test_on_the_sample_only_the_srm_experiment_fails_a_check_naming_the_device(pipeline):
-    workspace, results, _ = pipeline
+    workspace, result, _ = pipeline
     for experiment_id in EXPERIMENTS:
-        evaluations = results[experiment_id].get_asset_check_evaluations()
+        evaluations = evaluations_of(result, experiment_id)
         assert len(evaluations) == len(EXPERIMENT_CHECK_KEYS)
         failed = {e.check_name: e for e in evaluations if not e.passed}
         if experiment_id == "onboarding_srm":
@@ -196,7 +219,7 @@ def test_variant_metrics_columns_and_sufficient_statistics(pipeline):
     assert (rows["mean"] - rows["sum_y"] / rows["n"]).abs().max() < 1e-9
 
 
-def test_rematerializing_a_partition_gives_identical_tables(pipeline):
+def test_a_one_partition_run_gives_the_tables_of_the_multi_experiment_run(pipeline):
     workspace, _, instance = pipeline
     tables = ["raw_assignments", "deduped_assignments", "post_assignment_events", "pre_assignment_events",
               "variant_metrics"]
@@ -232,11 +255,11 @@ def test_no_large_table_passes_through_pandas(pipeline, monkeypatch):
 
 
 def test_the_html_report_is_written_with_checks_and_srm(pipeline):
-    workspace, results, _ = pipeline
+    workspace, result, _ = pipeline
     for experiment_id in ("checkout_redesign", "onboarding_srm"):
         [event] = [
-            e for e in results[experiment_id].get_asset_materialization_events()
-            if e.asset_key.path[-1] == "experiment_report"
+            e for e in result.get_asset_materialization_events()
+            if e.asset_key.path[-1] == "experiment_report" and e.materialization.partition == experiment_id
         ]
         path = event.materialization.metadata["report_path"].value
         html_text = open(path, encoding="utf-8").read()
@@ -254,7 +277,7 @@ def test_the_report_materialized_alone_lists_every_check_of_the_experiment_in_or
     the latest result of each of the experiment's checks, in the same order every time."""
     workspace, _, instance = pipeline
     result = materialize(
-        [*ANALYSIS_ASSETS, *EXPERIMENT_CHECKS], selection=["experiment_report"],
+        ANALYSIS_ASSETS, selection=["experiment_report"],
         partition_key="checkout_redesign", instance=instance, resources=workspace.resources(),
     )
     assert result.success
@@ -268,169 +291,8 @@ def test_the_report_materialized_alone_lists_every_check_of_the_experiment_in_or
 
 
 def test_variant_metrics_metadata_embeds_the_forest_plot(pipeline):
-    _, results, _ = pipeline
-    meta = metadata(results["checkout_redesign"], "variant_metrics")
+    _, result, _ = pipeline
+    meta = metadata(result, "variant_metrics", "checkout_redesign")
     assert meta["forest_plot"].startswith("![forest plot of relative lifts](data:image/svg+xml;base64,")
     rows = [[cell.strip() for cell in line.split("|")[1:3]] for line in meta["results"].splitlines()]
     assert ["treatment", "revenue"] in rows
-
-
-# -- incremental refresh -------------------------------------------------------------------------
-
-INCREMENTAL_USERS = 4_000
-RUNNING_EXPERIMENT = "aa_homepage"  # starts 2026-10-01, no end: refreshed every day
-
-
-def _daily_logs_until(source: Path, target: Path, last_day: str, late_day: str | None) -> None:
-    """Copy the generated daily files up to `last_day` (inclusive) into `target`; the file of
-    `late_day` goes in without every fourth row: those rows arrive late, with the next day."""
-    for kind in ("assignments", "events"):
-        folder = target / "sample" / kind
-        shutil.rmtree(folder, ignore_errors=True)
-        folder.mkdir(parents=True)
-        for path in sorted((source / kind).glob("*.parquet")):
-            day = path.stem.rsplit("_", 1)[-1]
-            if day > last_day:
-                continue
-            if kind == "events" and day == late_day:
-                frame = pd.read_parquet(path)
-                frame[frame.index % 4 != 0].to_parquet(folder / path.name, index=False, coerce_timestamps="us")
-            else:
-                shutil.copy(path, folder / path.name)
-
-
-def _expose_to_another_variant(root: Path, day: str, subject_id: str) -> None:
-    """A corrected log: on `day` the subject is logged in the other variant too, so it must leave
-    the analysis with its events."""
-    folder = root / "sample" / "assignments"
-    exposures = pd.concat(pd.read_parquet(p) for p in sorted(folder.glob("*.parquet")))
-    row = exposures[(exposures.experiment_key == RUNNING_EXPERIMENT) & (exposures.user_id == subject_id)].head(1)
-    row = row.assign(
-        variation=row.variation.map({"control": "treatment", "treatment": "control"}),
-        exposed_at=pd.Timestamp(f"{day}T12:00:00Z"),
-    )
-    row.to_parquet(folder / f"exposures_{day}_correction.parquet", index=False, coerce_timestamps="us")
-
-
-ANALYSIS_TABLES = ["deduped_assignments", "post_assignment_events", "pre_assignment_events", "variant_metrics"]
-
-
-def _analysis_tables(workspace) -> dict[str, pd.DataFrame]:
-    tables = {t: workspace.rows(t, RUNNING_EXPERIMENT) for t in ANALYSIS_TABLES}
-    # History rows and validity times depend on when runs happened; the current state must not.
-    deduped = tables["deduped_assignments"]
-    deduped = deduped[deduped.is_active].drop(columns=["valid_from", "valid_to"])
-    tables["deduped_assignments"] = deduped.sort_values(list(deduped.columns), ignore_index=True)
-    return tables
-
-
-@pytest.mark.parametrize(
-    ("processed_until", "refreshed_day", "max_share_rebuilt"),
-    [
-        # 28 days processed, enrollment over: the daily steady state rebuilds only recent days.
-        ("2026-10-28", "2026-10-29", 0.2),
-        # Still enrolling: each day's new subjects are a large part of a young experiment, and
-        # their whole windows (pre-period included) are new.
-        ("2026-10-09", "2026-10-10", 0.75),
-    ],
-)
-@pytest.mark.parametrize("engine", ENGINES)
-def test_incremental_refresh_equals_full_recomputation(
-    tmp_path, engine, processed_until, refreshed_day, max_share_rebuilt
-):
-    generated = tmp_path / "generated"
-    generate(generated, n_users=INCREMENTAL_USERS)
-    incremental = Workspace.existing(tmp_path / "incremental", engine)
-    full = Workspace.existing(tmp_path / "full", engine)
-    for workspace in (incremental, full):
-        workspace.root.mkdir()
-        shutil.copy(DEFAULT_REGISTRY, workspace.registry_path)
-    # A quarter of the events of two days before arrive late, with the refreshed day.
-    late_day = (dt.date.fromisoformat(refreshed_day) - dt.timedelta(days=2)).isoformat()
-    _daily_logs_until(generated, incremental.root, processed_until, late_day=late_day)
-
-    (tmp_path / "dagster").mkdir()
-    with DagsterInstance.local_temp(str(tmp_path / "dagster")) as instance:
-        instance.add_dynamic_partitions(experiment_partitions.name, [RUNNING_EXPERIMENT])
-        first = materialize_experiment(incremental, instance, RUNNING_EXPERIMENT)
-        assert metadata(first, "post_assignment_events")["refresh_mode"] == "full"
-
-        # A subject with stored events whose log is corrected on the refreshed day.
-        corrected = incremental.rows("post_assignment_events", RUNNING_EXPERIMENT).subject_id.min()
-        _daily_logs_until(generated, incremental.root, refreshed_day, late_day=None)
-        _expose_to_another_variant(incremental.root, refreshed_day, corrected)
-        refresh = materialize_experiment(incremental, instance, RUNNING_EXPERIMENT)
-        _daily_logs_until(generated, full.root, refreshed_day, late_day=None)
-        _expose_to_another_variant(full.root, refreshed_day, corrected)
-        recomputed = materialize_experiment(full, instance, RUNNING_EXPERIMENT)
-
-    refreshed_meta = metadata(refresh, "post_assignment_events")
-    assert refreshed_meta["refresh_mode"] == "incremental"
-    assert metadata(recomputed, "post_assignment_events")["refresh_mode"] == "full"
-    # It rebuilt only the recent rows, not the partition.
-    assert 0 < refreshed_meta["rows_inserted"] < max_share_rebuilt * refreshed_meta["dagster/row_count"]
-    # The statistics reused the stored per-subject values of the subjects the refresh left alone.
-    metrics_meta = metadata(refresh, "variant_metrics")
-    assert metrics_meta["subject_values"] == "incremental"
-    assert metadata(recomputed, "variant_metrics")["subject_values"] == "full"
-    subjects = metrics_meta["analysable_subjects"]
-    # Post-assignment values of subjects whose windows reach the refreshed days; pre-period values
-    # only of subjects assigned on them (none once enrollment is over).
-    assert 0 < metrics_meta["subjects_recomputed_post"] <= subjects
-    if max_share_rebuilt < 0.5:  # the steady state: subjects assigned weeks ago are reused
-        assert metrics_meta["subjects_recomputed_post"] < subjects / 2
-    assert metrics_meta["subjects_recomputed_pre"] <= metrics_meta["subjects_recomputed_post"]
-    got, want = _analysis_tables(incremental), _analysis_tables(full)
-    # The corrected subject left the analysis, with its events.
-    assert corrected not in set(got["post_assignment_events"].subject_id)
-    assert corrected in set(got["deduped_assignments"].query("exclusion_reason.notnull()").subject_id)
-    # Every statistic to the last bit: sums are fixed point, whatever order the rows are stored in.
-    for table in ("deduped_assignments", "post_assignment_events", "pre_assignment_events", "variant_metrics"):
-        pd.testing.assert_frame_equal(got[table], want[table], check_exact=True, obj=table)
-
-
-def _first_exposure_moved_earlier(root: Path, subject_id: str, at: str) -> None:
-    """A late exposure log: the subject was first exposed, in its own variant, earlier than known."""
-    folder = root / "sample" / "assignments"
-    exposures = pd.concat(pd.read_parquet(p) for p in sorted(folder.glob("*.parquet")))
-    row = exposures[(exposures.experiment_key == RUNNING_EXPERIMENT) & (exposures.user_id == subject_id)].head(1)
-    row.assign(exposed_at=pd.Timestamp(at)).to_parquet(
-        folder / "exposures_late_log.parquet", index=False, coerce_timestamps="us"
-    )
-
-
-def test_statistics_stay_exact_when_assignments_change_between_the_window_events_and_them(tmp_path):
-    """deduped_assignments and variant_metrics run without window_events (say, from the UI), then
-    the daily run refreshes: the subject whose assignment moved must be valued on its new rows."""
-    generated = tmp_path / "generated"
-    generate(generated, n_users=INCREMENTAL_USERS)
-    incremental, full = Workspace.existing(tmp_path / "incremental"), Workspace.existing(tmp_path / "full")
-    for workspace in (incremental, full):
-        workspace.root.mkdir()
-        shutil.copy(DEFAULT_REGISTRY, workspace.registry_path)
-    _daily_logs_until(generated, incremental.root, "2026-10-28", late_day=None)
-    (tmp_path / "dagster").mkdir()
-    with DagsterInstance.local_temp(str(tmp_path / "dagster")) as instance:
-        instance.add_dynamic_partitions(experiment_partitions.name, [RUNNING_EXPERIMENT])
-        materialize_experiment(incremental, instance, RUNNING_EXPERIMENT)
-        deduped = incremental.rows("deduped_assignments", RUNNING_EXPERIMENT)
-        analysable = deduped[deduped.is_active & deduped.exclusion_reason.isna()]
-        # Assigned in the first week, with events: its window moves two days earlier.
-        subject = analysable[analysable.assigned_at > pd.Timestamp("2026-10-03T00:00:00Z")].sort_values("assigned_at").subject_id.iloc[0]
-        moved_to = "2026-10-01T00:00:01Z"
-        _first_exposure_moved_earlier(incremental.root, subject, moved_to)
-        partial = [a for a in ANALYSIS_ASSETS if a.op.name in ("raw_assignments", "deduped_assignments", "variant_metrics")]
-        assert materialize(partial, partition_key=RUNNING_EXPERIMENT, instance=instance,
-                           resources=incremental.resources()).success
-        _daily_logs_until(generated, incremental.root, "2026-10-29", late_day=None)
-        _first_exposure_moved_earlier(incremental.root, subject, moved_to)
-        refresh = materialize_experiment(incremental, instance, RUNNING_EXPERIMENT)
-        _daily_logs_until(generated, full.root, "2026-10-29", late_day=None)
-        _first_exposure_moved_earlier(full.root, subject, moved_to)
-        materialize_experiment(full, instance, RUNNING_EXPERIMENT)
-    assert metadata(refresh, "post_assignment_events")["refresh_mode"] == "incremental"
-    assert metadata(refresh, "variant_metrics")["subject_values"] == "incremental"
-    got, want = _analysis_tables(incremental), _analysis_tables(full)
-    assert (got["deduped_assignments"].set_index("subject_id").assigned_at[subject] == pd.Timestamp(moved_to))
-    for table in ANALYSIS_TABLES:
-        pd.testing.assert_frame_equal(got[table], want[table], check_exact=True, obj=table)

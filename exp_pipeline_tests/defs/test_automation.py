@@ -5,10 +5,10 @@ import datetime as dt
 
 import pytest
 import yaml
-from dagster import SensorResult, build_sensor_context
+from dagster import RunRequest, SensorResult, build_sensor_context
 
 from exp_pipeline.defs.automation import register_new_experiments
-from exp_pipeline.defs.partitions import experiment_partitions
+from exp_pipeline.defs.partitions import RANGE_END_TAG, RANGE_START_TAG, experiment_partitions, run_over
 from exp_pipeline.defs.resources import RegistryResource
 from exp_pipeline.settings import DEFAULT_REGISTRY
 
@@ -20,6 +20,24 @@ def evaluate(instance, registry_path) -> SensorResult:
     return register_new_experiments(context)
 
 
+def analysed(request, partitions_in_order: list[str]) -> list[str]:
+    """The experiments one analysis run request covers: its partition range, less those its
+    config leaves out."""
+    first = partitions_in_order.index(request.tags[RANGE_START_TAG])
+    last = partitions_in_order.index(request.tags[RANGE_END_TAG])
+    covered = partitions_in_order[first:last + 1]
+    only = request.run_config.get("ops", {}).get("experiment_analysis", {}).get("config", {}).get("experiment_ids")
+    return [k for k in covered if not only or k in only]
+
+
+def test_one_run_covers_a_subset_of_the_partitions_by_range_and_config():
+    known = ["a", "b", "c", "d"]
+    assert run_over(known, ["b", "c"]) == ({RANGE_START_TAG: "b", RANGE_END_TAG: "c"}, {})
+    tags, config = run_over(known, ["d", "a"])
+    assert tags == {RANGE_START_TAG: "a", RANGE_END_TAG: "d"}
+    assert config == {"ops": {"experiment_analysis": {"config": {"experiment_ids": ["a", "d"]}}}}
+
+
 def test_sensor_registers_new_experiments_once_and_analyses_them(instance, tmp_path):
     registry_path = tmp_path / "registry.yaml"
     raw = yaml.safe_load(DEFAULT_REGISTRY.read_text())
@@ -29,8 +47,9 @@ def test_sensor_registers_new_experiments_once_and_analyses_them(instance, tmp_p
     [request] = first.dynamic_partitions_requests
     expected = ["checkout_redesign", "aa_homepage", "pricing_three_arm", "onboarding_srm"]
     assert list(request.partition_keys) == expected
-    assert [r.partition_key for r in first.run_requests] == [None, *expected]
-    assert [r.job_name for r in first.run_requests] == ["refresh_registry"] + ["analyze_experiment"] * 4
+    # One run analyses every new experiment in one pass.
+    assert [r.job_name for r in first.run_requests] == ["refresh_registry", "analyze_experiment"]
+    assert analysed(first.run_requests[1], expected) == expected
     instance.add_dynamic_partitions(experiment_partitions.name, list(request.partition_keys))
 
     second = evaluate(instance, registry_path)
@@ -43,7 +62,7 @@ def test_sensor_registers_new_experiments_once_and_analyses_them(instance, tmp_p
     registry_path.write_text(yaml.safe_dump(raw))
     third = evaluate(instance, registry_path)
     assert list(third.dynamic_partitions_requests[0].partition_keys) == ["search_ranking"]
-    assert [r.partition_key for r in third.run_requests] == [None, "search_ranking"]
+    assert analysed(third.run_requests[1], [*expected, "search_ranking"]) == ["search_ranking"]
 
 
 def schedule_requests(instance, when: str):
@@ -81,16 +100,18 @@ ALL = ["checkout_redesign", "aa_homepage", "pricing_three_arm", "onboarding_srm"
 def test_daily_schedule_refreshes_experiments_with_open_windows(instance, when, expected):
     instance.add_dynamic_partitions(experiment_partitions.name, ALL)
     result = schedule_requests(instance, when)
-    requests = result if isinstance(result, list) else []
-    assert [r.partition_key for r in requests] == expected
-    day = when[:10]
-    assert [r.run_key for r in requests] == [f"daily-{day}-{e}" for e in expected]
+    if not expected:
+        assert not isinstance(result, RunRequest)
+        return
+    # One run, one pass, for every experiment due.
+    assert analysed(result, ALL) == expected
+    assert result.run_key == f"daily-{when[:10]}"
 
 
 def test_schedule_skips_experiments_without_a_partition_yet(instance):
     instance.add_dynamic_partitions(experiment_partitions.name, ["aa_homepage"])
-    requests = schedule_requests(instance, "2026-10-10T06:00:00+00:00")
-    assert [r.partition_key for r in requests] == ["aa_homepage"]
+    request = schedule_requests(instance, "2026-10-10T06:00:00+00:00")
+    assert analysed(request, ["aa_homepage"]) == ["aa_homepage"]
 
 
 def test_partitions_added_meanwhile_by_someone_else_do_not_fail_the_main_command(instance, monkeypatch):

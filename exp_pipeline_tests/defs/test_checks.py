@@ -3,13 +3,14 @@
 import ibis
 import pandas as pd
 import pytest
-from dagster import AssetCheckSeverity, materialize
+from dagster import AssetCheckKey, AssetCheckSeverity, AssetKey, materialize
 
 from exp_pipeline import checks, validation
 from exp_pipeline.defs.assets import ANALYSIS_ASSETS
-from exp_pipeline.defs.checks import EXPERIMENT_CHECK_KEYS, EXPERIMENT_CHECKS, check_result
-from exp_pipeline.defs.partitions import experiment_partitions
+from exp_pipeline.defs.checks import EXPERIMENT_CHECK_KEYS, check_result
+from exp_pipeline.defs.partitions import experiment_partitions, run_over
 from exp_pipeline.registry import load_registry
+from exp_pipeline.transforms import temporal_join
 from exp_pipeline_tests.conftest import ENGINES, write_tiny_workspace
 
 
@@ -18,7 +19,7 @@ def run(workspace, instance, experiment_id="exp_a"):
     if experiment_id not in known:
         instance.add_dynamic_partitions(experiment_partitions.name, [experiment_id])
     return materialize(
-        [*ANALYSIS_ASSETS, *EXPERIMENT_CHECKS],
+        ANALYSIS_ASSETS,
         partition_key=experiment_id,
         instance=instance,
         resources=workspace.resources(),
@@ -39,6 +40,14 @@ def rewrite(session, table: str, rows: pd.DataFrame) -> None:
 def evaluations(result) -> dict:
     return {
         f"{e.asset_key.path[-1]}.{e.check_name}": e for e in result.get_asset_check_evaluations()
+    }
+
+
+def materialized(result, experiment_id: str = "exp_a") -> set[str]:
+    """The assets the run wrote for one experiment."""
+    return {
+        m.asset_key.path[-1] for m in result.get_asset_materialization_events()
+        if m.materialization.partition == experiment_id
     }
 
 
@@ -84,21 +93,20 @@ def test_a_duplicated_subject_fails_uniqueness_with_its_key(clean):
     assert schema.passed  # the schema itself is fine: only the key is duplicated
 
 
-def test_an_event_before_assignment_fails_leakage_and_schema(clean):
-    workspace, registry, experiment = clean
-    with workspace.warehouse().session() as session:
-        rows = stored(session, "post_assignment_events")
-        moved = rows.subject_id == "exp_a_treatment_3"
-        assert moved.sum() == 1
-        rows.loc[moved, "event_at"] = rows.loc[moved, "assigned_at"] - pd.Timedelta(hours=1)
-        rewrite(session, "post_assignment_events", rows)
-        leakage = check_result(checks.evaluate_no_pre_assignment_events(session, experiment))
-        schema = check_result(checks.evaluate_schema(session, "post_assignment_events", experiment, registry))
+def test_a_join_that_lets_pre_assignment_events_in_fails_leakage_and_schema(tmp_path, instance, monkeypatch):
+    # The checks judge the run's own join: split it wrongly (every row "post") and they say so.
+    monkeypatch.setattr(temporal_join, "post_assignment_rows", lambda rows: rows)
+    workspace = write_tiny_workspace(tmp_path)
+    result = run(workspace, instance)
+    found = evaluations(result)
+    leakage = found["post_assignment_events.no_events_before_assignment"]
     assert not leakage.passed and leakage.severity == AssetCheckSeverity.ERROR
-    assert leakage.metadata["leaked_events"].value == 1
-    assert leakage.metadata["sample"].value[0]["subject_id"] == "exp_a_treatment_3"
-    assert not schema.passed
-    assert "event_at_not_before_assigned_at" in schema.description
+    assert leakage.metadata["leaked_events"].value == 600  # the pre-period purchase of each of its 600 subjects
+    assert leakage.metadata["sample"].value[0]["subject_id"].startswith("exp_a_")
+    schema = found["post_assignment_events.matches_schema"]
+    assert not schema.passed and "event_at_not_before_assigned_at" in schema.description
+    # Blocking: this experiment's results are not written; the run itself is green.
+    assert result.success and "variant_metrics" not in materialized(result)
 
 
 def test_schema_check_names_the_column_and_check(clean):
@@ -145,7 +153,7 @@ def test_injected_srm_fails_and_names_the_device(tmp_path, instance):
     assert any("no_sample_ratio_mismatch failed for exp_a" in m for m in logged)
     # WARN does not block: the results are still computed, and the run is green.
     assert result.success
-    assert any(m.asset_key.path[-1] == "variant_metrics" for m in result.get_asset_materialization_events())
+    assert "variant_metrics" in materialized(result)
 
 
 def test_srm_is_not_judged_below_the_minimum_count(tmp_path, instance):
@@ -165,13 +173,52 @@ def test_a_blocking_failure_stops_variant_metrics_of_that_experiment_only(tmp_pa
     blocked = run(workspace, instance, "exp_a")
     srm = evaluations(blocked)["deduped_assignments.no_sample_ratio_mismatch"]
     assert not srm.passed and srm.severity == AssetCheckSeverity.ERROR
-    materialized = {m.asset_key.path[-1] for m in blocked.get_asset_materialization_events()}
-    assert "deduped_assignments" in materialized and "variant_metrics" not in materialized
-    assert not blocked.success
+    assert "deduped_assignments" in materialized(blocked) and "variant_metrics" not in materialized(blocked)
+    # Gated in the pass, experiment by experiment: the run itself goes on (and is green).
+    assert blocked.success
 
     other = run(workspace, instance, "exp_b")
     assert other.success
     assert set(workspace.rows("variant_metrics").experiment_id) == {"exp_b"}
+
+
+def run_both(workspace, instance):
+    """exp_a and exp_b in one run, one pass."""
+    instance.add_dynamic_partitions(experiment_partitions.name, ["exp_a", "exp_b"])
+    tags, _ = run_over(["exp_a", "exp_b"], ["exp_a", "exp_b"])
+    return materialize(ANALYSIS_ASSETS, instance=instance, resources=workspace.resources(), tags=tags)
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_in_one_run_a_blocking_failure_keeps_that_experiments_results_and_writes_the_others(tmp_path, instance, engine):
+    workspace = write_tiny_workspace(tmp_path, srm_blocks=True, engine=engine)
+    assert run_both(workspace, instance).success
+    before = workspace.rows("variant_metrics")
+    # exp_a loses two thirds of its treatment exposures: an SRM, which blocks its metrics.
+    path = tmp_path / "logs" / "assignments.parquet"
+    log = pd.read_parquet(path)
+    lost = (log.experiment_key == "exp_a") & (log.variation == "treatment") & (log.index % 3 != 0)
+    log[~lost].to_parquet(path)
+    result = run_both(workspace, instance)
+    assert result.success  # gated per experiment, not by failing the run
+    srm = {e.partition: e for e in result.get_asset_check_evaluations() if e.check_name == "no_sample_ratio_mismatch"}
+    assert not srm["exp_a"].passed and srm["exp_a"].severity == AssetCheckSeverity.ERROR and srm["exp_b"].passed
+    assert "variant_metrics" not in materialized(result, "exp_a") and "deduped_assignments" in materialized(result, "exp_a")
+    assert "variant_metrics" in materialized(result, "exp_b")
+    after = workspace.rows("variant_metrics")
+    # exp_a's previous results are intact (the n of its treatment did not drop); exp_b's rewritten.
+    pd.testing.assert_frame_equal(
+        after[after.experiment_id == "exp_a"].reset_index(drop=True),
+        before[before.experiment_id == "exp_a"].reset_index(drop=True),
+    )
+    assert set(after.experiment_id) == {"exp_a", "exp_b"}
+    # The failed evaluation is on record against exp_a's partition, where the alert sensor reads it.
+    key = AssetCheckKey(AssetKey("deduped_assignments"), "no_sample_ratio_mismatch")
+    [failed] = [
+        r for r in instance.event_log_storage.get_asset_check_execution_history(key, limit=10)
+        if r.run_id == result.run_id and r.status.value == "FAILED"
+    ]
+    assert failed.partition == "exp_a"
 
 
 def csv_workspace(tmp_path, lines: list[str], engine: str = "duckdb"):
@@ -235,8 +282,7 @@ def test_bad_rows_are_rejected_with_reasons_and_every_row_is_accounted_for(tmp_p
     check = evaluations(result)["raw_assignments.rejected_share_within_bound"]
     assert not check.passed and check.severity == AssetCheckSeverity.ERROR
     assert check.metadata["rows_rejected"].value == 6
-    assert not result.success
-    assert "variant_metrics" not in {m.asset_key.path[-1] for m in result.get_asset_materialization_events()}
+    assert "variant_metrics" not in materialized(result) and "deduped_assignments" not in materialized(result)
 
 
 def test_a_few_bad_rows_under_the_bound_pass(tmp_path, instance):
@@ -279,5 +325,5 @@ def test_sources_that_cannot_be_read_fail_the_step_with_a_clear_message(tmp_path
     result = run(workspace, instance)
     assert not result.success
     [failure] = [e for e in result.all_events if e.event_type_value == "STEP_FAILURE"]
-    assert failure.step_key == "raw_assignments"
+    assert failure.step_key == "experiment_analysis"
     assert message in failure.event_specific_data.error.cause.message

@@ -18,10 +18,10 @@ def test_sums_do_not_depend_on_the_order_rows_are_stored_in(con):
     for i, order in enumerate(orders):
         frame = pd.DataFrame({
             "experiment_id": "exp", "subject_id": [f"s{j}" for j in order], "variant_id": "control",
-            "metric": "revenue", "value": [values[j] for j in order],
+            "metric": "revenue", "period": "post", "value": [values[j] for j in order],
         })
         t = con.create_table(f"stored_{i}", frame)
-        out = con.to_pandas(sufficient_statistics(t, None, con.bounds(t), None))
+        out = con.to_pandas(sufficient_statistics(t, con.bounds(t)))
         got.append(out[["n", "sum_y", "sum_y2"]].iloc[0].tolist())
     assert got == [[4, 2.0, 2e32 + 2.0]] * len(orders)
 
@@ -30,10 +30,10 @@ def _sums(con, name: str, values: dict[str, list[float]]) -> pd.DataFrame:
     """sum_y and sum_y2 per metric of the given values (one subject each, one variant)."""
     frame = pd.DataFrame(
         [{"metric": metric, "value": v} for metric, vs in values.items() for v in vs]
-    ).assign(experiment_id="exp", variant_id="control")
+    ).assign(experiment_id="exp", variant_id="control", period="post")
     frame["subject_id"] = [f"s{i}" for i in range(len(frame))]
     t = con.create_table(name, frame)
-    out = con.to_pandas(sufficient_statistics(t, None, con.bounds(t), None))
+    out = con.to_pandas(sufficient_statistics(t, con.bounds(t)))
     return out.set_index("metric")
 
 
@@ -71,5 +71,5 @@ def test_a_term_beyond_float_range_is_summed_as_floats(con):
 
 def test_bounds_of_values(con):
     t = con.create_table("bounded", pd.DataFrame({"metric": ["a", "a", "b"], "value": [-7.5, 2.0, 3.0]}))
-    assert con.bounds(t) == {"a": SumBound(2, 7.5), "b": SumBound(1, 3.0)}
-    assert con.bounds(t.filter(t.value > 100)) == {}
+    assert con.bounds(t, ["metric"]) == {("a",): SumBound(2, 7.5), ("b",): SumBound(1, 3.0)}
+    assert con.bounds(t.filter(t.value > 100), ["metric"]) == {}

@@ -91,7 +91,7 @@ def test_event_rows_are_usable_or_rejected_with_a_reason(con):
     # join drops the duplicate, and a missing subject id matches no assigned subject.
     assert sorted(con.to_pandas(usable)["value"]) == [1.0, 10.5, 10.5]
     assigned = assignments_table(con, [("a", "control", "2026-10-01T00:00:00Z")])
-    joined = con.to_pandas(post_rows(assigned, usable, [metric()]))
+    joined = con.to_pandas(post_rows(con, assigned, usable, [metric()]))
     assert joined["value"].tolist() == [10.5]
 
 

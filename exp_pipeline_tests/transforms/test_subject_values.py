@@ -6,12 +6,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from exp_pipeline.transforms.subject_values import (
-    cap_subject_values,
-    subject_metric_values,
-    sufficient_statistics,
-)
-from exp_pipeline_tests.tables import assignments_table, events_table, metric, post_rows
+from exp_pipeline.transforms.subject_values import cap_subject_values, sufficient_statistics
+from exp_pipeline_tests.tables import assignments_table, events_table, metric, values_of
 
 
 def test_per_subject_values_with_zeros_and_metric_windows(con):
@@ -31,8 +27,8 @@ def test_per_subject_values_with_zeros_and_metric_windows(con):
         metric(id="conversion", aggregation="conversion"),
         metric(id="sessions", event_name="session", aggregation="count"),
     ]
-    post = post_rows(a, e, metrics)
-    values = con.to_pandas(subject_metric_values(a, post, metrics))
+    values = con.to_pandas(values_of(con, a, e, metrics))
+    assert set(values["period"]) == {"post"}  # no pre-period: no covariate rows
     got = values.set_index(["subject_id", "metric"])["value"].to_dict()
     assert got == {
         ("buyer", "revenue"): 15.0, ("buyer", "purchases_7d"): 2.0,
@@ -42,10 +38,28 @@ def test_per_subject_values_with_zeros_and_metric_windows(con):
     }
 
 
+def test_pre_period_values_are_the_covariate_of_every_metric_on_the_event(con):
+    a = assignments_table(con, [("s", "control", "2026-10-15T00:00:00Z"), ("idle", "control", "2026-10-15T00:00:00Z")])
+    e = events_table(con, [
+        ("s", "2026-10-01T00:00:00Z", "purchase", 3.0),   # 14 days before: in the pre-period
+        ("s", "2026-10-14T00:00:00Z", "purchase", 4.0),   # pre
+        ("s", "2026-10-16T00:00:00Z", "purchase", 5.0),   # post
+    ])
+    metrics = [metric(), metric(id="purchases", aggregation="count", window_end_days=7)]
+    values = con.to_pandas(values_of(con, a, e, metrics, pre_window_days=14))
+    got = values.set_index(["subject_id", "metric", "period"])["value"].to_dict()
+    assert got == {
+        ("s", "revenue", "post"): 5.0, ("s", "revenue", "pre"): 7.0,
+        ("s", "purchases", "post"): 1.0, ("s", "purchases", "pre"): 2.0,
+        ("idle", "revenue", "post"): 0.0, ("idle", "revenue", "pre"): 0.0,
+        ("idle", "purchases", "post"): 0.0, ("idle", "purchases", "pre"): 0.0,
+    }
+
+
 def test_capping_winsorizes_at_the_percentile(con):
     values = pd.DataFrame({
         "experiment_id": "exp", "subject_id": [f"s{i}" for i in range(101)],
-        "variant_id": "control", "metric": "revenue", "value": np.arange(101, dtype=float),
+        "variant_id": "control", "metric": "revenue", "period": "post", "value": np.arange(101, dtype=float),
     })
     t = con.create_table("values", values)
     capped = con.to_pandas(cap_subject_values(t, [metric(cap_percentile=0.9)]))
@@ -61,11 +75,24 @@ def test_capping_a_sparse_metric_keeps_its_signal(con):
     values[:8] = [1, 1, 2, 1, 3, 1, 40, 2]
     frame = pd.DataFrame({
         "experiment_id": "exp", "subject_id": [f"s{i}" for i in range(1000)],
-        "variant_id": "control", "metric": "revenue", "value": values,
+        "variant_id": "control", "metric": "revenue", "period": "post", "value": values,
     })
     capped = con.to_pandas(cap_subject_values(con.create_table("v", frame), [metric(cap_percentile=0.99)]))
     kept = np.sort(capped["value"].to_numpy())[-8:]
     assert (kept > 0).all() and kept.max() < 40  # the outlier is capped, the buyers stay
+
+
+def test_caps_are_per_experiment(con):
+    # Two experiments in one table: each metric's cap is its own experiment's percentile.
+    frame = pd.concat([
+        pd.DataFrame({"experiment_id": e, "subject_id": [f"s{i}" for i in range(101)], "variant_id": "control",
+                      "metric": "revenue", "period": "post", "value": np.arange(101, dtype=float) * k})
+        for e, k in (("small", 1.0), ("large", 100.0))
+    ])
+    capped = con.to_pandas(cap_subject_values(con.create_table("two", frame), [metric(cap_percentile=0.9)]))
+    top = capped.groupby("experiment_id")["value"].max()
+    assert top["small"] == pytest.approx(np.quantile(np.arange(1, 101), 0.9))
+    assert top["large"] == pytest.approx(100 * np.quantile(np.arange(1, 101), 0.9))
 
 
 def test_sufficient_statistics_match_numpy(con):
@@ -74,15 +101,12 @@ def test_sufficient_statistics_match_numpy(con):
     frame = pd.DataFrame({
         "experiment_id": "exp", "subject_id": [f"s{i}" for i in range(n)],
         "variant_id": rng.choice(["control", "treatment"], n), "metric": "revenue",
-        "value": rng.gamma(2, 10, n),
+        "value": rng.gamma(2, 10, n), "period": "post",
     })
-    pre = frame.assign(value=frame["value"] * 0.5 + rng.normal(0, 1, n))
-    pre = pre[pre.index % 10 != 0]  # subjects without pre-period events get x = 0
-    post_t = con.create_table("post", frame)
-    pre_t = con.create_table("pre", pre)
-    out = con.to_pandas(
-        sufficient_statistics(post_t, pre_t, con.bounds(post_t), con.bounds(pre_t))
-    ).set_index("variant_id")
+    pre = frame.assign(value=frame["value"] * 0.5 + rng.normal(0, 1, n), period="pre")
+    pre = pre[pre.index % 10 != 0]  # subjects without pre-period values get x = 0
+    values = con.create_table("values", pd.concat([frame, pre]))
+    out = con.to_pandas(sufficient_statistics(values, con.bounds(values))).set_index("variant_id")
     merged = frame.merge(pre[["subject_id", "value"]].rename(columns={"value": "x"}), on="subject_id", how="left")
     merged["x"] = merged["x"].fillna(0.0)
     for variant, group in merged.groupby("variant_id"):
@@ -103,8 +127,7 @@ def test_a_huge_value_leaves_every_other_subjects_sum_exact(con):
     amounts["s0"] = [1e308, 1.0]  # one absurd amount (an export bug, a test row)
     amounts["s1"] = [1e-300, 3e-301]  # and tiny ones
     rows = [(s, f"2026-10-02T0{i + 1}:00:00Z", "purchase", v) for s, vs in amounts.items() for i, v in enumerate(vs)]
-    post = post_rows(a, events_table(con, rows), [metric()])
-    values = con.to_pandas(subject_metric_values(a, post, [metric()])).set_index("subject_id")["value"]
+    values = con.to_pandas(values_of(con, a, events_table(con, rows), [metric()])).set_index("subject_id")["value"]
     for subject, terms in amounts.items():
         # Correctly rounded (math.fsum): each subject's scale is its own, whatever the others hold.
         assert values[subject] == pytest.approx(math.fsum(terms), rel=1e-15, abs=0), subject
@@ -117,8 +140,7 @@ def test_a_subjects_sum_does_not_depend_on_other_subjects(con):
     with_big = [*alone, ("b", "2026-10-02T01:00:00Z", "purchase", 1e25)]
 
     def value_of_a(rows):
-        post = post_rows(a, events_table(con, rows), [metric()])
-        values = con.to_pandas(subject_metric_values(a, post, [metric()]))
+        values = con.to_pandas(values_of(con, a, events_table(con, rows), [metric()]))
         return values.set_index("subject_id")["value"]["a"]
 
     assert value_of_a(alone) == value_of_a(with_big) == math.fsum([0.1, 0.2])

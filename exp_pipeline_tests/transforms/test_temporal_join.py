@@ -2,14 +2,16 @@
 
 
 
+import pandas as pd
+
 from exp_pipeline.registry import Experiment
 from exp_pipeline.transforms.temporal_join import (
-    experiment_events,
-    join_window_events,
+    events_in_span,
     post_assignment_rows,
     pre_assignment_rows,
+    window_rows,
 )
-from exp_pipeline_tests.tables import assignments_table, events_table, metric, post_rows
+from exp_pipeline_tests.tables import assignments_table, events_table, experiment, metric, post_rows, window
 
 
 def test_temporal_join_edges(con):
@@ -21,7 +23,7 @@ def test_temporal_join_edges(con):
         ("s", "2026-10-16T12:00:00Z", "purchase", 8.0),          # at window end (exclusive): out
         ("other", "2026-10-03T00:00:00Z", "purchase", 16.0),     # not assigned: out
     ])
-    out = con.to_pandas(post_rows(a, e, [metric()]))
+    out = con.to_pandas(post_rows(con, a, e, [metric()]))
     assert sorted(out["value"]) == [1.0, 4.0]
     assert (out["event_at"] >= out["assigned_at"]).all()
 
@@ -34,7 +36,7 @@ def test_pre_assignment_window_edges(con):
         ("s", "2026-10-14T23:59:59.999999Z", "purchase", 4.0),   # just before assignment: in
         ("s", "2026-10-15T00:00:00Z", "purchase", 8.0),          # at assignment: post, out
     ])
-    out = con.to_pandas(pre_assignment_rows(join_window_events(a, e, [], 14)))
+    out = con.to_pandas(pre_assignment_rows(window(con, a, e, [metric()], 14)))
     assert sorted(out["value"]) == [1.0, 4.0]
 
 
@@ -49,9 +51,9 @@ def test_one_window_join_splits_into_post_and_pre_with_each_event_names_window(c
         ("s", "2026-10-28T00:00:00Z", "purchase", 16.0),   # logged twice: counts once
     ])
     metrics = [metric(), metric(id="sessions", event_name="session", aggregation="count", window_end_days=7)]
-    window = join_window_events(a, e, metrics, 14)
-    assert sorted(con.to_pandas(post_assignment_rows(window))["value"]) == [4.0, 16.0]
-    assert sorted(con.to_pandas(pre_assignment_rows(window))["value"]) == [1.0, 2.0]
+    rows = window(con, a, e, metrics, 14)
+    assert sorted(con.to_pandas(post_assignment_rows(rows))["value"]) == [4.0, 16.0]
+    assert sorted(con.to_pandas(pre_assignment_rows(rows))["value"]) == [1.0, 2.0]
 
 
 def test_experiment_events_keep_only_the_span_the_experiment_can_use(con):
@@ -67,5 +69,29 @@ def test_experiment_events_keep_only_the_span_the_experiment_can_use(con):
         ("s", "2026-11-02T23:59:59Z", "purchase", 8.0),    # before end + 14 days
         ("s", "2026-11-03T00:00:00Z", "purchase", 16.0),   # end + 14 days: out
     ])
-    kept = con.to_pandas(experiment_events(e, experiment, [metric()], 14))
+    kept = con.to_pandas(events_in_span(e, [(experiment.model_copy(update={"cuped_pre_window_days": 14}), [metric()])]))
     assert sorted(kept["value"]) == [4.0, 8.0]
+
+
+def test_one_join_for_several_experiments_keeps_each_to_its_own_windows(con):
+    # One subject in two experiments with other windows and pre-periods: one join, each its rows.
+    a = assignments_table(con, [("s", "control", "2026-10-10T00:00:00Z")])
+    a = con.create_table("two", pd.concat([
+        con.to_pandas(a), con.to_pandas(a).assign(experiment_id="other", assigned_at=pd.Timestamp("2026-10-12", tz="UTC")),
+    ]))
+    e = events_table(con, [
+        ("s", "2026-10-05T00:00:00Z", "purchase", 1.0),   # exp: pre (7 days); other: no pre-period
+        ("s", "2026-10-11T00:00:00Z", "purchase", 2.0),   # exp: post; other: pre... none, before its assignment
+        ("s", "2026-10-13T00:00:00Z", "purchase", 4.0),   # exp: post (14 days); other: post (2 days)
+        ("s", "2026-10-15T00:00:00Z", "purchase", 8.0),   # exp: post; other: past its 2-day window
+    ])
+    frames = [
+        (experiment(cuped_pre_window_days=7), [metric()]),
+        (experiment(id="other", cuped_pre_window_days=0), [metric(window_end_days=2)]),
+    ]
+    from exp_pipeline.transforms.temporal_join import metric_windows_frame
+
+    windows = con.create_table("windows2", metric_windows_frame(frames))
+    out = con.to_pandas(window_rows(a, e, windows))
+    got = {k: sorted(g["value"]) for k, g in out.groupby("experiment_id")}
+    assert got == {"exp": [1.0, 2.0, 4.0, 8.0], "other": [4.0]}
