@@ -45,29 +45,54 @@ class SumBound(NamedTuple):
 
 
 NO_TERMS = SumBound(0, 0.0)
-# A subject's sum has few terms: its scale leaves room for 2**40 of them and is set by the largest
-# |value| of that subject's own terms (its power of two). So no other subject's value, however
-# large, moves it, and the same rows give the same bits in any run (stored per-subject values can be
-# reused by a later run). Rounding: 2**-80 of the subject's own largest value per term.
-PER_SUBJECT_TERM_BITS = 40
+# A subject's sum (few terms) is exact whatever its values: each term is held as an integer in
+# its exponent bucket (BUCKET_BINADES powers of two wide), scaled so that its lowest bit lands at
+# 2**18 or above (a float has 53 bits: the integer holds it exactly) and its value below 2**86
+# (room for 2**40 terms in DECIMAL(38, 0)'s 126 bits). No rounding happens until the buckets of a
+# subject are combined: a bucket below the subject's largest is rounded once, to 2**-70 of the
+# largest bucket's floor; a subject whose terms share a bucket (almost always) gets the correctly
+# rounded sum. No other subject's values enter it, and no window over the rows is needed.
+BUCKET_BINADES = 16
+BUCKET_BITS = 70
 
 
-def with_own_scale(table: ir.Table, term: ir.NumericColumn, group_by: Sequence[str], name: str) -> ir.Table:
-    """`table` with the `{name}_up1/_up2/_down1/_down2` columns of a fixed-point sum of `term` per
-    group: the scale of each group from its own largest |term| (see PER_SUBJECT_TERM_BITS)."""
-    largest = term.abs().max().over(ibis.window(group_by=[table[c] for c in group_by]))
-    # The power of two at or above the largest term (0 when every term is zero or null).
-    magnitude = ibis.ifelse(largest > 0, largest.log2().ceil(), 0).cast("int64")
-    exponent = FIXED_POINT_BITS - PER_SUBJECT_TERM_BITS - magnitude
-    # Two factors: a tiny largest value needs up to 2**1154, beyond a float.
+def _times_two_to(value: ir.FloatingValue, exponent: ir.IntegerValue) -> ir.FloatingValue:
+    """value * 2**exponent, by two factors in turn: 2**exponent alone can leave float range."""
     half = (exponent / 2).floor().cast("int64")
     two = ibis.literal(2.0)
-    return table.mutate(**{
-        f"{name}_up1": two**half,
-        f"{name}_up2": two ** (exponent - half),
-        f"{name}_down1": two ** (-half),
-        f"{name}_down2": two ** (half - exponent),
-    })
+    return value * (two**half) * (two ** (exponent - half))
+
+
+def exact_terms(table: ir.Table, term: ir.NumericColumn, name: str) -> ir.Table:
+    """`table` with `{name}_bucket` and `{name}_fixed`, the term's exponent bucket and the term
+    as an exact integer of it (0 for a zero or null term), for `exact_sums`."""
+    magnitude = term.abs()
+    bucket = ibis.ifelse(magnitude > 0, (magnitude.log2().floor() / BUCKET_BINADES).floor(), 0).cast("int64")
+    fixed = _times_two_to(term.fill_null(0.0), BUCKET_BITS - BUCKET_BINADES * bucket).cast(FIXED_POINT)
+    return table.mutate(**{f"{name}_bucket": bucket, f"{name}_fixed": fixed})
+
+
+def exact_sums(table: ir.Table, group_by: Sequence[str], name: str, **counts: ir.Scalar) -> ir.Table:
+    """Per group of `group_by`: `{name}`, the sum of the terms prepared by `exact_terms` (see
+    BUCKET_BINADES), and the `counts` aggregates (summed over the buckets: counts only)."""
+    bucket, fixed = f"{name}_bucket", f"{name}_fixed"
+    per_bucket = table.group_by(*group_by, bucket).aggregate(_sum=table[fixed].sum(), **counts)
+    top = per_bucket[bucket].max().over(ibis.window(group_by=[per_bucket[c] for c in group_by]))
+    per_bucket = per_bucket.mutate(_top=top)
+    # Lower buckets onto the top bucket's grid: one rounding each (the cast), the same in any run.
+    shifted = ibis.ifelse(
+        per_bucket[bucket] == per_bucket._top,
+        per_bucket._sum,
+        _times_two_to(per_bucket._sum.cast("float64"), BUCKET_BINADES * (per_bucket[bucket] - per_bucket._top))
+        .cast(FIXED_POINT),
+    )
+    per_bucket = per_bucket.mutate(_shifted=shifted)
+    summed = per_bucket.group_by(*group_by).aggregate(
+        _total=per_bucket._shifted.sum(), _top=per_bucket._top.max(),
+        **{c: per_bucket[c].sum() for c in counts},
+    )
+    value = _times_two_to(summed._total.cast("float64"), BUCKET_BINADES * summed._top - BUCKET_BITS)
+    return summed.mutate(**{name: value}).drop("_total", "_top")
 
 
 def value_bounds(table: ir.Table, by: Sequence[str]) -> ir.Table:

@@ -12,9 +12,10 @@ from exp_pipeline.registry import Metric
 from exp_pipeline.transforms.fixed_point import (
     NO_TERMS,
     SumBound,
+    exact_sums,
+    exact_terms,
     fixed_point_sum,
     scales_table,
-    with_own_scale,
 )
 
 
@@ -25,8 +26,8 @@ def subject_metric_values(assignments: ir.Table, rows: ir.Table, windows: ir.Tab
     `rows` are `window_rows` (deduplicated events inside the windows); `windows` the
     `metric_windows_frame` table. Period `post`: the metric's own window after assignment;
     `pre` (only where the experiment has a pre-period): the CUPED covariate, every event of the
-    metric's name in the pre-period. Each subject's sum has its own fixed-point scale
-    (`with_own_scale`). Capping is applied separately (`cap_subject_values`).
+    metric's name in the pre-period. Each subject's sum is exact in fixed point (`exact_sums`).
+    Capping is applied separately (`cap_subject_values`).
     """
     matched = rows.join(windows, ["experiment_id", "event_name"])
     post = (matched.event_at >= matched.assigned_at + matched.start_seconds.as_interval("s")) & (
@@ -40,11 +41,8 @@ def subject_metric_values(assignments: ir.Table, rows: ir.Table, windows: ir.Tab
         _term=ibis.ifelse(matched.aggregation == "sum", matched.value.fill_null(0.0), ibis.null("float64"))
     )
     key = ["experiment_id", "subject_id", "metric", "period"]
-    matched = with_own_scale(matched, matched._term, key, "value")
-    per_subject = matched.group_by(*key).aggregate(
-        sum_value=fixed_point_sum(matched, matched._term, "value"),
-        n_events=matched.count(),
-    )
+    matched = exact_terms(matched, matched._term, "sum_value")
+    per_subject = exact_sums(matched, key, "sum_value", n_events=matched.count())
 
     periods = ibis.memtable(pd.DataFrame({"period": ["post", "pre"]}))
     grid = assignments.select("experiment_id", "subject_id", "variant_id").join(
