@@ -281,7 +281,7 @@ def test_ids_that_do_not_line_up_and_an_event_name_never_logged_warn(tmp_path):
     line = next(x for x in done.stdout.splitlines() if "exp_a: post_assignment_events.metric_events_match_subjects" in x)
     assert line.startswith("  WARN")
     assert "no event named 'refund' (metrics ['refunds']) in the event log in the experiment's span" in line
-    assert re.search(r"100.0% of \d+ metric events since the start match no analysable subject", line)
+    assert re.search(r"100.0% of \d+ metric events in the experiment's span fall in no analysable subject's window", line)
 
 
 @pytest.mark.parametrize(

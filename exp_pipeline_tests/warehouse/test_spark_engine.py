@@ -11,7 +11,6 @@ import pytest
 from dagster import DagsterInstance, materialize
 
 from exp_pipeline.defs.assets import ANALYSIS_ASSETS, REGISTRY_ASSETS
-from exp_pipeline.defs.checks import EXPERIMENT_CHECKS
 from exp_pipeline.defs.partitions import experiment_partitions
 from exp_pipeline.registry import Source
 from exp_pipeline_tests.conftest import Workspace, spark_warehouse_at
@@ -33,7 +32,7 @@ def analysed(workspace: Workspace, instance) -> dict:
     results = {}
     for experiment_id in EXPERIMENTS:
         results[experiment_id] = materialize(
-            [*ANALYSIS_ASSETS, *EXPERIMENT_CHECKS], partition_key=experiment_id, instance=instance,
+            ANALYSIS_ASSETS, partition_key=experiment_id, instance=instance,
             resources=workspace.resources(), raise_on_error=False,
         )
     return results
