@@ -92,10 +92,6 @@ class ExperimentResult:
             self.stopped_by = next((c.name for c in self.checks if c.stops), None)
         return self.stopped_by is not None
 
-    @property
-    def materialized(self) -> list[str]:
-        return list(self.metadata)
-
 
 class StageClock:
     """Wall seconds per stage of the pass (reported with the results: where a run's time goes)."""

@@ -114,7 +114,7 @@ def fixed_point_sum(table: ir.Table, term: ir.NumericColumn, name: str) -> ir.Nu
     Every term is multiplied by its scale (the `{name}_up1/_up2` columns of `table`, exact powers of
     two), rounded to an integer and summed exactly; on DuckDB rounding costs at most 2**-120 of
     (rows x largest term) per term (Spark converts through text: float precision per term). Every
-    row of a group must carry the same scale (one per metric, or per subject: `with_own_scale`).
+    row of a group must carry the same scale (one per experiment and metric: `scales_table`).
     """
     up1, up2, down1, down2 = (table[f"{name}_{part}"] for part in _SCALE_PARTS)
     fixed = up1.notnull()

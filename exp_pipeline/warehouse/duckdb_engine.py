@@ -13,7 +13,7 @@ import ibis.expr.types as ir
 import pandas as pd
 
 from exp_pipeline.registry import SAFE_ID_PATTERN
-from exp_pipeline.warehouse.interface import PartitionRefresh, RefreshCounts, WarehouseSession, unreadable_file
+from exp_pipeline.warehouse.interface import WarehouseSession, unreadable_file
 
 # CSV is read as text (types come from the column mapping, and unparsable values are rejected row by
 # row); a short last line (a truncated file) is padded with nulls so its row is rejected, not lost.
@@ -157,39 +157,6 @@ class DuckDBWarehouseSession(WarehouseSession):
         )
         self.ibis.insert(name, expr, database=self.schema)
         return self._partition_rows(name, experiment_id)
-
-    def refresh_partitions(
-        self,
-        experiment_id: str,
-        refreshes: dict[str, PartitionRefresh],
-        replace: dict[str, ir.Table | pd.DataFrame] | None = None,
-    ) -> dict[str, RefreshCounts]:
-        """Update part of one experiment's rows of several tables in ONE transaction.
-
-        Per table: delete the stale rows (see PartitionRefresh), insert the new ones. `replace`
-        tables are replaced whole-partition in the same transaction (a state row, say).
-        """
-        counts = {}
-        with self._transaction():
-            for name, refresh in refreshes.items():
-                self._ensure_table(name, refresh.rows.schema())
-                table = f"{_quote(self.schema)}.{_quote(name)}"
-                column, since = refresh.stale_from
-                stale = ".".join(map(_quote, refresh.stale_subjects.get_name().split(".")))
-                # A probe of a few stale subjects; an anti-join of every row against all the kept
-                # subjects cost 9x as much (200 M events: 0.85 s against 0.09 s on one table).
-                deleted = self.raw.execute(
-                    f"DELETE FROM {table} AS t WHERE t.experiment_id = ? AND (t.{_quote(column)} >= ? "
-                    f"OR t.subject_id IN (SELECT subject_id FROM {stale}))",
-                    [experiment_id, since],
-                ).fetchone()[0]
-                before = self._partition_rows(name, experiment_id)
-                self.ibis.insert(name, refresh.rows, database=self.schema)
-                after = self._partition_rows(name, experiment_id)
-                counts[name] = RefreshCounts(deleted=int(deleted), inserted=after - before, rows=after)
-            for name, rows in (replace or {}).items():
-                self._replace(name, experiment_id, rows)
-        return counts
 
     def _partition_rows(self, name: str, experiment_id: str) -> int:
         return int(

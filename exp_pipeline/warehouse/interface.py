@@ -7,12 +7,10 @@ outbox only use this interface, and transforms only ever see Ibis tables.
 from __future__ import annotations
 
 import csv
-import datetime as dt
 import glob as globlib
 import gzip
 import os
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
 from pathlib import Path
 
 import ibis
@@ -32,27 +30,6 @@ def unreadable_file(description: str, path: str, file_format: str, reason: str) 
         f"{description}: {path} is not a readable {file_format} file ({reason}). Fix or remove "
         f"the file, or set 'format' for this source in the registry if it is not {file_format}."
     )
-
-
-@dataclass(frozen=True)
-class PartitionRefresh:
-    """An incremental update of one experiment's rows of a table.
-
-    Deleted: rows whose `stale_from` column is at or after its value, and every row of the
-    subjects in `stale_subjects` (a small table in the session with a subject_id column).
-    Inserted: `rows`.
-    """
-
-    rows: ir.Table
-    stale_from: tuple[str, dt.datetime]
-    stale_subjects: ir.Table
-
-
-@dataclass(frozen=True)
-class RefreshCounts:
-    deleted: int
-    inserted: int
-    rows: int  # in the partition after the refresh
 
 
 class WarehouseSession(ABC):
@@ -152,10 +129,6 @@ class WarehouseSession(ABC):
     def count(self, expr: ir.Table) -> int:
         return int(self.ibis.execute(expr.count()))
 
-    def scalar(self, expr: ir.Scalar):
-        """One value computed by the engine (a max, a min)."""
-        return self.ibis.execute(expr)
-
     @abstractmethod
     def temp_table(self, name: str, expr: ir.Table) -> ir.Table:
         """Compute `expr` once and keep it for this session, so later queries see the same rows."""
@@ -174,16 +147,6 @@ class WarehouseSession(ABC):
         self, experiment_id: str, tables: dict[str, ir.Table | pd.DataFrame]
     ) -> dict[str, int]:
         """Replace one experiment's rows of several tables, in the given order; rows written per table."""
-
-    @abstractmethod
-    def refresh_partitions(
-        self,
-        experiment_id: str,
-        refreshes: dict[str, PartitionRefresh],
-        replace: dict[str, ir.Table | pd.DataFrame] | None = None,
-    ) -> dict[str, RefreshCounts]:
-        """Update part of one experiment's rows of several tables (see PartitionRefresh); `replace`
-        tables are replaced whole-partition afterwards (a state row, say)."""
 
     @abstractmethod
     def append(self, name: str, rows: ir.Table) -> None:

@@ -30,8 +30,6 @@ import pyarrow.parquet as pq
 from exp_pipeline.registry import SAFE_ID_PATTERN, is_uri
 from exp_pipeline.vocabulary import UTC_TIMESTAMP
 from exp_pipeline.warehouse.interface import (
-    PartitionRefresh,
-    RefreshCounts,
     SourceError,
     WarehouseSession,
     unreadable_file,
@@ -313,34 +311,6 @@ class SparkWarehouseSession(WarehouseSession):
         self, experiment_id: str, tables: dict[str, ir.Table | pd.DataFrame]
     ) -> dict[str, int]:
         return {name: self._write_partition(name, experiment_id, rows) for name, rows in tables.items()}
-
-    def refresh_partitions(
-        self,
-        experiment_id: str,
-        refreshes: dict[str, PartitionRefresh],
-        replace: dict[str, ir.Table | pd.DataFrame] | None = None,
-    ) -> dict[str, RefreshCounts]:
-        # Parquet has no DELETE: the partition is rebuilt from the rows kept plus the new ones.
-        counts = {}
-        for name, refresh in refreshes.items():
-            self._ensure_table(name, refresh.rows.schema(), partitioned=True)  # new columns first
-            stored = self.partition(name, experiment_id)
-            before = self.count(stored)
-            column, since = refresh.stale_from
-            kept = stored.filter(stored[column] < ibis.literal(since, type=UTC_TIMESTAMP)).anti_join(
-                refresh.stale_subjects.select("subject_id"), "subject_id"
-            )
-            new = refresh.rows.select(*[
-                refresh.rows[c] if c in refresh.rows.columns else ibis.null(t).name(c) for c, t in kept.schema().items()
-            ])
-            rebuilt = self.temp_table(f"rebuilt_{uuid.uuid4().hex}", kept.union(new))
-            after = self._write_partition(name, experiment_id, rebuilt)
-            # The partition is now kept + new rows: counting the new ones spares another scan of the old.
-            inserted = self.count(new)
-            counts[name] = RefreshCounts(deleted=before - (after - inserted), inserted=inserted, rows=after)
-        for name, rows in (replace or {}).items():
-            self._write_partition(name, experiment_id, rows)
-        return counts
 
     def append(self, name: str, rows: ir.Table) -> None:
         self._ensure_table(name, rows.schema(), partitioned=False)
