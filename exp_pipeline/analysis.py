@@ -217,7 +217,7 @@ def _dedupe(
     }
     result.record(DEDUPED, "matches_schema", checks.evaluate_schema(session, DEDUPED, experiment, registry))
     result.record(DEDUPED, "one_active_row_per_subject", checks.evaluate_unique_active_subject(session, experiment))
-    result.record(DEDUPED, "multi_variant_share_within_bounds", checks.evaluate_multi_variant_share(session, experiment))
+    result.record(DEDUPED, "multi_variant_share_within_bounds", checks.multi_variant_outcome(excluded, analysable + excluded, experiment))
     srm, causes = results.srm_of(counts, experiment)
     result.srm, result.causes = srm, causes
     result.record(DEDUPED, "no_sample_ratio_mismatch", checks.sample_ratio_outcome(srm, causes, experiment, properties))
@@ -227,19 +227,23 @@ def _dedupe(
 # -- stage 2: one temporal join for every experiment ------------------------------------------------
 
 
+def _metric_events(event_log: ir.Table, registry: Registry, experiments: Sequence[Experiment]) -> ir.Table:
+    """The usable events of the experiments' metrics, in the span of the log they can use."""
+    everything = [(e, registry.metrics_of(e)) for e in experiments]
+    names = sorted({m.event_name for _, metrics in everything for m in metrics})
+    events = ingestion.usable_events(ingestion.canonical_events(event_log, registry.sources.events), names)
+    return temporal_join.events_in_span(events, everything)
+
+
 def _window_views(session: WarehouseSession, registry: Registry) -> None:
     """post_assignment_events and pre_assignment_events as the temporal join at query time, for
     every experiment of the registry (views on DuckDB)."""
-    everything = [(e, registry.metrics_of(e)) for e in registry.experiments]
-    windows = session.table(METRIC_WINDOWS)
-    names = sorted({m.event_name for _, metrics in everything for m in metrics})
-    events = ingestion.usable_events(
-        ingestion.canonical_events(sources.read_source(session, registry, "events", persist=True), registry.sources.events),
-        names,
+    event_log = sources.read_source(session, registry, "events", persist=True)
+    events = _metric_events(event_log, registry, registry.experiments)
+    analysable = analysable_assignments(session.table(DEDUPED)).select(
+        "experiment_id", "subject_id", "variant_id", "assigned_at"
     )
-    deduped = session.table(DEDUPED)
-    analysable = analysable_assignments(deduped).select("experiment_id", "subject_id", "variant_id", "assigned_at")
-    rows = temporal_join.window_rows(analysable, temporal_join.events_in_span(events, everything), windows)
+    rows = temporal_join.window_rows(analysable, events, session.table(METRIC_WINDOWS))
     session.publish_view(POST, temporal_join.post_assignment_rows(rows))
     session.publish_view(PRE, temporal_join.pre_assignment_rows(rows))
 
@@ -295,7 +299,6 @@ def _analyse(
             going.append(e)
     if not going:
         return
-    everything = [(e, registry.metrics_of(e)) for e in going]
     windows = session.table(METRIC_WINDOWS)
     windows = windows.filter(windows.experiment_id.isin([e.id for e in going]))
     assignments = ibis.union(
@@ -303,9 +306,7 @@ def _analyse(
     ).select("experiment_id", "subject_id", "variant_id", "assigned_at")
     # Small (one row per subject and experiment); materialized so every query sees the same subjects.
     assignments = session.temp_table("_analysable", assignments)
-    names = sorted({m.event_name for _, metrics in everything for m in metrics})
-    events = ingestion.usable_events(ingestion.canonical_events(event_log, source), names)
-    events = temporal_join.events_in_span(events, everything)
+    events = _metric_events(event_log, registry, going)
     with clock.stage("temporal join"):
         # The one join of the run, materialized once: the values and every event check read it.
         rows = session.temp_table("_window_rows", temporal_join.window_rows(assignments, events, windows))
@@ -325,7 +326,7 @@ def _analyse(
         )
         values = session.temp_table("_subject_values", values)
     with clock.stage("caps and sufficient statistics"):
-        capped = cap_subject_values(values, [m for _, metrics in everything for m in metrics])
+        capped = cap_subject_values(values, [m for e in analysed for m in registry.metrics_of(e)])
         capped = session.temp_table("_capped_values", capped)
         bounds = read_bounds(session.to_pandas(value_bounds(capped, VALUE_KEY)), VALUE_KEY)
         # Only this small table leaves the engine.

@@ -20,7 +20,7 @@ from exp_pipeline import schemas, validation
 from exp_pipeline.registry import Experiment, Registry
 from exp_pipeline.stats import SrmCause, SrmResult
 from exp_pipeline.transforms.ingestion import RowAccounting
-from exp_pipeline.vocabulary import HARMLESS_REJECTIONS, MULTIPLE_VARIANTS, whole_seconds
+from exp_pipeline.vocabulary import HARMLESS_REJECTIONS, whole_seconds
 from exp_pipeline.warehouse.interface import WarehouseSession
 
 SAMPLE_SIZE = 20
@@ -146,11 +146,8 @@ def evaluate_unique_active_subject(session: WarehouseSession, experiment: Experi
     )
 
 
-def evaluate_multi_variant_share(session: WarehouseSession, experiment: Experiment) -> CheckOutcome:
-    deduped = session.partition("deduped_assignments", experiment.id)
-    active = deduped.filter(deduped.is_active)
-    total = session.count(active)
-    excluded = session.count(active.filter(active.exclusion_reason == MULTIPLE_VARIANTS))
+def multi_variant_outcome(excluded: int, total: int, experiment: Experiment) -> CheckOutcome:
+    """`excluded` of the experiment's `total` active subjects saw more than one variant."""
     share = excluded / total if total else 0.0
     bounds = experiment.multi_variant
     if share > bounds.error_share:

@@ -55,7 +55,9 @@ def replace_assignments(session, frame: pd.DataFrame) -> None:
 )
 def test_multi_variant_share_warns_then_errors(session, registry, multi_variant, passed, severity):
     write_assignments(session, {"control": 300, "treatment": 300}, multi_variant=multi_variant)
-    outcome = checks.evaluate_multi_variant_share(session, registry.experiment("exp_a"))
+    active = session.table("deduped_assignments").filter(lambda t: t.is_active)
+    excluded = session.count(active.filter(active.exclusion_reason == "multiple_variants"))
+    outcome = checks.multi_variant_outcome(excluded, session.count(active), registry.experiment("exp_a"))
     assert (outcome.passed, outcome.severity) == (passed, severity)
     assert outcome.metadata["multi_variant_subjects"] == multi_variant
     assert outcome.metadata["multi_variant_share"] == pytest.approx(multi_variant / 600)
