@@ -23,12 +23,11 @@ from pathlib import Path
 import measure
 
 started = time.perf_counter()
-from bench_pipeline import QUIET_LOGS, read_sufficient, stage_seconds, warehouse_for  # noqa: E402
-from dagster import DagsterInstance, materialize  # noqa: E402
+from bench_pipeline import read_sufficient, stage_seconds, timed_run, warehouse_for  # noqa: E402
+from dagster import DagsterInstance  # noqa: E402
 
-from exp_pipeline.defs.assets import ANALYSIS_ASSETS  # noqa: E402
 from exp_pipeline.defs.automation import experiments_to_refresh  # noqa: E402
-from exp_pipeline.defs.partitions import experiment_partitions, run_over  # noqa: E402
+from exp_pipeline.defs.partitions import experiment_partitions  # noqa: E402
 from exp_pipeline.defs.resources import RegistryResource  # noqa: E402
 from exp_pipeline.registry import load_registry  # noqa: E402
 
@@ -62,13 +61,7 @@ def run(instance, root: Path, known: list[str], experiment_ids: list[str]) -> di
         "registry": RegistryResource(path=str(root / "registry.yaml")),
         "warehouse": warehouse_for("duckdb", str(root)),
     }
-    tags, run_config = run_over(known, experiment_ids)
-    t0 = time.perf_counter()
-    result = materialize(
-        ANALYSIS_ASSETS, instance=instance, resources=resources, tags=tags,
-        run_config={**QUIET_LOGS, **run_config}, raise_on_error=False,
-    )
-    seconds = time.perf_counter() - t0
+    result, seconds = timed_run(instance, resources, known, experiment_ids)
     return {"seconds": seconds, "success": result.success, "steps": stage_seconds(result)}
 
 

@@ -41,6 +41,18 @@ def step_seconds(instance: DagsterInstance, run_id: str) -> dict[str, float]:
     }
 
 
+def timed_run(instance, resources: dict, known: list[str], experiment_ids: list[str]):
+    """ONE Dagster run of the analysis over these experiments (of the `known` partitions, in
+    order), as the schedule launches it; (its result, wall seconds)."""
+    tags, run_config = run_over(known, experiment_ids)
+    t0 = time.perf_counter()
+    result = materialize(
+        ANALYSIS_ASSETS, instance=instance, resources=resources, tags=tags,
+        run_config={**QUIET_LOGS, **run_config}, raise_on_error=False,
+    )
+    return result, time.perf_counter() - t0
+
+
 def stage_seconds(result) -> dict[str, float]:
     """The pass's stages (the same on every experiment's variant_metrics)."""
     for event in result.get_asset_materialization_events():
@@ -86,13 +98,7 @@ def main() -> None:
     rss_after_imports = measure.current_rss_kib()
     with measure.RssSampler(whole_tree=args.engine == "spark") as sampler, DagsterInstance.local_temp(f"{args.scratch}/dagster") as instance:
         instance.add_dynamic_partitions(experiment_partitions.name, experiments)
-        tags, run_config = run_over(experiments, experiments)
-        t0 = time.perf_counter()
-        result = materialize(
-            ANALYSIS_ASSETS, instance=instance, resources=resources, tags=tags,
-            run_config={**QUIET_LOGS, **run_config}, raise_on_error=False,
-        )
-        wall = time.perf_counter() - t0
+        result, wall = timed_run(instance, resources, experiments, experiments)
         steps = step_seconds(instance, result.run_id)
     tree_peak = {"sampled_tree_peak_kib": sampler.peak()} if args.engine == "spark" else {}
     measure.write_result(args.result, {
