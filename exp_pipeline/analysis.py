@@ -248,28 +248,104 @@ def _window_views(session: WarehouseSession, registry: Registry) -> None:
     session.publish_view(PRE, temporal_join.pre_assignment_rows(rows))
 
 
+# Columns of the window-event tables that come from the subject side of the join.
+SUBJECT_COLUMNS = {"experiment_id", "subject_id", "variant_id", "assigned_at"}
+WINDOW_SCHEMAS = ((POST, schemas.post_assignment_events_schema), (PRE, schemas.pre_assignment_events_schema))
+
+
+@dataclass(frozen=True)
+class RunJoin:
+    """The run's temporal join, aggregated (`segment_sums`), and what reads it."""
+
+    subjects: ir.Table  # the analysable subjects of every experiment going, with their unit
+    events: ir.Table  # the usable metric events of the run's span
+    windows: ir.Table  # metric_windows of the experiments going
+    cut: temporal_join.WindowSegments
+    rows: ir.Table  # segment_rows: the join itself (a query, never stored)
+    segments: ir.Table  # segment_sums: per unit, span, segment and value bucket
+    validations: dict[str, validation.JoinValidation]  # POST/PRE -> its schemas' batched verdicts
+
+    def spans_of(self, experiment_ids: Sequence[str]) -> list[int]:
+        spans = self.cut.spans
+        return [int(s) for s in spans.span[spans.experiment_id.isin(list(experiment_ids))]]
+
+    def rows_of(self, name: str, experiment_id: str) -> ir.Table:
+        """One experiment's rows of the join in post/pre_assignment_events (read only to report a
+        failing check)."""
+        rows = self.rows.filter(self.rows.experiment_id == experiment_id)
+        return temporal_join.rows_of_period(rows, ibis.memtable(self.cut.segments), "post" if name == POST else "pre")
+
+
+def _run_join(session: WarehouseSession, registry: Registry, going: Sequence[Experiment], events: ir.Table) -> RunJoin:
+    frame = temporal_join.metric_windows_frame([(e, registry.metrics_of(e)) for e in going])
+    cut = temporal_join.window_segments(frame)
+    assignments = ibis.union(
+        *(analysable_assignments(session.partition(DEDUPED, e.id)) for e in going), distinct=False
+    ).select("experiment_id", "subject_id", "variant_id", "assigned_at")
+    # Small (one row per subject and experiment); materialized so every query sees the same subjects.
+    subjects = session.temp_table("_analysable", temporal_join.numbered_subjects(assignments))
+    validations = {
+        name: validation.JoinValidation({e.id: schema_of(e) for e in going}, SUBJECT_COLUMNS, f"{name}_verdict_")
+        for name, schema_of in WINDOW_SCHEMAS
+    }
+    spans = session.temp_table("_spans", ibis.memtable(cut.spans))
+
+    def row_verdicts(rows: ir.Table) -> dict[str, ir.BooleanColumn]:
+        shared: dict[str, ir.BooleanColumn] = {}
+        for check in validations.values():  # a verdict both tables' schemas have is computed once
+            shared = check.row_verdicts(rows, shared)
+        return shared
+
+    sides = session.temp_table("_subject_spans", temporal_join.subject_spans(subjects, spans))
+    rows = temporal_join.segment_rows(sides, events)
+    # The one join of the run, aggregated as it goes: nothing event-level is stored.
+    segments = session.temp_table("_segment_sums", temporal_join.segment_sums(rows, row_verdicts))
+    windows = session.table(METRIC_WINDOWS)
+    windows = windows.filter(windows.experiment_id.isin([e.id for e in going]))
+    return RunJoin(subjects, events, windows, cut, rows, segments, validations)
+
+
 def _event_checks(
-    session: WarehouseSession, registry: Registry, experiments: Sequence[Experiment], rows: ir.Table,
-    events: ir.Table, outcomes: dict[str, ExperimentResult],
+    session: WarehouseSession, registry: Registry, experiments: Sequence[Experiment], join: RunJoin,
+    outcomes: dict[str, ExperimentResult],
 ) -> None:
     """The checks of the two window-event tables, for every experiment from a few grouped queries
-    over the run's join (`rows`) and the event log."""
-    post, pre = temporal_join.post_assignment_rows(rows), temporal_join.pre_assignment_rows(rows)
-    for name, table, schema_of in (
-        (POST, post, schemas.post_assignment_events_schema),
-        (PRE, pre, schemas.pre_assignment_events_schema),
-    ):
-        verdicts = validation.validate_partitions({e.id: schema_of(e) for e in experiments}, table)
-        counts = dict(session.to_pandas(table.group_by("experiment_id").aggregate(rows=table.count())).itertuples(index=False))
+    over the run's aggregated join (its segments) and the event log."""
+    segments = join.segments.join(ibis.memtable(join.cut.segments), ["span", "segment"]).join(
+        ibis.memtable(join.cut.spans[["span", "experiment_id", "event_name"]]), "span"
+    )
+    verdict_names = sorted({n for check in join.validations.values() for n in check.row_verdict_names})
+    per_period = session.to_pandas(segments.group_by("experiment_id", "period").aggregate(
+        rows=segments.n_events.sum(), before=segments.n_before_assignment.sum(),
+        **{name: segments[name].all() for name in verdict_names},
+    ))
+    periods = {(r["experiment_id"], r["period"]): r for r in per_period.to_dict("records")}
+    for name, schema_of in WINDOW_SCHEMAS:
+        period = "post" if name == POST else "pre"
+        check = join.validations[name]
+        # The subject-side verdicts, over the subjects with rows in this period.
+        units = segments.filter(segments.period == period).select("unit").distinct()
+        subjects = join.subjects.semi_join(units, "unit")
+        subjects = subjects.mutate(event_at=subjects.assigned_at, event_name=ibis.literal(""), value=ibis.null("float64"))
+        aggregates = check.subject_verdicts(subjects)
+        subject_results = subjects.aggregate(**aggregates).to_pyarrow().to_pylist()[0] if aggregates else {}
         for e in experiments:
-            outcomes[e.id].record(name, "matches_schema", checks.schema_outcome(verdicts[e.id], int(counts.get(e.id, 0))))
-    leaked = post.filter(post.event_at < post.assigned_at)
-    leaked_counts = dict(session.to_pandas(leaked.group_by("experiment_id").aggregate(n=leaked.count())).itertuples(index=False))
+            found = periods.get((e.id, period), {})
+            rows = int(found.get("rows") or 0)
+            if check.passed(e.id, rows, found, subject_results):
+                verdict = validation.ValidationOutcome(passed=True, failures=[])
+            else:
+                verdict = validation.validate(schema_of(e), join.rows_of(name, e.id))
+            outcomes[e.id].record(name, "matches_schema", checks.schema_outcome(verdict, rows))
     for e in experiments:
-        sample = session.to_pandas(checks.leak_sample(leaked.filter(leaked.experiment_id == e.id))) if leaked_counts.get(e.id) else None
-        outcomes[e.id].record(POST, "no_events_before_assignment", checks.leak_outcome(int(leaked_counts.get(e.id, 0)), sample))
-    logged = checks.metric_event_counts(session, events, [(e, registry.metrics_of(e)) for e in experiments])
-    matched = session.to_pandas(rows.group_by("experiment_id", "event_name").aggregate(matched=rows.count()))
+        leaked = int(periods.get((e.id, "post"), {}).get("before") or 0)
+        sample = None
+        if leaked:
+            rows = join.rows_of(POST, e.id)
+            sample = session.to_pandas(checks.leak_sample(rows.filter(rows.event_at < rows.assigned_at)))
+        outcomes[e.id].record(POST, "no_events_before_assignment", checks.leak_outcome(leaked, sample))
+    logged = checks.metric_event_counts(session, join.events, [(e, registry.metrics_of(e)) for e in experiments])
+    matched = session.to_pandas(segments.group_by("experiment_id", "event_name").aggregate(matched=segments.n_events.sum()))
     for e in experiments:
         outcomes[e.id].record(
             POST, "metric_events_match_subjects",
@@ -299,19 +375,10 @@ def _analyse(
             going.append(e)
     if not going:
         return
-    windows = session.table(METRIC_WINDOWS)
-    windows = windows.filter(windows.experiment_id.isin([e.id for e in going]))
-    assignments = ibis.union(
-        *(analysable_assignments(session.partition(DEDUPED, e.id)) for e in going), distinct=False
-    ).select("experiment_id", "subject_id", "variant_id", "assigned_at")
-    # Small (one row per subject and experiment); materialized so every query sees the same subjects.
-    assignments = session.temp_table("_analysable", assignments)
-    events = _metric_events(event_log, registry, going)
     with clock.stage("temporal join"):
-        # The one join of the run, materialized once: the values and every event check read it.
-        rows = session.temp_table("_window_rows", temporal_join.window_rows(assignments, events, windows))
+        join = _run_join(session, registry, going, _metric_events(event_log, registry, going))
     with clock.stage("event checks"):
-        _event_checks(session, registry, going, rows, events, outcomes)
+        _event_checks(session, registry, going, join, outcomes)
     analysed = [e for e in going if not outcomes[e.id].stop_if_blocked()]
     for e in going:
         outcomes[e.id].metadata[POST] = {"event_log_rows_read": rows_read}
@@ -321,8 +388,9 @@ def _analyse(
     ids = [e.id for e in analysed]
     with clock.stage("per-subject values"):
         values = subject_metric_values(
-            assignments.filter(assignments.experiment_id.isin(ids)), rows.filter(rows.experiment_id.isin(ids)),
-            windows.filter(windows.experiment_id.isin(ids)),
+            join.subjects.filter(join.subjects.experiment_id.isin(ids)),
+            join.segments.filter(join.segments.span.isin(join.spans_of(ids))),
+            ibis.memtable(join.cut.coverage), join.windows.filter(join.windows.experiment_id.isin(ids)),
         )
         values = session.temp_table("_subject_values", values)
     with clock.stage("caps and sufficient statistics"):

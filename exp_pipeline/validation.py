@@ -13,6 +13,7 @@ from functools import partial
 import ibis
 import ibis.expr.operations as ops
 import ibis.expr.types as ir
+import numpy as np
 
 # Imported before any schema is built: a built-in check binds its implementations (ibis among
 # them) when it is created, and the ibis ones are registered by this import.
@@ -199,6 +200,85 @@ def validate_partitions(
         else:
             outcomes[partition] = validate(schema, table.filter(table[key] == partition))
     return outcomes
+
+
+class JoinValidation:
+    """Per-partition schemas over a join of subjects with their rows (post_assignment_events is
+    deduped_assignments joined with events), decided without storing the join: a data verdict that
+    reads subject columns only is evaluated on the subjects (a small table), the others per row
+    inside the join's own aggregation, once for every partition whose schema has the same verdict.
+
+    `row_verdicts` builds the per-row ones over the join (the aggregation calls it with its rows);
+    `subject_verdicts` the others as aggregates over the subjects; `passed` decides a partition
+    from both results. Partitions whose schema cannot be batched (or fails on types alone) are
+    never shown to pass: pandera validates them (`validate`).
+    """
+
+    def __init__(self, schemas: dict[str, pa.DataFrameSchema], subject_columns: set[str], prefix: str) -> None:
+        self.schemas, self.subject_columns, self.prefix = schemas, subject_columns, prefix
+        self._row_names: dict[str, list[str]] = {}  # partition -> the row verdicts it needs
+        self._subject_indices: dict[str, list[int]] = {}  # partition -> its subject verdicts (schema order)
+        self.row_verdict_names: list[str] = []  # the columns row_verdicts made
+
+    def row_verdicts(self, rows: ir.Table, shared: dict[str, ir.BooleanColumn] | None = None) -> dict[str, ir.BooleanColumn]:
+        """The per-row verdicts over `rows`, by name; with `shared` (another validation's result
+        over the same rows), a verdict already there is reused, and the result includes it."""
+        _bound_what_failures_fetch()
+        shared = dict(shared or {})
+        used: set[str] = set()
+        view = rows.select(*next(iter(self.schemas.values())).columns) if self.schemas else rows
+        for partition, schema in self.schemas.items():
+            try:
+                with config_context(validation_depth=ValidationDepth.SCHEMA_ONLY):
+                    schema.validate(view, lazy=True)
+            except SchemaErrors:
+                continue
+            verdicts = _data_verdicts(schema, rows)
+            if verdicts is None or schema.unique:
+                continue
+            names, subject = [], []
+            for i, verdict in enumerate(verdicts):
+                read = {f.name for f in verdict.op().find(ops.Field) if f.rel == rows.op()}
+                if read <= self.subject_columns:
+                    subject.append(i)
+                    continue
+                name = next((n for n, v in shared.items() if v.equals(verdict)), None)
+                if name is None:
+                    name = f"{self.prefix}{len(shared)}"
+                    shared[name] = verdict
+                names.append(name)
+                used.add(name)
+            self._row_names[partition], self._subject_indices[partition] = names, subject
+        self.row_verdict_names = sorted(used)
+        return shared
+
+    def subject_verdicts(self, subjects: ir.Table, key: str = "experiment_id") -> dict[str, ir.BooleanScalar]:
+        """Aggregates over `subjects` (the subject columns, and placeholders for the others: no
+        verdict read here reads them) of every batched partition's subject verdicts."""
+        aggregates = {}
+        for partition, indices in self._subject_indices.items():
+            verdicts = _data_verdicts(self.schemas[partition], subjects)
+            outside = subjects[key] != partition
+            for i in indices:
+                aggregates[f"{self.prefix}{partition}_{i}"] = (outside | verdicts[i]).all()
+        return aggregates
+
+    def passed(self, partition: str, rows: int, row_results: dict, subject_results: dict) -> bool:
+        """Shown to pass: batched, and every verdict true (vacuously over no rows). `row_results`:
+        the partition's all() of each row verdict; `subject_results`: `subject_verdicts`' values."""
+        if partition not in self._row_names:
+            return False
+        if rows == 0:
+            return True
+        names = [f"{self.prefix}{partition}_{i}" for i in self._subject_indices[partition]]
+        return all(_true(row_results.get(n)) for n in self._row_names[partition]) and all(
+            _true(subject_results.get(n)) for n in names
+        )
+
+
+def _true(value) -> bool:
+    # all() over rows is NULL where a verdict was NULL: not shown to pass.
+    return isinstance(value, bool | np.bool_) and bool(value)
 
 
 def _pandera_outcome(schema: pa.DataFrameSchema, table: ir.Table) -> ValidationOutcome:

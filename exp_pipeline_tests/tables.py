@@ -6,7 +6,16 @@ import pandas as pd
 
 from exp_pipeline.registry import Experiment, Metric
 from exp_pipeline.transforms.subject_values import subject_metric_values
-from exp_pipeline.transforms.temporal_join import metric_windows_frame, post_assignment_rows, window_rows
+from exp_pipeline.transforms.temporal_join import (
+    metric_windows_frame,
+    numbered_subjects,
+    post_assignment_rows,
+    segment_rows,
+    segment_sums,
+    subject_spans,
+    window_rows,
+    window_segments,
+)
 
 UTC = dt.UTC
 START = dt.datetime(2026, 10, 1, tzinfo=UTC)
@@ -59,10 +68,14 @@ def events_table(con, rows):
     return con.create_table("events", frame, overwrite=True)
 
 
+def windows_frame(metrics, pre_window_days: float = 0):
+    exp = experiment(metrics=[m.id for m in metrics], cuped_pre_window_days=pre_window_days)
+    return metric_windows_frame([(exp, metrics)])
+
+
 def windows_table(con, metrics, pre_window_days: float = 0):
     """The metric_windows table of experiment `exp` with these metrics."""
-    exp = experiment(metrics=[m.id for m in metrics], cuped_pre_window_days=pre_window_days)
-    return con.create_table("windows", metric_windows_frame([(exp, metrics)]))
+    return con.create_table("windows", windows_frame(metrics, pre_window_days), overwrite=True)
 
 
 def window(con, assignments, events, metrics, pre_window_days: float = 0):
@@ -77,5 +90,9 @@ def post_rows(con, assignments, events, metrics):
 
 def values_of(con, assignments, events, metrics, pre_window_days: float = 0):
     """Per-subject values of experiment `exp`, both periods, as the pass computes them."""
-    rows = window(con, assignments, events, metrics, pre_window_days)
-    return subject_metric_values(assignments, rows, windows_table(con, metrics, pre_window_days))
+    spans, _, coverage = window_segments(windows_frame(metrics, pre_window_days))
+    subjects = con.create_table("subjects", numbered_subjects(assignments), overwrite=True)
+    segments = segment_sums(segment_rows(con.create_table("sides", subject_spans(subjects, con.create_table("spans", spans))), events))
+    return subject_metric_values(
+        subjects, segments, con.create_table("coverage", coverage, overwrite=True), windows_table(con, metrics, pre_window_days)
+    )

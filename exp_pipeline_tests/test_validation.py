@@ -147,3 +147,39 @@ def test_a_check_that_raises_is_reported_as_pandera_reports_it(session):
     schema = pa.DataFrameSchema({"n": pa.Column(ibis.dtype("int64"), pa.Check(broken, name="broken"))})
     outcome = validation.validate(schema, table)
     assert not outcome.passed and outcome == validation._pandera_outcome(schema, table)
+
+
+def _join_schema(variants: list[str]) -> pa.DataFrameSchema:
+    return pa.DataFrameSchema(
+        {
+            "experiment_id": pa.Column(ibis.dtype("string")),
+            "variant_id": pa.Column(ibis.dtype("string"), pa.Check.isin(variants)),
+            "event_at": pa.Column(ibis.dtype("int64")),
+            "assigned_at": pa.Column(ibis.dtype("int64")),
+        },
+        checks=[pa.Check(lambda d: d.table.event_at >= d.table.assigned_at, name="after")],
+        strict=True,
+    )
+
+
+@pytest.mark.parametrize(("bad_variant", "early_event", "passes"), [(False, False, True), (True, False, False), (False, True, False)])
+def test_a_join_is_validated_from_its_subjects_and_shared_row_verdicts(session, bad_variant, early_event, passes):
+    subjects = pd.DataFrame({"experiment_id": ["a", "b"], "variant_id": ["x", "purple" if bad_variant else "y"], "assigned_at": [10, 10]})
+    frame = subjects.merge(pd.DataFrame({"experiment_id": ["a", "b", "b"], "event_at": [11, 12, 5 if early_event else 13]}))
+    rows = session.temp_table("join_rows", ibis.memtable(frame))
+    schemas = {"a": _join_schema(["x"]), "b": _join_schema(["y"])}
+    check = validation.JoinValidation(schemas, {"experiment_id", "variant_id", "assigned_at"}, "v_")
+    verdicts = check.row_verdicts(rows)
+    # The variants' isin reads subject columns only: checked on the subjects. The row verdicts
+    # (event_at not null, event_at >= assigned_at) are the same for both schemas: computed once.
+    assert list(verdicts) == check.row_verdict_names and len(verdicts) == 2
+    with_verdicts = rows.mutate(**verdicts)
+    per_experiment = session.to_pandas(with_verdicts.group_by("experiment_id").aggregate(
+        rows=with_verdicts.count(), **{n: with_verdicts[n].all() for n in verdicts}
+    ))
+    subject_rows = session.temp_table("join_subjects", ibis.memtable(subjects.assign(event_at=0)))
+    subject_results = subject_rows.aggregate(**check.subject_verdicts(subject_rows)).to_pyarrow().to_pylist()[0]
+    got = {r["experiment_id"]: check.passed(r["experiment_id"], r["rows"], r, subject_results) for r in per_experiment.to_dict("records")}
+    assert got == {"a": True, "b": passes}
+    # pandera, on the rows themselves, agrees.
+    assert validation.validate(schemas["b"], rows.filter(rows.experiment_id == "b")).passed is passes

@@ -67,8 +67,11 @@ def exact_terms(table: ir.Table, term: ir.NumericColumn, name: str) -> ir.Table:
     """`table` with `{name}_bucket` and `{name}_fixed`, the term's exponent bucket and the term
     as an exact integer of it (0 for a zero or null term), for `exact_sums`."""
     magnitude = term.abs()
-    bucket = ibis.ifelse(magnitude > 0, (magnitude.log2().floor() / BUCKET_BINADES).floor(), 0).cast("int64")
-    fixed = _times_two_to(term.fill_null(0.0), BUCKET_BITS - BUCKET_BINADES * bucket).cast(FIXED_POINT)
+    nonzero = magnitude > 0  # null for a null term: the zero branches (no logarithm, no powers)
+    bucket = ibis.ifelse(nonzero, (magnitude.log2().floor() / BUCKET_BINADES).floor(), 0).cast("int64")
+    fixed = ibis.ifelse(
+        nonzero, _times_two_to(term, BUCKET_BITS - BUCKET_BINADES * bucket).cast(FIXED_POINT), ibis.literal(0, FIXED_POINT)
+    )
     return table.mutate(**{f"{name}_bucket": bucket, f"{name}_fixed": fixed})
 
 

@@ -13,39 +13,29 @@ from exp_pipeline.transforms.fixed_point import (
     NO_TERMS,
     SumBound,
     exact_sums,
-    exact_terms,
     fixed_point_sum,
     scales_table,
 )
 
 
-def subject_metric_values(assignments: ir.Table, rows: ir.Table, windows: ir.Table) -> ir.Table:
+def subject_metric_values(subjects: ir.Table, segments: ir.Table, coverage: ir.Table, windows: ir.Table) -> ir.Table:
     """Per (experiment, subject, metric, period) value, for every experiment in `windows` at once;
     subjects without events count as zero.
 
-    `rows` are `window_rows` (deduplicated events inside the windows); `windows` the
-    `metric_windows_frame` table. Period `post`: the metric's own window after assignment;
-    `pre` (only where the experiment has a pre-period): the CUPED covariate, every event of the
-    metric's name in the pre-period. Each subject's sum is exact in fixed point (`exact_sums`).
-    Capping is applied separately (`cap_subject_values`).
+    `subjects`: the analysable subjects with their `unit` (`numbered_subjects`); `segments`: the
+    run's aggregated join (`segment_sums`); `coverage` (`window_segments`): the segments of each
+    metric's post window and of its pre-period; `windows`: the `metric_windows_frame` table.
+    Period `post`: the metric's own window after assignment; `pre` (only where the experiment has
+    a pre-period): the CUPED covariate, every event of the metric's name in the pre-period. Each
+    subject's sum is exact in fixed point (`exact_sums` over the segments' bucket sums). Capping is
+    applied separately (`cap_subject_values`).
     """
-    matched = rows.join(windows, ["experiment_id", "event_name"])
-    post = (matched.event_at >= matched.assigned_at + matched.start_seconds.as_interval("s")) & (
-        matched.event_at < matched.assigned_at + matched.end_seconds.as_interval("s")
-    )
-    pre = matched.event_at < matched.assigned_at
-    matched = matched.mutate(period=ibis.cases((post, "post"), (pre, "pre"), else_=ibis.null("string")))
-    matched = matched.filter(matched.period.notnull())
-    # Only sum metrics use the values: the others skip the fixed-point conversion (null terms).
-    matched = matched.mutate(
-        _term=ibis.ifelse(matched.aggregation == "sum", matched.value.fill_null(0.0), ibis.null("float64"))
-    )
-    key = ["experiment_id", "subject_id", "metric", "period"]
-    matched = exact_terms(matched, matched._term, "sum_value")
-    per_subject = exact_sums(matched, key, "sum_value", n_events=matched.count())
+    covered = segments.join(coverage, ["span", "segment"])
+    key = ["unit", "metric", "period"]
+    per_subject = exact_sums(covered, key, "sum_value", n_events=covered.n_events.sum())
 
     periods = ibis.memtable(pd.DataFrame({"period": ["post", "pre"]}))
-    grid = assignments.select("experiment_id", "subject_id", "variant_id").join(
+    grid = subjects.select("unit", "experiment_id", "subject_id", "variant_id").join(
         windows.select("experiment_id", "metric", "aggregation", "pre_seconds"), "experiment_id"
     ).cross_join(periods)
     grid = grid.filter((grid.period == "post") | (grid.pre_seconds > 0))

@@ -6,12 +6,15 @@ experiment of a run at once.
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import NamedTuple
 
+import ibis
 import ibis.expr.types as ir
 import pandas as pd
 
 from exp_pipeline.registry import Experiment, Metric
+from exp_pipeline.transforms.fixed_point import exact_terms
 from exp_pipeline.vocabulary import whole_seconds
 
 WINDOW_COLUMNS = ("experiment_id", "subject_id", "variant_id", "assigned_at", "event_at", "event_name", "value")
@@ -95,3 +98,131 @@ def post_assignment_rows(window_events: ir.Table) -> ir.Table:
 def pre_assignment_rows(window_events: ir.Table) -> ir.Table:
     """The rows of `window_rows` before assignment: pre_assignment_events."""
     return window_events.filter(window_events.event_at < window_events.assigned_at)
+
+
+# -- the run's join, aggregated: per subject, event name and window segment -------------------------
+
+SPAN_COLUMNS = ("span", "experiment_id", "event_name", "pre_seconds", "start_seconds", "end_seconds")
+SEGMENT_KEY = ("unit", "span", "segment")
+
+
+class WindowSegments(NamedTuple):
+    spans: pd.DataFrame  # SPAN_COLUMNS and bound_1..bound_K
+    segments: pd.DataFrame  # span, segment, period: every segment of every span
+    coverage: pd.DataFrame  # span, segment, metric, period: the segments of each metric's windows
+
+
+def window_segments(windows: pd.DataFrame) -> WindowSegments:
+    """The windows of every (experiment, event name) cut into segments for the aggregated join.
+
+    `windows`: `metric_windows_frame`. A span is one experiment's event name: its pre-period
+    [-pre, 0) and its post-assignment reach [earliest start, latest end) (offsets in seconds from
+    assignment). The offsets where any of its metrics' windows begins or ends cut it into
+    segments; every metric window is a union of whole segments, so summing a subject's events per
+    segment once gives every metric of the name (a segment inside no metric's window is still in
+    post_assignment_events, and counted there).
+
+    Returns `spans` (SPAN_COLUMNS, and `bound_1..bound_K`: each span's inner cut offsets, padded
+    with its end; a row's segment is how many of them it reaches), every segment's period (`pre`
+    before assignment), and `coverage`: which segments make up each metric's post window, and its
+    pre-period.
+    """
+    spans, segments, coverage = [], [], []
+    keyed = windows.sort_values(["experiment_id", "event_name", "metric"])
+    for span, ((experiment_id, event_name), group) in enumerate(keyed.groupby(["experiment_id", "event_name"], sort=True)):
+        pre = int(group.pre_seconds.max())
+        start, end = int(group.start_seconds.min()), int(group.end_seconds.max())
+        cuts = sorted({-pre, 0, *map(int, group.start_seconds), *map(int, group.end_seconds)})
+        spans.append({
+            "span": span, "experiment_id": experiment_id, "event_name": event_name,
+            "pre_seconds": pre, "start_seconds": start, "end_seconds": end, "inner": cuts[1:-1],
+        })
+        for segment, (low, high) in enumerate(zip(cuts[:-1], cuts[1:], strict=True)):
+            segments.append((span, segment, "pre" if high <= 0 and pre else "post"))
+            for m in group.itertuples(index=False):
+                if high <= 0 and pre:
+                    coverage.append((span, segment, m.metric, "pre"))
+                elif low >= m.start_seconds and high <= m.end_seconds:
+                    coverage.append((span, segment, m.metric, "post"))
+    width = max((len(s["inner"]) for s in spans), default=0)
+    for s in spans:
+        inner = s.pop("inner")
+        s.update({f"bound_{k + 1}": (inner[k] if k < len(inner) else s["end_seconds"]) for k in range(width)})
+    columns = [*SPAN_COLUMNS, *(f"bound_{k + 1}" for k in range(width))]
+    spans_frame = pd.DataFrame(spans, columns=columns).astype({c: "int64" for c in columns if c not in ("experiment_id", "event_name")})
+    keys = {"span": "int64", "segment": "int64"}
+    return WindowSegments(
+        spans_frame,
+        pd.DataFrame(segments, columns=["span", "segment", "period"]).astype(keys),
+        pd.DataFrame(coverage, columns=["span", "segment", "metric", "period"]).astype(keys),
+    )
+
+
+def numbered_subjects(subjects: ir.Table) -> ir.Table:
+    """`subjects` with `unit`, an integer key per (experiment, subject): the aggregated join
+    deduplicates and groups on integers, not on the ids' text."""
+    return subjects.mutate(unit=ibis.row_number().over(order_by=[subjects.experiment_id, subjects.subject_id]))
+
+
+def subject_spans(subjects: ir.Table, spans: ir.Table) -> ir.Table:
+    """The build side of the run's join: per subject and span, the span's bounds as timestamps.
+
+    `subjects`: analysable subjects of every experiment (experiment_id, subject_id, variant_id,
+    assigned_at) with their `unit` (`numbered_subjects`); `spans`: `window_segments(...).spans`.
+    Materialize it before `segment_rows`: computed inside the join query, the engine moves the
+    interval arithmetic after the join, to every matched event.
+    """
+    bounds = [c for c in spans.columns if c.startswith("bound_")]
+    sides = subjects.join(spans, "experiment_id")
+    at = sides.assigned_at
+    return sides.select(
+        "unit", "span", "experiment_id", "subject_id", "variant_id", "assigned_at", "event_name",
+        _pre_start=at - sides.pre_seconds.as_interval("s"),
+        _start=at + sides.start_seconds.as_interval("s"),
+        _end=at + sides.end_seconds.as_interval("s"),
+        **{f"_{b}": at + sides[b].as_interval("s") for b in bounds},
+    )
+
+
+def segment_rows(sides: ir.Table, events: ir.Table) -> ir.Table:
+    """The run's temporal join: each subject's events inside its spans' windows (`window_rows`'
+    rules), with WINDOW_COLUMNS and the row's `unit`, `span` and `segment` (not deduplicated).
+    `sides`: `subject_spans`, materialized."""
+    bounds = [c for c in sides.columns if c.startswith("_bound_")]
+    joined = sides.join(events, ["subject_id", "event_name"])
+    in_window = ((joined.event_at >= joined._pre_start) & (joined.event_at < joined.assigned_at)) | (
+        (joined.event_at >= joined._start) & (joined.event_at < joined._end)
+    )
+    joined = joined.filter(in_window)
+    segment = sum((joined.event_at >= joined[b]).cast("int64") for b in bounds) if bounds else ibis.literal(0, "int64")
+    return joined.select("unit", "span", *WINDOW_COLUMNS, segment=segment)
+
+
+def rows_of_period(rows: ir.Table, segments: ir.Table, period: str) -> ir.Table:
+    """The deduplicated `segment_rows` of one period's segments (`window_segments(...).segments`
+    as a table): what post_assignment_events ("post") or pre_assignment_events ("pre") hold."""
+    of_period = segments.filter(segments.period == period).select("span", "segment")
+    return rows.semi_join(of_period, ["span", "segment"]).select(*WINDOW_COLUMNS).distinct()
+
+
+def segment_sums(
+    rows: ir.Table, row_verdicts: Callable[[ir.Table], dict[str, ir.BooleanColumn]] = lambda rows: {},
+) -> ir.Table:
+    """The run's join (`segment_rows`) aggregated as it goes, per (unit, span, segment, value
+    bucket): the events, their exact value sum (`sum_value_bucket/_fixed`, `exact_terms`), the rows
+    before assignment and the row verdicts. The join's rows are never stored.
+
+    Exact duplicate events count once, decided on integer keys (unit, span) with the event's time
+    and value. `row_verdicts(rows)` gives boolean columns over the rows, aggregated with all().
+    """
+    verdicts = row_verdicts(rows)
+    rows = rows.select(
+        "unit", "span", "segment", "event_at", "value", _before=rows.event_at < rows.assigned_at, **verdicts,
+    ).distinct()
+    rows = exact_terms(rows, rows.value, "sum_value")
+    return rows.group_by(*SEGMENT_KEY, "sum_value_bucket").aggregate(
+        n_events=rows.count(),
+        n_before_assignment=rows._before.cast("int64").sum(),
+        sum_value_fixed=rows.sum_value_fixed.sum(),
+        **{name: rows[name].all() for name in verdicts},
+    )

@@ -94,8 +94,14 @@ def test_a_duplicated_subject_fails_uniqueness_with_its_key(clean):
 
 
 def test_a_join_that_lets_pre_assignment_events_in_fails_leakage_and_schema(tmp_path, instance, monkeypatch):
-    # The checks judge the run's own join: split it wrongly (every row "post") and they say so.
-    monkeypatch.setattr(temporal_join, "post_assignment_rows", lambda rows: rows)
+    # The checks judge the run's own join: split it wrongly (every segment "post") and they say so.
+    cut = temporal_join.window_segments
+
+    def every_segment_post(windows):
+        spans, segments, coverage = cut(windows)
+        return temporal_join.WindowSegments(spans, segments.assign(period="post"), coverage)
+
+    monkeypatch.setattr(temporal_join, "window_segments", every_segment_post)
     workspace = write_tiny_workspace(tmp_path)
     result = run(workspace, instance)
     found = evaluations(result)
