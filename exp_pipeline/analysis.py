@@ -39,6 +39,7 @@ from exp_pipeline.transforms.fixed_point import read_bounds, value_bounds
 from exp_pipeline.transforms.subject_values import (
     VALUE_KEY,
     cap_subject_values,
+    metric_bucket_sums,
     subject_metric_values,
     sufficient_statistics,
 )
@@ -387,10 +388,10 @@ def _analyse(
         return
     ids = [e.id for e in analysed]
     with clock.stage("per-subject values"):
+        sums = metric_bucket_sums(join.segments.filter(join.segments.span.isin(join.spans_of(ids))), ibis.memtable(join.cut.coverage))
+        sums = session.temp_table("_metric_bucket_sums", sums)
         values = subject_metric_values(
-            join.subjects.filter(join.subjects.experiment_id.isin(ids)),
-            join.segments.filter(join.segments.span.isin(join.spans_of(ids))),
-            ibis.memtable(join.cut.coverage), join.windows.filter(join.windows.experiment_id.isin(ids)),
+            join.subjects.filter(join.subjects.experiment_id.isin(ids)), sums, join.windows.filter(join.windows.experiment_id.isin(ids)),
         )
         values = session.temp_table("_subject_values", values)
     with clock.stage("caps and sufficient statistics"):

@@ -5,7 +5,7 @@ import datetime as dt
 import pandas as pd
 
 from exp_pipeline.registry import Experiment, Metric
-from exp_pipeline.transforms.subject_values import subject_metric_values
+from exp_pipeline.transforms.subject_values import metric_bucket_sums, subject_metric_values
 from exp_pipeline.transforms.temporal_join import (
     metric_windows_frame,
     numbered_subjects,
@@ -93,6 +93,5 @@ def values_of(con, assignments, events, metrics, pre_window_days: float = 0):
     spans, _, coverage = window_segments(windows_frame(metrics, pre_window_days))
     subjects = con.create_table("subjects", numbered_subjects(assignments), overwrite=True)
     segments = segment_sums(segment_rows(con.create_table("sides", subject_spans(subjects, con.create_table("spans", spans))), events))
-    return subject_metric_values(
-        subjects, segments, con.create_table("coverage", coverage, overwrite=True), windows_table(con, metrics, pre_window_days)
-    )
+    sums = con.create_table("bucket_sums", metric_bucket_sums(segments, con.create_table("coverage", coverage)))
+    return subject_metric_values(subjects, sums, windows_table(con, metrics, pre_window_days))

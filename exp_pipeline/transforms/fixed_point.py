@@ -80,20 +80,26 @@ def exact_sums(table: ir.Table, group_by: Sequence[str], name: str, **counts: ir
     BUCKET_BINADES), and the `counts` aggregates (summed over the buckets: counts only)."""
     bucket, fixed = f"{name}_bucket", f"{name}_fixed"
     per_bucket = table.group_by(*group_by, bucket).aggregate(_sum=table[fixed].sum(), **counts)
-    top = per_bucket[bucket].max().over(ibis.window(group_by=[per_bucket[c] for c in group_by]))
-    per_bucket = per_bucket.mutate(_top=top)
-    # Lower buckets onto the top bucket's grid: one rounding each (the cast), the same in any run.
-    shifted = ibis.ifelse(
-        per_bucket[bucket] == per_bucket._top,
-        per_bucket._sum,
-        _times_two_to(per_bucket._sum.cast("float64"), BUCKET_BINADES * (per_bucket[bucket] - per_bucket._top))
-        .cast(FIXED_POINT),
-    )
-    per_bucket = per_bucket.mutate(_shifted=shifted)
-    summed = per_bucket.group_by(*group_by).aggregate(
-        _total=per_bucket._shifted.sum(), _top=per_bucket._top.max(),
+    per_group = per_bucket.group_by(*group_by).aggregate(
+        _top=per_bucket[bucket].max(), _low=per_bucket[bucket].min(), _total=per_bucket._sum.sum(),
         **{c: per_bucket[c].sum() for c in counts},
     )
+    # Almost every group's terms share one bucket: their integer sum is exact as it is.
+    single = per_group.filter(per_group._top == per_group._low)
+    # The others: lower buckets onto the top bucket's grid, one rounding each (the cast), the same
+    # in any run. Joined on the few groups that need it (a window over every group costs more).
+    several = per_group.filter(per_group._top != per_group._low).select(*group_by, "_top", *counts)
+    spread = per_bucket.drop(*counts).join(several, list(group_by))
+    shifted = ibis.ifelse(
+        spread[bucket] == spread._top,
+        spread._sum,
+        _times_two_to(spread._sum.cast("float64"), BUCKET_BINADES * (spread[bucket] - spread._top)).cast(FIXED_POINT),
+    )
+    spread = spread.mutate(_shifted=shifted)
+    several = spread.group_by(*group_by).aggregate(
+        _total=spread._shifted.sum(), _top=spread._top.max(), **{c: spread[c].max() for c in counts},
+    )
+    summed = ibis.union(single.select(*group_by, "_total", "_top", *counts), several.select(*group_by, "_total", "_top", *counts))
     value = _times_two_to(summed._total.cast("float64"), BUCKET_BINADES * summed._top - BUCKET_BITS)
     return summed.mutate(**{name: value}).drop("_total", "_top")
 

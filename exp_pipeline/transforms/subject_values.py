@@ -18,21 +18,30 @@ from exp_pipeline.transforms.fixed_point import (
 )
 
 
-def subject_metric_values(subjects: ir.Table, segments: ir.Table, coverage: ir.Table, windows: ir.Table) -> ir.Table:
+def metric_bucket_sums(segments: ir.Table, coverage: ir.Table) -> ir.Table:
+    """Per (unit, metric, period, value bucket): the events and their exact fixed-point sum, from
+    the run's aggregated join. `segments`: `segment_sums`; `coverage` (`window_segments`): the
+    segments of each metric's post window and of its pre-period. Materialize it:
+    `subject_metric_values` reads it more than once."""
+    covered = segments.join(coverage, ["span", "segment"])
+    return covered.group_by("unit", "metric", "period", "sum_value_bucket").aggregate(
+        n_events=covered.n_events.sum(), sum_value_fixed=covered.sum_value_fixed.sum()
+    )
+
+
+def subject_metric_values(subjects: ir.Table, bucket_sums: ir.Table, windows: ir.Table) -> ir.Table:
     """Per (experiment, subject, metric, period) value, for every experiment in `windows` at once;
     subjects without events count as zero.
 
-    `subjects`: the analysable subjects with their `unit` (`numbered_subjects`); `segments`: the
-    run's aggregated join (`segment_sums`); `coverage` (`window_segments`): the segments of each
-    metric's post window and of its pre-period; `windows`: the `metric_windows_frame` table.
-    Period `post`: the metric's own window after assignment; `pre` (only where the experiment has
-    a pre-period): the CUPED covariate, every event of the metric's name in the pre-period. Each
-    subject's sum is exact in fixed point (`exact_sums` over the segments' bucket sums). Capping is
-    applied separately (`cap_subject_values`).
+    `subjects`: the analysable subjects with their `unit` (`numbered_subjects`); `bucket_sums`:
+    `metric_bucket_sums`; `windows`: the `metric_windows_frame` table. Period `post`: the metric's
+    own window after assignment; `pre` (only where the experiment has a pre-period): the CUPED
+    covariate, every event of the metric's name in the pre-period. Each subject's sum is exact in
+    fixed point (`exact_sums` over its buckets). Capping is applied separately
+    (`cap_subject_values`).
     """
-    covered = segments.join(coverage, ["span", "segment"])
     key = ["unit", "metric", "period"]
-    per_subject = exact_sums(covered, key, "sum_value", n_events=covered.n_events.sum())
+    per_subject = exact_sums(bucket_sums, key, "sum_value", n_events=bucket_sums.n_events.sum())
 
     periods = ibis.memtable(pd.DataFrame({"period": ["post", "pre"]}))
     grid = subjects.select("unit", "experiment_id", "subject_id", "variant_id").join(
