@@ -13,6 +13,8 @@ Started by run_benchmark.py: `prepare.py --users N --seed S --work-dir DIR`; pri
 from __future__ import annotations
 
 import argparse
+import copy
+import dataclasses
 import datetime as dt
 import json
 import time
@@ -22,7 +24,7 @@ import duckdb
 import yaml
 
 from exp_pipeline.registry import Registry, load_registry
-from exp_pipeline.sample_data import EXPERIMENTS, Arm, ExperimentSpec, generate
+from exp_pipeline.sample_data import ENROLL_SHARE, EXPERIMENTS, Arm, ExperimentSpec, generate
 
 REGISTRY = Path(__file__).resolve().parents[1] / "data" / "registry.yaml"
 # reference.sql and bench_pandas.py read the generator's columns; the registry must map exactly these.
@@ -51,19 +53,45 @@ SECONDS_PER_DAY = 86_400
 EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
 
 
-def write_registry(path: Path) -> None:
-    """data/registry.yaml with the fifth experiment appended (source paths stay relative)."""
+FIVE = (*EXPERIMENTS, FIFTH_EXPERIMENT)
+
+
+def experiment_specs(count: int) -> list[ExperimentSpec]:
+    """The five experiments, or `count` of them cycling through the five's shapes, each enrolling
+    5/count of the five's share: the same exposure and event volume split among more experiments
+    (what "cost does not grow with the number of experiments" is measured on)."""
+    if count == len(FIVE):
+        return list(FIVE)
+    share = ENROLL_SHARE * len(FIVE) / count
+    return [
+        dataclasses.replace(FIVE[i % len(FIVE)], key=f"{FIVE[i % len(FIVE)].key}_{i + 1:02d}", enroll_share=share)
+        for i in range(count)
+    ]
+
+
+def write_registry(path: Path, specs: list[ExperimentSpec]) -> None:
+    """data/registry.yaml with the fifth experiment appended, or `specs`' copies of the five
+    (source paths stay relative)."""
     registry = yaml.safe_load(REGISTRY.read_text())
-    registry["experiments"].append(FIFTH_EXPERIMENT_REGISTRY)
+    five = {e["id"]: e for e in [*registry["experiments"], FIFTH_EXPERIMENT_REGISTRY]}
+    experiments = []
+    for spec in specs:
+        shape = next(f for f in FIVE if spec.key == f.key or spec.key.startswith(f.key + "_"))
+        experiments.append({**copy.deepcopy(five[shape.key]), "id": spec.key})
+    registry["experiments"] = experiments
     path.write_text(yaml.safe_dump(registry, sort_keys=False))
 
 
-def prepare_data(work_root: Path, users: int, activity_scale: float, seed: int) -> tuple[Path, float | None]:
+def prepare_data(
+    work_root: Path, users: int, activity_scale: float, seed: int, experiments: int = len(FIVE)
+) -> tuple[Path, float | None]:
     """The data folder for this size; returns it and the generation time (None when reused)."""
-    data_dir = work_root / f"users-{users}-activity-{activity_scale:g}-seed-{seed}"
+    suffix = "" if experiments == len(FIVE) else f"-experiments-{experiments}"
+    data_dir = work_root / f"users-{users}-activity-{activity_scale:g}-seed-{seed}{suffix}"
     data_dir.mkdir(parents=True, exist_ok=True)
+    specs = experiment_specs(experiments)
     # The registry's source paths are relative to its folder: sample/assignments/*.parquet, ...
-    write_registry(data_dir / "registry.yaml")
+    write_registry(data_dir / "registry.yaml", specs)
     truth = data_dir / "sample" / "ground_truth.json"  # the generator writes it last
     if truth.exists():
         return data_dir, None
@@ -71,7 +99,7 @@ def prepare_data(work_root: Path, users: int, activity_scale: float, seed: int) 
           f"{data_dir / 'sample'} ...", flush=True)
     t0 = time.perf_counter()
     generate(data_dir / "sample", n_users=users, seed=seed, overwrite=True, activity_scale=activity_scale,
-             experiments=(*EXPERIMENTS, FIFTH_EXPERIMENT))
+             experiments=specs)
     return data_dir, time.perf_counter() - t0
 
 
@@ -140,8 +168,9 @@ def main() -> None:
     parser.add_argument("--activity-scale", type=float, default=1.0)
     parser.add_argument("--seed", type=int, required=True)
     parser.add_argument("--work-dir", type=Path, required=True)
+    parser.add_argument("--experiments", type=int, default=len(FIVE))
     args = parser.parse_args()
-    data_dir, generate_seconds = prepare_data(args.work_dir, args.users, args.activity_scale, args.seed)
+    data_dir, generate_seconds = prepare_data(args.work_dir, args.users, args.activity_scale, args.seed, args.experiments)
     registry = load_registry(data_dir / "registry.yaml")
     assignment_files, assignment_rows = parquet_rows(registry.resolve_path(registry.sources.assignments.path))
     event_files, event_rows = parquet_rows(registry.resolve_path(registry.sources.events.path))

@@ -77,11 +77,11 @@ def worker_env() -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": os.pathsep.join([str(PROJECT_ROOT), os.environ.get("PYTHONPATH", "")])}
 
 
-def prepare(users: int, activity_scale: float, seed: int, work_root: Path) -> tuple[Path, dict]:
+def prepare(users: int, activity_scale: float, seed: int, work_root: Path, experiments: int) -> tuple[Path, dict]:
     """Run prepare.py (data generated once, configuration from the registry); its folder and data.json."""
     completed = subprocess.run(
         [sys.executable, str(BENCH_DIR / "prepare.py"), "--users", str(users), "--activity-scale",
-         str(activity_scale), "--seed", str(seed), "--work-dir", str(work_root)],
+         str(activity_scale), "--seed", str(seed), "--work-dir", str(work_root), "--experiments", str(experiments)],
         cwd=PROJECT_ROOT, env=worker_env(), check=True, stdout=subprocess.PIPE, text=True,
     )
     lines = completed.stdout.splitlines()
@@ -392,6 +392,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--spark", action="store_true",
                         help="also run the pipeline on Spark in local mode (local[2], this machine): slow, off by default")
     parser.add_argument("--seed", type=int, default=DEFAULT_SEED, help="generator seed")
+    parser.add_argument("--experiments", type=int, default=5,
+                        help="experiments sharing the same traffic: 5 (the sample's four and a fifth) or more, "
+                             "copies of the five's shapes, each enrolling 5/N of the five's share")
     parser.add_argument("--work-dir", type=Path, default=Path(tempfile.gettempdir()) / "exp_pipeline_benchmark",
                         help="where the data is generated and kept between invocations (default %(default)s)")
     args = parser.parse_args(argv)
@@ -399,15 +402,15 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         args.users, args.activity_scale = SIZES[args.size]
     if args.users is None:
         parser.error("give --size or --users")
-    if args.users < 1 or args.runs < 1 or args.activity_scale <= 0:
-        parser.error("--users and --runs must be positive")
+    if args.users < 1 or args.runs < 1 or args.activity_scale <= 0 or args.experiments < 1:
+        parser.error("--users, --runs, --activity-scale and --experiments must be positive")
     return args
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     load_before = os.getloadavg()  # before anything of ours runs: other work on the machine
-    data_dir, data = prepare(args.users, args.activity_scale, args.seed, args.work_dir)
+    data_dir, data = prepare(args.users, args.activity_scale, args.seed, args.work_dir, args.experiments)
     config_path = data_dir / "bench_config.json"
 
     implementations = [name for name in IMPLEMENTATIONS if name not in args.skip]

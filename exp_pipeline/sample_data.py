@@ -100,6 +100,7 @@ class ExperimentSpec:
     # Exposure rows of subjects with this device in this arm are lost with SRM_LOSS_SHARE.
     srm_device: str | None = None
     srm_arm: str | None = None
+    enroll_share: float = ENROLL_SHARE  # of all users, enrolled in the experiment
 
     @property
     def start_us(self) -> int:
@@ -248,7 +249,7 @@ def draw_experiment(
 ) -> ExperimentDraw:
     n_users = len(population.device)
     n_arms = len(spec.arms)
-    enrolled = rng.random(n_users) < ENROLL_SHARE
+    enrolled = rng.random(n_users) < spec.enroll_share
     subject = np.flatnonzero(enrolled)
     n = len(subject)
     arm = rng.choice(n_arms, size=n, p=[a.weight for a in spec.arms])
