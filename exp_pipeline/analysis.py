@@ -109,119 +109,187 @@ class StageClock:
             self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - started
 
 
-def _preview(session: WarehouseSession, table: ir.Table) -> str:
-    # Any few rows: ordering them would sort the whole partition for a preview.
-    frame = session.to_pandas(table.limit(PREVIEW_ROWS))
-    return frame.to_markdown(index=False) if len(frame) else "(no rows)"
+def _previews(session: WarehouseSession, table: ir.Table, experiment_ids: Sequence[str]) -> dict[str, str]:
+    """A few rows of each experiment's partition (any few: ordering them would sort the whole
+    partition for a preview), in one query."""
+    if not experiment_ids:
+        return {}
+    firsts = [table.filter(table.experiment_id == i).limit(PREVIEW_ROWS) for i in experiment_ids]
+    frame = session.to_pandas(ibis.union(*firsts, distinct=False) if len(firsts) > 1 else firsts[0])
+    shown = {}
+    for experiment_id in experiment_ids:
+        rows = frame[frame.experiment_id == experiment_id].reset_index(drop=True)
+        shown[experiment_id] = rows.to_markdown(index=False) if len(rows) else "(no rows)"
+    return shown
 
 
-def _stored_rows(session: WarehouseSession, table: str, experiment_id: str) -> int:
-    return session.count(session.partition(table, experiment_id)) if session.has_table(table) else 0
+def _rows_per_experiment(session: WarehouseSession, table: ir.Table) -> dict[str, int]:
+    counts = session.to_pandas(table.group_by("experiment_id").aggregate(rows=table.count()))
+    return {str(k): int(v) for k, v in zip(counts["experiment_id"], counts["rows"], strict=True)}
 
 
-def _previous_event_rows(session: WarehouseSession, experiment_id: str) -> int | None:
+def _union(parts: list[ir.Table]) -> ir.Table:
+    return ibis.union(*parts, distinct=False) if len(parts) > 1 else parts[0]
+
+
+def _schema_outcomes(
+    session: WarehouseSession, schemas_of: dict[str, object], rows: ir.Table, counts: dict[str, int]
+) -> dict[str, CheckOutcome]:
+    """Every experiment's partition of `rows` against its schema: one aggregate query."""
+    verdicts = validation.validate_partitions(schemas_of, rows)
+    return {i: checks.schema_outcome(verdicts[i], counts.get(i, 0)) for i in schemas_of}
+
+
+def _previous_event_rows(session: WarehouseSession, experiment_ids: Sequence[str]) -> dict[str, int]:
+    """Per experiment: the event rows its last analysis read (none before its first)."""
     if not session.has_table(ANALYSIS_STATE):
-        return None
-    frame = session.to_pandas(session.partition(ANALYSIS_STATE, experiment_id))
-    if len(frame) != 1 or pd.isna(frame["event_rows_read"].iloc[0]):
-        return None
-    return int(frame["event_rows_read"].iloc[0])
+        return {}
+    state = session.table(ANALYSIS_STATE)
+    frame = session.to_pandas(state.filter(state.experiment_id.isin(list(experiment_ids))))
+    return {
+        str(r.experiment_id): int(r.event_rows_read)
+        for r in frame.itertuples(index=False) if not pd.isna(r.event_rows_read)
+    }
 
 
-# -- stage 1: the exposures of each experiment ------------------------------------------------------
+# -- stage 1: the exposures of every experiment, in a few queries -----------------------------------
 
 
 def _ingest_exposures(
-    session: WarehouseSession, registry: Registry, experiment: Experiment, exposures: ir.Table,
-    accept_empty_source: bool, result: ExperimentResult,
+    session: WarehouseSession, registry: Registry, experiments: Sequence[Experiment], exposures: ir.Table,
+    accept_empty_source: bool, outcomes: dict[str, ExperimentResult],
 ) -> None:
-    """raw_assignments and rejected_rows of one experiment, with their checks."""
+    """raw_assignments and rejected_rows of every experiment, with their checks."""
     source = registry.sources.assignments
-    what = f"the exposure log for {experiment.id}"
-    rows = exposures.filter(exposures.experiment_id == experiment.id)
-    classified = session.temp_table("_classified_assignments", ingestion.classify_assignments(rows, experiment, source.properties))
-    accounting = ingestion.RowAccounting.of(session.to_pandas(ingestion.rejection_counts(classified)))
-    stored = _stored_rows(session, RAW, experiment.id)
-    if not accounting.read and stored and not accept_empty_source:
-        # An export that came out empty (a header-only file) must not reset the experiment.
-        result.record(RAW, ROWS_READ, checks.evaluate_rows_read(
-            what, 0, stored, source.max_row_drop_share, kept=f"{stored} rows of {RAW}"))
+    classified = session.temp_table("_classified_assignments", _union([
+        ingestion.classify_assignments(exposures.filter(exposures.experiment_id == e.id), e, source.properties)
+        for e in experiments
+    ]))
+    reasons = session.to_pandas(ingestion.rejection_counts(classified, by=["experiment_id"]))
+    stored = _rows_per_experiment(session, session.table(RAW)) if session.has_table(RAW) else {}
+    writing = []
+    accounts = {}
+    for e in experiments:
+        accounting = accounts[e.id] = ingestion.RowAccounting.of(reasons[reasons.experiment_id == e.id])
+        if not accounting.read and stored.get(e.id) and not accept_empty_source:
+            # An export that came out empty (a header-only file) must not reset the experiment.
+            outcomes[e.id].record(RAW, ROWS_READ, checks.evaluate_rows_read(
+                f"the exposure log for {e.id}", 0, stored[e.id], source.max_row_drop_share, kept=f"{stored[e.id]} rows of {RAW}"))
+            outcomes[e.id].stop_if_blocked()
+        else:
+            writing.append(e)
+    if not writing:
         return
-    written = session.replace_partitions(experiment.id, {
-        RAW: ingestion.ingested(classified),
-        "rejected_rows": ingestion.rejected(classified, "assignments", experiment.id),
+    ids = [e.id for e in writing]
+    mine = classified.filter(classified.experiment_id.isin(ids))
+    written = session.replace_experiments(ids, {
+        RAW: ingestion.ingested(mine),
+        "rejected_rows": _union([
+            ingestion.rejected(mine.filter(mine.experiment_id == i), "assignments", i) for i in ids
+        ]),
     })
-    # Every row read is either ingested or kept aside with its reason.
-    if (written[RAW], written["rejected_rows"]) != (accounting.ingested, accounting.rejected):
-        raise RuntimeError(
-            f"row accounting broke for {experiment.id}: read {accounting.read}, wrote {written} (expected "
-            f"{accounting.ingested} ingested and {accounting.rejected} rejected)"
-        )
-    result.metadata[RAW] = {
-        "dagster/row_count": written[RAW],
-        "rows_read": accounting.read,
-        "rows_ingested": accounting.ingested,
-        "rows_rejected": accounting.rejected,
-        "rejected_share": accounting.rejected_share,
-        "rejected_by_reason": accounting.rejected_by_reason,
-        "empty_files_skipped": list(session.skipped_empty_files),
-    }
-    result.markdown[RAW] = {"preview": _preview(session, session.partition(RAW, experiment.id))}
-    result.record(RAW, ROWS_READ, checks.evaluate_rows_read(
-        what, accounting.ingested, stored or None, source.max_row_drop_share))
-    result.record(RAW, "rejected_share_within_bound", checks.rejected_share(
-        accounting, source.max_rejected_share, f"{experiment.id} exposure"))
-    result.record(RAW, "matches_schema", checks.evaluate_schema(session, RAW, experiment, registry))
+    raw = session.table(RAW)
+    raw = raw.filter(raw.experiment_id.isin(ids))
+    previews = _previews(session, raw, ids)
+    schema_outcomes = _schema_outcomes(
+        session, {e.id: schemas.raw_assignments_schema(e, source.properties) for e in writing}, raw, written[RAW]
+    )
+    for e in writing:
+        accounting, result = accounts[e.id], outcomes[e.id]
+        # Every row read is either ingested or kept aside with its reason.
+        if (written[RAW][e.id], written["rejected_rows"][e.id]) != (accounting.ingested, accounting.rejected):
+            raise RuntimeError(
+                f"row accounting broke for {e.id}: read {accounting.read}, wrote "
+                f"{written[RAW][e.id]} ingested and {written['rejected_rows'][e.id]} rejected (expected "
+                f"{accounting.ingested} and {accounting.rejected})"
+            )
+        result.metadata[RAW] = {
+            "dagster/row_count": written[RAW][e.id],
+            "rows_read": accounting.read,
+            "rows_ingested": accounting.ingested,
+            "rows_rejected": accounting.rejected,
+            "rejected_share": accounting.rejected_share,
+            "rejected_by_reason": accounting.rejected_by_reason,
+            "empty_files_skipped": list(session.skipped_empty_files),
+        }
+        result.markdown[RAW] = {"preview": previews[e.id]}
+        result.record(RAW, ROWS_READ, checks.evaluate_rows_read(
+            f"the exposure log for {e.id}", accounting.ingested, stored.get(e.id) or None, source.max_row_drop_share))
+        result.record(RAW, "rejected_share_within_bound", checks.rejected_share(
+            accounting, source.max_rejected_share, f"{e.id} exposure"))
+        result.record(RAW, "matches_schema", schema_outcomes[e.id])
+        result.stop_if_blocked()
 
 
 def _dedupe(
-    session: WarehouseSession, registry: Registry, experiment: Experiment, now: dt.datetime,
-    result: ExperimentResult,
-) -> pd.DataFrame:
-    """deduped_assignments of one experiment (history kept), with its checks; the subject counts
-    per variant and property value (for SRM)."""
+    session: WarehouseSession, registry: Registry, experiments: Sequence[Experiment], now: dt.datetime,
+    outcomes: dict[str, ExperimentResult],
+) -> dict[str, pd.DataFrame]:
+    """deduped_assignments of every experiment (history kept), with their checks; per experiment
+    the subject counts per variant and property value (for SRM)."""
+    if not experiments:
+        return {}
     properties = registry.sources.assignments.properties
-    raw = session.partition(RAW, experiment.id)
-    current = first_exposures(raw, experiment, properties)
-    previous = session.partition(DEDUPED, experiment.id) if session.has_table(DEDUPED) else None
-    if previous is not None:
+    ids = [e.id for e in experiments]
+    raw = session.table(RAW)
+    current = _union([first_exposures(raw.filter(raw.experiment_id == e.id), e, properties) for e in experiments])
+    previous = None
+    if session.has_table(DEDUPED):
         # Materialize the previous state first: the write below replaces it.
-        previous = session.temp_table("_previous_deduped", previous)
-    written = session.replace_partition(DEDUPED, experiment.id, apply_assignment_history(current, previous, now))
-    deduped = session.partition(DEDUPED, experiment.id)
-    reasons = session.to_pandas(exposure_row_counts(raw, experiment))
-    counts = session.to_pandas(assignment_counts(analysable_assignments(deduped), properties))
+        stored = session.table(DEDUPED)
+        previous = session.temp_table("_previous_deduped", stored.filter(stored.experiment_id.isin(ids)))
+    written = session.replace_experiments(ids, {DEDUPED: apply_assignment_history(current, previous, now)})[DEDUPED]
+    deduped = session.table(DEDUPED)
+    deduped = deduped.filter(deduped.experiment_id.isin(ids))
     active = deduped.filter(deduped.is_active)
-    excluded = session.count(active.filter(active.exclusion_reason == MULTIPLE_VARIANTS))
-    overall = counts[counts["property"] == ""]
-    observed = dict(zip(overall["variant_id"], overall["n"].astype(int), strict=True))
-    analysable = sum(observed.values())
-    per_variant = pd.DataFrame([
-        {
-            "variant": v.id,
-            "subjects": observed.get(v.id, 0),
-            "observed_share": observed.get(v.id, 0) / max(analysable, 1),
-            "expected_share": v.weight,
+    reasons = session.to_pandas(_union([
+        exposure_row_counts(raw.filter(raw.experiment_id == e.id), e).mutate(experiment_id=ibis.literal(e.id))
+        for e in experiments
+    ]))
+    all_counts = session.to_pandas(assignment_counts(analysable_assignments(deduped), properties, by=["experiment_id"]))
+    excluded = _rows_per_experiment(session, active.filter(active.exclusion_reason == MULTIPLE_VARIANTS))
+    previews = _previews(session, deduped, ids)
+    active_rows = _rows_per_experiment(session, active)
+    schema_outcomes = _schema_outcomes(
+        session, {e.id: schemas.deduped_assignments_schema(e, properties) for e in experiments}, active, active_rows
+    )
+    unique = checks.unique_active_subject_outcomes(session, active, ids)
+    counts = {}
+    for e in experiments:
+        result = outcomes[e.id]
+        counts[e.id] = all_counts[all_counts.experiment_id == e.id].drop(columns="experiment_id")
+        overall = counts[e.id][counts[e.id]["property"] == ""]
+        observed = dict(zip(overall["variant_id"], overall["n"].astype(int), strict=True))
+        analysable = sum(observed.values())
+        multi = excluded.get(e.id, 0)
+        per_variant = pd.DataFrame([
+            {
+                "variant": v.id,
+                "subjects": observed.get(v.id, 0),
+                "observed_share": observed.get(v.id, 0) / max(analysable, 1),
+                "expected_share": v.weight,
+            }
+            for v in e.variants
+        ])
+        mine = reasons[reasons.experiment_id == e.id]
+        result.metadata[DEDUPED] = {
+            "dagster/row_count": written[e.id],
+            "analysable_subjects": analysable,
+            "multi_variant_subjects": multi,
+            "multi_variant_share": multi / (analysable + multi) if analysable + multi else 0.0,
+            "exposure_rows_by_reason": dict(zip(mine["reason"], mine["rows"].astype(int), strict=True)),
         }
-        for v in experiment.variants
-    ])
-    result.metadata[DEDUPED] = {
-        "dagster/row_count": written,
-        "analysable_subjects": analysable,
-        "multi_variant_subjects": excluded,
-        "multi_variant_share": excluded / (analysable + excluded) if analysable + excluded else 0.0,
-        "exposure_rows_by_reason": dict(zip(reasons["reason"], reasons["rows"].astype(int), strict=True)),
-    }
-    result.markdown[DEDUPED] = {
-        "preview": _preview(session, deduped),
-        "subjects_per_variant": per_variant.to_markdown(index=False, floatfmt=".4f"),
-    }
-    result.record(DEDUPED, "matches_schema", checks.evaluate_schema(session, DEDUPED, experiment, registry))
-    result.record(DEDUPED, "one_active_row_per_subject", checks.evaluate_unique_active_subject(session, experiment))
-    result.record(DEDUPED, "multi_variant_share_within_bounds", checks.multi_variant_outcome(excluded, analysable + excluded, experiment))
-    srm, causes = results.srm_of(counts, experiment)
-    result.srm, result.causes = srm, causes
-    result.record(DEDUPED, "no_sample_ratio_mismatch", checks.sample_ratio_outcome(srm, causes, experiment, properties))
+        result.markdown[DEDUPED] = {
+            "preview": previews[e.id],
+            "subjects_per_variant": per_variant.to_markdown(index=False, floatfmt=".4f"),
+        }
+        result.record(DEDUPED, "matches_schema", schema_outcomes[e.id])
+        result.record(DEDUPED, "one_active_row_per_subject", unique[e.id])
+        result.record(DEDUPED, "multi_variant_share_within_bounds", checks.multi_variant_outcome(multi, analysable + multi, e))
+        srm, causes = results.srm_of(counts[e.id], e)
+        result.srm, result.causes = srm, causes
+        result.record(DEDUPED, "no_sample_ratio_mismatch", checks.sample_ratio_outcome(srm, causes, e, properties))
+        result.stop_if_blocked()
     return counts
 
 
@@ -364,8 +432,9 @@ def _analyse(
         event_log = sources.read_source(session, registry, "events")
         rows_read = session.count(event_log)
     going = []
+    previous = _previous_event_rows(session, [e.id for e in experiments])
     for e in experiments:
-        before = _previous_event_rows(session, e.id)
+        before = previous.get(e.id)
         outcome = outcomes[e.id]
         if not rows_read and before and not accept_empty_source:
             outcome.record(POST, ROWS_READ, checks.evaluate_rows_read(
@@ -452,15 +521,11 @@ def analyse_experiments(
         exposures = session.temp_table(
             "_exposures", exposure_log.filter(exposure_log.experiment_id.isin([e.id for e in experiments]))
         )
-    counts = {}
-    for e in experiments:
-        with clock.stage("raw_assignments"):
-            _ingest_exposures(session, registry, e, exposures, accept_empty_source, outcomes[e.id])
-        if outcomes[e.id].stop_if_blocked():
-            continue
-        with clock.stage("deduped_assignments"):
-            counts[e.id] = _dedupe(session, registry, e, now, outcomes[e.id])
-        outcomes[e.id].stop_if_blocked()
+    with clock.stage("raw_assignments"):
+        _ingest_exposures(session, registry, experiments, exposures, accept_empty_source, outcomes)
+    with clock.stage("deduped_assignments"):
+        going = [e for e in experiments if outcomes[e.id].stopped_by is None]
+        counts = _dedupe(session, registry, going, now, outcomes)
     session.replace_table(
         METRIC_WINDOWS,
         temporal_join.metric_windows_frame([(e, registry.metrics_of(e)) for e in registry.experiments]),

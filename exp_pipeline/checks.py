@@ -126,24 +126,34 @@ def evaluate_schema(
     return schema_outcome(validation.validate(schema, rows), session.count(rows))
 
 
-def evaluate_unique_active_subject(session: WarehouseSession, experiment: Experiment) -> CheckOutcome:
-    deduped = session.partition("deduped_assignments", experiment.id)
-    active = deduped.filter(deduped.is_active).select("experiment_id", "subject_id")
-    outcome = validation.validate(schemas.active_assignments_unique_schema(), active)
+def unique_active_subject_outcomes(
+    session: WarehouseSession, active: ir.Table, experiment_ids: Sequence[str]
+) -> dict[str, CheckOutcome]:
+    """UNIQUE(experiment_id, subject_id) among the active rows of deduped_assignments (`active`),
+    per experiment: pandera's unique check over every experiment at once (the key holds the
+    experiment), then the offending keys of each experiment from one grouped query."""
+    keys = active.select("experiment_id", "subject_id")
+    outcome = validation.validate(schemas.active_assignments_unique_schema(), keys)
     # pandera names no offending keys on failure: find them in the engine.
-    duplicated = active.group_by("experiment_id", "subject_id").aggregate(active_rows=active.count())
+    duplicated = keys.group_by("experiment_id", "subject_id").aggregate(active_rows=keys.count())
     duplicated = duplicated.filter(duplicated.active_rows > 1)
-    count = session.count(duplicated)
-    sample = session.to_pandas(duplicated.order_by("subject_id").limit(SAMPLE_SIZE))
-    return CheckOutcome(
-        passed=outcome.passed and count == 0,
-        severity=ERROR,
-        description=None if count == 0 else f"{count} subjects have more than one active assignment",
-        metadata={
-            "duplicated_subjects": count,
-            "sample_duplicated_keys": sample.to_dict("records"),
-        },
-    )
+    counts = session.to_pandas(duplicated.group_by("experiment_id").aggregate(n=duplicated.count()))
+    counts = {str(k): int(n) for k, n in zip(counts["experiment_id"], counts["n"], strict=True)}
+    outcomes = {}
+    for experiment_id in experiment_ids:
+        count = counts.get(experiment_id, 0)
+        sample = []
+        if count:
+            mine = duplicated.filter(duplicated.experiment_id == experiment_id)
+            sample = session.to_pandas(mine.order_by("subject_id").limit(SAMPLE_SIZE)).to_dict("records")
+        outcomes[experiment_id] = CheckOutcome(
+            # pandera failing with no experiment's keys to show would be a failure of every one.
+            passed=count == 0 and (outcome.passed or bool(counts)),
+            severity=ERROR,
+            description=None if count == 0 else f"{count} subjects have more than one active assignment",
+            metadata={"duplicated_subjects": count, "sample_duplicated_keys": sample},
+        )
+    return outcomes
 
 
 def multi_variant_outcome(excluded: int, total: int, experiment: Experiment) -> CheckOutcome:

@@ -120,17 +120,18 @@ def analysable_assignments(deduped: ir.Table) -> ir.Table:
 
 
 
-def assignment_counts(assignments: ir.Table, properties: Sequence[str]) -> ir.Table:
-    """Small table of subject counts per variant, overall (property '') and per property value."""
-    overall = assignments.group_by("variant_id").aggregate(n=assignments.count()).mutate(
+def assignment_counts(assignments: ir.Table, properties: Sequence[str], by: Sequence[str] = ()) -> ir.Table:
+    """Small table of subject counts per variant, overall (property '') and per property value,
+    per group of `by` (e.g. every experiment at once)."""
+    overall = assignments.group_by(*by, "variant_id").aggregate(n=assignments.count()).mutate(
         property=ibis.literal(""), value=ibis.literal("")
     )
     parts = [overall]
     for prop in properties:
         parts.append(
-            assignments.group_by("variant_id", value=assignments[prop].cast("string").fill_null("(null)"))
+            assignments.group_by(*by, "variant_id", value=assignments[prop].cast("string").fill_null("(null)"))
             .aggregate(n=assignments.count())
             .mutate(property=ibis.literal(prop))
         )
-    columns = ["property", "value", "variant_id", "n"]
+    columns = [*by, "property", "value", "variant_id", "n"]
     return ibis.union(*(p.select(*columns) for p in parts), distinct=False)

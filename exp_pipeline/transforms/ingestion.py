@@ -339,9 +339,9 @@ def unassignable_rows(rows: ir.Table, experiment_ids: Sequence[str]) -> ir.Table
     return rows.mutate(rejection_reason=reason)
 
 
-def rejection_counts(classified: ir.Table) -> ir.Table:
-    """Small table: rows per rejection reason ('ingested' for the rows kept)."""
-    return classified.group_by(reason=classified.rejection_reason.fill_null(INGESTED)).aggregate(
+def rejection_counts(classified: ir.Table, by: Sequence[str] = ()) -> ir.Table:
+    """Small table: rows per rejection reason ('ingested' for the rows kept), per group of `by`."""
+    return classified.group_by(*by, reason=classified.rejection_reason.fill_null(INGESTED)).aggregate(
         rows=classified.count()
     )
 

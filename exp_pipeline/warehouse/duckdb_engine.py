@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -148,6 +148,29 @@ class DuckDBWarehouseSession(WarehouseSession):
         """Replace one experiment's rows of several tables in ONE transaction (all or nothing)."""
         with self._transaction():
             return {name: self._replace(name, experiment_id, rows) for name, rows in tables.items()}
+
+    def replace_experiments(
+        self, experiment_ids: Sequence[str], tables: dict[str, ir.Table]
+    ) -> dict[str, dict[str, int]]:
+        """Every experiment's rows of every table in ONE transaction: a delete and an insert per
+        table, whatever the number of experiments."""
+        ids = list(experiment_ids)
+        if not ids:
+            return {name: {} for name in tables}
+        marks = ", ".join("?" for _ in ids)
+        written = {}
+        with self._transaction():
+            for name, rows in tables.items():
+                self._ensure_table(name, rows.schema())
+                table = f"{_quote(self.schema)}.{_quote(name)}"
+                self.raw.execute(f"DELETE FROM {table} WHERE experiment_id IN ({marks})", ids)
+                self.ibis.insert(name, rows.filter(rows.experiment_id.isin(ids)), database=self.schema)
+                counts = self.raw.execute(
+                    f"SELECT experiment_id, count(*) FROM {table} WHERE experiment_id IN ({marks}) GROUP BY 1", ids
+                ).fetchall()
+                found = dict(counts)
+                written[name] = {i: int(found.get(i, 0)) for i in ids}
+        return written
 
     def _replace(self, name: str, experiment_id: str, rows: ir.Table | pd.DataFrame) -> int:
         expr = rows if isinstance(rows, ir.Table) else ibis.memtable(rows)

@@ -11,6 +11,7 @@ import glob as globlib
 import gzip
 import os
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from pathlib import Path
 
 import ibis
@@ -147,6 +148,22 @@ class WarehouseSession(ABC):
         self, experiment_id: str, tables: dict[str, ir.Table | pd.DataFrame]
     ) -> dict[str, int]:
         """Replace one experiment's rows of several tables, in the given order; rows written per table."""
+
+    def replace_experiments(
+        self, experiment_ids: Sequence[str], tables: dict[str, ir.Table]
+    ) -> dict[str, dict[str, int]]:
+        """Replace the rows of several experiments in several tables (`tables`' rows hold every
+        experiment's, by experiment_id); rows written per table and experiment. This default
+        writes one experiment at a time (`replace_partitions`, which engines with partitioned
+        tables do best); an engine may write them all at once."""
+        written: dict[str, dict[str, int]] = {name: {} for name in tables}
+        for experiment_id in experiment_ids:
+            counts = self.replace_partitions(
+                experiment_id, {name: rows.filter(rows.experiment_id == experiment_id) for name, rows in tables.items()}
+            )
+            for name, count in counts.items():
+                written[name][experiment_id] = count
+        return written
 
     @abstractmethod
     def append(self, name: str, rows: ir.Table) -> None:

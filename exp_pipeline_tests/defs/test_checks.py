@@ -83,7 +83,8 @@ def test_a_duplicated_subject_fails_uniqueness_with_its_key(clean):
         rows = stored(session, "deduped_assignments")
         copy = rows[rows.subject_id == "exp_a_control_7"].assign(variant_id="treatment")
         rewrite(session, "deduped_assignments", pd.concat([rows, copy]))
-        result = check_result(checks.evaluate_unique_active_subject(session, experiment))
+        deduped = session.partition("deduped_assignments", experiment.id)
+        result = check_result(checks.unique_active_subject_outcomes(session, deduped.filter(deduped.is_active), [experiment.id])[experiment.id])
         schema = check_result(checks.evaluate_schema(session, "deduped_assignments", experiment, registry))
     assert not result.passed and result.severity == AssetCheckSeverity.ERROR
     assert result.metadata["duplicated_subjects"].value == 1
