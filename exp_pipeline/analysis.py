@@ -132,14 +132,6 @@ def _union(parts: list[ir.Table]) -> ir.Table:
     return ibis.union(*parts, distinct=False) if len(parts) > 1 else parts[0]
 
 
-def _schema_outcomes(
-    session: WarehouseSession, schemas_of: dict[str, object], rows: ir.Table, counts: dict[str, int]
-) -> dict[str, CheckOutcome]:
-    """Every experiment's partition of `rows` against its schema: one aggregate query."""
-    verdicts = validation.validate_partitions(schemas_of, rows)
-    return {i: checks.schema_outcome(verdicts[i], counts.get(i, 0)) for i in schemas_of}
-
-
 def _previous_event_rows(session: WarehouseSession, experiment_ids: Sequence[str]) -> dict[str, int]:
     """Per experiment: the event rows its last analysis read (none before its first)."""
     if not session.has_table(ANALYSIS_STATE):
@@ -191,9 +183,7 @@ def _ingest_exposures(
     raw = session.table(RAW)
     raw = raw.filter(raw.experiment_id.isin(ids))
     previews = _previews(session, raw, ids)
-    schema_outcomes = _schema_outcomes(
-        session, {e.id: schemas.raw_assignments_schema(e, source.properties) for e in writing}, raw, written[RAW]
-    )
+    schema_outcomes = checks.schema_outcomes(session, RAW, writing, registry)
     for e in writing:
         accounting, result = accounts[e.id], outcomes[e.id]
         # Every row read is either ingested or kept aside with its reason.
@@ -249,10 +239,7 @@ def _dedupe(
     all_counts = session.to_pandas(assignment_counts(analysable_assignments(deduped), properties, by=["experiment_id"]))
     excluded = _rows_per_experiment(session, active.filter(active.exclusion_reason == MULTIPLE_VARIANTS))
     previews = _previews(session, deduped, ids)
-    active_rows = _rows_per_experiment(session, active)
-    schema_outcomes = _schema_outcomes(
-        session, {e.id: schemas.deduped_assignments_schema(e, properties) for e in experiments}, active, active_rows
-    )
+    schema_outcomes = checks.schema_outcomes(session, DEDUPED, experiments, registry)
     unique = checks.unique_active_subject_outcomes(session, active, ids)
     counts = {}
     for e in experiments:
@@ -477,18 +464,25 @@ def _write_results(
     session: WarehouseSession, registry: Registry, analysed: Sequence[Experiment], sufficient: pd.DataFrame,
     counts: dict[str, pd.DataFrame], rows_read: int, now: dt.datetime, outcomes: dict[str, ExperimentResult],
 ) -> None:
-    """Inference per experiment (pure Python on the sufficient statistics) and its partition write."""
+    """Inference per experiment (pure Python on the sufficient statistics) and one write of every
+    experiment's partitions."""
+    frames = {
+        e.id: results.variant_metric_rows(
+            sufficient[sufficient.experiment_id == e.id], e, registry.metrics_of(e), outcomes[e.id].srm
+        )
+        for e in analysed
+    }
+    state = pd.DataFrame([{"experiment_id": e.id, "analysed_at": now, "event_rows_read": rows_read} for e in analysed])
+    state["analysed_at"] = pd.to_datetime(state["analysed_at"], utc=True)
+    ids = [e.id for e in analysed]
+    metrics = pd.concat(list(frames.values()), ignore_index=True)
+    written = session.replace_experiments(ids, {METRICS: ibis.memtable(metrics), ANALYSIS_STATE: ibis.memtable(state)})[METRICS]
+    schema_outcomes = checks.schema_outcomes(session, METRICS, analysed, registry)
     for e in analysed:
         outcome = outcomes[e.id]
-        frame = results.variant_metric_rows(
-            sufficient[sufficient.experiment_id == e.id], e, registry.metrics_of(e), outcome.srm
-        )
-        state = pd.DataFrame([{"experiment_id": e.id, "analysed_at": now, "event_rows_read": rows_read}])
-        state["analysed_at"] = pd.to_datetime(state["analysed_at"], utc=True)
-        written = session.replace_partitions(e.id, {METRICS: frame, ANALYSIS_STATE: state})[METRICS]
-        outcome.frame = frame
+        outcome.frame = frames[e.id]
         outcome.metadata[METRICS] = {
-            "dagster/row_count": written,
+            "dagster/row_count": written[e.id],
             "srm_p_value": float(outcome.srm.p_value),
             "srm_flagged": outcome.srm.flagged,
             "analysable_subjects": int(counts[e.id].query("property == ''").n.sum()),
@@ -496,7 +490,7 @@ def _write_results(
         if outcome.causes:
             top = outcome.causes[0]
             outcome.metadata[METRICS]["srm_likely_cause"] = f"{top.property} = {top.value} (p = {top.p_value_bonferroni:.2e})"
-        outcome.record(METRICS, "matches_schema", checks.evaluate_schema(session, METRICS, e, registry))
+        outcome.record(METRICS, "matches_schema", schema_outcomes[e.id])
 
 
 @dataclass(frozen=True)

@@ -107,23 +107,27 @@ def schema_outcome(outcome: validation.ValidationOutcome, rows: int) -> CheckOut
     )
 
 
-def evaluate_schema(
-    session: WarehouseSession, table: str, experiment: Experiment, registry: Registry
-) -> CheckOutcome:
+def schema_outcomes(
+    session: WarehouseSession, table: str, experiments: Sequence[Experiment], registry: Registry
+) -> dict[str, CheckOutcome]:
+    """Each experiment's stored partition of `table` against its Pandera schema, every experiment
+    in one aggregate query (validation.validate_partitions)."""
     properties = registry.sources.assignments.properties
-    schema = {
-        "raw_assignments": lambda: schemas.raw_assignments_schema(experiment, properties),
-        "deduped_assignments": lambda: schemas.deduped_assignments_schema(experiment, properties),
-        "post_assignment_events": lambda: schemas.post_assignment_events_schema(experiment),
-        "pre_assignment_events": lambda: schemas.pre_assignment_events_schema(experiment),
-        "variant_metrics": lambda: schemas.variant_metrics_schema(experiment, experiment.metrics),
-    }[table]()
-    rows = session.partition(table, experiment.id)
+    schema_of = {
+        "raw_assignments": lambda e: schemas.raw_assignments_schema(e, properties),
+        "deduped_assignments": lambda e: schemas.deduped_assignments_schema(e, properties),
+        "variant_metrics": lambda e: schemas.variant_metrics_schema(e, e.metrics),
+    }[table]
+    rows = session.table(table)
+    rows = rows.filter(rows.experiment_id.isin([e.id for e in experiments]))
     if table == "deduped_assignments":
         # History rows keep the registry of their day (a moved window, a retired variant): the
         # rules apply to the active rows.
         rows = rows.filter(rows.is_active)
-    return schema_outcome(validation.validate(schema, rows), session.count(rows))
+    counts = session.to_pandas(rows.group_by("experiment_id").aggregate(n=rows.count()))
+    counts = dict(zip(counts["experiment_id"], counts["n"].astype(int), strict=True))
+    verdicts = validation.validate_partitions({e.id: schema_of(e) for e in experiments}, rows)
+    return {e.id: schema_outcome(verdicts[e.id], counts.get(e.id, 0)) for e in experiments}
 
 
 def unique_active_subject_outcomes(

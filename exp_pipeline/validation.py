@@ -173,29 +173,37 @@ def validate_partitions(
     schemas: dict[str, pa.DataFrameSchema], table: ir.Table, key: str = "experiment_id"
 ) -> dict[str, ValidationOutcome]:
     """Each partition's rows of `table` (by column `key`) against its own schema: the verdicts of
-    every partition decided in ONE aggregate query; pandera validates, partition by partition,
+    every partition decided in ONE query grouped by `key`, each distinct verdict computed once
+    (most are the same in every partition's schema); pandera validates, partition by partition,
     only those not shown to pass."""
     _bound_what_failures_fetch()
-    aggregates, batched = {"rows": table.count()}, {}
-    for i, (partition, schema) in enumerate(schemas.items()):
+    shared: dict[str, ir.BooleanColumn] = {}
+    batched: dict[str, list[str]] = {}
+    found = table.filter(table[key].isin(list(schemas)))
+    for partition, schema in schemas.items():
         try:
             with config_context(validation_depth=ValidationDepth.SCHEMA_ONLY):
                 schema.validate(table, lazy=True)
         except SchemaErrors:
             continue
-        verdicts = _data_verdicts(schema, table)
+        verdicts = _data_verdicts(schema, found)
         if verdicts is None or schema.unique:
             continue
-        outside = table[key] != partition
-        batched[partition] = [f"p{i}_{j}" for j in range(len(verdicts))]
-        aggregates.update({name: (outside | v).all() for name, v in zip(batched[partition], verdicts, strict=True)})
-    row = table.aggregate(**aggregates).to_pyarrow().to_pylist()[0]
-    # Over no rows every check passes (pandera reads all()'s NULL over nothing as a failure).
-    empty = row["rows"] == 0
+        names = []
+        for verdict in verdicts:
+            name = next((n for n, v in shared.items() if v.equals(verdict)), None)
+            if name is None:
+                name = f"v{len(shared)}"
+                shared[name] = verdict
+            names.append(name)
+        batched[partition] = names
+    rows = found.group_by(_partition=found[key]).aggregate(_rows=found.count(), **{name: v.all() for name, v in shared.items()})
+    by_partition = {r["_partition"]: r for r in rows.to_pyarrow().to_pylist()}
     outcomes = {}
     for partition, schema in schemas.items():
-        names = batched.get(partition)
-        if names is not None and (empty or all(row[name] is True for name in names)):
+        names, row = batched.get(partition), by_partition.get(partition)
+        # Over no rows every check passes (pandera reads all()'s NULL over nothing as a failure).
+        if names is not None and (row is None or all(row[name] is True for name in names)):
             outcomes[partition] = ValidationOutcome(passed=True, failures=[])
         else:
             outcomes[partition] = validate(schema, table.filter(table[key] == partition))

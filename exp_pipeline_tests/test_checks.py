@@ -115,7 +115,7 @@ def test_an_empty_partition_passes_its_schema(session, registry):
     experiment = registry.experiment("exp_a")
     write_assignments(session, {"control": 1})
     replace_assignments(session, session.to_pandas(session.table("deduped_assignments")).iloc[:0])
-    outcome = checks.evaluate_schema(session, "deduped_assignments", experiment, registry)
+    outcome = checks.schema_outcomes(session, "deduped_assignments", [experiment], registry)[experiment.id]
     assert outcome.passed and outcome.metadata["rows"] == 0
 
 

@@ -197,15 +197,16 @@ def _results_metadata(experiment: Experiment, result: ExperimentResult) -> dict:
     }
 
 
-def _report(context: AssetExecutionContext, registry: Registry, experiment: Experiment, result: ExperimentResult) -> dict:
-    """Write the experiment's HTML report from what the pass computed; its metadata."""
+def _report(registry: Registry, experiment: Experiment, result: ExperimentResult, audit_rows: list[dict]) -> dict:
+    """Write the experiment's HTML report from what the pass computed (and `audit_rows`, the latest
+    source-audit check results); its metadata."""
     srm, causes = result.srm, result.causes
     order = [(c.asset, c.check) for c in EXPERIMENT_CHECKS]
     check_rows = [
         {"asset": c.asset, "check": c.check, "passed": c.outcome.passed, "severity": c.outcome.severity,
          "description": c.outcome.description}
         for c in sorted(result.checks, key=lambda c: order.index((c.asset, c.check)))
-    ] + latest_check_results(context.instance, source_audit_rejected_share.check_keys, None)
+    ] + audit_rows
     html_text = report_html.experiment_report_html(
         experiment_id=experiment.id,
         name=experiment.name,
@@ -271,6 +272,8 @@ def experiment_analysis(
     context.log.info("pass stages (wall s): " + ", ".join(f"{k} {v:.2f}" for k, v in analysed.seconds.items()))
     selected = {key.to_user_string() for key in context.selected_asset_keys}
     selected_checks = context.selected_asset_check_keys
+    # Read from the instance once for every report of the run.
+    audit_rows = latest_check_results(context.instance, source_audit_rejected_share.check_keys, None) if REPORT in selected else []
     for experiment in experiments:
         result = results_by_id[experiment.id]
         _log_failures(context, experiment.id, result)
@@ -289,7 +292,7 @@ def experiment_analysis(
                 yield check_evaluation(record, experiment.id)
         if result.frame is not None and REPORT in selected:
             yield AssetMaterialization(
-                asset_key=REPORT, partition=experiment.id, metadata=_report(context, reg, experiment, result)
+                asset_key=REPORT, partition=experiment.id, metadata=_report(reg, experiment, result, audit_rows)
             )
 
 

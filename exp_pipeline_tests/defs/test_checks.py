@@ -85,7 +85,7 @@ def test_a_duplicated_subject_fails_uniqueness_with_its_key(clean):
         rewrite(session, "deduped_assignments", pd.concat([rows, copy]))
         deduped = session.partition("deduped_assignments", experiment.id)
         result = check_result(checks.unique_active_subject_outcomes(session, deduped.filter(deduped.is_active), [experiment.id])[experiment.id])
-        schema = check_result(checks.evaluate_schema(session, "deduped_assignments", experiment, registry))
+        schema = check_result(checks.schema_outcomes(session, "deduped_assignments", [experiment], registry)[experiment.id])
     assert not result.passed and result.severity == AssetCheckSeverity.ERROR
     assert result.metadata["duplicated_subjects"].value == 1
     assert result.metadata["sample_duplicated_keys"].value == [
@@ -122,7 +122,7 @@ def test_schema_check_names_the_column_and_check(clean):
         rows = stored(session, "deduped_assignments")
         rows.loc[rows.subject_id == "exp_a_control_1", "variant_id"] = "purple"
         rewrite(session, "deduped_assignments", rows)
-        result = check_result(checks.evaluate_schema(session, "deduped_assignments", experiment, registry))
+        result = check_result(checks.schema_outcomes(session, "deduped_assignments", [experiment], registry)[experiment.id])
     assert not result.passed
     assert "variant_id: isin(['control', 'treatment'])" in result.description
 
