@@ -173,6 +173,22 @@ def test_an_empty_result_empties_only_its_partition(warehouse):
         assert sorted_rows(session, "t") == [("e2", 2)]
 
 
+def test_several_experiments_are_replaced_together_and_the_others_stay(warehouse):
+    with warehouse.session() as session:
+        for e, x in (("e1", 1), ("e2", 2), ("e3", 3)):
+            session.replace_partition("t", e, pd.DataFrame({"experiment_id": [e], "x": [x]}))
+        rows = ibis.memtable(pd.DataFrame({"experiment_id": ["e1", "e1", "e2", "e3"], "x": [10, 11, 20, 30]}))
+        # e1 and e2 rewritten from one table (its e3 row is not theirs: left out); e3 untouched.
+        written = session.replace_experiments(["e1", "e2"], {"t": rows, "u": rows.mutate(y=rows.x * 2).drop("x")})
+        assert written == {"t": {"e1": 2, "e2": 1}, "u": {"e1": 2, "e2": 1}}
+        assert sorted_rows(session, "t") == [("e1", 10), ("e1", 11), ("e2", 20), ("e3", 3)]
+        assert sorted_rows(session, "u") == [("e1", 20), ("e1", 22), ("e2", 40)]
+        # An experiment with no rows any more is emptied.
+        empty = rows.filter(rows.experiment_id == "e2")
+        assert session.replace_experiments(["e1", "e2"], {"t": empty})["t"] == {"e1": 0, "e2": 1}
+        assert sorted_rows(session, "t") == [("e2", 20), ("e3", 3)]
+
+
 def test_rows_are_appended_and_updated_by_key(warehouse):
     """The alert outbox's two operations."""
     at = pd.Timestamp("2026-10-02T10:00:00Z")
