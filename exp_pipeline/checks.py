@@ -135,9 +135,12 @@ def unique_active_subject_outcomes(
 ) -> dict[str, CheckOutcome]:
     """UNIQUE(experiment_id, subject_id) among the active rows of deduped_assignments (`active`),
     per experiment: pandera's unique check over every experiment at once (the key holds the
-    experiment), then the offending keys of each experiment from one grouped query."""
+    experiment; when that fails, pandera again on each experiment's own keys, so that one
+    experiment's failure is not another's), then the offending keys of each experiment from one
+    grouped query."""
     keys = active.select("experiment_id", "subject_id")
-    outcome = validation.validate(schemas.active_assignments_unique_schema(), keys)
+    schema = schemas.active_assignments_unique_schema()
+    everyone = validation.validate(schema, keys)
     # pandera names no offending keys on failure: find them in the engine.
     duplicated = keys.group_by("experiment_id", "subject_id").aggregate(active_rows=keys.count())
     duplicated = duplicated.filter(duplicated.active_rows > 1)
@@ -146,13 +149,13 @@ def unique_active_subject_outcomes(
     outcomes = {}
     for experiment_id in experiment_ids:
         count = counts.get(experiment_id, 0)
+        own = everyone if everyone.passed else validation.validate(schema, keys.filter(keys.experiment_id == experiment_id))
         sample = []
         if count:
             mine = duplicated.filter(duplicated.experiment_id == experiment_id)
             sample = session.to_pandas(mine.order_by("subject_id").limit(SAMPLE_SIZE)).to_dict("records")
         outcomes[experiment_id] = CheckOutcome(
-            # pandera failing with no experiment's keys to show would be a failure of every one.
-            passed=count == 0 and (outcome.passed or bool(counts)),
+            passed=own.passed and count == 0,
             severity=ERROR,
             description=None if count == 0 else f"{count} subjects have more than one active assignment",
             metadata={"duplicated_subjects": count, "sample_duplicated_keys": sample},

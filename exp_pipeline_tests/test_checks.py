@@ -78,6 +78,18 @@ def test_a_subject_active_twice_is_named(session, registry):
     ]
 
 
+@pytest.mark.parametrize("duplicate_in_b", [False, True])
+def test_one_experiments_broken_keys_are_not_another_experiments_failure(session, duplicate_in_b):
+    # A has a null subject (not a duplicate); B a duplicate or not; C is clean: each is judged alone.
+    keys = pd.DataFrame({
+        "experiment_id": ["A", "A", "B", "B", "C"],
+        "subject_id": ["a1", None, "b1", "b1" if duplicate_in_b else "b2", "c1"],
+    })
+    table = session.temp_table("keys", ibis.memtable(keys, schema={"experiment_id": "string", "subject_id": "string"}))
+    got = {k: o.passed for k, o in checks.unique_active_subject_outcomes(session, table, ["A", "B", "C"]).items()}
+    assert got == {"A": False, "B": not duplicate_in_b, "C": True}
+
+
 def sample_ratio(session, experiment, registry):
     """The SRM check of exp_a as the pass evaluates it, from the stored assignments."""
     analysable = analysable_assignments(session.partition("deduped_assignments", experiment.id))
