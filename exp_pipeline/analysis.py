@@ -21,9 +21,10 @@ from dataclasses import dataclass, field
 
 import ibis
 import ibis.expr.types as ir
+import numpy as np
 import pandas as pd
 
-from exp_pipeline import checks, results, schemas, sources, validation
+from exp_pipeline import checks, refresh, results, schemas, sources, validation
 from exp_pipeline.checks import BLOCKING, DEDUPED, ERROR, METRICS, POST, PRE, RAW, ROWS_READ, CheckOutcome
 from exp_pipeline.registry import Experiment, Registry
 from exp_pipeline.stats import SrmCause, SrmResult
@@ -313,12 +314,12 @@ WINDOW_SCHEMAS = ((POST, schemas.post_assignment_events_schema), (PRE, schemas.p
 class RunJoin:
     """The run's temporal join, aggregated (`segment_sums`), and what reads it."""
 
-    subjects: ir.Table  # the analysable subjects of every experiment going, with their unit
+    subjects: ir.Table  # the analysable subjects of every experiment going, with their unit and settled key
     events: ir.Table  # the usable metric events of the run's span
     windows: ir.Table  # metric_windows of the experiments going
     cut: temporal_join.WindowSegments
-    rows: ir.Table  # segment_rows: the join itself (a query, never stored)
-    segments: ir.Table  # segment_sums: per unit, span, segment and value bucket
+    rows: ir.Table  # segment_rows: the whole join (a query, never stored)
+    segments: ir.Table  # segment_sums of the events joined now, and the stored settled ones
     validations: dict[str, validation.JoinValidation]  # POST/PRE -> its schemas' batched verdicts
 
     def spans_of(self, experiment_ids: Sequence[str]) -> list[int]:
@@ -332,50 +333,118 @@ class RunJoin:
         return temporal_join.rows_of_period(rows, ibis.memtable(self.cut.segments), "post" if name == POST else "pre")
 
 
-def _run_join(session: WarehouseSession, registry: Registry, going: Sequence[Experiment], events: ir.Table) -> RunJoin:
+@dataclass(frozen=True)
+class RunRefresh:
+    """What the run keeps from the last one, per experiment (refresh.py)."""
+
+    plans: dict[str, refresh.RefreshPlan]
+    settle_until: dt.datetime
+    batch: int
+    logged: pd.DataFrame  # metric_event_counts: per experiment and event name, with the refresh's counts
+
+    def fresh_from(self) -> dict[str, dt.datetime]:
+        return {i: p.fresh_from for i, p in self.plans.items() if p.fresh_from is not None}
+
+    def settled_events(self, experiment_id: str, column: str) -> dict[str, int]:
+        mine = self.logged[(self.logged.experiment_id == experiment_id) & (self.logged[column] > 0)]
+        return {str(n): int(c) for n, c in zip(mine.event_name, mine[column], strict=True)}
+
+
+def _plan_refresh(session: WarehouseSession, registry: Registry, going: Sequence[Experiment], events: ir.Table) -> RunRefresh:
+    """Per experiment: refreshed from its stored state, or recomputed (refresh.plan_refresh), with
+    the event counts of the run's checks, from one count query over the event log."""
+    states = refresh.read_states(session, [e.id for e in going])
+    newest = session.ibis.execute(events.event_at.max())
+    settle_until = refresh.settle_point(None if pd.isna(newest) else pd.Timestamp(newest).to_pydatetime(), registry.sources.events.late_arrival_days)
+    logged = checks.metric_event_counts(
+        session, events, [(e, registry.metrics_of(e)) for e in going],
+        before={i: s.settled_until for i, s in states.items()}, settle_until=settle_until,
+    )
+    stored_rows = refresh.batch_rows(session, {i: s.batches for i, s in states.items()})
+    run = RunRefresh({}, settle_until, refresh.new_batch_id(), logged)
+    for e in going:
+        state = states.get(e.id)
+        run.plans[e.id] = refresh.plan_refresh(
+            e.id, refresh.definition_fingerprint(e, registry.metrics_of(e), registry.sources.events), state, settle_until,
+            run.settled_events(e.id, "rows_before") if state else None, stored_rows.get(e.id, 0) if state else None,
+        )
+    return run
+
+
+def _run_join(
+    session: WarehouseSession, registry: Registry, going: Sequence[Experiment], events: ir.Table, run: RunRefresh,
+) -> RunJoin:
     frame = temporal_join.metric_windows_frame([(e, registry.metrics_of(e)) for e in going])
     cut = temporal_join.window_segments(frame)
     assignments = ibis.union(
         *(analysable_assignments(session.partition(DEDUPED, e.id)) for e in going), distinct=False
     ).select("experiment_id", "subject_id", "variant_id", "assigned_at")
+    fresh_from = run.fresh_from()
+    keyed = temporal_join.with_settled_keys(
+        temporal_join.numbered_subjects(assignments), refresh.settled_subjects(session, list(run.plans.values())),
+        fresh_from, run.batch,
+    )
     # Small (one row per subject and experiment); materialized so every query sees the same subjects.
-    subjects = session.temp_table("_analysable", temporal_join.numbered_subjects(assignments))
+    subjects = session.temp_table("_analysable", keyed)
     validations = {
         name: validation.JoinValidation({e.id: schema_of(e) for e in going}, SUBJECT_COLUMNS, f"{name}_verdict_")
         for name, schema_of in WINDOW_SCHEMAS
     }
     spans = session.temp_table("_spans", ibis.memtable(cut.spans))
+    verdicts: dict[str, ir.BooleanColumn] = {}
 
     def row_verdicts(rows: ir.Table) -> dict[str, ir.BooleanColumn]:
         shared: dict[str, ir.BooleanColumn] = {}
         for check in validations.values():  # a verdict both tables' schemas have is computed once
             shared = check.row_verdicts(rows, shared)
+        verdicts.update(shared)
         return shared
 
     sides = session.temp_table("_subject_spans", temporal_join.subject_spans(subjects, spans))
-    rows = temporal_join.segment_rows(sides, events)
+    if fresh_from:
+        # Settled subjects need only their events from the watermark on: the log before the
+        # earliest watermark is read for the others (new subjects, experiments recomputed) only.
+        low = ibis.literal(min(fresh_from.values()), "timestamp('UTC')")
+        fresh_rows = ibis.union(
+            temporal_join.segment_rows(sides, events.filter(events.event_at >= low)),
+            temporal_join.segment_rows(sides.filter(sides[temporal_join.FRESH_FROM].isnull()), events.filter(events.event_at < low)),
+            distinct=False,
+        )
+    else:
+        fresh_rows = temporal_join.segment_rows(sides, events)
     # The one join of the run, aggregated as it goes: nothing event-level is stored.
-    segments = session.temp_table("_segment_sums", temporal_join.segment_sums(rows, row_verdicts))
+    segments = temporal_join.segment_sums(fresh_rows, row_verdicts, run.settle_until).mutate(stored=ibis.literal(False))
+    stored = refresh.settled_sums(session, list(run.plans.values()))
+    if stored is not None:
+        segments = ibis.union(segments, temporal_join.stored_segment_sums(stored, subjects, spans, list(verdicts)), distinct=False)
+    segments = session.temp_table("_segment_sums", segments)
     windows = session.table(METRIC_WINDOWS)
     windows = windows.filter(windows.experiment_id.isin([e.id for e in going]))
+    rows = temporal_join.segment_rows(sides.drop(temporal_join.FRESH_FROM), events)
     return RunJoin(subjects, events, windows, cut, rows, segments, validations)
 
 
+def _known(value) -> bool | None:
+    return bool(value) if isinstance(value, bool | np.bool_) else None
+
+
 def _event_checks(
-    session: WarehouseSession, registry: Registry, experiments: Sequence[Experiment], join: RunJoin,
+    session: WarehouseSession, registry: Registry, experiments: Sequence[Experiment], join: RunJoin, run: RunRefresh,
     outcomes: dict[str, ExperimentResult],
-) -> None:
+) -> dict[str, dict[str, bool | None]]:
     """The checks of the two window-event tables, for every experiment from a few grouped queries
-    over the run's aggregated join (its segments) and the event log."""
+    over the run's aggregated join (its segments) and the event log. Returns, per experiment and
+    period, whether the rows this run settled pass their row checks (for the stored state)."""
     segments = join.segments.join(ibis.memtable(join.cut.segments), ["span", "segment"]).join(
         ibis.memtable(join.cut.spans[["span", "experiment_id", "event_name"]]), "span"
     )
     verdict_names = sorted({n for check in join.validations.values() for n in check.row_verdict_names})
-    per_period = session.to_pandas(segments.group_by("experiment_id", "period").aggregate(
+    groups = session.to_pandas(segments.group_by("experiment_id", "period", "settled", "stored").aggregate(
         rows=segments.n_events.sum(), before=segments.n_before_assignment.sum(),
         **{name: segments[name].all() for name in verdict_names},
-    ))
-    periods = {(r["experiment_id"], r["period"]): r for r in per_period.to_dict("records")}
+    )).to_dict("records")
+    settled_pass: dict[str, dict[str, bool | None]] = {e.id: {} for e in experiments}
+    leaked: dict[str, int] = {}
     for name, schema_of in WINDOW_SCHEMAS:
         period = "post" if name == POST else "pre"
         check = join.validations[name]
@@ -386,27 +455,38 @@ def _event_checks(
         aggregates = check.subject_verdicts(subjects)
         subject_results = subjects.aggregate(**aggregates).to_pyarrow().to_pylist()[0] if aggregates else {}
         for e in experiments:
-            found = periods.get((e.id, period), {})
-            rows = int(found.get("rows") or 0)
-            if check.passed(e.id, rows, found, subject_results):
+            mine = [g for g in groups if g["experiment_id"] == e.id and g["period"] == period]
+            rows = sum(int(g["rows"] or 0) for g in mine)
+            if period == "post":
+                leaked[e.id] = sum(int(g["before"] or 0) for g in mine)
+
+            def all_of(selected: list[dict]) -> dict[str, bool | None]:
+                # all() of each verdict over the rows of these groups (vacuously true over none).
+                return {v: refresh.rows_pass(*(_known(g[v]) for g in selected)) for v in verdict_names}
+
+            fresh = all_of([g for g in mine if not g["stored"]])
+            settled_pass[e.id][period] = check.rows_pass(e.id, all_of([g for g in mine if g["settled"] and not g["stored"]]))
+            plan = run.plans[e.id]
+            earlier = plan.previous.settled_rows_pass.get(period) if plan.previous else True
+            if earlier is True and check.passed(e.id, rows, fresh, subject_results):
                 verdict = validation.ValidationOutcome(passed=True, failures=[])
             else:
                 verdict = validation.validate(schema_of(e), join.rows_of(name, e.id))
             outcomes[e.id].record(name, "matches_schema", checks.schema_outcome(verdict, rows))
     for e in experiments:
-        leaked = int(periods.get((e.id, "post"), {}).get("before") or 0)
         sample = None
-        if leaked:
+        if leaked[e.id]:
             rows = join.rows_of(POST, e.id)
             sample = session.to_pandas(checks.leak_sample(rows.filter(rows.event_at < rows.assigned_at)))
-        outcomes[e.id].record(POST, "no_events_before_assignment", checks.leak_outcome(leaked, sample))
-    logged = checks.metric_event_counts(session, join.events, [(e, registry.metrics_of(e)) for e in experiments])
+        outcomes[e.id].record(POST, "no_events_before_assignment", checks.leak_outcome(leaked[e.id], sample))
     matched = session.to_pandas(segments.group_by("experiment_id", "event_name").aggregate(matched=segments.n_events.sum()))
+    logged = run.logged
     for e in experiments:
         outcomes[e.id].record(
             POST, "metric_events_match_subjects",
             checks.metric_events_outcome(e, registry, logged[logged.experiment_id == e.id], matched[matched.experiment_id == e.id]),
         )
+    return settled_pass
 
 
 def _analyse(
@@ -432,13 +512,22 @@ def _analyse(
             going.append(e)
     if not going:
         return
+    events = _metric_events(event_log, registry, going)
+    with clock.stage("refresh plan"):
+        run = _plan_refresh(session, registry, going, events)
     with clock.stage("temporal join"):
-        join = _run_join(session, registry, going, _metric_events(event_log, registry, going))
+        join = _run_join(session, registry, going, events, run)
     with clock.stage("event checks"):
-        _event_checks(session, registry, going, join, outcomes)
+        settled_pass = _event_checks(session, registry, going, join, run, outcomes)
     analysed = [e for e in going if not outcomes[e.id].stop_if_blocked()]
     for e in going:
-        outcomes[e.id].metadata[POST] = {"event_log_rows_read": rows_read}
+        plan = run.plans[e.id]
+        outcomes[e.id].metadata[POST] = {
+            "event_log_rows_read": rows_read,
+            "refresh": "incremental" if plan.incremental else "full",
+            "refresh_reason": plan.reason,
+            "settled_until": plan.settle_until.isoformat(),
+        }
         outcomes[e.id].metadata[PRE] = {}
     if not analysed:
         return
@@ -456,16 +545,43 @@ def _analyse(
         bounds = read_bounds(session.to_pandas(value_bounds(capped, VALUE_KEY)), VALUE_KEY)
         # Only this small table leaves the engine.
         sufficient = session.to_pandas(sufficient_statistics(capped, bounds))
+    with clock.stage("settled rows"):
+        states = _settle(session, analysed, join, run, settled_pass)
     with clock.stage("inference and writes"):
-        _write_results(session, registry, analysed, sufficient, counts, rows_read, now, outcomes)
+        _write_results(session, registry, analysed, sufficient, counts, rows_read, now, states, outcomes)
+        # After the commit: the rows no state names any more (recomputed, or left by a failed run).
+        refresh.prune_uncommitted(session, states)
+
+
+def _settle(
+    session: WarehouseSession, analysed: Sequence[Experiment], join: RunJoin, run: RunRefresh,
+    settled_pass: dict[str, dict[str, bool | None]],
+) -> list[refresh.RefreshState]:
+    """Store the rows this run settled as its batch; the analysed experiments' next states (not
+    committed until they are written with the results)."""
+    ids = [e.id for e in analysed]
+    spans = ibis.memtable(join.cut.spans[["span", "experiment_id", "event_name"]])
+    sums = temporal_join.settled_rows(join.segments, join.subjects, spans)
+    new = join.subjects.filter(join.subjects.experiment_id.isin(ids) & join.subjects[temporal_join.FRESH_FROM].isnull())
+    refresh.append_settled(
+        session, sums.filter(sums.experiment_id.isin(ids)),
+        new.select("experiment_id", "subject_id", "assigned_at", batch=new[temporal_join.SETTLED_BATCH], unit=new[temporal_join.SETTLED_UNIT]),
+        run.batch,
+    )
+    written = refresh.batch_rows(session, {i: [run.batch] for i in ids})
+    return [
+        run.plans[i].next_state(run.settled_events(i, "rows_settled"), settled_pass[i], run.batch, written.get(i, 0))
+        for i in ids
+    ]
 
 
 def _write_results(
     session: WarehouseSession, registry: Registry, analysed: Sequence[Experiment], sufficient: pd.DataFrame,
-    counts: dict[str, pd.DataFrame], rows_read: int, now: dt.datetime, outcomes: dict[str, ExperimentResult],
+    counts: dict[str, pd.DataFrame], rows_read: int, now: dt.datetime, states: Sequence[refresh.RefreshState],
+    outcomes: dict[str, ExperimentResult],
 ) -> None:
     """Inference per experiment (pure Python on the sufficient statistics) and one write of every
-    experiment's partitions."""
+    experiment's partitions, with its refresh state (the commit of the rows it settled)."""
     frames = {
         e.id: results.variant_metric_rows(
             sufficient[sufficient.experiment_id == e.id], e, registry.metrics_of(e), outcomes[e.id].srm
@@ -476,7 +592,10 @@ def _write_results(
     state["analysed_at"] = pd.to_datetime(state["analysed_at"], utc=True)
     ids = [e.id for e in analysed]
     metrics = pd.concat(list(frames.values()), ignore_index=True)
-    written = session.replace_experiments(ids, {METRICS: ibis.memtable(metrics), ANALYSIS_STATE: ibis.memtable(state)})[METRICS]
+    written = session.replace_experiments(ids, {
+        METRICS: ibis.memtable(metrics), ANALYSIS_STATE: ibis.memtable(state),
+        refresh.REFRESH_STATE: ibis.memtable(refresh.state_frame(states)),
+    })[METRICS]
     schema_outcomes = checks.schema_outcomes(session, METRICS, analysed, registry)
     for e in analysed:
         outcome = outcomes[e.id]

@@ -10,7 +10,7 @@ defs/ records them. Blocking checks that fail with ERROR stop the later stages o
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 
 import ibis.expr.types as ir
@@ -326,11 +326,15 @@ def evaluate_rows_read(
 
 
 def metric_event_counts(
-    session: WarehouseSession, events: ir.Table, experiments: Sequence[tuple[Experiment, Sequence]]
+    session: WarehouseSession, events: ir.Table, experiments: Sequence[tuple[Experiment, Sequence]],
+    before: Mapping[str, dt.datetime] | None = None, settle_until: dt.datetime | None = None,
 ) -> pd.DataFrame:
     """Per experiment and metric event name: the usable events logged in the span the experiment
-    can use (its pre-period before the start to the end plus the widest window). One query for
-    every experiment: a filtered count each."""
+    can use (its pre-period before the start to the end plus the widest window), `rows`; of them,
+    those before the experiment's time in `before` (`rows_before`) and before `settle_until`
+    (`rows_settled`), what the incremental refresh compares and stores. One query for every
+    experiment: filtered counts."""
+    before = before or {}
     spans = {}
     for i, (experiment, metrics) in enumerate(experiments):
         lower = experiment.start_at - dt.timedelta(seconds=whole_seconds(experiment.cuped_pre_window_days))
@@ -339,6 +343,10 @@ def metric_event_counts(
             widest = max(whole_seconds(m.window_end_days) for m in metrics)
             inside &= events.event_at < experiment.end_at + dt.timedelta(seconds=widest)
         spans[f"in_span_{i}"] = inside.cast("int64").sum()
+        if experiment.id in before:
+            spans[f"before_{i}"] = (inside & (events.event_at < before[experiment.id])).cast("int64").sum()
+        if settle_until is not None:
+            spans[f"settled_{i}"] = (inside & (events.event_at < settle_until)).cast("int64").sum()
     wide = session.to_pandas(events.group_by("event_name").aggregate(**spans))
     rows = []
     for i, (experiment, metrics) in enumerate(experiments):
@@ -346,8 +354,11 @@ def metric_event_counts(
         for record in wide.to_dict("records"):
             count = record[f"in_span_{i}"]
             if record["event_name"] in names and count and not pd.isna(count):
-                rows.append({"experiment_id": experiment.id, "event_name": record["event_name"], "rows": int(count)})
-    return pd.DataFrame(rows, columns=["experiment_id", "event_name", "rows"])
+                rows.append({
+                    "experiment_id": experiment.id, "event_name": record["event_name"], "rows": int(count),
+                    "rows_before": int(record.get(f"before_{i}") or 0), "rows_settled": int(record.get(f"settled_{i}") or 0),
+                })
+    return pd.DataFrame(rows, columns=["experiment_id", "event_name", "rows", "rows_before", "rows_settled"])
 
 
 def metric_events_outcome(

@@ -291,6 +291,55 @@ def analysis_state_schema(experiment: Experiment | None = None) -> pa.DataFrameS
     )
 
 
+def refresh_state_schema(experiment: Experiment | None = None) -> pa.DataFrameSchema:
+    return pa.DataFrameSchema(
+        {
+            "experiment_id": _experiment_column(experiment),
+            "fingerprint": _column(STRING, "hash of the experiment, its metrics and the events source when settled"),
+            "settled_until": _column(UTC_TIMESTAMP, "events before this are summed in settled_segment_sums"),
+            "settled_events": _column(STRING, "usable events per name before settled_until then (JSON)"),
+            "settled_rows_pass": _column(STRING, "per period: did the settled rows pass their row checks (JSON)"),
+            "batches": _column(STRING, "the committed batches of the settled tables (JSON list)"),
+            "settled_rows": _column(INT64, "their rows in the two settled tables", pa.Check.ge(0)),
+        },
+        strict=True,
+        name="refresh_state",
+    )
+
+
+def settled_subjects_schema(experiment: Experiment | None = None) -> pa.DataFrameSchema:
+    return pa.DataFrameSchema(
+        {
+            "experiment_id": _experiment_column(experiment),
+            "subject_id": _column(STRING, "the subject"),
+            "assigned_at": _column(UTC_TIMESTAMP, "its assignment when its events were settled"),
+            "batch": _column(INT64, "the run that first settled it"),
+            "unit": _column(INT64, "its number in that run: with batch, the key of its settled sums"),
+        },
+        strict=True,
+        name="settled_subjects",
+    )
+
+
+def settled_segment_sums_schema(experiment: Experiment | None = None) -> pa.DataFrameSchema:
+    return pa.DataFrameSchema(
+        {
+            "experiment_id": _experiment_column(experiment),
+            "event_name": _column(STRING, "the metric event"),
+            "subject_batch": _column(INT64, "settled_subjects.batch of the subject"),
+            "subject_unit": _column(INT64, "settled_subjects.unit of the subject"),
+            "segment": _column(INT64, "the window segment of the event name (cut where a metric window begins or ends)"),
+            "sum_value_bucket": _column(INT64, "exponent bucket of the values (fixed-point sums)"),
+            "n_events": _column(INT64, "events", pa.Check.ge(0)),
+            "n_before_assignment": _column(INT64, "of them before assignment", pa.Check.ge(0)),
+            "sum_value_fixed": _column(dt.Decimal(38, 0), "their exact sum, as an integer of the bucket"),
+            "batch": _column(INT64, "the run that settled these events"),
+        },
+        strict=True,
+        name="settled_segment_sums",
+    )
+
+
 def metric_windows_schema(experiment: Experiment | None = None) -> pa.DataFrameSchema:
     return pa.DataFrameSchema(
         {
@@ -381,6 +430,14 @@ TABLES = {
               "a view: events in the CUPED covariate period before assignment", pre_assignment_events_schema),
         Table("analysis_state", "experiment", "when the experiment was last analysed, on how many event rows",
               analysis_state_schema),
+        Table("refresh_state", "experiment",
+              "what the incremental refresh settled: the watermark, the event counts before it, the committed batches",
+              refresh_state_schema),
+        Table("settled_subjects", "experiment x subject x assigned_at x batch",
+              "subjects whose events before the watermark are summed in settled_segment_sums", settled_subjects_schema),
+        Table("settled_segment_sums", "subject x event name x window segment x value bucket x batch",
+              "per-subject exact sums of the events before the watermark, added by the next run instead of joined again",
+              settled_segment_sums_schema),
         Table("variant_metrics", "experiment x variant x metric",
               "sufficient statistics, lifts with intervals and p-values, CUPED, Holm, the SRM verdict",
               variant_metrics_schema),

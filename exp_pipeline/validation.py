@@ -271,6 +271,16 @@ class JoinValidation:
                 aggregates[f"{self.prefix}{partition}_{i}"] = (outside | verdicts[i]).all()
         return aggregates
 
+    def rows_pass(self, partition: str, row_results: dict) -> bool | None:
+        """Whether rows with these all() results pass the partition's row verdicts: True, False,
+        or None (not batched, or a verdict not known)."""
+        if partition not in self._row_names:
+            return None
+        values = [row_results.get(n) for n in self._row_names[partition]]
+        if any(isinstance(v, bool | np.bool_) and not v for v in values):
+            return False
+        return True if all(_true(v) for v in values) else None
+
     def passed(self, partition: str, rows: int, row_results: dict, subject_results: dict) -> bool:
         """Shown to pass: batched, and every verdict true (vacuously over no rows). `row_results`:
         the partition's all() of each row verdict; `subject_results`: `subject_verdicts`' values."""

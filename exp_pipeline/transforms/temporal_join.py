@@ -6,7 +6,7 @@ experiment of a run at once.
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import NamedTuple
 
 import ibis
@@ -14,7 +14,7 @@ import ibis.expr.types as ir
 import pandas as pd
 
 from exp_pipeline.registry import Experiment, Metric
-from exp_pipeline.transforms.fixed_point import exact_terms
+from exp_pipeline.transforms.fixed_point import FIXED_POINT, exact_terms
 from exp_pipeline.vocabulary import whole_seconds
 
 WINDOW_COLUMNS = ("experiment_id", "subject_id", "variant_id", "assigned_at", "event_at", "event_name", "value")
@@ -104,6 +104,11 @@ def pre_assignment_rows(window_events: ir.Table) -> ir.Table:
 
 SPAN_COLUMNS = ("span", "experiment_id", "event_name", "pre_seconds", "start_seconds", "end_seconds")
 SEGMENT_KEY = ("unit", "span", "segment")
+# A subject's settled events (the incremental refresh) end here: only later ones are joined.
+FRESH_FROM = "_fresh_from"
+# Where a subject's settled sums are stored: the batch and unit of the run that first settled it.
+SETTLED_BATCH, SETTLED_UNIT = "_settled_batch", "_settled_unit"
+SEGMENT_TOTALS = ("n_events", "n_before_assignment", "sum_value_fixed")
 
 
 class WindowSegments(NamedTuple):
@@ -168,15 +173,17 @@ def subject_spans(subjects: ir.Table, spans: ir.Table) -> ir.Table:
     """The build side of the run's join: per subject and span, the span's bounds as timestamps.
 
     `subjects`: analysable subjects of every experiment (experiment_id, subject_id, variant_id,
-    assigned_at) with their `unit` (`numbered_subjects`); `spans`: `window_segments(...).spans`.
+    assigned_at) with their `unit` (`numbered_subjects`), and FRESH_FROM if some have settled
+    events (`segment_rows` then joins only their later ones); `spans`: `window_segments(...).spans`.
     Materialize it before `segment_rows`: computed inside the join query, the engine moves the
     interval arithmetic after the join, to every matched event.
     """
     bounds = [c for c in spans.columns if c.startswith("bound_")]
     sides = subjects.join(spans, "experiment_id")
     at = sides.assigned_at
+    fresh = [FRESH_FROM] if FRESH_FROM in subjects.columns else []
     return sides.select(
-        "unit", "span", "experiment_id", "subject_id", "variant_id", "assigned_at", "event_name",
+        "unit", "span", "experiment_id", "subject_id", "variant_id", "assigned_at", "event_name", *fresh,
         _pre_start=at - sides.pre_seconds.as_interval("s"),
         _start=at + sides.start_seconds.as_interval("s"),
         _end=at + sides.end_seconds.as_interval("s"),
@@ -187,12 +194,15 @@ def subject_spans(subjects: ir.Table, spans: ir.Table) -> ir.Table:
 def segment_rows(sides: ir.Table, events: ir.Table) -> ir.Table:
     """The run's temporal join: each subject's events inside its spans' windows (`window_rows`'
     rules), with WINDOW_COLUMNS and the row's `unit`, `span` and `segment` (not deduplicated).
-    `sides`: `subject_spans`, materialized."""
+    `sides`: `subject_spans`, materialized; where it has FRESH_FROM, a subject's events before it
+    are left out (they are settled)."""
     bounds = [c for c in sides.columns if c.startswith("_bound_")]
     joined = sides.join(events, ["subject_id", "event_name"])
     in_window = ((joined.event_at >= joined._pre_start) & (joined.event_at < joined.assigned_at)) | (
         (joined.event_at >= joined._start) & (joined.event_at < joined._end)
     )
+    if FRESH_FROM in sides.columns:
+        in_window &= joined[FRESH_FROM].isnull() | (joined.event_at >= joined[FRESH_FROM])
     joined = joined.filter(in_window)
     segment = sum((joined.event_at >= joined[b]).cast("int64") for b in bounds) if bounds else ibis.literal(0, "int64")
     return joined.select("unit", "span", *WINDOW_COLUMNS, segment=segment)
@@ -207,22 +217,83 @@ def rows_of_period(rows: ir.Table, segments: ir.Table, period: str) -> ir.Table:
 
 def segment_sums(
     rows: ir.Table, row_verdicts: Callable[[ir.Table], dict[str, ir.BooleanColumn]] = lambda rows: {},
+    settle_until: dt.datetime | None = None,
 ) -> ir.Table:
     """The run's join (`segment_rows`) aggregated as it goes, per (unit, span, segment, value
-    bucket): the events, their exact value sum (`sum_value_bucket/_fixed`, `exact_terms`), the rows
-    before assignment and the row verdicts. The join's rows are never stored.
+    bucket, settled): the events, their exact value sum (`sum_value_bucket/_fixed`, `exact_terms`),
+    the rows before assignment and the row verdicts. The join's rows are never stored. `settled`:
+    the events are before `settle_until` (the incremental refresh stores those; never without one).
 
     Exact duplicate events count once, decided on integer keys (unit, span) with the event's time
     and value. `row_verdicts(rows)` gives boolean columns over the rows, aggregated with all().
     """
     verdicts = row_verdicts(rows)
+    settled = ibis.literal(False) if settle_until is None else rows.event_at < ibis.literal(settle_until, "timestamp('UTC')")
     rows = rows.select(
         "unit", "span", "segment", "event_at", "value", _before=rows.event_at < rows.assigned_at, **verdicts,
     ).distinct()
-    rows = exact_terms(rows, rows.value, "sum_value")
-    return rows.group_by(*SEGMENT_KEY, "sum_value_bucket").aggregate(
+    rows = exact_terms(rows.mutate(settled=settled), rows.value, "sum_value")
+    return rows.group_by(*SEGMENT_KEY, "sum_value_bucket", "settled").aggregate(
         n_events=rows.count(),
         n_before_assignment=rows._before.cast("int64").sum(),
-        sum_value_fixed=rows.sum_value_fixed.sum(),
+        sum_value_fixed=rows.sum_value_fixed.sum().cast(FIXED_POINT),
         **{name: rows[name].all() for name in verdicts},
+    )
+
+
+def with_settled_keys(
+    subjects: ir.Table, settled: ir.Table | None, fresh_from: Mapping[str, dt.datetime], batch: int,
+) -> ir.Table:
+    """`numbered_subjects` with what the incremental refresh needs: FRESH_FROM, the watermark of
+    the subject's experiment when its earlier events are settled (it is in `settled`, the stored
+    subjects of experiments refreshed incrementally, at the same `assigned_at`), else null (all
+    its events are joined); and the key its settled sums are stored under (SETTLED_BATCH,
+    SETTLED_UNIT: the batch and unit of the run that first settled it, this run's for the others).
+    """
+    if settled is None or not fresh_from:
+        return subjects.mutate(**{
+            FRESH_FROM: ibis.null("timestamp('UTC')"), SETTLED_BATCH: ibis.literal(batch, "int64"), SETTLED_UNIT: subjects.unit,
+        })
+    since = pd.DataFrame({"experiment_id": list(fresh_from), "_since": list(fresh_from.values())})
+    since["_since"] = pd.to_datetime(since["_since"], utc=True).astype("datetime64[us, UTC]")
+    known = settled.select("experiment_id", "subject_id", "assigned_at", _batch="batch", _unit="unit")
+    joined = subjects.left_join(known, ["experiment_id", "subject_id", "assigned_at"]).left_join(
+        ibis.memtable(since), "experiment_id"
+    )
+    old = joined._batch.notnull() & joined._since.notnull()
+    return joined.select(*subjects.columns, **{
+        FRESH_FROM: ibis.ifelse(old, joined._since, ibis.null("timestamp('UTC')")),
+        SETTLED_BATCH: ibis.ifelse(old, joined._batch, ibis.literal(batch, "int64")),
+        SETTLED_UNIT: ibis.ifelse(old, joined._unit, joined.unit),
+    })
+
+
+def settled_rows(segments: ir.Table, subjects: ir.Table, spans: ir.Table) -> ir.Table:
+    """The settled rows `segment_sums` computed this run (not the stored ones), in their stored
+    form: experiment and event name for the span, the subject's settled key for the unit, no
+    verdicts. What the next run adds instead of joining those events again."""
+    fresh = segments.filter(segments.settled & ~segments.stored)
+    keyed = fresh.join(subjects.select("unit", SETTLED_BATCH, SETTLED_UNIT), "unit").join(
+        spans.select("span", "experiment_id", "event_name"), "span"
+    )
+    return keyed.select(
+        "experiment_id", "event_name", subject_batch=keyed[SETTLED_BATCH], subject_unit=keyed[SETTLED_UNIT],
+        segment=keyed.segment, sum_value_bucket=keyed.sum_value_bucket, **{c: keyed[c] for c in SEGMENT_TOTALS},
+    )
+
+
+def stored_segment_sums(stored: ir.Table, subjects: ir.Table, spans: ir.Table, verdicts: Sequence[str]) -> ir.Table:
+    """Stored settled rows (`settled_rows`' form) as rows of this run's `segment_sums`, for the
+    subjects whose settled key they carry (analysable still, at the same `assigned_at`). Their
+    row verdicts are null (all() passes over them: the stored state says whether they passed)."""
+    keys = subjects.filter(subjects[FRESH_FROM].notnull()).select(
+        "unit", subject_batch=subjects[SETTLED_BATCH], subject_unit=subjects[SETTLED_UNIT]
+    )
+    keyed = stored.join(keys, ["subject_batch", "subject_unit"]).join(
+        spans.select("span", "experiment_id", "event_name"), ["experiment_id", "event_name"]
+    )
+    return keyed.select(
+        *SEGMENT_KEY, "sum_value_bucket", settled=ibis.literal(True), n_events=keyed.n_events,
+        n_before_assignment=keyed.n_before_assignment, sum_value_fixed=keyed.sum_value_fixed.cast(FIXED_POINT),
+        **{v: ibis.null("boolean") for v in verdicts}, stored=ibis.literal(True),
     )

@@ -195,6 +195,13 @@ class DuckDBWarehouseSession(WarehouseSession):
             self._ensure_table(name, rows.schema())
             self.ibis.insert(name, rows, database=self.schema)
 
+    def delete_rows(self, name: str, keys: ir.Table) -> None:
+        """One DELETE joined with the keys (computed first, as a temp table)."""
+        self.temp_table("_delete_keys", keys)
+        match = " AND ".join(f"t.{_quote(c)} = k.{_quote(c)}" for c in keys.columns)
+        with self._transaction():
+            self.raw.execute(f"DELETE FROM {_quote(self.schema)}.{_quote(name)} AS t USING _delete_keys AS k WHERE {match}")
+
     def update_row(self, name: str, key_column: str, key: str, values: dict) -> None:
         """Set `values` on the rows where key_column = key (values bound as parameters)."""
         assignments = ", ".join(f"{_quote(column)} = ?" for column in values)

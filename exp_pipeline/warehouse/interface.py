@@ -169,6 +169,12 @@ class WarehouseSession(ABC):
     def append(self, name: str, rows: ir.Table) -> None:
         """Append rows, creating the table on first use."""
 
+    def delete_rows(self, name: str, keys: ir.Table) -> None:
+        """Delete the rows of `name` that match a row of `keys` on every column of `keys`. This
+        default rewrites the table (computed before it is replaced)."""
+        table = self.table(name)
+        self.replace_table(name, table.anti_join(keys, list(keys.columns)))
+
     @abstractmethod
     def update_row(self, name: str, key_column: str, key: str, values: dict) -> None:
         """Set `values` on the rows where key_column = key."""
