@@ -80,8 +80,12 @@ def exact_sums(table: ir.Table, group_by: Sequence[str], name: str, **counts: ir
     BUCKET_BINADES), and the `counts` aggregates (summed over the buckets: counts only)."""
     bucket, fixed = f"{name}_bucket", f"{name}_fixed"
     per_bucket = table.group_by(*group_by, bucket).aggregate(_sum=table[fixed].sum(), **counts)
+    # Zero and null terms sit in bucket 0 with a zero sum: they must not decide the top bucket
+    # (tiny terms would be rounded onto bucket 0's grid, to nothing).
+    counted = per_bucket._sum != 0
     per_group = per_bucket.group_by(*group_by).aggregate(
-        _top=per_bucket[bucket].max(), _low=per_bucket[bucket].min(), _total=per_bucket._sum.sum(),
+        _top=per_bucket[bucket].max(where=counted).fill_null(0), _low=per_bucket[bucket].min(where=counted).fill_null(0),
+        _total=per_bucket._sum.sum(),
         **{c: per_bucket[c].sum() for c in counts},
     )
     # Almost every group's terms share one bucket: their integer sum is exact as it is.

@@ -127,6 +127,7 @@ def test_a_huge_value_leaves_every_other_subjects_sum_exact(con):
     amounts = {s: [float(v) for v in rng.gamma(2.0, 10.0, size=3)] for s in subjects}
     amounts["s0"] = [1e308, 1.0]  # one absurd amount (an export bug, a test row)
     amounts["s1"] = [1e-300, 3e-301]  # and tiny ones
+    amounts["s3"] = [1e-30, 0.0]  # a tiny one beside a zero (a zero term has no bucket of its own)
     rows = [(s, f"2026-10-02T0{i + 1}:00:00Z", "purchase", v) for s, vs in amounts.items() for i, v in enumerate(vs)]
     values = con.to_pandas(values_of(con, a, events_table(con, rows), [metric()])).set_index("subject_id")["value"]
     for subject, terms in amounts.items():
