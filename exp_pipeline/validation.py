@@ -181,22 +181,9 @@ def validate_partitions(
     batched: dict[str, list[str]] = {}
     found = table.filter(table[key].isin(list(schemas)))
     for partition, schema in schemas.items():
-        try:
-            with config_context(validation_depth=ValidationDepth.SCHEMA_ONLY):
-                schema.validate(table, lazy=True)
-        except SchemaErrors:
-            continue
-        verdicts = _data_verdicts(schema, found)
-        if verdicts is None or schema.unique:
-            continue
-        names = []
-        for verdict in verdicts:
-            name = next((n for n, v in shared.items() if v.equals(verdict)), None)
-            if name is None:
-                name = f"v{len(shared)}"
-                shared[name] = verdict
-            names.append(name)
-        batched[partition] = names
+        verdicts = _batchable_verdicts(schema, table, found)
+        if verdicts is not None:
+            batched[partition] = [_shared_name(shared, verdict, "v") for verdict in verdicts]
     rows = found.group_by(_partition=found[key]).aggregate(_rows=found.count(), **{name: v.all() for name, v in shared.items()})
     by_partition = {r["_partition"]: r for r in rows.to_pyarrow().to_pylist()}
     outcomes = {}
@@ -236,13 +223,8 @@ class JoinValidation:
         used: set[str] = set()
         view = rows.select(*next(iter(self.schemas.values())).columns) if self.schemas else rows
         for partition, schema in self.schemas.items():
-            try:
-                with config_context(validation_depth=ValidationDepth.SCHEMA_ONLY):
-                    schema.validate(view, lazy=True)
-            except SchemaErrors:
-                continue
-            verdicts = _data_verdicts(schema, rows)
-            if verdicts is None or schema.unique:
+            verdicts = _batchable_verdicts(schema, view, rows)
+            if verdicts is None:
                 continue
             names, subject = [], []
             for i, verdict in enumerate(verdicts):
@@ -250,12 +232,8 @@ class JoinValidation:
                 if read <= self.subject_columns:
                     subject.append(i)
                     continue
-                name = next((n for n, v in shared.items() if v.equals(verdict)), None)
-                if name is None:
-                    name = f"{self.prefix}{len(shared)}"
-                    shared[name] = verdict
-                names.append(name)
-                used.add(name)
+                names.append(_shared_name(shared, verdict, self.prefix))
+                used.add(names[-1])
             self._row_names[partition], self._subject_indices[partition] = names, subject
         self.row_verdict_names = sorted(used)
         return shared
@@ -292,6 +270,27 @@ class JoinValidation:
         return all(_true(row_results.get(n)) for n in self._row_names[partition]) and all(
             _true(subject_results.get(n)) for n in names
         )
+
+
+def _batchable_verdicts(schema: pa.DataFrameSchema, typed: ir.Table, rows: ir.Table) -> list[ir.BooleanColumn] | None:
+    """The schema's data verdicts over `rows`, if they can be decided in one aggregate: `typed`
+    (the same columns) passes pandera's type checks and the schema declares no uniqueness."""
+    try:
+        with config_context(validation_depth=ValidationDepth.SCHEMA_ONLY):
+            schema.validate(typed, lazy=True)
+    except SchemaErrors:
+        return None
+    verdicts = _data_verdicts(schema, rows)
+    return None if verdicts is None or schema.unique else verdicts
+
+
+def _shared_name(shared: dict[str, ir.BooleanColumn], verdict: ir.BooleanColumn, prefix: str) -> str:
+    """The name of `verdict` in `shared`, added under a new name if no equal verdict is there."""
+    name = next((n for n, v in shared.items() if v.equals(verdict)), None)
+    if name is None:
+        name = f"{prefix}{len(shared)}"
+        shared[name] = verdict
+    return name
 
 
 def _true(value) -> bool:
