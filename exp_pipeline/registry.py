@@ -208,8 +208,8 @@ class Source(_Strict):
     late_arrival_days: float = Field(
         default=2, ge=0,
         description=(
-            "events: how late (by event time) rows may still arrive; an incremental refresh recomputes "
-            "this many days back from the newest event it has seen"
+            "events: how late (by event time) rows may still arrive; each run joins again the events "
+            "this many days back from the newest one it sees (later arrivals make it recompute in full)"
         ),
     )
 
