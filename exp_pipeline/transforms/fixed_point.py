@@ -16,6 +16,9 @@ import pandas as pd
 # results differing in the last bits from one run to the next, or between an incremental refresh
 # and a full recomputation. Integer sums do not; 120 bits leave room under DECIMAL(38, 0)'s 126.
 FIXED_POINT = dtypes.Decimal(38, 0)
+# Every sum of a FIXED_POINT column is cast back to it: Ibis types the sum as decimal(38, 2), and
+# a table materialized with that type multiplies by 100 on the way in (overflow room lost) and
+# converts to float several times slower.
 FIXED_POINT_BITS = 120
 _SCALE_PARTS = ("up1", "up2", "down1", "down2")
 
@@ -75,17 +78,17 @@ def exact_terms(table: ir.Table, term: ir.NumericColumn, name: str) -> ir.Table:
     return table.mutate(**{f"{name}_bucket": bucket, f"{name}_fixed": fixed})
 
 
-def exact_sums(table: ir.Table, group_by: Sequence[str], name: str, **counts: ir.Scalar) -> ir.Table:
-    """Per group of `group_by`: `{name}`, the sum of the terms prepared by `exact_terms` (see
-    BUCKET_BINADES), and the `counts` aggregates (summed over the buckets: counts only)."""
+def exact_sums(per_bucket: ir.Table, group_by: Sequence[str], name: str, counts: Sequence[str] = ()) -> ir.Table:
+    """Per group of `group_by`: `{name}`, the sum of terms prepared by `exact_terms` (see
+    BUCKET_BINADES) and summed per bucket: `per_bucket` has one row per group and `{name}_bucket`,
+    with `{name}_fixed` (the bucket's exact integer sum) and the `counts` columns (summed)."""
     bucket, fixed = f"{name}_bucket", f"{name}_fixed"
-    per_bucket = table.group_by(*group_by, bucket).aggregate(_sum=table[fixed].sum(), **counts)
     # Zero and null terms sit in bucket 0 with a zero sum: they must not decide the top bucket
     # (tiny terms would be rounded onto bucket 0's grid, to nothing).
-    counted = per_bucket._sum != 0
+    counted = per_bucket[fixed] != 0
     per_group = per_bucket.group_by(*group_by).aggregate(
         _top=per_bucket[bucket].max(where=counted).fill_null(0), _low=per_bucket[bucket].min(where=counted).fill_null(0),
-        _total=per_bucket._sum.sum(),
+        _total=per_bucket[fixed].sum().cast(FIXED_POINT),
         **{c: per_bucket[c].sum() for c in counts},
     )
     # Almost every group's terms share one bucket: their integer sum is exact as it is.
@@ -93,15 +96,15 @@ def exact_sums(table: ir.Table, group_by: Sequence[str], name: str, **counts: ir
     # The others: lower buckets onto the top bucket's grid, one rounding each (the cast), the same
     # in any run. Joined on the few groups that need it (a window over every group costs more).
     several = per_group.filter(per_group._top != per_group._low).select(*group_by, "_top", *counts)
-    spread = per_bucket.drop(*counts).join(several, list(group_by))
+    spread = per_bucket.select(*group_by, bucket, fixed).join(several, list(group_by))
     shifted = ibis.ifelse(
         spread[bucket] == spread._top,
-        spread._sum,
-        _times_two_to(spread._sum.cast("float64"), BUCKET_BINADES * (spread[bucket] - spread._top)).cast(FIXED_POINT),
+        spread[fixed],
+        _times_two_to(spread[fixed].cast("float64"), BUCKET_BINADES * (spread[bucket] - spread._top)).cast(FIXED_POINT),
     )
     spread = spread.mutate(_shifted=shifted)
     several = spread.group_by(*group_by).aggregate(
-        _total=spread._shifted.sum(), _top=spread._top.max(), **{c: spread[c].max() for c in counts},
+        _total=spread._shifted.sum().cast(FIXED_POINT), _top=spread._top.max(), **{c: spread[c].max() for c in counts},
     )
     summed = ibis.union(single.select(*group_by, "_total", "_top", *counts), several.select(*group_by, "_total", "_top", *counts))
     value = _times_two_to(summed._total.cast("float64"), BUCKET_BINADES * summed._top - BUCKET_BITS)

@@ -10,6 +10,7 @@ import pandas as pd
 
 from exp_pipeline.registry import Metric
 from exp_pipeline.transforms.fixed_point import (
+    FIXED_POINT,
     NO_TERMS,
     SumBound,
     exact_sums,
@@ -25,7 +26,7 @@ def metric_bucket_sums(segments: ir.Table, coverage: ir.Table) -> ir.Table:
     `subject_metric_values` reads it more than once."""
     covered = segments.join(coverage, ["span", "segment"])
     return covered.group_by("unit", "metric", "period", "sum_value_bucket").aggregate(
-        n_events=covered.n_events.sum(), sum_value_fixed=covered.sum_value_fixed.sum()
+        n_events=covered.n_events.sum(), sum_value_fixed=covered.sum_value_fixed.sum().cast(FIXED_POINT)
     )
 
 
@@ -41,7 +42,8 @@ def subject_metric_values(subjects: ir.Table, bucket_sums: ir.Table, windows: ir
     (`cap_subject_values`).
     """
     key = ["unit", "metric", "period"]
-    per_subject = exact_sums(bucket_sums, key, "sum_value", n_events=bucket_sums.n_events.sum())
+    # metric_bucket_sums is one row per subject, metric, period and bucket already.
+    per_subject = exact_sums(bucket_sums, key, "sum_value", ["n_events"])
 
     periods = ibis.memtable(pd.DataFrame({"period": ["post", "pre"]}))
     grid = subjects.select("unit", "experiment_id", "subject_id", "variant_id").join(
