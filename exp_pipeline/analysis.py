@@ -154,10 +154,9 @@ def _ingest_exposures(
 ) -> None:
     """raw_assignments and rejected_rows of every experiment, with their checks."""
     source = registry.sources.assignments
-    classified = session.temp_table("_classified_assignments", _union([
-        ingestion.classify_assignments(exposures.filter(exposures.experiment_id == e.id), e, source.properties)
-        for e in experiments
-    ]))
+    classified = session.temp_table(
+        "_classified_assignments", ingestion.classify_assignments(exposures, experiments, source.properties)
+    )
     reasons = session.to_pandas(ingestion.rejection_counts(classified, by=["experiment_id"]))
     stored = _rows_per_experiment(session, session.table(RAW)) if session.has_table(RAW) else {}
     writing = []
@@ -223,7 +222,7 @@ def _dedupe(
     properties = registry.sources.assignments.properties
     ids = [e.id for e in experiments]
     raw = session.table(RAW)
-    current = _union([first_exposures(raw.filter(raw.experiment_id == e.id), e, properties) for e in experiments])
+    current = first_exposures(raw.filter(raw.experiment_id.isin(ids)), experiments, properties)
     previous = None
     if session.has_table(DEDUPED):
         # Materialize the previous state first: the write below replaces it.
@@ -233,10 +232,7 @@ def _dedupe(
     deduped = session.table(DEDUPED)
     deduped = deduped.filter(deduped.experiment_id.isin(ids))
     active = deduped.filter(deduped.is_active)
-    reasons = session.to_pandas(_union([
-        exposure_row_counts(raw.filter(raw.experiment_id == e.id), e).mutate(experiment_id=ibis.literal(e.id))
-        for e in experiments
-    ]))
+    reasons = session.to_pandas(exposure_row_counts(raw.filter(raw.experiment_id.isin(ids)), experiments))
     all_counts = session.to_pandas(assignment_counts(analysable_assignments(deduped), properties, by=["experiment_id"]))
     excluded = _rows_per_experiment(session, active.filter(active.exclusion_reason == MULTIPLE_VARIANTS))
     previews = _previews(session, deduped, ids)
@@ -340,33 +336,25 @@ class RunRefresh:
     plans: dict[str, refresh.RefreshPlan]
     settle_until: dt.datetime
     batch: int
-    logged: pd.DataFrame  # metric_event_counts: per experiment and event name, with the refresh's counts
+    counts: checks.EventCounts  # the metric events of the log, per experiment, name and day
 
     def fresh_from(self) -> dict[str, dt.datetime]:
         return {i: p.fresh_from for i, p in self.plans.items() if p.fresh_from is not None}
 
-    def settled_events(self, experiment_id: str, column: str) -> dict[str, int]:
-        mine = self.logged[(self.logged.experiment_id == experiment_id) & (self.logged[column] > 0)]
-        return {str(n): int(c) for n, c in zip(mine.event_name, mine[column], strict=True)}
-
 
 def _plan_refresh(session: WarehouseSession, registry: Registry, going: Sequence[Experiment], events: ir.Table) -> RunRefresh:
-    """Per experiment: refreshed from its stored state, or recomputed (refresh.plan_refresh), with
-    the event counts of the run's checks, from one count query over the event log."""
+    """Per experiment: refreshed from its stored state, or recomputed (refresh.plan_refresh), from
+    one count of the event log (which the run's checks read too)."""
     states = refresh.read_states(session, [e.id for e in going])
-    newest = session.ibis.execute(events.event_at.max())
-    settle_until = refresh.settle_point(None if pd.isna(newest) else pd.Timestamp(newest).to_pydatetime(), registry.sources.events.late_arrival_days)
-    logged = checks.metric_event_counts(
-        session, events, [(e, registry.metrics_of(e)) for e in going],
-        before={i: s.settled_until for i, s in states.items()}, settle_until=settle_until,
-    )
+    counts = checks.metric_event_counts(session, events, [(e, registry.metrics_of(e)) for e in going])
+    settle_until = refresh.settle_point(counts.newest, registry.sources.events.late_arrival_days)
     stored_rows = refresh.batch_rows(session, {i: s.batches for i, s in states.items()})
-    run = RunRefresh({}, settle_until, refresh.new_batch_id(), logged)
+    run = RunRefresh({}, settle_until, refresh.new_batch_id(), counts)
     for e in going:
         state = states.get(e.id)
         run.plans[e.id] = refresh.plan_refresh(
             e.id, refresh.definition_fingerprint(e, registry.metrics_of(e), registry.sources.events), state, settle_until,
-            run.settled_events(e.id, "rows_before") if state else None, stored_rows.get(e.id, 0) if state else None,
+            counts.before(e.id, state.settled_until) if state else None, stored_rows.get(e.id, 0) if state else None,
         )
     return run
 
@@ -480,11 +468,10 @@ def _event_checks(
             sample = session.to_pandas(checks.leak_sample(rows.filter(rows.event_at < rows.assigned_at)))
         outcomes[e.id].record(POST, "no_events_before_assignment", checks.leak_outcome(leaked[e.id], sample))
     matched = session.to_pandas(segments.group_by("experiment_id", "event_name").aggregate(matched=segments.n_events.sum()))
-    logged = run.logged
     for e in experiments:
         outcomes[e.id].record(
             POST, "metric_events_match_subjects",
-            checks.metric_events_outcome(e, registry, logged[logged.experiment_id == e.id], matched[matched.experiment_id == e.id]),
+            checks.metric_events_outcome(e, registry, run.counts.logged(e.id), matched[matched.experiment_id == e.id]),
         )
     return settled_pass
 
@@ -570,7 +557,7 @@ def _settle(
     )
     written = refresh.batch_rows(session, {i: [run.batch] for i in ids})
     return [
-        run.plans[i].next_state(run.settled_events(i, "rows_settled"), settled_pass[i], run.batch, written.get(i, 0))
+        run.plans[i].next_state(run.counts.before(i, run.settle_until) or {}, settled_pass[i], run.batch, written.get(i, 0))
         for i in ids
     ]
 

@@ -10,7 +10,7 @@ defs/ records them. Blocking checks that fail with ERROR stop the later stages o
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 
 import ibis.expr.types as ir
@@ -325,16 +325,39 @@ def evaluate_rows_read(
     )
 
 
+SECONDS_PER_DAY = 86_400
+
+
+@dataclass(frozen=True)
+class EventCounts:
+    """The usable metric events of a run, counted in one scan of the log: per experiment, event
+    name and UTC day (days since 1970), those in the span the experiment can use (its pre-period
+    before the start to the end plus the widest window); and the newest event time."""
+
+    per_day: pd.DataFrame  # experiment_id, event_name, day, rows
+    newest: dt.datetime | None
+
+    def logged(self, experiment_id: str) -> pd.DataFrame:
+        """Per event name: the experiment's events in its span (event_name, rows)."""
+        mine = self.per_day[self.per_day.experiment_id == experiment_id]
+        return mine.groupby("event_name", as_index=False)["rows"].sum()
+
+    def before(self, experiment_id: str, until: dt.datetime) -> dict[str, int] | None:
+        """Per event name: the experiment's events in its span before `until`, a UTC midnight
+        (None for another time: the days cannot say)."""
+        seconds = (until - dt.datetime(1970, 1, 1, tzinfo=dt.UTC)).total_seconds()
+        if seconds % SECONDS_PER_DAY:
+            return None
+        mine = self.per_day[(self.per_day.experiment_id == experiment_id) & (self.per_day.day < seconds // SECONDS_PER_DAY)]
+        counts = mine.groupby("event_name")["rows"].sum()
+        return {str(name): int(n) for name, n in counts.items() if n}
+
+
 def metric_event_counts(
-    session: WarehouseSession, events: ir.Table, experiments: Sequence[tuple[Experiment, Sequence]],
-    before: Mapping[str, dt.datetime] | None = None, settle_until: dt.datetime | None = None,
-) -> pd.DataFrame:
-    """Per experiment and metric event name: the usable events logged in the span the experiment
-    can use (its pre-period before the start to the end plus the widest window), `rows`; of them,
-    those before the experiment's time in `before` (`rows_before`) and before `settle_until`
-    (`rows_settled`), what the incremental refresh compares and stores. One query for every
-    experiment: filtered counts."""
-    before = before or {}
+    session: WarehouseSession, events: ir.Table, experiments: Sequence[tuple[Experiment, Sequence]]
+) -> EventCounts:
+    """`EventCounts` of the experiments: one query, a filtered count per experiment grouped by
+    event name and day."""
     spans = {}
     for i, (experiment, metrics) in enumerate(experiments):
         lower = experiment.start_at - dt.timedelta(seconds=whole_seconds(experiment.cuped_pre_window_days))
@@ -343,22 +366,20 @@ def metric_event_counts(
             widest = max(whole_seconds(m.window_end_days) for m in metrics)
             inside &= events.event_at < experiment.end_at + dt.timedelta(seconds=widest)
         spans[f"in_span_{i}"] = inside.cast("int64").sum()
-        if experiment.id in before:
-            spans[f"before_{i}"] = (inside & (events.event_at < before[experiment.id])).cast("int64").sum()
-        if settle_until is not None:
-            spans[f"settled_{i}"] = (inside & (events.event_at < settle_until)).cast("int64").sum()
-    wide = session.to_pandas(events.group_by("event_name").aggregate(**spans))
+    day = (events.event_at.epoch_seconds() // SECONDS_PER_DAY).cast("int64")
+    wide = session.to_pandas(events.group_by("event_name", day=day).aggregate(_newest=events.event_at.max(), **spans))
     rows = []
     for i, (experiment, metrics) in enumerate(experiments):
         names = {m.event_name for m in metrics}
         for record in wide.to_dict("records"):
             count = record[f"in_span_{i}"]
             if record["event_name"] in names and count and not pd.isna(count):
-                rows.append({
-                    "experiment_id": experiment.id, "event_name": record["event_name"], "rows": int(count),
-                    "rows_before": int(record.get(f"before_{i}") or 0), "rows_settled": int(record.get(f"settled_{i}") or 0),
-                })
-    return pd.DataFrame(rows, columns=["experiment_id", "event_name", "rows", "rows_before", "rows_settled"])
+                rows.append({"experiment_id": experiment.id, "event_name": record["event_name"], "day": int(record["day"]), "rows": int(count)})
+    newest = wide["_newest"].max() if len(wide) else None
+    return EventCounts(
+        pd.DataFrame(rows, columns=["experiment_id", "event_name", "day", "rows"]),
+        None if newest is None or pd.isna(newest) else pd.Timestamp(newest).tz_convert("UTC").to_pydatetime(),
+    )
 
 
 def metric_events_outcome(

@@ -58,10 +58,11 @@ def definition_fingerprint(experiment: Experiment, metrics: Sequence[Metric], ev
 
 def settle_point(newest_event_at: dt.datetime | None, late_arrival_days: float) -> dt.datetime:
     """The watermark a run settles: rows may still arrive up to `late_arrival_days` (by event time)
-    behind the newest event seen."""
+    behind the newest event seen; the UTC midnight at or before that (the log is counted by day)."""
     if newest_event_at is None:
         return NOTHING_SETTLED
-    return newest_event_at - dt.timedelta(days=late_arrival_days)
+    reach = newest_event_at.astimezone(dt.UTC) - dt.timedelta(days=late_arrival_days)
+    return max(dt.datetime.combine(reach.date(), dt.time(), dt.UTC), NOTHING_SETTLED)
 
 
 def new_batch_id() -> int:

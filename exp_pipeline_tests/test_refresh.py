@@ -78,6 +78,8 @@ def test_a_state_row_reads_back_as_it_was_written():
 
 def test_the_watermark_is_the_newest_event_minus_the_lookback():
     assert refresh.settle_point(T0, 2) == T0 - dt.timedelta(days=2)
+    # At a UTC midnight (the log is counted per day): never later than the lookback allows.
+    assert refresh.settle_point(T0 + dt.timedelta(hours=40), 1.5) == T0
     assert refresh.settle_point(None, 2) == refresh.NOTHING_SETTLED
 
 

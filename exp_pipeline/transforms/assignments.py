@@ -12,49 +12,54 @@ from exp_pipeline.registry import Experiment
 from exp_pipeline.vocabulary import MULTIPLE_VARIANTS, OUTSIDE_WINDOW, USED, UTC_TIMESTAMP
 
 
-def _row_reason(rows: ir.Table, experiment: Experiment) -> ir.StringValue:
-    """Why an ingested exposure row does not count for the assignment, or null when it does."""
-    in_window = rows.assigned_at >= experiment.start_at
-    if experiment.end_at is not None:
-        in_window &= rows.assigned_at < experiment.end_at
-    return ibis.ifelse(in_window, ibis.null("string"), ibis.literal(OUTSIDE_WINDOW))
+def _row_reason(rows: ir.Table, experiments: Sequence[Experiment]) -> ir.StringValue:
+    """Why an ingested exposure row does not count for its experiment's assignment, or null when
+    it does (inside the experiment's window)."""
+    windows = []
+    for experiment in experiments:
+        inside = (rows.experiment_id == experiment.id) & (rows.assigned_at >= experiment.start_at)
+        if experiment.end_at is not None:
+            inside &= rows.assigned_at < experiment.end_at
+        windows.append(inside)
+    return ibis.ifelse(ibis.or_(*windows), ibis.null("string"), ibis.literal(OUTSIDE_WINDOW))
 
 
-def classify_exposures(raw: ir.Table, experiment: Experiment) -> ir.Table:
-    """Raw exposure rows with `exclusion_reason` (null for usable rows)."""
-    return raw.mutate(exclusion_reason=_row_reason(raw, experiment))
+def classify_exposures(raw: ir.Table, experiments: Sequence[Experiment]) -> ir.Table:
+    """Raw exposure rows of these experiments with `exclusion_reason` (null for usable rows)."""
+    return raw.mutate(exclusion_reason=_row_reason(raw, experiments))
 
 
-def exposure_row_counts(raw: ir.Table, experiment: Experiment) -> ir.Table:
-    """Small table: raw rows per exclusion reason ('used' for usable rows)."""
-    classified = classify_exposures(raw, experiment)
+def exposure_row_counts(raw: ir.Table, experiments: Sequence[Experiment]) -> ir.Table:
+    """Small table: raw rows per experiment and exclusion reason ('used' for usable rows)."""
+    classified = classify_exposures(raw, experiments)
     return classified.group_by(
-        reason=classified.exclusion_reason.fill_null(USED)
+        "experiment_id", reason=classified.exclusion_reason.fill_null(USED)
     ).aggregate(rows=classified.count())
 
 
-def first_exposures(raw: ir.Table, experiment: Experiment, properties: Sequence[str]) -> ir.Table:
-    """One row per subject: the first usable exposure wins, with its properties.
+def first_exposures(raw: ir.Table, experiments: Sequence[Experiment], properties: Sequence[str]) -> ir.Table:
+    """One row per experiment and subject: the first usable exposure wins, with its properties.
+    One query for every experiment of `raw` (only rows of `experiments` can be usable).
 
     Subjects whose usable exposures name more than one variant keep a row too, marked
     `exclusion_reason = 'multiple_variants'`, so they are counted and reported, not lost.
     """
-    usable = classify_exposures(raw, experiment)
+    usable = classify_exposures(raw, experiments)
     usable = usable.filter(usable.exclusion_reason.isnull()).drop("exclusion_reason")
     per_subject = ibis.window(
-        group_by=usable.subject_id,
+        group_by=[usable.experiment_id, usable.subject_id],
         # Ties on the timestamp are broken deterministically so reruns give the same answer.
         order_by=[usable.assigned_at, usable.variant_id, *(usable[p] for p in properties), usable.source_file],
     )
     ranked = usable.mutate(
         _rank=ibis.row_number().over(per_subject),
     )
-    summary = usable.group_by("subject_id").aggregate(
+    summary = usable.group_by("experiment_id", "subject_id").aggregate(
         n_exposures=usable.count(),
         n_variants_seen=usable.variant_id.nunique(),
     )
     first = ranked.filter(ranked._rank == 0).drop("_rank", "source_file")
-    joined = first.join(summary, "subject_id")
+    joined = first.join(summary, ["experiment_id", "subject_id"])
     return joined.select(
         "experiment_id",
         "subject_id",

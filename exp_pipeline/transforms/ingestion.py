@@ -241,19 +241,22 @@ def _duplicate_rank(rows: ir.Table, columns: Sequence[str]) -> ir.IntegerValue:
     return ibis.row_number().over(window)
 
 
-def classify_assignments(rows: ir.Table, experiment: Experiment, properties: Sequence[str]) -> ir.Table:
-    """Canonical exposure rows with `rejection_reason` (null for rows that are ingested)."""
+def classify_assignments(rows: ir.Table, experiments: Sequence[Experiment], properties: Sequence[str]) -> ir.Table:
+    """Canonical exposure rows of these experiments with `rejection_reason` (null for rows that
+    are ingested), every experiment in one query."""
     keyed = rows.mutate(_at=_text_or_value(rows, "assigned_at"))
     ranked = keyed.mutate(
         _copy=_duplicate_rank(keyed, ["experiment_id", "subject_id", "variant_id", "_at", *properties])
     ).drop("_at")
-    known = [v.id for v in experiment.variants]
+    known = ibis.or_(*(
+        (ranked.experiment_id == e.id) & ranked.variant_id.isin([v.id for v in e.variants]) for e in experiments
+    ))
     reason = ibis.cases(
         (_blank(ranked.subject_id), MISSING_SUBJECT_ID),
         (_blank(ranked.variant_id), MISSING_VARIANT_ID),
         (_missing(ranked, "assigned_at"), MISSING_TIMESTAMP),
         (ranked.assigned_at.isnull(), UNPARSABLE_TIMESTAMP),
-        (~ranked.variant_id.isin(known), UNKNOWN_VARIANT),
+        (~known, UNKNOWN_VARIANT),
         (ranked._copy > 0, DUPLICATE_ROW),
         else_=ibis.null("string"),
     )

@@ -17,7 +17,7 @@ from exp_pipeline_tests.tables import experiment, raw_rows, ts
 
 def dedupe(con, rows, exp=None) -> pd.DataFrame:
     raw = raw_rows(con, rows)
-    out = first_exposures(raw, exp or experiment(), ["device_type"])
+    out = first_exposures(raw, [exp or experiment()], ["device_type"])
     return con.to_pandas(out).set_index("subject_id").sort_index()
 
 
@@ -67,8 +67,29 @@ def test_exposures_outside_the_window_are_counted_per_reason(con):
         ("early", "control", "2026-09-01T00:00:00Z", "ios"),
         ("late", "control", "2026-11-01T00:00:00Z", "ios"),
     ])
-    counts = con.to_pandas(exposure_row_counts(raw, experiment()))
+    counts = con.to_pandas(exposure_row_counts(raw, [experiment()]))
     assert dict(zip(counts["reason"], counts["rows"], strict=True)) == {"used": 1, "outside_window": 2}
+
+
+def test_every_experiment_is_deduplicated_in_one_query_by_its_own_rules(con):
+    rows = pd.DataFrame([
+        ("exp", "s", "control", "2026-10-02T00:00:00Z"),
+        ("exp", "s", "treatment", "2026-10-03T00:00:00Z"),     # two variants in exp: multi-variant there
+        ("later", "s", "treatment", "2026-10-03T00:00:00Z"),   # the same subject id in another experiment
+        ("later", "t", "control", "2026-10-02T00:00:00Z"),     # before later's start: not counted there
+    ], columns=["experiment_id", "subject_id", "variant_id", "assigned_at"])
+    rows["assigned_at"] = pd.to_datetime(rows["assigned_at"], utc=True)
+    rows["device_type"], rows["source_file"] = "ios", "f.parquet"
+    raw = con.create_table("raw_two", rows)
+    experiments = [experiment(), experiment(id="later", start_at=dt.datetime(2026, 10, 3, tzinfo=dt.UTC))]
+    out = con.to_pandas(first_exposures(raw, experiments, ["device_type"])).set_index(["experiment_id", "subject_id"])
+    assert sorted(out.index) == [("exp", "s"), ("later", "s")]
+    assert out.loc[("exp", "s"), "exclusion_reason"] == MULTIPLE_VARIANTS
+    assert out.loc[("later", "s"), "exclusion_reason"] is None and out.loc[("later", "s"), "variant_id"] == "treatment"
+    counts = con.to_pandas(exposure_row_counts(raw, experiments))
+    assert set(zip(counts.experiment_id, counts.reason, counts.rows, strict=True)) == {
+        ("exp", "used", 2), ("later", "used", 1), ("later", "outside_window", 1),
+    }
 
 
 def test_running_experiment_has_no_upper_bound(con):
@@ -88,7 +109,7 @@ def test_ties_on_the_first_timestamp_are_broken_deterministically(con):
 
 def history(con, current_rows, previous: str | None, at: str, name: str) -> pd.DataFrame:
     """Run one dedupe + history step; the state is kept as table `name` for the next step."""
-    current = first_exposures(raw_rows(con, current_rows), experiment(), ["device_type"])
+    current = first_exposures(raw_rows(con, current_rows), [experiment()], ["device_type"])
     prev = con.table(previous) if previous is not None else None
     out = apply_assignment_history(current, prev, dt.datetime.fromisoformat(at))
     con.create_table(name, out)

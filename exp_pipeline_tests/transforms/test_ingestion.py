@@ -30,7 +30,7 @@ def test_assignment_rows_are_ingested_or_rejected_with_a_reason(con):
         ("x", "exp", "purple", "ios", "2026-10-02T00:00:00Z"),
         ("other", "exp2", "control", "ios", "2026-10-02T00:00:00Z"),   # another experiment: not read here
     ])
-    classified = ingestion.classify_assignments(rows, experiment(), ["device_type"])
+    classified = ingestion.classify_assignments(rows, [experiment()], ["device_type"])
     counts = con.to_pandas(ingestion.rejection_counts(classified))
     got = dict(zip(counts["reason"], counts["rows"], strict=True))
     assert got == {
@@ -219,7 +219,7 @@ def test_experiment_and_variant_ids_are_matched_whatever_their_case_and_surround
         ("b", " exp", "treatment ", "ios", "2026-10-02T00:00:00Z"),
         ("c", "Exp\t", "TREATMENT", "ios", "2026-10-02T00:00:00Z"),
     ])
-    classified = ingestion.classify_assignments(rows, experiment(), ["device_type"])
+    classified = ingestion.classify_assignments(rows, [experiment()], ["device_type"])
     ingested = con.to_pandas(ingestion.ingested(classified)).sort_values("subject_id")
     assert ingested.experiment_id.tolist() == ["exp"] * 3
     assert ingested.variant_id.tolist() == ["control", "treatment", "treatment"]
