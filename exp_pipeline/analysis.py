@@ -343,11 +343,17 @@ class RunRefresh:
 
 
 def _plan_refresh(session: WarehouseSession, registry: Registry, going: Sequence[Experiment], events: ir.Table) -> RunRefresh:
-    """Per experiment: refreshed from its stored state, or recomputed (refresh.plan_refresh), from
-    one count of the event log (which the run's checks read too)."""
+    """Per experiment: refreshed from its stored state, or recomputed (refresh.plan_refresh): the
+    newest event sets the watermark, then one count of the event log (which the run's checks read
+    too) says what changed before the last one."""
     states = refresh.read_states(session, [e.id for e in going])
-    counts = checks.metric_event_counts(session, events, [(e, registry.metrics_of(e)) for e in going])
-    settle_until = refresh.settle_point(counts.newest, registry.sources.events.late_arrival_days)
+    newest = session.ibis.execute(events.event_at.max())
+    newest = None if newest is None or pd.isna(newest) else pd.Timestamp(newest).tz_convert("UTC").to_pydatetime()
+    settle_until = refresh.settle_point(newest, registry.sources.events.late_arrival_days)
+    counts = checks.metric_event_counts(
+        session, events, [(e, registry.metrics_of(e)) for e in going],
+        times=[settle_until, *(s.settled_until for s in states.values())],
+    )
     stored_rows = refresh.batch_rows(session, {i: s.batches for i, s in states.items()})
     run = RunRefresh({}, settle_until, refresh.new_batch_id(), counts)
     for e in going:

@@ -325,61 +325,59 @@ def evaluate_rows_read(
     )
 
 
-SECONDS_PER_DAY = 86_400
-
-
 @dataclass(frozen=True)
 class EventCounts:
-    """The usable metric events of a run, counted in one scan of the log: per experiment, event
-    name and UTC day (days since 1970), those in the span the experiment can use (its pre-period
-    before the start to the end plus the widest window); and the newest event time."""
+    """The usable metric events of a run, counted in one scan of the log: per experiment and event
+    name, those in the span the experiment can use (its pre-period before the start to the end
+    plus the widest window), and of them those before each of a few times (the refresh's
+    watermarks)."""
 
-    per_day: pd.DataFrame  # experiment_id, event_name, day, rows
-    newest: dt.datetime | None
+    per_name: pd.DataFrame  # experiment_id, event_name, rows, before_0..before_K
+    times: tuple[dt.datetime, ...]  # before_k counts the events before times[k]
 
     def logged(self, experiment_id: str) -> pd.DataFrame:
         """Per event name: the experiment's events in its span (event_name, rows)."""
-        mine = self.per_day[self.per_day.experiment_id == experiment_id]
-        return mine.groupby("event_name", as_index=False)["rows"].sum()
+        return self.per_name[self.per_name.experiment_id == experiment_id][["event_name", "rows"]]
 
     def before(self, experiment_id: str, until: dt.datetime) -> dict[str, int] | None:
-        """Per event name: the experiment's events in its span before `until`, a UTC midnight
-        (None for another time: the days cannot say)."""
-        seconds = (until - dt.datetime(1970, 1, 1, tzinfo=dt.UTC)).total_seconds()
-        if seconds % SECONDS_PER_DAY:
+        """Per event name: the experiment's events in its span before `until` (None: not counted)."""
+        if until not in self.times:
             return None
-        mine = self.per_day[(self.per_day.experiment_id == experiment_id) & (self.per_day.day < seconds // SECONDS_PER_DAY)]
-        counts = mine.groupby("event_name")["rows"].sum()
-        return {str(name): int(n) for name, n in counts.items() if n}
+        mine = self.per_name[self.per_name.experiment_id == experiment_id]
+        column = f"before_{self.times.index(until)}"
+        return {str(n): int(c) for n, c in zip(mine.event_name, mine[column], strict=True) if c}
 
 
 def metric_event_counts(
-    session: WarehouseSession, events: ir.Table, experiments: Sequence[tuple[Experiment, Sequence]]
+    session: WarehouseSession, events: ir.Table, experiments: Sequence[tuple[Experiment, Sequence]],
+    times: Sequence[dt.datetime] = (),
 ) -> EventCounts:
-    """`EventCounts` of the experiments: one query, a filtered count per experiment grouped by
-    event name and day."""
-    spans = {}
+    """`EventCounts` of the experiments: one query, filtered counts per experiment grouped by
+    event name."""
+    times = tuple(dict.fromkeys(times))
+    counts = {}
     for i, (experiment, metrics) in enumerate(experiments):
         lower = experiment.start_at - dt.timedelta(seconds=whole_seconds(experiment.cuped_pre_window_days))
         inside = events.event_at >= lower
         if experiment.end_at is not None and metrics:
             widest = max(whole_seconds(m.window_end_days) for m in metrics)
             inside &= events.event_at < experiment.end_at + dt.timedelta(seconds=widest)
-        spans[f"in_span_{i}"] = inside.cast("int64").sum()
-    day = (events.event_at.epoch_seconds() // SECONDS_PER_DAY).cast("int64")
-    wide = session.to_pandas(events.group_by("event_name", day=day).aggregate(_newest=events.event_at.max(), **spans))
+        counts[f"in_span_{i}"] = inside.cast("int64").sum()
+        for k, until in enumerate(times):
+            counts[f"before_{k}_{i}"] = (inside & (events.event_at < until)).cast("int64").sum()
+    wide = session.to_pandas(events.group_by("event_name").aggregate(**counts))
     rows = []
     for i, (experiment, metrics) in enumerate(experiments):
         names = {m.event_name for m in metrics}
         for record in wide.to_dict("records"):
             count = record[f"in_span_{i}"]
             if record["event_name"] in names and count and not pd.isna(count):
-                rows.append({"experiment_id": experiment.id, "event_name": record["event_name"], "day": int(record["day"]), "rows": int(count)})
-    newest = wide["_newest"].max() if len(wide) else None
-    return EventCounts(
-        pd.DataFrame(rows, columns=["experiment_id", "event_name", "day", "rows"]),
-        None if newest is None or pd.isna(newest) else pd.Timestamp(newest).tz_convert("UTC").to_pydatetime(),
-    )
+                rows.append({
+                    "experiment_id": experiment.id, "event_name": record["event_name"], "rows": int(count),
+                    **{f"before_{k}": int(record[f"before_{k}_{i}"] or 0) for k in range(len(times))},
+                })
+    columns = ["experiment_id", "event_name", "rows", *(f"before_{k}" for k in range(len(times)))]
+    return EventCounts(pd.DataFrame(rows, columns=columns), times)
 
 
 def metric_events_outcome(
