@@ -7,6 +7,7 @@ import datetime as dt
 import shutil
 from pathlib import Path
 
+import ibis
 import pandas as pd
 import pytest
 
@@ -173,8 +174,8 @@ def test_a_daily_refresh_equals_a_full_recomputation_bit_for_bit(daily_logs, tmp
     shutil.copy(refreshed / "sample" / "events" / "late_inside_lookback.parquet", full / "sample" / "events")
     analyse(full, engine, morning + dt.timedelta(days=1))
     pd.testing.assert_frame_equal(
-        variant_metrics(refreshed, engine).drop(columns="analysed_at", errors="ignore"),
-        variant_metrics(full, engine).drop(columns="analysed_at", errors="ignore"),
+        variant_metrics(refreshed, engine),
+        variant_metrics(full, engine),
         check_exact=True,
     )
 
@@ -187,7 +188,36 @@ def test_a_daily_refresh_equals_a_full_recomputation_bit_for_bit(daily_logs, tmp
     assert any("changed since it was settled" in r for r in reasons), reasons
     analyse(full, engine, morning + dt.timedelta(days=1))
     pd.testing.assert_frame_equal(
-        variant_metrics(refreshed, engine).drop(columns="analysed_at", errors="ignore"),
-        variant_metrics(full, engine).drop(columns="analysed_at", errors="ignore"),
+        variant_metrics(refreshed, engine),
+        variant_metrics(full, engine),
         check_exact=True,
     )
+
+
+def test_rows_of_a_run_that_died_before_its_commit_are_ignored_then_deleted(daily_logs, tmp_path):
+    refreshed, full = tmp_path / "refreshed", tmp_path / "full"
+    cut = FIRST_DAY + dt.timedelta(days=DAYS - 1)
+    morning = dt.datetime.combine(cut + dt.timedelta(days=2), dt.time(6), UTC)
+    link_until(daily_logs, refreshed, cut)
+    analyse(refreshed, "duckdb", morning)
+    with warehouse_at(refreshed, "duckdb").session() as session:
+        # A run that wrote its batch and died: every stored row again, under a batch no state names.
+        sums = session.table(refresh.SETTLED_SUMS).drop("batch")
+        subjects = session.table(refresh.SETTLED_SUBJECTS)
+        copied_sums = session.temp_table("_sums_copy", sums)
+        copied_subjects = session.temp_table("_subjects_copy", subjects.mutate(batch=ibis.literal(1, "int64")))
+        refresh.append_settled(session, copied_sums, copied_subjects, batch=1)
+        stored = session.count(session.table(refresh.SETTLED_SUMS))
+    link_until(daily_logs, refreshed, cut + dt.timedelta(days=1))
+    assert set(refresh_modes(analyse(refreshed, "duckdb", morning)).values()) == {"incremental"}
+    link_until(daily_logs, full, cut + dt.timedelta(days=1))
+    analyse(full, "duckdb", morning)
+    pd.testing.assert_frame_equal(
+        variant_metrics(refreshed, "duckdb"), variant_metrics(full, "duckdb"),
+        check_exact=True,
+    )
+    with warehouse_at(refreshed, "duckdb").session() as session:
+        for name in (refresh.SETTLED_SUMS, refresh.SETTLED_SUBJECTS):
+            table = session.table(name)
+            assert session.count(table.filter(table.batch == 1)) == 0, name
+        assert session.count(session.table(refresh.SETTLED_SUMS)) > stored // 2
