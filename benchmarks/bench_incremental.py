@@ -62,7 +62,16 @@ def run(instance, root: Path, known: list[str], experiment_ids: list[str]) -> di
         "warehouse": warehouse_for("duckdb", str(root)),
     }
     result, seconds = timed_run(instance, resources, known, experiment_ids)
-    return {"seconds": seconds, "success": result.success, "steps": stage_seconds(result)}
+    return {"seconds": seconds, "success": result.success, "steps": stage_seconds(result), "modes": refresh_modes(result)}
+
+
+def refresh_modes(result) -> dict[str, str]:
+    """Per experiment: how the run computed it ("incremental" or "full"), from its metadata."""
+    return {
+        event.partition: event.materialization.metadata["refresh"].value
+        for event in result.get_asset_materialization_events()
+        if event.asset_key.path[-1] == "post_assignment_events" and "refresh" in event.materialization.metadata
+    }
 
 
 def max_relative_difference(a: list[dict], b: list[dict]) -> float:

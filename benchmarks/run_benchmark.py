@@ -338,6 +338,8 @@ def incremental_section(runs: list[dict]) -> list[str]:
         rows.append([stage, num(r), num(f), f"{r / f:.2f}" if r and f else "-", "", ""])
     out.append(table(["what", "refresh s", "full s", "refresh / full", "refresh per run", "full per run"],
                      rows, "lrrrll"))
+    modes = sorted({f"{e}: {m}" for r in runs for e, m in r["refresh"].get("modes", {}).items()})
+    out += ["", "- how the refresh computed each experiment: " + (", ".join(modes) or "not recorded")]
     identical = all(r["identical_variant_metrics"] for r in runs)
     worst = max(r["max_relative_difference"] for r in runs)
     out += [
