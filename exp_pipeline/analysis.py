@@ -222,7 +222,8 @@ def _dedupe(
     properties = registry.sources.assignments.properties
     ids = [e.id for e in experiments]
     raw = session.table(RAW)
-    current = first_exposures(raw.filter(raw.experiment_id.isin(ids)), experiments, properties)
+    # Materialized: the history compares it with the previous rows three ways.
+    current = session.temp_table("_current_assignments", first_exposures(raw.filter(raw.experiment_id.isin(ids)), experiments, properties))
     previous = None
     if session.has_table(DEDUPED):
         # Materialize the previous state first: the write below replaces it.
