@@ -337,20 +337,34 @@ class RunRefresh:
     plans: dict[str, refresh.RefreshPlan]
     settle_until: dt.datetime
     batch: int
-    counts: checks.EventCounts  # the metric events of the log, per experiment, name and day
+    counts: checks.EventCounts  # the metric events of the log, per experiment and name
 
     def fresh_from(self) -> dict[str, dt.datetime]:
         return {i: p.fresh_from for i, p in self.plans.items() if p.fresh_from is not None}
 
 
-def _plan_refresh(session: WarehouseSession, registry: Registry, going: Sequence[Experiment], events: ir.Table) -> RunRefresh:
+def _newest_event(session: WarehouseSession, event_log: ir.Table, registry: Registry, now: dt.datetime) -> dt.datetime | None:
+    """The newest event time of the log (any event name, any experiment: the watermark must not
+    depend on which experiments share a run), never later than `now` (a row stamped in the
+    future must not settle what is still to come)."""
+    events = ingestion.canonical_events(event_log, registry.sources.events)
+    newest = session.ibis.execute(events.event_at.max())
+    if newest is None or pd.isna(newest):
+        return None
+    newest = pd.Timestamp(newest)
+    newest = newest.tz_localize("UTC") if newest.tzinfo is None else newest.tz_convert("UTC")
+    return min(newest.to_pydatetime(), now.astimezone(dt.UTC))
+
+
+def _plan_refresh(
+    session: WarehouseSession, registry: Registry, going: Sequence[Experiment], event_log: ir.Table, events: ir.Table,
+    now: dt.datetime,
+) -> RunRefresh:
     """Per experiment: refreshed from its stored state, or recomputed (refresh.plan_refresh): the
     newest event sets the watermark, then one count of the event log (which the run's checks read
     too) says what changed before the last one."""
     states = refresh.read_states(session, [e.id for e in going])
-    newest = session.ibis.execute(events.event_at.max())
-    newest = None if newest is None or pd.isna(newest) else pd.Timestamp(newest).tz_convert("UTC").to_pydatetime()
-    settle_until = refresh.settle_point(newest, registry.sources.events.late_arrival_days)
+    settle_until = refresh.settle_point(_newest_event(session, event_log, registry, now), registry.sources.events.late_arrival_days)
     counts = checks.metric_event_counts(
         session, events, [(e, registry.metrics_of(e)) for e in going],
         times=[settle_until, *(s.settled_until for s in states.values())],
@@ -508,7 +522,7 @@ def _analyse(
         return
     events = _metric_events(event_log, registry, going)
     with clock.stage("refresh plan"):
-        run = _plan_refresh(session, registry, going, events)
+        run = _plan_refresh(session, registry, going, event_log, events, now)
     with clock.stage("temporal join"):
         join = _run_join(session, registry, going, events, run)
     with clock.stage("event checks"):
@@ -556,12 +570,18 @@ def _settle(
     ids = [e.id for e in analysed]
     spans = ibis.memtable(join.cut.spans[["span", "experiment_id", "event_name"]])
     sums = temporal_join.settled_rows(join.segments, join.subjects, spans)
-    new = join.subjects.filter(join.subjects.experiment_id.isin(ids) & join.subjects[temporal_join.FRESH_FROM].isnull())
-    refresh.append_settled(
-        session, sums.filter(sums.experiment_id.isin(ids)),
-        new.select("experiment_id", "subject_id", "assigned_at", batch=new[temporal_join.SETTLED_BATCH], unit=new[temporal_join.SETTLED_UNIT]),
-        run.batch,
+    mine = join.subjects.filter(join.subjects.experiment_id.isin(ids))
+    new = mine.filter(mine[temporal_join.FRESH_FROM].isnull())
+    subjects = new.select(
+        *refresh.SUBJECT_KEY, batch=new[temporal_join.SETTLED_BATCH].cast("int64"), unit=new[temporal_join.SETTLED_UNIT].cast("int64"),
+        revokes_batch=ibis.null("int64"),
     )
+    settled = refresh.settled_subjects(session, [run.plans[i] for i in ids])
+    if settled is not None:
+        # Computed before this batch is appended: subjects the run went on without.
+        gone = session.temp_table("_revoked_subjects", refresh.revocations(settled, mine.select(*refresh.SUBJECT_KEY), run.batch))
+        subjects = ibis.union(subjects, gone, distinct=False)
+    refresh.append_settled(session, sums.filter(sums.experiment_id.isin(ids)), subjects, run.batch)
     written = refresh.batch_rows(session, {i: [run.batch] for i in ids})
     return [
         run.plans[i].next_state(run.counts.before(i, run.settle_until) or {}, settled_pass[i], run.batch, written.get(i, 0))

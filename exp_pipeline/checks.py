@@ -13,6 +13,7 @@ import datetime as dt
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 
+import ibis
 import ibis.expr.types as ir
 import pandas as pd
 
@@ -325,27 +326,42 @@ def evaluate_rows_read(
     )
 
 
+# Row checksums are reduced below 2**20 before they are summed: order-independent, and no
+# engine's integer arithmetic can overflow (Spark's hash is a 32-bit int).
+CHECKSUM_MODULUS = 1 << 20
+
+
+def row_checksum(events: ir.Table) -> ir.IntegerValue:
+    """A number per event row from its subject, time and value (the engine's own hash: compare
+    checksums of one engine only)."""
+    return (events.subject_id.hash() ^ events.event_at.hash() ^ events.value.hash()) % CHECKSUM_MODULUS
+
+
 @dataclass(frozen=True)
 class EventCounts:
     """The usable metric events of a run, counted in one scan of the log: per experiment and event
     name, those in the span the experiment can use (its pre-period before the start to the end
-    plus the widest window), and of them those before each of a few times (the refresh's
-    watermarks)."""
+    plus the widest window), and of them, before each of a few times (the refresh's watermarks),
+    their rows and checksum (`row_checksum` summed)."""
 
-    per_name: pd.DataFrame  # experiment_id, event_name, rows, before_0..before_K
-    times: tuple[dt.datetime, ...]  # before_k counts the events before times[k]
+    per_name: pd.DataFrame  # experiment_id, event_name, rows, before_K and checksum_K for each time K
+    times: tuple[dt.datetime, ...]
 
     def logged(self, experiment_id: str) -> pd.DataFrame:
         """Per event name: the experiment's events in its span (event_name, rows)."""
         return self.per_name[self.per_name.experiment_id == experiment_id][["event_name", "rows"]]
 
-    def before(self, experiment_id: str, until: dt.datetime) -> dict[str, int] | None:
-        """Per event name: the experiment's events in its span before `until` (None: not counted)."""
+    def before(self, experiment_id: str, until: dt.datetime) -> dict[str, list[int]] | None:
+        """Per event name: [rows, checksum] of the experiment's events in its span before `until`
+        (None: not counted)."""
         if until not in self.times:
             return None
+        k = self.times.index(until)
         mine = self.per_name[self.per_name.experiment_id == experiment_id]
-        column = f"before_{self.times.index(until)}"
-        return {str(n): int(c) for n, c in zip(mine.event_name, mine[column], strict=True) if c}
+        return {
+            str(n): [int(c), int(h)]
+            for n, c, h in zip(mine.event_name, mine[f"before_{k}"], mine[f"checksum_{k}"], strict=True) if c
+        }
 
 
 def metric_event_counts(
@@ -355,6 +371,8 @@ def metric_event_counts(
     """`EventCounts` of the experiments: one query, filtered counts per experiment grouped by
     event name."""
     times = tuple(dict.fromkeys(times))
+    if times:
+        events = events.mutate(_checksum=row_checksum(events))
     counts = {}
     for i, (experiment, metrics) in enumerate(experiments):
         lower = experiment.start_at - dt.timedelta(seconds=whole_seconds(experiment.cuped_pre_window_days))
@@ -364,7 +382,9 @@ def metric_event_counts(
             inside &= events.event_at < experiment.end_at + dt.timedelta(seconds=widest)
         counts[f"in_span_{i}"] = inside.cast("int64").sum()
         for k, until in enumerate(times):
-            counts[f"before_{k}_{i}"] = (inside & (events.event_at < until)).cast("int64").sum()
+            before = inside & (events.event_at < until)
+            counts[f"before_{k}_{i}"] = before.cast("int64").sum()
+            counts[f"checksum_{k}_{i}"] = ibis.ifelse(before, events._checksum, 0).sum()
     wide = session.to_pandas(events.group_by("event_name").aggregate(**counts))
     rows = []
     for i, (experiment, metrics) in enumerate(experiments):
@@ -375,8 +395,12 @@ def metric_event_counts(
                 rows.append({
                     "experiment_id": experiment.id, "event_name": record["event_name"], "rows": int(count),
                     **{f"before_{k}": int(record[f"before_{k}_{i}"] or 0) for k in range(len(times))},
+                    **{f"checksum_{k}": int(record[f"checksum_{k}_{i}"] or 0) for k in range(len(times))},
                 })
-    columns = ["experiment_id", "event_name", "rows", *(f"before_{k}" for k in range(len(times)))]
+    columns = [
+        "experiment_id", "event_name", "rows",
+        *(f"before_{k}" for k in range(len(times))), *(f"checksum_{k}" for k in range(len(times))),
+    ]
     return EventCounts(pd.DataFrame(rows, columns=columns), times)
 
 

@@ -58,7 +58,8 @@ def definition_fingerprint(experiment: Experiment, metrics: Sequence[Metric], ev
 
 def settle_point(newest_event_at: dt.datetime | None, late_arrival_days: float) -> dt.datetime:
     """The watermark a run settles: rows may still arrive up to `late_arrival_days` (by event time)
-    behind the newest event seen; the UTC midnight at or before that (the log is counted by day)."""
+    behind the newest event seen; the UTC midnight at or before that (a day's events settle
+    together, whatever the hour the run starts)."""
     if newest_event_at is None:
         return NOTHING_SETTLED
     reach = newest_event_at.astimezone(dt.UTC) - dt.timedelta(days=late_arrival_days)
@@ -78,7 +79,9 @@ class RefreshState:
     experiment_id: str
     fingerprint: str
     settled_until: dt.datetime
-    settled_events: dict[str, int]  # usable events per name in the experiment's span, before settled_until
+    # Per event name: [rows, checksum] of the usable events in the experiment's span before
+    # settled_until (checks.EventCounts: a changed value or id changes the checksum).
+    settled_events: dict[str, list[int]]
     # Per period: did every settled row pass the experiment's row checks (None: not known)?
     settled_rows_pass: dict[str, bool | None]
     batches: tuple[int, ...]  # the committed batches of SETTLED_SUMS and SETTLED_SUBJECTS
@@ -103,7 +106,7 @@ class RefreshState:
             experiment_id=str(row["experiment_id"]),
             fingerprint=str(row["fingerprint"]),
             settled_until=settled_until.to_pydatetime(),
-            settled_events={str(k): int(v) for k, v in json.loads(row["settled_events"]).items()},
+            settled_events={str(k): [int(x) for x in v] for k, v in json.loads(row["settled_events"]).items()},
             settled_rows_pass=dict(json.loads(row["settled_rows_pass"])),
             batches=tuple(int(b) for b in json.loads(row["batches"])),
             settled_rows=int(row["settled_rows"]),
@@ -139,7 +142,7 @@ class RefreshPlan:
         return self.previous.settled_until if self.previous else None
 
     def next_state(
-        self, settled_events: dict[str, int], fresh_rows_pass: dict[str, bool | None], batch: int, batch_rows: int,
+        self, settled_events: dict[str, list[int]], fresh_rows_pass: dict[str, bool | None], batch: int, batch_rows: int,
     ) -> RefreshState:
         """The state after this run: `settled_events` counted before settle_until, whether the rows
         it settled passed their row checks (per period), and its batch with its rows."""
@@ -156,12 +159,13 @@ class RefreshPlan:
 
 def plan_refresh(
     experiment_id: str, fingerprint: str, state: RefreshState | None, settle_until: dt.datetime,
-    events_before_settled: dict[str, int] | None, settled_rows_now: int | None,
+    events_before_settled: dict[str, list[int]] | None, settled_rows_now: int | None,
 ) -> RefreshPlan:
     """Incremental when the stored state still describes the log and its rows: the same
     definition, the watermark not moving back, the same events before it as when they were
-    settled (`events_before_settled`: counted now, before state.settled_until), and every settled
-    row still there (`settled_rows_now`: the committed rows counted now)."""
+    settled (`events_before_settled`: their rows and checksum per name now, before
+    state.settled_until), and every settled row still there (`settled_rows_now`: the committed
+    rows counted now)."""
 
     def full(reason: str) -> RefreshPlan:
         return RefreshPlan(experiment_id, fingerprint, settle_until, None, reason)
@@ -183,11 +187,15 @@ def plan_refresh(
     return RefreshPlan(experiment_id, fingerprint, settle_until, state, f"incremental: events from {state.settled_until.isoformat()}")
 
 
-def _event_count_change(before: dict[str, int], now: dict[str, int]) -> str:
-    return ", ".join(
-        f"{name}: {before.get(name, 0)} -> {now.get(name, 0)}"
-        for name in sorted(set(before) | set(now)) if before.get(name, 0) != now.get(name, 0)
-    )
+def _event_count_change(before: dict[str, list[int]], now: dict[str, list[int]]) -> str:
+    changes = []
+    for name in sorted(set(before) | set(now)):
+        (rows_then, sum_then), (rows_now, sum_now) = before.get(name, [0, 0]), now.get(name, [0, 0])
+        if rows_then != rows_now:
+            changes.append(f"{name}: {rows_then} -> {rows_now} rows")
+        elif sum_then != sum_now:
+            changes.append(f"{name}: {rows_now} rows, but other contents")
+    return ", ".join(changes)
 
 
 # -- the stored tables ------------------------------------------------------------------------------
@@ -240,12 +248,31 @@ def batch_rows(session: WarehouseSession, batches: Mapping[str, Sequence[int]]) 
     return counts
 
 
+SUBJECT_KEY = ["experiment_id", "subject_id", "assigned_at"]
+
+
 def settled_subjects(session: WarehouseSession, plans: Sequence[RefreshPlan]) -> ir.Table | None:
     """The subjects whose events before the watermark are summed in the incremental plans'
     committed batches: (experiment_id, subject_id, assigned_at) and the key of their sums (the
-    batch and unit of the run that first settled them)."""
+    batch and unit of the run that first settled them). A subject revoked since (a run went on
+    without it at that assignment, so its sums missed that run's events) is not among them."""
     rows = _committed(session, SETTLED_SUBJECTS, plans)
-    return None if rows is None else rows.select("experiment_id", "subject_id", "assigned_at", "batch", "unit")
+    if rows is None:
+        return None
+    entries, revoked = rows.filter(rows.revokes_batch.isnull()), rows.filter(rows.revokes_batch.notnull())
+    kept = entries.anti_join(revoked, [
+        *(entries[k] == revoked[k] for k in SUBJECT_KEY), entries.batch == revoked.revokes_batch, entries.unit == revoked.unit,
+    ])
+    return kept.select(*SUBJECT_KEY, "batch", "unit")
+
+
+def revocations(settled: ir.Table, current: ir.Table, batch: int) -> ir.Table:
+    """Rows revoking the entries of settled subjects (`settled_subjects`) that are not analysable
+    at the same assignment in this run (`current`: experiment_id, subject_id, assigned_at): their
+    sums miss this run's events, so they are never used again (a subject back later is summed
+    anew, under a new entry)."""
+    gone = settled.anti_join(current, SUBJECT_KEY)
+    return gone.select(*SUBJECT_KEY, batch=ibis.literal(batch, "int64"), unit=gone.unit, revokes_batch=gone.batch)
 
 
 def settled_sums(session: WarehouseSession, plans: Sequence[RefreshPlan]) -> ir.Table | None:
@@ -255,8 +282,8 @@ def settled_sums(session: WarehouseSession, plans: Sequence[RefreshPlan]) -> ir.
 
 def append_settled(session: WarehouseSession, sums: ir.Table, subjects: ir.Table, batch: int) -> None:
     """A run's newly settled rows as batch `batch` (not read until a state names it): `sums`
-    (`temporal_join.settled_rows`) and the subjects settled for the first time (experiment_id,
-    subject_id, assigned_at, batch, unit)."""
+    (`temporal_join.settled_rows`) and the subjects settled for the first time or revoked
+    (experiment_id, subject_id, assigned_at, batch, unit, revokes_batch)."""
     session.append(SETTLED_SUBJECTS, subjects)
     session.append(SETTLED_SUMS, sums.mutate(batch=ibis.literal(batch, "int64")))
 

@@ -297,7 +297,7 @@ def refresh_state_schema(experiment: Experiment | None = None) -> pa.DataFrameSc
             "experiment_id": _experiment_column(experiment),
             "fingerprint": _column(STRING, "hash of the experiment, its metrics and the events source when settled"),
             "settled_until": _column(UTC_TIMESTAMP, "events before this are summed in settled_segment_sums"),
-            "settled_events": _column(STRING, "usable events per name before settled_until then (JSON)"),
+            "settled_events": _column(STRING, "per event name, [rows, checksum] of the usable events before settled_until then (JSON)"),
             "settled_rows_pass": _column(STRING, "per period: did the settled rows pass their row checks (JSON)"),
             "batches": _column(STRING, "the committed batches of the settled tables (JSON list)"),
             "settled_rows": _column(INT64, "their rows in the two settled tables", pa.Check.ge(0)),
@@ -315,6 +315,10 @@ def settled_subjects_schema(experiment: Experiment | None = None) -> pa.DataFram
             "assigned_at": _column(UTC_TIMESTAMP, "its assignment when its events were settled"),
             "batch": _column(INT64, "the run that first settled it"),
             "unit": _column(INT64, "its number in that run: with batch, the key of its settled sums"),
+            "revokes_batch": _column(
+                INT64, "on a revocation row (a later run went on without the subject at this assignment): the batch "
+                "of the entry it revokes, whose sums are never used again", nullable=True,
+            ),
         },
         strict=True,
         name="settled_subjects",
@@ -433,7 +437,7 @@ TABLES = {
         Table("refresh_state", "experiment",
               "what the incremental refresh settled: the watermark, the event counts before it, the committed batches",
               refresh_state_schema),
-        Table("settled_subjects", "experiment x subject x assigned_at x batch",
+        Table("settled_subjects", "experiment x subject x assigned_at x batch (entries and revocations)",
               "subjects whose events before the watermark are summed in settled_segment_sums", settled_subjects_schema),
         Table("settled_segment_sums", "subject x event name x window segment x value bucket x batch",
               "per-subject exact sums of the events before the watermark, added by the next run instead of joined again",

@@ -23,7 +23,7 @@ T0 = dt.datetime(2026, 10, 20, tzinfo=UTC)
 
 def state(**changes) -> refresh.RefreshState:
     values = {
-        "experiment_id": "exp", "fingerprint": "f1", "settled_until": T0, "settled_events": {"purchase": 10},
+        "experiment_id": "exp", "fingerprint": "f1", "settled_until": T0, "settled_events": {"purchase": [10, 77]},
         "settled_rows_pass": {"post": True, "pre": True}, "batches": (1,), "settled_rows": 7,
     }
     return refresh.RefreshState(**{**values, **changes})
@@ -34,7 +34,7 @@ KEEP = object()
 
 def plan(previous=KEEP, fingerprint="f1", settle_until=T0 + dt.timedelta(days=1), before=None, rows=7):
     previous = state() if previous is KEEP else previous
-    before = {"purchase": 10} if before is None else before
+    before = {"purchase": [10, 77]} if before is None else before
     return refresh.plan_refresh("exp", fingerprint, previous, settle_until, before, rows)
 
 
@@ -50,8 +50,9 @@ def test_a_state_that_still_describes_the_log_is_refreshed_from_its_watermark():
         ({"previous": None}, "first analysis"),
         ({"fingerprint": "f2"}, "changed since the last run"),
         ({"settle_until": T0 - dt.timedelta(seconds=1)}, "older than the last run's watermark"),
-        ({"before": {"purchase": 11}}, "purchase: 10 -> 11"),
-        ({"before": {"purchase": 10, "visit": 1}}, "visit: 0 -> 1"),
+        ({"before": {"purchase": [11, 77]}}, "purchase: 10 -> 11 rows"),
+        ({"before": {"purchase": [10, 78]}}, "purchase: 10 rows, but other contents"),
+        ({"before": {"purchase": [10, 77], "visit": [1, 5]}}, "visit: 0 -> 1 rows"),
         ({"rows": 6}, "7 settled rows were stored, 6 are there now"),
     ],
 )
@@ -62,13 +63,13 @@ def test_anything_the_state_cannot_vouch_for_recomputes_the_experiment(changes, 
 
 
 def test_the_next_state_adds_its_batch_and_keeps_what_earlier_rows_failed():
-    after = plan().next_state({"purchase": 15}, {"post": True, "pre": None}, batch=2, batch_rows=3)
-    assert after.batches == (1, 2) and after.settled_rows == 10 and after.settled_events == {"purchase": 15}
+    after = plan().next_state({"purchase": [15, 9]}, {"post": True, "pre": None}, batch=2, batch_rows=3)
+    assert after.batches == (1, 2) and after.settled_rows == 10 and after.settled_events == {"purchase": [15, 9]}
     assert after.settled_rows_pass == {"post": True, "pre": None}
     failed = plan(previous=state(settled_rows_pass={"post": False, "pre": True})).next_state({}, {"post": True, "pre": True}, 2, 0)
     assert failed.settled_rows_pass == {"post": False, "pre": True}
     # Recomputed: only its own batch, and only its own verdicts.
-    fresh = plan(previous=None).next_state({"purchase": 15}, {"post": True, "pre": True}, 2, 3)
+    fresh = plan(previous=None).next_state({"purchase": [15, 9]}, {"post": True, "pre": True}, 2, 3)
     assert fresh.batches == (2,) and fresh.settled_rows == 3
 
 
@@ -221,3 +222,49 @@ def test_rows_of_a_run_that_died_before_its_commit_are_ignored_then_deleted(dail
             table = session.table(name)
             assert session.count(table.filter(table.batch == 1)) == 0, name
         assert session.count(session.table(refresh.SETTLED_SUMS)) > stored // 2
+
+
+def test_a_subject_back_after_a_run_without_it_and_a_rewritten_old_file_are_recomputed(daily_logs, tmp_path):
+    refreshed, full = tmp_path / "refreshed", tmp_path / "full"
+    cut = FIRST_DAY + dt.timedelta(days=DAYS - 1)
+    morning = dt.datetime.combine(cut + dt.timedelta(days=3), dt.time(6), UTC)
+    link_until(daily_logs, refreshed, cut)
+    analyse(refreshed, "duckdb", morning)
+
+    # Day 2: the most active buyer of the next days is briefly multi-variant (a stray exposure).
+    link_until(daily_logs, refreshed, cut + dt.timedelta(days=1))
+    # Its events of the day the last run settled past (the day before the old watermark's next).
+    gap_day = cut - dt.timedelta(days=2)
+    events = pd.read_parquet(next((daily_logs / "sample" / "events").glob(f"*_{gap_day.isoformat()}.parquet")))
+    exposures = pd.concat(pd.read_parquet(p) for p in (refreshed / "sample" / "assignments").glob("*.parquet"))
+    firsts = exposures.sort_values("exposed_at").groupby(["user_id", "experiment_key"], as_index=False).first()
+    recent = firsts[firsts.exposed_at.between(pd.Timestamp(gap_day - dt.timedelta(days=10), tz="UTC"), pd.Timestamp(gap_day, tz="UTC"))]
+    active = events[events.user_id.isin(recent.user_id)].user_id.value_counts().index[0]
+    first = recent[recent.user_id == active].iloc[:1].copy()
+    registry = load_registry(refreshed / "registry.yaml")
+    experiment = next(e for e in registry.experiments if e.id == first.experiment_key.iloc[0])
+    first["variation"] = next(v.id for v in experiment.variants if v.id != first.variation.iloc[0])
+    first["exposed_at"] = first["exposed_at"] + pd.Timedelta(hours=1)
+    stray = refreshed / "sample" / "assignments" / "stray.parquet"
+    first.to_parquet(stray)
+    analyse(refreshed, "duckdb", morning)
+    # Day 3: the stray exposure is withdrawn; the subject is back at its first assignment.
+    stray.unlink()
+    link_until(daily_logs, refreshed, cut + dt.timedelta(days=2))
+    assert refresh_modes(analyse(refreshed, "duckdb", morning))[experiment.id] == "incremental"
+    link_until(daily_logs, full, cut + dt.timedelta(days=2))
+    analyse(full, "duckdb", morning)
+    pd.testing.assert_frame_equal(variant_metrics(refreshed, "duckdb"), variant_metrics(full, "duckdb"), check_exact=True)
+
+    # An old file re-exported with one amount corrected: the same rows, other contents.
+    old = sorted((refreshed / "sample" / "events").glob("*.parquet"))[-10]
+    frame = pd.read_parquet(old)
+    frame.loc[frame.event_type == "purchase", "amount"] = frame.loc[frame.event_type == "purchase", "amount"] + 1.0
+    for root in (refreshed, full):
+        (root / "sample" / "events" / old.name).unlink()
+        frame.to_parquet(root / "sample" / "events" / old.name)
+    result = analyse(refreshed, "duckdb", morning)
+    reasons = {i: r.metadata["post_assignment_events"]["refresh_reason"] for i, r in result.experiments.items() if "post_assignment_events" in r.metadata}
+    assert any("other contents" in r for r in reasons.values()), reasons
+    analyse(full, "duckdb", morning)
+    pd.testing.assert_frame_equal(variant_metrics(refreshed, "duckdb"), variant_metrics(full, "duckdb"), check_exact=True)

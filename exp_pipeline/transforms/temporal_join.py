@@ -277,7 +277,8 @@ def settled_rows(segments: ir.Table, subjects: ir.Table, spans: ir.Table) -> ir.
         spans.select("span", "experiment_id", "event_name"), "span"
     )
     return keyed.select(
-        "experiment_id", "event_name", subject_batch=keyed[SETTLED_BATCH], subject_unit=keyed[SETTLED_UNIT],
+        # Cast: Spark numbers rows as 32-bit integers.
+        "experiment_id", "event_name", subject_batch=keyed[SETTLED_BATCH].cast("int64"), subject_unit=keyed[SETTLED_UNIT].cast("int64"),
         segment=keyed.segment, sum_value_bucket=keyed.sum_value_bucket, **{c: keyed[c] for c in SEGMENT_TOTALS},
     )
 
