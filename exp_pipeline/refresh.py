@@ -223,25 +223,30 @@ def _committed(session: WarehouseSession, name: str, plans: Sequence[RefreshPlan
     building = [p for p in plans if p.incremental]
     if not building or not session.has_table(name):
         return None
-    batches = pd.DataFrame(
-        [(p.experiment_id, b) for p in building for b in p.previous.batches], columns=["experiment_id", "batch"]
-    )
     table = session.table(name)
     mine = table.filter(table.experiment_id.isin([p.experiment_id for p in building]))
-    return mine.semi_join(ibis.memtable(batches.astype({"batch": "int64"})), ["experiment_id", "batch"])
+    return mine.semi_join(_batch_keys({p.experiment_id: p.previous.batches for p in building}), BATCH_KEY)
+
+
+BATCH_KEY = ["experiment_id", "batch"]
+
+
+def _batch_keys(batches: Mapping[str, Sequence[int]]) -> ir.Table:
+    """(experiment_id, batch) of every batch given per experiment, as a small table to join on."""
+    pairs = [(experiment_id, b) for experiment_id, mine in batches.items() for b in mine]
+    return ibis.memtable(pd.DataFrame(pairs, columns=BATCH_KEY).astype({"batch": "int64"}))
 
 
 def batch_rows(session: WarehouseSession, batches: Mapping[str, Sequence[int]]) -> dict[str, int]:
     """Per experiment: its rows in the two settled tables, of the batches given for it."""
     counts: dict[str, int] = {}
-    pairs = [(experiment_id, b) for experiment_id, mine in batches.items() for b in mine]
-    if not pairs:
+    if not any(batches.values()):
         return counts
-    keys = ibis.memtable(pd.DataFrame(pairs, columns=["experiment_id", "batch"]).astype({"batch": "int64"}))
+    keys = _batch_keys(batches)
     for name in (SETTLED_SUMS, SETTLED_SUBJECTS):
         if not session.has_table(name):
             continue
-        rows = session.table(name).semi_join(keys, ["experiment_id", "batch"])
+        rows = session.table(name).semi_join(keys, BATCH_KEY)
         frame = session.to_pandas(rows.group_by("experiment_id").aggregate(rows=rows.count()))
         for experiment_id, n in zip(frame["experiment_id"], frame["rows"], strict=True):
             counts[str(experiment_id)] = counts.get(str(experiment_id), 0) + int(n)
@@ -291,12 +296,14 @@ def append_settled(session: WarehouseSession, sums: ir.Table, subjects: ir.Table
 def prune_uncommitted(session: WarehouseSession, states: Sequence[RefreshState]) -> None:
     """Delete the settled rows of these experiments that their states do not name (superseded by
     a recomputation, or left by a run that failed before it committed)."""
+    if not states:
+        return
+    committed = _batch_keys({s.experiment_id: s.batches for s in states})
     for name in (SETTLED_SUMS, SETTLED_SUBJECTS):
-        if not session.has_table(name) or not states:
+        if not session.has_table(name):
             continue
-        batches = pd.DataFrame([(s.experiment_id, b) for s in states for b in s.batches], columns=["experiment_id", "batch"])
         table = session.table(name)
         mine = table.filter(table.experiment_id.isin([s.experiment_id for s in states]))
-        stale = mine.anti_join(ibis.memtable(batches.astype({"batch": "int64"})), ["experiment_id", "batch"])
+        stale = mine.anti_join(committed, BATCH_KEY)
         if session.count(stale):
-            session.delete_rows(name, stale.select("experiment_id", "batch").distinct())
+            session.delete_rows(name, stale.select(*BATCH_KEY).distinct())

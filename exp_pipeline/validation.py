@@ -142,13 +142,7 @@ def passes_in_one_query(schema: pa.DataFrameSchema, table: ir.Table) -> bool:
     left to pandera. Over no rows every check passes: pandera.ibis reads the NULL that all() gives
     over an empty table as a failure, and reported empty partitions as full of nulls.
     """
-    try:
-        # Types, column presence, strictness: pandera, without touching the data.
-        with config_context(validation_depth=ValidationDepth.SCHEMA_ONLY):
-            schema.validate(table, lazy=True)
-    except SchemaErrors:
-        return False
-    verdicts = _data_verdicts(schema, table)
+    verdicts = _typed_verdicts(schema, table, table)
     if verdicts is None:
         return False
     if verdicts:
@@ -272,15 +266,22 @@ class JoinValidation:
         )
 
 
-def _batchable_verdicts(schema: pa.DataFrameSchema, typed: ir.Table, rows: ir.Table) -> list[ir.BooleanColumn] | None:
-    """The schema's data verdicts over `rows`, if they can be decided in one aggregate: `typed`
-    (the same columns) passes pandera's type checks and the schema declares no uniqueness."""
+def _typed_verdicts(schema: pa.DataFrameSchema, typed: ir.Table, rows: ir.Table) -> list[ir.BooleanColumn] | None:
+    """The schema's data verdicts over `rows` when `typed` (the same columns) passes pandera's
+    checks of types, column presence and strictness (without touching the data); None when it
+    does not, or a check cannot be one aggregate."""
     try:
         with config_context(validation_depth=ValidationDepth.SCHEMA_ONLY):
             schema.validate(typed, lazy=True)
     except SchemaErrors:
         return None
-    verdicts = _data_verdicts(schema, rows)
+    return _data_verdicts(schema, rows)
+
+
+def _batchable_verdicts(schema: pa.DataFrameSchema, typed: ir.Table, rows: ir.Table) -> list[ir.BooleanColumn] | None:
+    """`_typed_verdicts` of a schema that declares no uniqueness (several partitions' verdicts
+    share one aggregate; uniqueness needs a query of its own)."""
+    verdicts = _typed_verdicts(schema, typed, rows)
     return None if verdicts is None or schema.unique else verdicts
 
 
