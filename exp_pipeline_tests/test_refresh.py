@@ -149,14 +149,27 @@ def late_event(root: Path, name: str, user_id: str, at: str, amount: float) -> N
     row.to_parquet(root / "sample" / "events" / f"{name}.parquet")
 
 
+def analysed_first_days(daily_logs: Path, tmp_path: Path, engine: str, days_to_now: int):
+    """The first DAYS days of the logs analysed into tmp_path/refreshed, as a first run; returns
+    (refreshed, full: a folder for the recomputation, the last day analysed, the runs' `now`:
+    `days_to_now` days after it, at 06:00), and the first run's result."""
+    refreshed, full = tmp_path / "refreshed", tmp_path / "full"
+    cut = FIRST_DAY + dt.timedelta(days=DAYS - 1)
+    now = dt.datetime.combine(cut + dt.timedelta(days=days_to_now), dt.time(6), UTC)
+    link_until(daily_logs, refreshed, cut)
+    return refreshed, full, cut, now, analyse(refreshed, engine, now)
+
+
+def assert_same_results(refreshed: Path, full: Path, engine: str) -> None:
+    """The refreshed warehouse's variant_metrics are the full recomputation's, bit for bit."""
+    pd.testing.assert_frame_equal(variant_metrics(refreshed, engine), variant_metrics(full, engine), check_exact=True)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("engine", ["duckdb", "spark"])
 def test_a_daily_refresh_equals_a_full_recomputation_bit_for_bit(daily_logs, tmp_path, engine):
-    refreshed, full = tmp_path / "refreshed", tmp_path / "full"
-    cut = FIRST_DAY + dt.timedelta(days=DAYS - 1)
-    link_until(daily_logs, refreshed, cut)
-    morning = dt.datetime.combine(cut + dt.timedelta(days=1), dt.time(6), UTC)
-    assert set(refresh_modes(analyse(refreshed, engine, morning)).values()) == {"full"}
+    refreshed, full, cut, morning, first = analysed_first_days(daily_logs, tmp_path, engine, 1)
+    assert set(refresh_modes(first).values()) == {"full"}
     with warehouse_at(refreshed, engine).session() as session:
         for name in (refresh.REFRESH_STATE, refresh.SETTLED_SUBJECTS, refresh.SETTLED_SUMS):
             # The tables are what their contracts say.
@@ -174,11 +187,7 @@ def test_a_daily_refresh_equals_a_full_recomputation_bit_for_bit(daily_logs, tmp
     link_until(daily_logs, full, cut + dt.timedelta(days=1))
     shutil.copy(refreshed / "sample" / "events" / "late_inside_lookback.parquet", full / "sample" / "events")
     analyse(full, engine, morning + dt.timedelta(days=1))
-    pd.testing.assert_frame_equal(
-        variant_metrics(refreshed, engine),
-        variant_metrics(full, engine),
-        check_exact=True,
-    )
+    assert_same_results(refreshed, full, engine)
 
     # A purchase older than the lookback: the experiments it can touch are recomputed, and still equal.
     late_event(refreshed, "late_beyond_lookback", settled_user, f"{(cut - dt.timedelta(days=10)).isoformat()}T12:00:00Z", 40.0)
@@ -188,19 +197,11 @@ def test_a_daily_refresh_equals_a_full_recomputation_bit_for_bit(daily_logs, tmp
     reasons = [r.metadata["post_assignment_events"]["refresh_reason"] for r in third.experiments.values() if "post_assignment_events" in r.metadata]
     assert any("changed since it was settled" in r for r in reasons), reasons
     analyse(full, engine, morning + dt.timedelta(days=1))
-    pd.testing.assert_frame_equal(
-        variant_metrics(refreshed, engine),
-        variant_metrics(full, engine),
-        check_exact=True,
-    )
+    assert_same_results(refreshed, full, engine)
 
 
 def test_rows_of_a_run_that_died_before_its_commit_are_ignored_then_deleted(daily_logs, tmp_path):
-    refreshed, full = tmp_path / "refreshed", tmp_path / "full"
-    cut = FIRST_DAY + dt.timedelta(days=DAYS - 1)
-    morning = dt.datetime.combine(cut + dt.timedelta(days=2), dt.time(6), UTC)
-    link_until(daily_logs, refreshed, cut)
-    analyse(refreshed, "duckdb", morning)
+    refreshed, full, cut, morning, _ = analysed_first_days(daily_logs, tmp_path, "duckdb", 2)
     with warehouse_at(refreshed, "duckdb").session() as session:
         # A run that wrote its batch and died: every stored row again, under a batch no state names.
         sums = session.table(refresh.SETTLED_SUMS).drop("batch")
@@ -213,10 +214,7 @@ def test_rows_of_a_run_that_died_before_its_commit_are_ignored_then_deleted(dail
     assert set(refresh_modes(analyse(refreshed, "duckdb", morning)).values()) == {"incremental"}
     link_until(daily_logs, full, cut + dt.timedelta(days=1))
     analyse(full, "duckdb", morning)
-    pd.testing.assert_frame_equal(
-        variant_metrics(refreshed, "duckdb"), variant_metrics(full, "duckdb"),
-        check_exact=True,
-    )
+    assert_same_results(refreshed, full, "duckdb")
     with warehouse_at(refreshed, "duckdb").session() as session:
         for name in (refresh.SETTLED_SUMS, refresh.SETTLED_SUBJECTS):
             table = session.table(name)
@@ -225,11 +223,7 @@ def test_rows_of_a_run_that_died_before_its_commit_are_ignored_then_deleted(dail
 
 
 def test_a_subject_back_after_a_run_without_it_and_a_rewritten_old_file_are_recomputed(daily_logs, tmp_path):
-    refreshed, full = tmp_path / "refreshed", tmp_path / "full"
-    cut = FIRST_DAY + dt.timedelta(days=DAYS - 1)
-    morning = dt.datetime.combine(cut + dt.timedelta(days=3), dt.time(6), UTC)
-    link_until(daily_logs, refreshed, cut)
-    analyse(refreshed, "duckdb", morning)
+    refreshed, full, cut, morning, _ = analysed_first_days(daily_logs, tmp_path, "duckdb", 3)
 
     # Day 2: the most active buyer of the next days is briefly multi-variant (a stray exposure).
     link_until(daily_logs, refreshed, cut + dt.timedelta(days=1))
@@ -254,7 +248,7 @@ def test_a_subject_back_after_a_run_without_it_and_a_rewritten_old_file_are_reco
     assert refresh_modes(analyse(refreshed, "duckdb", morning))[experiment.id] == "incremental"
     link_until(daily_logs, full, cut + dt.timedelta(days=2))
     analyse(full, "duckdb", morning)
-    pd.testing.assert_frame_equal(variant_metrics(refreshed, "duckdb"), variant_metrics(full, "duckdb"), check_exact=True)
+    assert_same_results(refreshed, full, "duckdb")
 
     # An old file re-exported with one amount corrected: the same rows, other contents.
     old = sorted((refreshed / "sample" / "events").glob("*.parquet"))[-10]
@@ -267,4 +261,4 @@ def test_a_subject_back_after_a_run_without_it_and_a_rewritten_old_file_are_reco
     reasons = {i: r.metadata["post_assignment_events"]["refresh_reason"] for i, r in result.experiments.items() if "post_assignment_events" in r.metadata}
     assert any("other contents" in r for r in reasons.values()), reasons
     analyse(full, "duckdb", morning)
-    pd.testing.assert_frame_equal(variant_metrics(refreshed, "duckdb"), variant_metrics(full, "duckdb"), check_exact=True)
+    assert_same_results(refreshed, full, "duckdb")
