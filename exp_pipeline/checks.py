@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import datetime as dt
 from collections.abc import Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 import ibis
 import ibis.expr.types as ir
@@ -259,17 +259,12 @@ def rejected_share(rows: RowAccounting, bound: float, what: str) -> CheckOutcome
     )
 
 
-def _rejected_by_reason(session: WarehouseSession, rejected_rows) -> RowAccounting:
-    counts = session.to_pandas(rejected_rows.group_by("reason").aggregate(rows=rejected_rows.count()))
-    return RowAccounting.of(counts)
-
-
 def evaluate_source_rejected_share(session: WarehouseSession, registry: Registry, rows_read: int) -> CheckOutcome:
     """Share of the event log's rows rejected; `rows_read` is what source_audit read."""
     table = session.table("rejected_source_rows")
-    rejected = _rejected_by_reason(session, table.filter(table.source == "events"))
-    rows = replace(rejected, ingested=rows_read - rejected.rejected)
-    return rejected_share(rows, registry.sources.events.max_rejected_share, "event")
+    table = table.filter(table.source == "events")
+    counts = session.to_pandas(table.group_by("reason").aggregate(rows=table.count()))
+    return rejected_share(RowAccounting.of_rejected(counts, rows_read), registry.sources.events.max_rejected_share, "event")
 
 
 def leak_sample(leaked: ir.Table) -> ir.Table:

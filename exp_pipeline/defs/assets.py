@@ -101,19 +101,21 @@ def source_audit(registry: RegistryResource, warehouse: Warehouse) -> Materializ
                 frame = session.to_pandas(counts)
                 if len(frame):
                     epoch_units[f"{canonical}_epoch_units"] = dict(zip(frame["unit"], frame["rows"].astype(int), strict=True))
-        exposure_counts = session.to_pandas(ingestion.rejection_counts(unassignable))
-        event_counts = session.to_pandas(ingestion.rejection_counts(events))
         rejected = ibis.union(
             ingestion.rejected(unassignable, "assignments", None),
             ingestion.rejected(events, "events", None),
             distinct=False,
         )
+        # One scan of each log: the rows kept aside are written, their reasons counted from the
+        # written table, and every other row read is usable (read = ingested + rejected).
         written = session.replace_table("rejected_source_rows", rejected)
-    exposures, events = ingestion.RowAccounting.of(exposure_counts), ingestion.RowAccounting.of(event_counts)
-    if written != exposures.rejected + events.rejected:
-        raise RuntimeError(
-            f"row accounting broke: {exposures.rejected} + {events.rejected} rows rejected, {written} written"
-        )
+        stored = session.table("rejected_source_rows")
+        by_reason = session.to_pandas(stored.group_by("source", "reason").aggregate(rows=stored.count()))
+        read = {"assignments": session.count(exposure_log), "events": session.count(event_log)}
+    exposures, events = (
+        ingestion.RowAccounting.of_rejected(by_reason[by_reason.source == kind], read[kind])
+        for kind in ("assignments", "events")
+    )
     return MaterializeResult(
         metadata={
             "dagster/row_count": written,

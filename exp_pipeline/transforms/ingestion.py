@@ -235,19 +235,27 @@ def _blank(column: ir.StringValue) -> ir.BooleanValue:
     return column.isnull() | (trim_whitespace(column) == "")
 
 
-def _duplicate_rank(rows: ir.Table, columns: Sequence[str]) -> ir.IntegerValue:
-    """0 for the first copy of a row (by source file), 1, 2, ... for exact repeats of it."""
-    window = ibis.window(group_by=[rows[c] for c in columns], order_by=[rows.source_file])
-    return ibis.row_number().over(window)
+def _with_copy_rank(rows: ir.Table, columns: Sequence[str]) -> ir.Table:
+    """`rows` with `_copy`: 0 for the first copy of a row (by source file), 1, 2, ... for exact
+    repeats of it.
+
+    Logs repeat few rows: one hash aggregate finds the repeated keys and only their rows are
+    ranked (a window over every row would sort the whole log).
+    """
+    repeated = rows.group_by(columns).aggregate(_copies=rows.count())
+    repeated = repeated.filter(repeated._copies > 1).drop("_copies")
+    same = [rows[c].identical_to(repeated[c]) for c in columns]  # null-safe: a missing id is a key too
+    single = rows.anti_join(repeated, same).mutate(_copy=ibis.literal(0, type="int64"))
+    repeats = rows.semi_join(repeated, same)
+    window = ibis.window(group_by=[repeats[c] for c in columns], order_by=[repeats.source_file])
+    return ibis.union(single, repeats.mutate(_copy=ibis.row_number().over(window).cast("int64")), distinct=False)
 
 
 def classify_assignments(rows: ir.Table, experiments: Sequence[Experiment], properties: Sequence[str]) -> ir.Table:
     """Canonical exposure rows of these experiments with `rejection_reason` (null for rows that
     are ingested), every experiment in one query."""
     keyed = rows.mutate(_at=_text_or_value(rows, "assigned_at"))
-    ranked = keyed.mutate(
-        _copy=_duplicate_rank(keyed, ["experiment_id", "subject_id", "variant_id", "_at", *properties])
-    ).drop("_at")
+    ranked = _with_copy_rank(keyed, ["experiment_id", "subject_id", "variant_id", "_at", *properties]).drop("_at")
     known = ibis.or_(*(
         (ranked.experiment_id == e.id) & ranked.variant_id.isin([v.id for v in e.variants]) for e in experiments
     ))
@@ -271,9 +279,7 @@ def classify_events(rows: ir.Table, detect_duplicates: bool = True) -> ir.Table:
     """
     if detect_duplicates:
         keyed = rows.mutate(_at=_text_or_value(rows, "event_at"), _value=_text_or_value(rows, "value"))
-        ranked = keyed.mutate(
-            _copy=_duplicate_rank(keyed, ["subject_id", "_at", "event_name", "_value"])
-        ).drop("_at", "_value")
+        ranked = _with_copy_rank(keyed, ["subject_id", "_at", "event_name", "_value"]).drop("_at", "_value")
     else:
         ranked = rows.mutate(_copy=ibis.literal(0))
     # Only a value logged as text can fail to parse.
@@ -363,6 +369,12 @@ class RowAccounting:
         by_reason = dict(zip(counts["reason"], counts["rows"].astype(int), strict=True))
         ingested = by_reason.pop(INGESTED, 0)
         return cls(ingested=ingested, rejected_by_reason=by_reason)
+
+    @classmethod
+    def of_rejected(cls, counts: pd.DataFrame, read: int) -> RowAccounting:
+        """From the rows read and a small table of the rejected rows per reason."""
+        by_reason = dict(zip(counts["reason"], counts["rows"].astype(int), strict=True))
+        return cls(ingested=read - sum(by_reason.values()), rejected_by_reason=by_reason)
 
     @property
     def rejected(self) -> int:
