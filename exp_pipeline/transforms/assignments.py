@@ -46,30 +46,25 @@ def first_exposures(raw: ir.Table, experiments: Sequence[Experiment], properties
     """
     usable = classify_exposures(raw, experiments)
     usable = usable.filter(usable.exclusion_reason.isnull()).drop("exclusion_reason")
-    per_subject = ibis.window(
-        group_by=[usable.experiment_id, usable.subject_id],
-        # Ties on the timestamp are broken deterministically so reruns give the same answer.
-        order_by=[usable.assigned_at, usable.variant_id, *(usable[p] for p in properties), usable.source_file],
-    )
-    ranked = usable.mutate(
-        _rank=ibis.row_number().over(per_subject),
-    )
-    summary = usable.group_by("experiment_id", "subject_id").aggregate(
+    # The first exposure is the smallest of (time, variant, properties, file): ties on the
+    # timestamp are broken deterministically so reruns give the same answer. One aggregate, not a
+    # window over every exposure row (which would sort the log).
+    order = ["assigned_at", "variant_id", *properties, "source_file"]
+    per_subject = usable.group_by("experiment_id", "subject_id").aggregate(
+        _first=ibis.struct({c: usable[c] for c in order}).min(),
         n_exposures=usable.count(),
         n_variants_seen=usable.variant_id.nunique(),
     )
-    first = ranked.filter(ranked._rank == 0).drop("_rank", "source_file")
-    joined = first.join(summary, ["experiment_id", "subject_id"])
-    return joined.select(
+    return per_subject.select(
         "experiment_id",
         "subject_id",
-        "variant_id",
-        "assigned_at",
-        *properties,
-        n_exposures=joined.n_exposures.cast("int64"),
-        n_variants_seen=joined.n_variants_seen.cast("int64"),
+        variant_id=per_subject._first["variant_id"],
+        assigned_at=per_subject._first["assigned_at"],
+        **{p: per_subject._first[p] for p in properties},
+        n_exposures=per_subject.n_exposures.cast("int64"),
+        n_variants_seen=per_subject.n_variants_seen.cast("int64"),
         exclusion_reason=ibis.ifelse(
-            joined.n_variants_seen > 1, ibis.literal(MULTIPLE_VARIANTS), ibis.null("string")
+            per_subject.n_variants_seen > 1, ibis.literal(MULTIPLE_VARIANTS), ibis.null("string")
         ),
     )
 
