@@ -40,7 +40,9 @@ from exp_pipeline.transforms.fixed_point import read_bounds, value_bounds
 from exp_pipeline.transforms.subject_values import (
     VALUE_KEY,
     cap_subject_values,
+    complete_statistics,
     metric_bucket_sums,
+    subject_bounds,
     subject_metric_values,
     sufficient_statistics,
 )
@@ -550,9 +552,14 @@ def _analyse(
     with clock.stage("caps and sufficient statistics"):
         capped = cap_subject_values(values, [m for e in analysed for m in registry.metrics_of(e)])
         capped = session.temp_table("_capped_values", capped)
-        bounds = read_bounds(session.to_pandas(value_bounds(capped, VALUE_KEY)), VALUE_KEY)
+        subjects = pd.concat([
+            counts[i].query("property == ''")[["variant_id", "n"]].assign(experiment_id=i) for i in ids
+        ], ignore_index=True)
+        per_experiment = subjects.groupby("experiment_id")["n"].sum().astype(int).to_dict()
+        bounds = subject_bounds(read_bounds(session.to_pandas(value_bounds(capped, VALUE_KEY)), VALUE_KEY), per_experiment)
         # Only this small table leaves the engine.
-        sufficient = session.to_pandas(sufficient_statistics(capped, bounds))
+        sums = session.to_pandas(sufficient_statistics(capped, bounds))
+        sufficient = complete_statistics(sums, subjects, {e.id: [m.id for m in registry.metrics_of(e)] for e in analysed})
     with clock.stage("settled rows"):
         states = _settle(session, analysed, join, run, settled_pass)
     with clock.stage("inference and writes"):

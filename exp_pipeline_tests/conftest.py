@@ -18,7 +18,12 @@ from exp_pipeline.defs.resources import RegistryResource
 from exp_pipeline.sample_data import generate
 from exp_pipeline.settings import DEFAULT_REGISTRY, spark_config
 from exp_pipeline.transforms.fixed_point import SumBound, read_bounds, value_bounds
-from exp_pipeline.transforms.subject_values import VALUE_KEY
+from exp_pipeline.transforms.subject_values import (
+    VALUE_KEY,
+    complete_statistics,
+    subject_bounds,
+    sufficient_statistics,
+)
 from exp_pipeline.warehouse.duckdb_engine import DuckDBWarehouseSession
 from exp_pipeline.warehouse.resources import DuckDBWarehouse, SparkWarehouse, Warehouse
 
@@ -127,6 +132,20 @@ class EngineTables:
     def bounds(self, table: ibis.Table, by=VALUE_KEY) -> dict[tuple, SumBound]:
         """The fixed-point bounds of a values table per group of `by` (a small query)."""
         return read_bounds(self.session.to_pandas(value_bounds(table, by)), by)
+
+    def statistics(self, values: ibis.Table, subjects: pd.DataFrame | None = None, metrics: dict | None = None) -> pd.DataFrame:
+        """The sufficient statistics of a values table as the pass computes them; `subjects`
+        (experiment_id, variant_id, n) and `metrics` ({experiment: [metric, ...]}) default to
+        those the values name."""
+        if subjects is None:
+            named = self.to_pandas(values.select("experiment_id", "variant_id", "subject_id").distinct())
+            subjects = named.groupby(["experiment_id", "variant_id"]).size().rename("n").reset_index()
+        per_experiment = subjects.groupby("experiment_id")["n"].sum().astype(int).to_dict()
+        if metrics is None:
+            named = self.to_pandas(values.select("experiment_id", "metric").distinct())
+            metrics = named.groupby("experiment_id")["metric"].apply(sorted).to_dict()
+        sums = self.to_pandas(sufficient_statistics(values, subject_bounds(self.bounds(values), per_experiment)))
+        return complete_statistics(sums, subjects, metrics)
 
     def table(self, name: str) -> ibis.Table:
         return self.tables[name]

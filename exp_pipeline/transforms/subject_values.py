@@ -31,8 +31,10 @@ def metric_bucket_sums(segments: ir.Table, coverage: ir.Table) -> ir.Table:
 
 
 def subject_metric_values(subjects: ir.Table, bucket_sums: ir.Table, windows: ir.Table) -> ir.Table:
-    """Per (experiment, subject, metric, period) value, for every experiment in `windows` at once;
-    subjects without events count as zero.
+    """Per (experiment, subject, metric, period) value of the subjects with events of the metric in
+    the period, for every experiment in `windows` at once. A subject without a row has the value
+    zero: capping leaves zeros alone and zeros add nothing to a sum, so only the counts need every
+    subject (`complete_statistics`).
 
     `subjects`: the analysable subjects with their `unit` (`numbered_subjects`); `bucket_sums`:
     `metric_bucket_sums`; `windows`: the `metric_windows_frame` table. Period `post`: the metric's
@@ -41,21 +43,16 @@ def subject_metric_values(subjects: ir.Table, bucket_sums: ir.Table, windows: ir
     fixed point (`exact_sums` over its buckets). Capping is applied separately
     (`cap_subject_values`).
     """
-    key = ["unit", "metric", "period"]
     # metric_bucket_sums is one row per subject, metric, period and bucket already.
-    per_subject = exact_sums(bucket_sums, key, "sum_value", ["n_events"])
-
-    periods = ibis.memtable(pd.DataFrame({"period": ["post", "pre"]}))
-    grid = subjects.select("unit", "experiment_id", "subject_id", "variant_id").join(
-        windows.select("experiment_id", "metric", "aggregation", "pre_seconds"), "experiment_id"
-    ).cross_join(periods)
-    grid = grid.filter((grid.period == "post") | (grid.pre_seconds > 0))
-    valued = grid.left_join(per_subject, key)
-    n_events = valued.n_events.fill_null(0)
+    per_subject = exact_sums(bucket_sums, ["unit", "metric", "period"], "sum_value", ["n_events"])
+    valued = per_subject.join(subjects.select("unit", "experiment_id", "subject_id", "variant_id"), "unit").join(
+        windows.select("experiment_id", "metric", "aggregation", "pre_seconds"), ["experiment_id", "metric"]
+    )
+    valued = valued.filter((valued.period == "post") | (valued.pre_seconds > 0))
     value = ibis.cases(
         (valued.aggregation == "sum", valued.sum_value.fill_null(0.0)),
-        (valued.aggregation == "count", n_events.cast("float64")),
-        else_=ibis.ifelse(n_events > 0, 1.0, 0.0),
+        (valued.aggregation == "count", valued.n_events.cast("float64")),
+        else_=ibis.ifelse(valued.n_events > 0, 1.0, 0.0),
     )
     return valued.select("experiment_id", "subject_id", "variant_id", "metric", "period", value=value)
 
@@ -85,18 +82,29 @@ def cap_subject_values(values: ir.Table, metrics: Sequence[Metric]) -> ir.Table:
 VALUE_KEY = ("experiment_id", "metric", "period")
 
 
-def sufficient_statistics(values: ir.Table, bounds: dict[tuple, SumBound]) -> ir.Table:
-    """Per (experiment, variant, metric): n, sums and cross products of y (the post value) and its
-    covariate x (the pre value, 0 without a pre-period).
+SUM_COLUMNS = ("sum_y", "sum_y2", "sum_x", "sum_x2", "sum_xy")
 
-    `bounds` bound the values per (experiment, metric, period) (`value_bounds(values, VALUE_KEY)`).
-    This small table is all that leaves the engine for inference.
+
+def subject_bounds(bounds: dict[tuple, SumBound], subjects: dict[str, int]) -> dict[tuple, SumBound]:
+    """`value_bounds` of the values with a row, counted over every subject of the experiment
+    (`subjects`: analysable subjects per experiment): a sum's terms include the zeros."""
+    return {key: SumBound(subjects.get(key[0], bound.rows), bound.max_abs) for key, bound in bounds.items()}
+
+
+def sufficient_statistics(values: ir.Table, bounds: dict[tuple, SumBound]) -> ir.Table:
+    """Per (experiment, variant, metric) with values: the sums and cross products of y (the post
+    value) and its covariate x (the pre value, 0 without one); a subject without a row adds zero.
+    `complete_statistics` adds n and the groups without any value.
+
+    `bounds` bound the values per (experiment, metric, period) (`value_bounds(values, VALUE_KEY)`,
+    counted over every subject: `subject_bounds`). This small table is all that leaves the engine
+    for inference.
     """
-    key = ["experiment_id", "subject_id", "metric"]
-    post = values.filter(values.period == "post")
-    pre = values.filter(values.period == "pre")
-    joined = post.join(pre.select(*key, x="value"), key, how="left")
-    joined = joined.mutate(x=joined.x.fill_null(0.0))
+    # y and x of a subject side by side: one row per period at most, so each sum has one term.
+    joined = values.group_by("experiment_id", "subject_id", "variant_id", "metric").aggregate(
+        value=ibis.ifelse(values.period == "post", values.value, 0.0).sum(),
+        x=ibis.ifelse(values.period == "pre", values.value, 0.0).sum(),
+    )
     scale_rows = []
     for (experiment_id, metric, period), y_bound in bounds.items():
         if period != "post":
@@ -115,14 +123,35 @@ def sufficient_statistics(values: ir.Table, bounds: dict[tuple, SumBound]) -> ir
             **SumBound(rows, max_x * max_x).scale_columns("x2"),
             **SumBound(rows, max_x * max_y).scale_columns("xy"),
         })
+    for (experiment_id, metric, period), x_bound in bounds.items():
+        if period == "pre" and (experiment_id, metric, "post") not in bounds:
+            # Covariate values and not one post value: y is zero throughout.
+            max_x = x_bound.max_abs
+            scale_rows.append({
+                "experiment_id": experiment_id, "metric": metric,
+                **NO_TERMS.scale_columns("y"), **NO_TERMS.scale_columns("y2"),
+                **x_bound.scale_columns("x"), **SumBound(x_bound.rows, max_x * max_x).scale_columns("x2"),
+                **NO_TERMS.scale_columns("xy"),
+            })
     joined = joined.join(scales_table(scale_rows, ["y", "y2", "x", "x2", "xy"]), ["experiment_id", "metric"])
     y = joined.value.cast("float64")
     x = joined.x.cast("float64")
     return joined.group_by("experiment_id", "variant_id", "metric").aggregate(
-        n=joined.count(),
         sum_y=fixed_point_sum(joined, y, "y"),
         sum_y2=fixed_point_sum(joined, y * y, "y2"),
         sum_x=fixed_point_sum(joined, x, "x"),
         sum_x2=fixed_point_sum(joined, x * x, "x2"),
         sum_xy=fixed_point_sum(joined, x * y, "xy"),
     )
+
+
+def complete_statistics(sums: pd.DataFrame, subjects: pd.DataFrame, metrics: dict[str, Sequence[str]]) -> pd.DataFrame:
+    """The sufficient statistics of every (experiment, variant, metric): `sums`
+    (`sufficient_statistics`) with n, the variant's analysable subjects (`subjects`: experiment_id,
+    variant_id, n), and zero sums where no subject has a value."""
+    grid = pd.DataFrame(
+        [(e, m) for e, ids in metrics.items() for m in ids], columns=["experiment_id", "metric"]
+    ).merge(subjects[["experiment_id", "variant_id", "n"]], on="experiment_id")
+    full = grid.merge(sums, on=["experiment_id", "variant_id", "metric"], how="left")
+    full[list(SUM_COLUMNS)] = full[list(SUM_COLUMNS)].astype("float64").fillna(0.0)
+    return full.astype({"n": "int64"})[["experiment_id", "variant_id", "metric", "n", *SUM_COLUMNS]]

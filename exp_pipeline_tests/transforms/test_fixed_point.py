@@ -6,7 +6,6 @@ import pandas as pd
 import pytest
 
 from exp_pipeline.transforms.fixed_point import SumBound
-from exp_pipeline.transforms.subject_values import sufficient_statistics
 from exp_pipeline.warehouse.duckdb_engine import DuckDBWarehouseSession
 
 
@@ -21,7 +20,7 @@ def test_sums_do_not_depend_on_the_order_rows_are_stored_in(con):
             "metric": "revenue", "period": "post", "value": [values[j] for j in order],
         })
         t = con.create_table(f"stored_{i}", frame)
-        out = con.to_pandas(sufficient_statistics(t, con.bounds(t)))
+        out = con.statistics(t)
         got.append(out[["n", "sum_y", "sum_y2"]].iloc[0].tolist())
     assert got == [[4, 2.0, 2e32 + 2.0]] * len(orders)
 
@@ -33,7 +32,7 @@ def _sums(con, name: str, values: dict[str, list[float]]) -> pd.DataFrame:
     ).assign(experiment_id="exp", variant_id="control", period="post")
     frame["subject_id"] = [f"s{i}" for i in range(len(frame))]
     t = con.create_table(name, frame)
-    out = con.to_pandas(sufficient_statistics(t, con.bounds(t)))
+    out = con.statistics(t)
     return out.set_index("metric")
 
 

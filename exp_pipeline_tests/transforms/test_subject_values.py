@@ -6,12 +6,12 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from exp_pipeline.transforms.subject_values import cap_subject_values, sufficient_statistics
+from exp_pipeline.transforms.subject_values import cap_subject_values
 from exp_pipeline.warehouse.duckdb_engine import DuckDBWarehouseSession
 from exp_pipeline_tests.tables import assignments_table, events_table, metric, values_of
 
 
-def test_per_subject_values_with_zeros_and_metric_windows(con):
+def test_per_subject_values_of_subjects_with_events_and_metric_windows(con):
     a = assignments_table(con, [
         ("buyer", "treatment", "2026-10-02T00:00:00Z"),
         ("idle", "control", "2026-10-02T00:00:00Z"),
@@ -34,9 +34,7 @@ def test_per_subject_values_with_zeros_and_metric_windows(con):
     assert got == {
         ("buyer", "revenue"): 15.0, ("buyer", "purchases_7d"): 2.0,
         ("buyer", "conversion"): 1.0, ("buyer", "sessions"): 1.0,
-        ("idle", "revenue"): 0.0, ("idle", "purchases_7d"): 0.0,
-        ("idle", "conversion"): 0.0, ("idle", "sessions"): 0.0,
-    }
+    }  # idle has no events: no rows, its values are zero (counted by complete_statistics)
 
 
 def test_pre_period_values_are_the_covariate_of_every_metric_on_the_event(con):
@@ -52,8 +50,6 @@ def test_pre_period_values_are_the_covariate_of_every_metric_on_the_event(con):
     assert got == {
         ("s", "revenue", "post"): 5.0, ("s", "revenue", "pre"): 7.0,
         ("s", "purchases", "post"): 1.0, ("s", "purchases", "pre"): 2.0,
-        ("idle", "revenue", "post"): 0.0, ("idle", "revenue", "pre"): 0.0,
-        ("idle", "purchases", "post"): 0.0, ("idle", "purchases", "pre"): 0.0,
     }
 
 
@@ -107,7 +103,7 @@ def test_sufficient_statistics_match_numpy(con):
     pre = frame.assign(value=frame["value"] * 0.5 + rng.normal(0, 1, n), period="pre")
     pre = pre[pre.index % 10 != 0]  # subjects without pre-period values get x = 0
     values = con.create_table("values", pd.concat([frame, pre]))
-    out = con.to_pandas(sufficient_statistics(values, con.bounds(values))).set_index("variant_id")
+    out = con.statistics(values).set_index("variant_id")
     merged = frame.merge(pre[["subject_id", "value"]].rename(columns={"value": "x"}), on="subject_id", how="left")
     merged["x"] = merged["x"].fillna(0.0)
     for variant, group in merged.groupby("variant_id"):
@@ -118,6 +114,30 @@ def test_sufficient_statistics_match_numpy(con):
         # for each term's rounding at 2**-120 of the largest possible total.
         for column, terms in [("sum_y", y), ("sum_y2", y * y), ("sum_x", x), ("sum_x2", x * x), ("sum_xy", x * y)]:
             assert row[column] == pytest.approx(math.fsum(terms), rel=1e-15, abs=0), column
+
+
+def test_statistics_without_zero_rows_equal_those_with_every_subject(con):
+    # The pass keeps only subjects with a value; zeros are counted from the subjects per variant.
+    rng = np.random.default_rng(11)
+    n = 400
+    dense = pd.DataFrame({
+        "experiment_id": "exp", "subject_id": [f"s{i}" for i in range(n)],
+        "variant_id": rng.choice(["control", "treatment"], n), "metric": "revenue", "period": "post",
+        "value": np.where(rng.random(n) < 0.3, rng.gamma(2, 10, n), 0.0),
+    })
+    pre = dense.assign(period="pre", value=np.where(rng.random(n) < 0.4, rng.gamma(2, 5, n), 0.0))
+    nobody = dense.assign(metric="refunds", value=0.0)  # a metric nobody has a value of
+    every = pd.concat([dense, pre, nobody], ignore_index=True)
+    some = every[every["value"] != 0]
+    assert set(some["metric"]) == {"revenue"} and len(some) < len(every) / 4
+    subjects = dense.groupby(["experiment_id", "variant_id"]).size().rename("n").reset_index()
+    metrics = {"exp": ["refunds", "revenue"]}
+    key = ["variant_id", "metric"]
+    full = con.statistics(con.create_table("every", every), subjects, metrics).set_index(key).sort_index()
+    sparse = con.statistics(con.create_table("some", some), subjects, metrics).set_index(key).sort_index()
+    pd.testing.assert_frame_equal(sparse, full, check_exact=True)
+    assert (sparse.loc[(slice(None), "refunds"), ["sum_y", "sum_x", "sum_xy"]] == 0).all().all()
+    assert sparse.loc[("control", "refunds"), "n"] == (dense.variant_id == "control").sum()
 
 
 def test_a_huge_value_leaves_every_other_subjects_sum_exact(con):
