@@ -39,7 +39,7 @@ SETTLED_SUMS = "settled_segment_sums"
 SETTLED_SUBJECTS = "settled_subjects"
 # Raise it whenever the join's rules or the meaning of the stored sums change: every experiment is
 # then recomputed from nothing once.
-LOGIC_VERSION = 1
+LOGIC_VERSION = 2
 # The watermark of a log without a single event: nothing is settled.
 NOTHING_SETTLED = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
 PERIODS = ("post", "pre")

@@ -146,3 +146,36 @@ def test_rows_read_against_the_run_before(now, before, kept, passed, severity):
 
     outcome = evaluate_rows_read("the event log", now, before, 0.5, kept="100 rows of x" if kept else None)
     assert (outcome.passed, outcome.severity) == (passed, severity)
+
+
+def test_metric_event_counts_equal_a_filter_per_experiment_and_time(session, registry):
+    """The bucketed counts against a plain filter of the rows: exp_a's span is [Sep 17, Nov 12)
+    (14 pre-period days, 14-day window after its end), exp_b's has no end; the times fall before,
+    inside and after the spans."""
+    # Every 7 hours, and one event exactly at each bound and time (a bound belongs to what follows).
+    hours = pd.date_range("2026-09-01", "2026-12-01", freq="7h", tz="UTC").append(
+        pd.DatetimeIndex(["2026-09-17", "2026-11-12", "2026-10-15T03:00"], tz="UTC")
+    )
+    frame = pd.DataFrame({
+        "subject_id": [f"u{i % 40}" for i in range(len(hours))],
+        "event_at": hours,
+        "event_name": ["page_view" if i % 3 == 1 else "purchase" for i in range(len(hours))],
+        "value": [float(i % 11) for i in range(len(hours))],
+    })
+    types = ibis.schema({"subject_id": "string", "event_at": "timestamp('UTC', 6)", "event_name": "string", "value": "float64"})
+    events = ibis.memtable(frame, schema=types)
+    experiments = [(e, registry.metrics_of(e)) for e in (registry.experiment("exp_a"), registry.experiment("exp_b"))]
+    times = [pd.Timestamp(t).to_pydatetime() for t in ("2026-09-10T00:00Z", "2026-10-15T03:00Z", "2026-11-20T00:00Z")]
+    counted = checks.metric_event_counts(session, events, experiments, times)
+
+    frame["checksum"] = session.to_pandas(events.select(c=checks.row_checksum(events)))["c"]
+    spans = {"exp_a": ("2026-09-17", "2026-11-12"), "exp_b": ("2026-09-17", "2100-01-01")}
+    for experiment_id, (low, high) in spans.items():
+        purchases = frame[frame.event_name == "purchase"]
+        inside = purchases[(purchases.event_at >= pd.Timestamp(low, tz="UTC")) & (purchases.event_at < pd.Timestamp(high, tz="UTC"))]
+        assert counted.logged(experiment_id).to_dict("records") == [{"event_name": "purchase", "rows": len(inside)}]
+        for until in times:
+            before = inside[inside.event_at < until]
+            expected = {"purchase": [len(before), int(before.checksum.sum())]} if len(before) else {}
+            assert counted.before(experiment_id, until) == expected
+    assert counted.before("exp_a", pd.Timestamp("2026-10-16T00:00Z").to_pydatetime()) is None
