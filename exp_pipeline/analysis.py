@@ -431,7 +431,7 @@ def _run_join(
     segments = session.temp_table("_segment_sums", segments)
     windows = session.table(METRIC_WINDOWS)
     windows = windows.filter(windows.experiment_id.isin([e.id for e in going]))
-    rows = temporal_join.segment_rows(sides.drop(temporal_join.FRESH_FROM), events)
+    rows = temporal_join.segment_rows(temporal_join.with_every_event(sides), events)
     return RunJoin(subjects, events, windows, cut, rows, segments, validations)
 
 

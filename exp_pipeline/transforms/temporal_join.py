@@ -79,15 +79,20 @@ def window_rows(assignments: ir.Table, events: ir.Table, windows: ir.Table) -> i
     )
     subjects = subjects.select(
         "experiment_id", "subject_id", "variant_id", "assigned_at", "event_name",
-        _pre_start=subjects.assigned_at - subjects.pre_seconds.as_interval("s"),
+        _low=subjects.assigned_at - subjects.pre_seconds.as_interval("s"),
         _start=subjects.assigned_at + subjects.start_seconds.as_interval("s"),
         _end=subjects.assigned_at + subjects.end_seconds.as_interval("s"),
     )
     joined = subjects.join(events, ["subject_id", "event_name"])
-    in_window = ((joined.event_at >= joined._pre_start) & (joined.event_at < joined.assigned_at)) | (
-        (joined.event_at >= joined._start) & (joined.event_at < joined._end)
-    )
-    return joined.filter(in_window).select(*WINDOW_COLUMNS).distinct()
+    return joined.filter(_in_windows(joined)).select(*WINDOW_COLUMNS).distinct()
+
+
+def _in_windows(joined: ir.Table) -> ir.BooleanValue:
+    """The window rule on the joined rows: the pre-period [_low, assigned_at) or the reach
+    [_start, _end). As one range less the gap between them (the registry guarantees
+    _low <= assigned_at <= _start < _end): cheaper than two ranges on every candidate row."""
+    at = joined.event_at
+    return (at >= joined._low) & (at < joined._end) & ((at < joined.assigned_at) | (at >= joined._start))
 
 
 def post_assignment_rows(window_events: ir.Table) -> ir.Table:
@@ -181,14 +186,24 @@ def subject_spans(subjects: ir.Table, spans: ir.Table) -> ir.Table:
     bounds = [c for c in spans.columns if c.startswith("bound_")]
     sides = subjects.join(spans, "experiment_id")
     at = sides.assigned_at
+    pre_start = at - sides.pre_seconds.as_interval("s")
     fresh = [FRESH_FROM] if FRESH_FROM in subjects.columns else []
+    # The lowest event time joined: the pre-period's start, or a settled subject's watermark if later.
+    low = ibis.greatest(pre_start, sides[FRESH_FROM].fill_null(pre_start)) if fresh else pre_start
     return sides.select(
         "unit", "span", "experiment_id", "subject_id", "variant_id", "assigned_at", "event_name", *fresh,
-        _pre_start=at - sides.pre_seconds.as_interval("s"),
+        _pre_start=pre_start,
+        _low=low,
         _start=at + sides.start_seconds.as_interval("s"),
         _end=at + sides.end_seconds.as_interval("s"),
         **{f"_{b}": at + sides[b].as_interval("s") for b in bounds},
     )
+
+
+def with_every_event(sides: ir.Table) -> ir.Table:
+    """`subject_spans` without the settled watermarks: `segment_rows` of it joins every event of
+    the windows (the whole join, as post/pre_assignment_events hold it)."""
+    return sides.drop(FRESH_FROM).mutate(_low=sides._pre_start) if FRESH_FROM in sides.columns else sides
 
 
 def segment_rows(sides: ir.Table, events: ir.Table) -> ir.Table:
@@ -198,12 +213,7 @@ def segment_rows(sides: ir.Table, events: ir.Table) -> ir.Table:
     are left out (they are settled)."""
     bounds = [c for c in sides.columns if c.startswith("_bound_")]
     joined = sides.join(events, ["subject_id", "event_name"])
-    in_window = ((joined.event_at >= joined._pre_start) & (joined.event_at < joined.assigned_at)) | (
-        (joined.event_at >= joined._start) & (joined.event_at < joined._end)
-    )
-    if FRESH_FROM in sides.columns:
-        in_window &= joined[FRESH_FROM].isnull() | (joined.event_at >= joined[FRESH_FROM])
-    joined = joined.filter(in_window)
+    joined = joined.filter(_in_windows(joined))
     segment = sum((joined.event_at >= joined[b]).cast("int64") for b in bounds) if bounds else ibis.literal(0, "int64")
     return joined.select("unit", "span", *WINDOW_COLUMNS, segment=segment)
 
