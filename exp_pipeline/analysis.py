@@ -544,7 +544,6 @@ def _analyse(
     ids = [e.id for e in analysed]
     with clock.stage("per-subject values"):
         sums = metric_bucket_sums(join.segments.filter(join.segments.span.isin(join.spans_of(ids))), ibis.memtable(join.cut.coverage))
-        sums = session.temp_table("_metric_bucket_sums", sums)
         values = subject_metric_values(
             join.subjects.filter(join.subjects.experiment_id.isin(ids)), sums, join.windows.filter(join.windows.experiment_id.isin(ids)),
         )
