@@ -21,7 +21,8 @@ from exp_pipeline import schemas, validation
 from exp_pipeline.registry import Experiment, Registry
 from exp_pipeline.stats import SrmCause, SrmResult
 from exp_pipeline.transforms.ingestion import RowAccounting
-from exp_pipeline.vocabulary import HARMLESS_REJECTIONS, UTC_TIMESTAMP, whole_seconds
+from exp_pipeline.transforms.temporal_join import experiment_span
+from exp_pipeline.vocabulary import HARMLESS_REJECTIONS, UTC_TIMESTAMP
 from exp_pipeline.warehouse.interface import WarehouseSession
 
 SAMPLE_SIZE = 20
@@ -376,13 +377,7 @@ def metric_event_counts(
     of a conditional sum per experiment and time over every row of the log.
     """
     times = tuple(dict.fromkeys(times))
-    spans = []
-    for experiment, metrics in experiments:
-        lower = experiment.start_at - dt.timedelta(seconds=whole_seconds(experiment.cuped_pre_window_days))
-        upper = None
-        if experiment.end_at is not None and metrics:
-            upper = experiment.end_at + dt.timedelta(seconds=max(whole_seconds(m.window_end_days) for m in metrics))
-        spans.append((lower, upper))
+    spans = [experiment_span(experiment, metrics) for experiment, metrics in experiments]
     cuts = sorted({*(b for span in spans for b in span if b is not None), *times})
     bucket = ibis.literal(0, type="int64")
     for cut in cuts:
@@ -393,30 +388,29 @@ def metric_event_counts(
     per_bucket = session.to_pandas(events.group_by("event_name", bucket=bucket).aggregate(**sums))
     per_bucket = per_bucket[per_bucket["bucket"].notna()]
 
-    def total(frame: pd.DataFrame, column: str, low: dt.datetime, high: dt.datetime | None) -> pd.Series:
-        # Events in [low, high): buckets after low's cut point, up to and including high's.
+    def total(frame: pd.DataFrame, low: dt.datetime, high: dt.datetime | None) -> pd.DataFrame:
+        # Per event name, the sums of the events in [low, high): buckets after low's cut point, up
+        # to and including high's.
         inside = frame["bucket"] > cuts.index(low)
         if high is not None:
             inside &= frame["bucket"] <= cuts.index(high)
-        return frame[inside].groupby("event_name")[column].sum()
+        return frame[inside].groupby("event_name")[list(sums)].sum()
 
     rows = []
     for (experiment, metrics), (lower, upper) in zip(experiments, spans, strict=True):
-        names = {m.event_name for m in metrics}
-        mine = per_bucket[per_bucket["event_name"].isin(names)]
-        in_span = total(mine, "rows", lower, upper)
-        before = [
-            (total(mine, "rows", lower, min(upper, until) if upper else until),
-             total(mine, "checksum", lower, min(upper, until) if upper else until))
-            if until > lower else (pd.Series(dtype="int64"), pd.Series(dtype="int64"))
-            for until in times
-        ]
-        for name, count in in_span.items():
+        mine = per_bucket[per_bucket["event_name"].isin({m.event_name for m in metrics})]
+        in_span = total(mine, lower, upper)
+        before = [total(mine, lower, min(upper, until) if upper else until) if until > lower else None for until in times]
+
+        def of(counted: pd.DataFrame | None, name: str, column: str) -> int:
+            return int(counted.at[name, column]) if counted is not None and name in counted.index else 0
+
+        for name, count in in_span["rows"].items():
             if count:
                 rows.append({
                     "experiment_id": experiment.id, "event_name": name, "rows": int(count),
-                    **{f"before_{k}": int(c.get(name, 0)) for k, (c, _) in enumerate(before)},
-                    **{f"checksum_{k}": int(h.get(name, 0)) for k, (_, h) in enumerate(before)},
+                    **{f"before_{k}": of(b, name, "rows") for k, b in enumerate(before)},
+                    **{f"checksum_{k}": of(b, name, "checksum") for k, b in enumerate(before)},
                 })
     columns = [
         "experiment_id", "event_name", "rows",

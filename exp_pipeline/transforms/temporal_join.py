@@ -41,19 +41,22 @@ def metric_windows_frame(experiments: Sequence[tuple[Experiment, Sequence[Metric
     return frame.astype({"start_seconds": "int64", "end_seconds": "int64", "pre_seconds": "int64"})
 
 
+def experiment_span(experiment: Experiment, metrics: Sequence[Metric]) -> tuple[dt.datetime, dt.datetime | None]:
+    """The event times an experiment can use: [its start minus its pre-period, its end plus its
+    widest metric window); no upper bound while it runs."""
+    lower = experiment.start_at - dt.timedelta(seconds=whole_seconds(experiment.cuped_pre_window_days))
+    if experiment.end_at is None or not metrics:
+        return lower, None
+    return lower, experiment.end_at + dt.timedelta(seconds=max(whole_seconds(m.window_end_days) for m in metrics))
+
+
 def events_in_span(events: ir.Table, experiments: Sequence[tuple[Experiment, Sequence[Metric]]]) -> ir.Table:
-    """The events any of the experiments can use: from the earliest start minus its pre-period to
-    the latest end plus the widest metric window (no upper bound while one is running). Literal
+    """The events any of the experiments can use (the union of their `experiment_span`s). Literal
     bounds, so the engine skips whole files and row groups of a time-sorted log."""
-    lower = min(e.start_at - dt.timedelta(seconds=whole_seconds(e.cuped_pre_window_days)) for e, _ in experiments)
-    rows = events.filter(events.event_at >= lower)
-    ends = [
-        e.end_at + dt.timedelta(seconds=max(whole_seconds(m.window_end_days) for m in metrics))
-        for e, metrics in experiments
-        if e.end_at is not None and metrics
-    ]
-    if len(ends) == len(experiments):
-        rows = rows.filter(rows.event_at < max(ends))
+    spans = [experiment_span(e, metrics) for e, metrics in experiments]
+    rows = events.filter(events.event_at >= min(lower for lower, _ in spans))
+    if all(upper is not None for _, upper in spans):
+        rows = rows.filter(rows.event_at < max(upper for _, upper in spans))
     return rows
 
 
