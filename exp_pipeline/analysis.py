@@ -650,11 +650,10 @@ def analyse_experiments(
     source = registry.sources.assignments
     with clock.stage("exposure log"):
         exposure_log = ingestion.canonical_assignments(sources.read_source(session, registry, "assignments"), source, None)
-        exposures = exposure_log.filter(exposure_log.experiment_id.isin([e.id for e in experiments]))
-        if source.table is None and source.file_format == "csv":
-            # Classifying reads the rows three times: CSV text is parsed once, into a copy. Parquet
-            # and tables are columnar, cheaper to scan again than to copy (~0.9 s at 2 M rows).
-            exposures = session.temp_table("_exposures", exposures)
+        # The exposure log is read once per run, for every experiment.
+        exposures = session.temp_table(
+            "_exposures", exposure_log.filter(exposure_log.experiment_id.isin([e.id for e in experiments]))
+        )
     with clock.stage("raw_assignments"):
         _ingest_exposures(session, registry, experiments, exposures, accept_empty_source, outcomes)
     with clock.stage("deduped_assignments"):
