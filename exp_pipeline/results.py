@@ -75,6 +75,9 @@ def variant_metric_rows(
                 adjusted = stats.compare_cuped(s, control, alpha=experiment.alpha, theta=theta)
                 row.update(
                     cuped_theta=theta,
+                    cuped_abs_lift=adjusted.abs_lift,
+                    cuped_abs_lift_ci_low=adjusted.abs_ci_low,
+                    cuped_abs_lift_ci_high=adjusted.abs_ci_high,
                     cuped_rel_lift=adjusted.rel_lift,
                     cuped_ci_low=adjusted.ci_low,
                     cuped_ci_high=adjusted.ci_high,

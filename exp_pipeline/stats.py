@@ -70,7 +70,12 @@ class SufficientStats:
 
 @dataclass(frozen=True)
 class LiftResult:
-    """Treatment vs control; ci_low/ci_high, t_stat and p_value refer to the relative lift."""
+    """Treatment vs control; ci_low/ci_high, t_stat and p_value refer to the relative lift.
+
+    For a CUPED comparison, control_mean is the unadjusted control mean (the denominator of the
+    relative lift) and treatment_mean is control_mean + abs_lift, the adjusted treatment mean on
+    the control's scale.
+    """
 
     control_mean: float
     treatment_mean: float
@@ -87,15 +92,6 @@ class LiftResult:
     p_value: float
 
 
-@dataclass(frozen=True)
-class _Arm:
-    """Mean, per-subject variance and size of one variant: all a lift needs."""
-
-    mean: float
-    var: float
-    n: int
-
-
 def welch_df(var_t: float, n_t: int, var_c: float, n_c: int) -> float:
     """Welch–Satterthwaite degrees of freedom; NaN when undefined."""
     if n_t < 2 or n_c < 2:
@@ -106,33 +102,33 @@ def welch_df(var_t: float, n_t: int, var_c: float, n_c: int) -> float:
     return (a + b) ** 2 / (a**2 / (n_t - 1) + b**2 / (n_c - 1))
 
 
-def _lift(t: _Arm, c: _Arm, alpha: float) -> LiftResult:
-    """Welch interval for the absolute lift, delta-method t test for the relative one."""
+def _check_alpha(alpha: float) -> None:
     if not 0 < alpha < 1:
         raise ValueError(f"alpha must be in (0, 1), got {alpha}")
-    abs_lift = t.mean - c.mean
-    rel_lift = t.mean / c.mean - 1 if c.mean != 0 else _NAN
-    abs_se = abs_lo = abs_hi = rel_se = lo = hi = df = t_stat = p_value = _NAN
 
-    abs_var = t.var / t.n + c.var / c.n if min(t.n, c.n) >= 2 else _NAN
-    if abs_var > 0:  # False for NaN: too few subjects or no variance anywhere
-        df = welch_df(t.var, t.n, c.var, c.n)
+
+def _inference(
+    control_mean: float, treatment_mean: float, abs_lift: float, abs_var: float, rel_var: float,
+    df: float, alpha: float,
+) -> LiftResult:
+    """Welch interval of the absolute lift, t test and interval of the relative lift
+    abs_lift / control_mean, both on the same degrees of freedom."""
+    rel_lift = abs_lift / control_mean if control_mean != 0 else _NAN
+    abs_se = abs_lo = abs_hi = rel_se = lo = hi = t_stat = p_value = _NAN
+    if abs_var > 0 and df == df:  # False for NaN: too few subjects or no variance anywhere
         q = float(sps.t.ppf(1 - alpha / 2, df))
         abs_se = math.sqrt(abs_var)
         abs_lo, abs_hi = abs_lift - q * abs_se, abs_lift + q * abs_se
-        if c.mean != 0:
-            # Gradient of m_t/m_c - 1 is (1/m_c, -m_t/m_c^2); this is the spec's
-            # var_t/(n_t m_c^2) + m_t^2 var_c/(n_c m_c^4) without the 4th power.
-            ratio = t.mean / c.mean
-            rel_se = math.sqrt(t.var / t.n + ratio**2 * c.var / c.n) / abs(c.mean)
-            if rel_se > 0:
-                lo, hi = rel_lift - q * rel_se, rel_lift + q * rel_se
-                t_stat = rel_lift / rel_se
-                p_value = float(2 * sps.t.sf(abs(t_stat), df))
-
+        if control_mean != 0 and rel_var > 0:
+            rel_se = math.sqrt(rel_var)
+            lo, hi = rel_lift - q * rel_se, rel_lift + q * rel_se
+            t_stat = rel_lift / rel_se
+            p_value = float(2 * sps.t.sf(abs(t_stat), df))
+    else:
+        df = _NAN
     return LiftResult(
-        control_mean=float(c.mean),
-        treatment_mean=float(t.mean),
+        control_mean=float(control_mean),
+        treatment_mean=float(treatment_mean),
         abs_lift=float(abs_lift),
         abs_se=abs_se,
         abs_ci_low=abs_lo,
@@ -147,14 +143,26 @@ def _lift(t: _Arm, c: _Arm, alpha: float) -> LiftResult:
     )
 
 
+def _mean_variance(var: float, n: int) -> float:
+    """Variance of a sample mean; NaN below two subjects."""
+    return var / n if n >= 2 else _NAN
+
+
 def compare(
     treatment: SufficientStats, control: SufficientStats, alpha: float = 0.05
 ) -> LiftResult:
-    """Unadjusted treatment-vs-control comparison (GrowthBook frequentist convention)."""
-    return _lift(
-        _Arm(treatment.mean, treatment.variance, treatment.n),
-        _Arm(control.mean, control.variance, control.n),
-        alpha,
+    """Unadjusted treatment-vs-control comparison (GrowthBook frequentist convention).
+
+    The relative lift's variance is the delta method on m_t / m_c: gradient (1/m_c, -m_t/m_c^2).
+    """
+    _check_alpha(alpha)
+    m_t, m_c = treatment.mean, control.mean
+    v_t = _mean_variance(treatment.variance, treatment.n)
+    v_c = _mean_variance(control.variance, control.n)
+    rel_var = (v_t + (m_t / m_c) ** 2 * v_c) / m_c**2 if m_c != 0 else _NAN
+    return _inference(
+        m_c, m_t, m_t - m_c, v_t + v_c, rel_var,
+        welch_df(treatment.variance, treatment.n, control.variance, control.n), alpha,
     )
 
 
@@ -176,13 +184,9 @@ def cuped_theta(stats: Sequence[SufficientStats]) -> float:
     return pooled.cov_xy / var_x if var_x > 0 else 0.0
 
 
-def _cuped_arm(s: SufficientStats, theta: float, pooled_mean_x: float) -> _Arm:
-    """Moments of y - theta*(x - pooled_mean_x) for one variant."""
-    return _Arm(
-        mean=s.mean - theta * (s.mean_x - pooled_mean_x),
-        var=_clamp0(s.variance + theta**2 * s.var_x - 2 * theta * s.cov_xy),
-        n=s.n,
-    )
+def _adjusted_variance(s: SufficientStats, theta: float) -> float:
+    """Per-subject variance of y - theta * x."""
+    return _clamp0(s.variance + theta**2 * s.var_x - 2 * theta * s.cov_xy)
 
 
 def compare_cuped(
@@ -191,16 +195,33 @@ def compare_cuped(
     alpha: float = 0.05,
     theta: float | None = None,
 ) -> LiftResult:
-    """CUPED-adjusted comparison (Deng et al. 2013); theta pooled over both arms by default."""
+    """CUPED-adjusted comparison on GrowthBook's convention (docs/data-model.md#cuped).
+
+    Each arm's mean becomes m - theta * mean_x (theta pooled over both arms by default); the
+    absolute lift is the difference of adjusted means with a Welch interval on the adjusted
+    variances. The relative lift divides that difference by the UNADJUSTED control mean, so raw
+    and CUPED relative lifts estimate the same (mu_t - mu_c) / mu_c. Its variance is the delta
+    method with the gradient taken where the arms' covariate means are equal (as randomization
+    makes them in expectation): treatment (y_t - theta x_t) / m_c, control
+    -(m_t / m_c^2) y_c + (theta / m_c) x_c.
+    """
+    _check_alpha(alpha)
     if theta is None:
         theta = cuped_theta([treatment, control])
-    # Centering on the pooled mean keeps adjusted means on the metric's scale,
-    # which the relative lift needs; it cancels out of the absolute lift.
-    pooled_mean_x = _pooled([treatment, control]).mean_x
-    return _lift(
-        _cuped_arm(treatment, theta, pooled_mean_x),
-        _cuped_arm(control, theta, pooled_mean_x),
-        alpha,
+    m_t, m_c = treatment.mean, control.mean
+    abs_lift = (m_t - theta * treatment.mean_x) - (m_c - theta * control.mean_x)
+    var_t, var_c = _adjusted_variance(treatment, theta), _adjusted_variance(control, theta)
+    v_t, v_c = _mean_variance(var_t, treatment.n), _mean_variance(var_c, control.n)
+    rel_var = _NAN
+    if m_c != 0:
+        ratio = m_t / m_c
+        # Variance of ratio * y_c - theta * x_c: a quadratic form, so never negative.
+        control_term = _clamp0(
+            ratio**2 * control.variance - 2 * theta * ratio * control.cov_xy + theta**2 * control.var_x
+        )
+        rel_var = (v_t + _mean_variance(control_term, control.n)) / m_c**2
+    return _inference(
+        m_c, m_c + abs_lift, abs_lift, v_t + v_c, rel_var, welch_df(var_t, treatment.n, var_c, control.n), alpha
     )
 
 

@@ -41,6 +41,7 @@ def test_variant_metrics_columns_keep_their_order():
         "cuped_theta", "cuped_rel_lift", "cuped_ci_low", "cuped_ci_high", "cuped_p_value",
         "cuped_p_value_holm", "cuped_variance_reduction",
         "expected_share", "srm_p_value", "srm_flagged", "srm_verdict",
+        "cuped_abs_lift", "cuped_abs_lift_ci_low", "cuped_abs_lift_ci_high",
     )
 
 

@@ -178,25 +178,60 @@ def test_cuped_theta_zero_without_covariate_variance(ab):
     assert cuped_theta([]) == 0.0
 
 
-def test_compare_cuped_matches_welch_on_adjusted_subjects(ab_cuped):
-    (y_t, x_t), (y_c, x_c) = ab_cuped
-    x, y = np.r_[x_t, x_c], np.r_[y_t, y_c]
+def _pooled_theta(x, y):
     c = np.cov(x, y)
-    theta = c[0, 1] / c[0, 0]
-    adj_t = y_t - theta * (x_t - x.mean())
-    adj_c = y_c - theta * (x_c - x.mean())
+    return c[0, 1] / c[0, 0]
+
+
+def test_compare_cuped_absolute_lift_is_welch_on_adjusted_subjects(ab_cuped):
+    (y_t, x_t), (y_c, x_c) = ab_cuped
+    theta = _pooled_theta(np.r_[x_t, x_c], np.r_[y_t, y_c])
+    adj_t, adj_c = y_t - theta * x_t, y_c - theta * x_c
     ref = sps.ttest_ind(adj_t, adj_c, equal_var=False)
     ref_ci = ref.confidence_interval()
 
     res = compare_cuped(suff(y_t, x_t), suff(y_c, x_c))
-    assert res.treatment_mean == pytest.approx(adj_t.mean(), rel=1e-9)
-    assert res.control_mean == pytest.approx(adj_c.mean(), rel=1e-9)
-    assert res.abs_lift == pytest.approx(adj_t.mean() - adj_c.mean(), rel=1e-9)
-    assert res.abs_lift / res.abs_se == pytest.approx(ref.statistic, rel=1e-9)
-    assert res.df == pytest.approx(ref.df, rel=1e-9)
-    assert res.abs_ci_low == pytest.approx(ref_ci.low, rel=1e-9)
-    assert res.abs_ci_high == pytest.approx(ref_ci.high, rel=1e-9)
-    assert res.rel_lift == pytest.approx(adj_t.mean() / adj_c.mean() - 1, rel=1e-9)
+    assert res.abs_lift == pytest.approx(adj_t.mean() - adj_c.mean(), rel=1e-12)
+    assert res.abs_lift / res.abs_se == pytest.approx(ref.statistic, rel=1e-12)
+    assert res.df == pytest.approx(ref.df, rel=1e-12)
+    assert res.abs_ci_low == pytest.approx(ref_ci.low, rel=1e-12)
+    assert res.abs_ci_high == pytest.approx(ref_ci.high, rel=1e-12)
+
+
+def test_compare_cuped_relative_lift_on_growthbooks_convention(ab_cuped):
+    """Adjusted difference over the unadjusted control mean; delta-method variance from the
+    per-subject terms of each arm: (y_t - theta x_t) / m_c and (m_t / m_c^2) y_c - (theta / m_c) x_c."""
+    (y_t, x_t), (y_c, x_c) = ab_cuped
+    theta = _pooled_theta(np.r_[x_t, x_c], np.r_[y_t, y_c])
+    m_t, m_c = y_t.mean(), y_c.mean()
+    adj_t, adj_c = y_t - theta * x_t, y_c - theta * x_c
+    rel = (adj_t.mean() - adj_c.mean()) / m_c
+    var = np.var(adj_t / m_c, ddof=1) / len(y_t) + np.var(m_t / m_c**2 * y_c - theta / m_c * x_c, ddof=1) / len(y_c)
+    df = sps.ttest_ind(adj_t, adj_c, equal_var=False).df
+    q = sps.t.ppf(0.975, df)
+
+    res = compare_cuped(suff(y_t, x_t), suff(y_c, x_c))
+    assert res.rel_lift == pytest.approx(rel, rel=1e-12)
+    assert res.rel_se == pytest.approx(np.sqrt(var), rel=1e-12)
+    assert res.ci_low == pytest.approx(rel - q * np.sqrt(var), rel=1e-12)
+    assert res.ci_high == pytest.approx(rel + q * np.sqrt(var), rel=1e-12)
+    assert res.t_stat == pytest.approx(rel / np.sqrt(var), rel=1e-12)
+    assert res.p_value == pytest.approx(2 * sps.t.sf(abs(rel) / np.sqrt(var), df), rel=1e-12)
+    assert res.control_mean == pytest.approx(m_c, rel=1e-12)
+    assert res.treatment_mean == pytest.approx(m_c + adj_t.mean() - adj_c.mean(), rel=1e-12)
+
+
+def test_raw_and_cuped_relative_lifts_share_the_unadjusted_control_mean(ab_cuped):
+    (y_t, x_t), (y_c, x_c) = ab_cuped
+    t, c = suff(y_t, x_t), suff(y_c, x_c)
+    raw, adjusted = compare(t, c), compare_cuped(t, c)
+    assert adjusted.control_mean == raw.control_mean == c.mean
+    assert adjusted.rel_lift == pytest.approx(adjusted.abs_lift / raw.control_mean, rel=1e-15)
+    assert raw.rel_lift == pytest.approx(raw.abs_lift / raw.control_mean, rel=1e-15)
+    # Dividing by the adjusted control mean (the convention this replaced) gives another number.
+    pooled_mean_x = (x_t.sum() + x_c.sum()) / (len(x_t) + len(x_c))
+    adjusted_control = c.mean - cuped_theta([t, c]) * (c.mean_x - pooled_mean_x)
+    assert abs(adjusted.abs_lift / adjusted_control - adjusted.rel_lift) > 1e-4
 
 
 def test_compare_cuped_with_theta_zero_is_compare(ab_cuped):

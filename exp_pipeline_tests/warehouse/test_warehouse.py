@@ -164,6 +164,18 @@ def test_a_failed_partition_write_leaves_the_previous_rows(warehouse):
     assert rows == [("e1", 1), ("e1", 2), ("e2", 3)]
 
 
+def test_a_column_added_by_a_newer_version_is_added_and_older_partitions_read_it_as_null(warehouse):
+    """A release adding a column to a stored table (variant_metrics gained cuped_abs_lift) runs on
+    an existing warehouse: the column is appended, older partitions read null."""
+    with warehouse.session() as session:
+        session.replace_partition("t", "e1", pd.DataFrame({"experiment_id": ["e1"], "x": [1]}))
+        session.replace_partition("t", "e2", pd.DataFrame({"experiment_id": ["e2"], "x": [2], "y": [2.5]}))
+        frame = session.to_pandas(session.table("t")).sort_values("experiment_id")
+    assert sorted(frame.columns) == ["experiment_id", "x", "y"]  # Spark keeps its partition column last
+    assert frame["x"].tolist() == [1, 2]
+    assert frame["y"].isna().tolist() == [True, False] and frame["y"].iloc[1] == 2.5
+
+
 def test_an_empty_result_empties_only_its_partition(warehouse):
     with warehouse.session() as session:
         session.replace_partition("t", "e1", pd.DataFrame({"experiment_id": ["e1"], "x": [1]}))
