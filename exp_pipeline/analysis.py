@@ -549,7 +549,10 @@ def _analyse(
         )
         values = session.temp_table("_subject_values", values)
     with clock.stage("caps and sufficient statistics"):
-        capped = cap_subject_values(values, [m for e in analysed for m in registry.metrics_of(e)])
+        capped = cap_subject_values(
+            values, [m for e in analysed for m in registry.metrics_of(e)],
+            join.subjects.filter(join.subjects.experiment_id.isin(ids)), join.windows.filter(join.windows.experiment_id.isin(ids)),
+        )
         capped = session.temp_table("_capped_values", capped)
         subjects = pd.concat([
             counts[i].query("property == ''")[["variant_id", "n"]].assign(experiment_id=i) for i in ids

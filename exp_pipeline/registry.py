@@ -108,7 +108,14 @@ class Metric(_Strict):
     window_start_days: float = Field(default=0, ge=0)
     window_end_days: float = Field(default=14, gt=0)
     cap_percentile: float | None = Field(
-        default=None, gt=0, lt=1, description="winsorize per-subject values at this percentile"
+        default=None, gt=0, lt=1, description="winsorize per-subject values above this percentile"
+    )
+    cap_lower_percentile: float | None = Field(
+        default=None, gt=0, lt=1, description="and below this one (metrics that can be negative)"
+    )
+    cap_ignore_zeros: bool = Field(
+        default=True,
+        description="percentiles of the non-zero values only, zeros left as they are (false: of every subject)",
     )
     description: str = ""
 
@@ -117,6 +124,17 @@ class Metric(_Strict):
         if self.window_end_days <= self.window_start_days:
             raise ValueError("window_end_days must be greater than window_start_days")
         return self
+
+    @model_validator(mode="after")
+    def _caps_ordered(self) -> Metric:
+        low, high = self.cap_lower_percentile, self.cap_percentile
+        if low is not None and high is not None and low >= high:
+            raise ValueError(f"cap_lower_percentile ({low}) must be below cap_percentile ({high})")
+        return self
+
+    @property
+    def capped(self) -> bool:
+        return self.cap_percentile is not None or self.cap_lower_percentile is not None
 
 
 class Experiment(_Strict):

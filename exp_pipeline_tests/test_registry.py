@@ -27,6 +27,9 @@ def test_bundled_registry_loads():
     assert pricing.control.id == "control"
     assert pricing.weights == {"control": 0.5, "price_low": 0.25, "price_high": 0.25}
     assert registry.metrics["purchases"].cap_percentile == 0.99
+    # The documented default: percentiles of the non-zero values, no lower cap.
+    assert registry.metrics["purchases"].cap_ignore_zeros is True
+    assert registry.metrics["purchases"].cap_lower_percentile is None
     assert registry.experiment("aa_homepage").end_at is None
     assert registry.experiment("checkout_redesign").start_at.tzinfo is not None
 
@@ -68,6 +71,10 @@ def test_status_follows_the_dates():
          r"metric 'revenue', field 'aggregation'"),
         (lambda r: r["metrics"]["revenue"].update(window_end_days=0),
          r"metric 'revenue', field 'window_end_days'"),
+        (lambda r: r["metrics"]["purchases"].update(cap_lower_percentile=0.99),
+         r"metric 'purchases': cap_lower_percentile \(0.99\) must be below cap_percentile \(0.99\)"),
+        (lambda r: r["metrics"]["purchases"].update(cap_ignore_zeros="sometimes"),
+         r"metric 'purchases', field 'cap_ignore_zeros'"),
         (lambda r: r["sources"]["events"]["columns"].update(colour="x"),
          r"sources: events.columns maps unknown canonical names \['colour'\]"),
         (lambda r: r["sources"]["events"].update(path="../../etc/*.parquet"),

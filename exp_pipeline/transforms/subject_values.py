@@ -57,26 +57,63 @@ def subject_metric_values(subjects: ir.Table, bucket_sums: ir.Table, windows: ir
     return valued.select("experiment_id", "subject_id", "variant_id", "metric", "period", value=value)
 
 
-def cap_subject_values(values: ir.Table, metrics: Sequence[Metric]) -> ir.Table:
-    """Winsorize per-subject values at each capped metric's percentile of its non-zero values,
-    per experiment (and per period: the covariate has its own cap)."""
-    by_percentile: dict[float, list[str]] = {}
+def _periods(windows: ir.Table) -> ir.Table:
+    """(experiment, metric, period) of every value a subject can have: post, and pre where the
+    experiment has a pre-period (as `subject_metric_values` computes them)."""
+    post = windows.select("experiment_id", "metric", period=ibis.literal("post"))
+    pre = windows.filter(windows.pre_seconds > 0).select("experiment_id", "metric", period=ibis.literal("pre"))
+    return ibis.union(post, pre, distinct=False)
+
+
+def _zero_values(values: ir.Table, subjects: ir.Table, windows: ir.Table) -> ir.Table:
+    """The zero values of the subjects without a row, for the (experiment, metric)s of `windows`."""
+    grid = subjects.select("experiment_id", "subject_id", "variant_id").join(_periods(windows), "experiment_id")
+    missing = grid.anti_join(values, ["experiment_id", "subject_id", "metric", "period"])
+    return missing.select("experiment_id", "subject_id", "variant_id", "metric", "period", value=ibis.literal(0.0))
+
+
+def cap_subject_values(values: ir.Table, metrics: Sequence[Metric], subjects: ir.Table, windows: ir.Table) -> ir.Table:
+    """Winsorize per-subject values at each capped metric's percentiles, per experiment and period
+    (the covariate has its own caps).
+
+    `cap_ignore_zeros` (the default): the percentiles are of the non-zero values and zeros stay
+    zero (GrowthBook's "ignore zeros", Statsig's default): with few converters a percentile over
+    everyone is 0 and would cap every value to nothing. Otherwise they are of every analysable
+    subject (`subjects`, `numbered_subjects`), the subjects without a row counted as zeros, and
+    those zeros are capped like any value. `windows`: the `metric_windows_frame` table.
+    """
+    rules: dict[tuple, list[str]] = {}
     for metric in metrics:
-        if metric.cap_percentile is not None:
-            by_percentile.setdefault(metric.cap_percentile, []).append(metric.id)
-    if not by_percentile:
+        if metric.capped:
+            rule = (metric.cap_percentile, metric.cap_lower_percentile, metric.cap_ignore_zeros)
+            rules.setdefault(rule, []).append(metric.id)
+    if not rules:
         return values
     key = ["experiment_id", "metric", "period"]
+    zeros_of = sorted({m for (_, _, ignore), ids in rules.items() if not ignore for m in ids})
+    zeros = _zero_values(values, subjects, windows.filter(windows.metric.isin(zeros_of))) if zeros_of else None
     caps = []
-    for percentile, ids in sorted(by_percentile.items()):
-        # The percentile of the non-zero values (GrowthBook's "ignore zeros"): with few converters
-        # a percentile over everyone is 0 and would cap every value to nothing.
-        of_metrics = values.filter(values.metric.isin(ids) & (values.value != 0))
-        caps.append(of_metrics.group_by(*key).aggregate(cap=of_metrics.value.quantile(percentile)))
+    for (high, low, ignore_zeros), ids in sorted(rules.items(), key=str):
+        mine = values.filter(values.metric.isin(ids))
+        if ignore_zeros:
+            population = mine.filter(mine.value != 0)
+        else:
+            population = ibis.union(mine, zeros.filter(zeros.metric.isin(ids)), distinct=False)
+        caps.append(population.group_by(*key).aggregate(
+            cap_high=population.value.quantile(high) if high is not None else ibis.null("float64"),
+            cap_low=population.value.quantile(low) if low is not None else ibis.null("float64"),
+            ignore_zeros=ibis.literal(ignore_zeros),
+        ))
     caps = ibis.union(*caps, distinct=False) if len(caps) > 1 else caps[0]
-    joined = values.left_join(caps, key)
-    value = ibis.ifelse(joined.cap.notnull() & (joined.value > joined.cap), joined.cap, joined.value)
-    return joined.select("experiment_id", "subject_id", "variant_id", "metric", "period", value=value)
+    rows = values if zeros is None else ibis.union(values, zeros, distinct=False)
+    joined = rows.left_join(caps, key)
+    value = joined.value
+    capping = joined.ignore_zeros.notnull() & ~(joined.ignore_zeros & (value == 0))
+    value = ibis.ifelse(capping & joined.cap_high.notnull() & (value > joined.cap_high), joined.cap_high, value)
+    value = ibis.ifelse(capping & joined.cap_low.notnull() & (value < joined.cap_low), joined.cap_low, value)
+    capped = joined.select("experiment_id", "subject_id", "variant_id", "metric", "period", value=value)
+    # A zero row that stayed zero adds nothing: only the subjects with a value are kept, as before.
+    return capped if zeros is None else capped.filter(capped.value != 0)
 
 
 VALUE_KEY = ("experiment_id", "metric", "period")

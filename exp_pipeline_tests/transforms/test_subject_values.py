@@ -2,13 +2,27 @@
 
 import math
 
+import ibis
 import numpy as np
 import pandas as pd
 import pytest
 
 from exp_pipeline.transforms.subject_values import cap_subject_values
 from exp_pipeline.warehouse.duckdb_engine import DuckDBWarehouseSession
-from exp_pipeline_tests.tables import assignments_table, events_table, metric, values_of
+from exp_pipeline_tests.tables import assignments_table, events_table, metric, values_of, windows_table
+
+
+def capped_values(con, frame: pd.DataFrame, metrics, subjects: pd.DataFrame | None = None, pre_window_days: float = 0):
+    """cap_subject_values on a values frame; the analysable subjects default to those with a row."""
+    if subjects is None:
+        subjects = frame[["experiment_id", "subject_id", "variant_id"]].drop_duplicates()
+    windows = windows_table(con, metrics, pre_window_days)
+    experiments = frame["experiment_id"].unique().tolist()
+    # The helper's windows are of experiment `exp`: every experiment of the frame gets them.
+    windows = ibis.union(*[windows.mutate(experiment_id=ibis.literal(e)) for e in experiments], distinct=False)
+    values = con.create_table("capping_values", frame, overwrite=True)
+    subjects = con.create_table("capping_subjects", subjects, overwrite=True)
+    return con.to_pandas(cap_subject_values(values, metrics, subjects, windows))
 
 
 def test_per_subject_values_of_subjects_with_events_and_metric_windows(con):
@@ -58,11 +72,10 @@ def test_capping_winsorizes_at_the_percentile(con):
         "experiment_id": "exp", "subject_id": [f"s{i}" for i in range(101)],
         "variant_id": "control", "metric": "revenue", "period": "post", "value": np.arange(101, dtype=float),
     })
-    t = con.create_table("values", values)
-    capped = con.to_pandas(cap_subject_values(t, [metric(cap_percentile=0.9)]))
+    capped = capped_values(con, values, [metric(cap_percentile=0.9)])
     # The percentile is of the non-zero values (the zero of subject s0 does not pull it down).
     assert capped["value"].max() == pytest.approx(np.quantile(np.arange(1, 101), 0.9))
-    uncapped = con.to_pandas(cap_subject_values(t, [metric()]))
+    uncapped = capped_values(con, values, [metric()])
     assert uncapped["value"].max() == 100
 
 
@@ -74,7 +87,7 @@ def test_capping_a_sparse_metric_keeps_its_signal(con):
         "experiment_id": "exp", "subject_id": [f"s{i}" for i in range(1000)],
         "variant_id": "control", "metric": "revenue", "period": "post", "value": values,
     })
-    capped = con.to_pandas(cap_subject_values(con.create_table("v", frame), [metric(cap_percentile=0.99)]))
+    capped = capped_values(con, frame, [metric(cap_percentile=0.99)])
     kept = np.sort(capped["value"].to_numpy())[-8:]
     assert (kept > 0).all() and kept.max() < 40  # the outlier is capped, the buyers stay
 
@@ -86,10 +99,67 @@ def test_caps_are_per_experiment(con):
                       "metric": "revenue", "period": "post", "value": np.arange(101, dtype=float) * k})
         for e, k in (("small", 1.0), ("large", 100.0))
     ])
-    capped = con.to_pandas(cap_subject_values(con.create_table("two", frame), [metric(cap_percentile=0.9)]))
+    capped = capped_values(con, frame, [metric(cap_percentile=0.9)])
     top = capped.groupby("experiment_id")["value"].max()
     assert top["small"] == pytest.approx(np.quantile(np.arange(1, 101), 0.9))
     assert top["large"] == pytest.approx(100 * np.quantile(np.arange(1, 101), 0.9))
+
+
+def _frame(values, subject_ids=None, metric_id="revenue"):
+    subject_ids = subject_ids if subject_ids is not None else [f"s{i}" for i in range(len(values))]
+    return pd.DataFrame({
+        "experiment_id": "exp", "subject_id": subject_ids, "variant_id": "control",
+        "metric": metric_id, "period": "post", "value": np.asarray(values, dtype=float),
+    })
+
+
+def test_without_ignoring_zeros_the_percentile_is_of_every_subject_even_those_without_a_row(con):
+    # 100 subjects with a value, 900 analysable subjects without events (no row: value zero).
+    frame = _frame(np.arange(1, 101))
+    everyone = pd.DataFrame({"experiment_id": "exp", "subject_id": [f"s{i}" for i in range(1000)], "variant_id": "control"})
+    capped = capped_values(con, frame, [metric(cap_percentile=0.95, cap_ignore_zeros=False)], everyone)
+    full = np.r_[np.arange(1, 101), np.zeros(900)]
+    assert capped["value"].max() == pytest.approx(np.quantile(full, 0.95), rel=1e-12)  # 50.05, not 95.05
+    assert len(capped) == 100 and (capped["value"] > 0).all()  # zeros stay zero, and rowless
+    ignoring = capped_values(con, frame, [metric(cap_percentile=0.95)], everyone)
+    assert ignoring["value"].max() == pytest.approx(np.quantile(np.arange(1, 101), 0.95), rel=1e-12)
+
+
+def test_a_lower_cap_winsorizes_the_negative_tail(con):
+    refunds = np.r_[np.arange(-100, 0), np.arange(1, 101)].astype(float)
+    capped = capped_values(con, _frame(refunds), [metric(cap_percentile=0.9, cap_lower_percentile=0.05)])
+    expected = np.clip(refunds, np.quantile(refunds, 0.05), np.quantile(refunds, 0.9))
+    got = capped.sort_values("subject_id", key=lambda s: s.str[1:].astype(int))["value"].to_numpy()
+    np.testing.assert_allclose(got, expected, rtol=1e-12)
+    lower_only = capped_values(con, _frame(refunds), [metric(cap_lower_percentile=0.05)])
+    assert lower_only["value"].min() == pytest.approx(np.quantile(refunds, 0.05)) and lower_only["value"].max() == 100
+
+
+def test_ignored_zeros_are_left_alone_by_a_lower_cap_and_counted_zeros_are_capped(con):
+    values = np.r_[np.zeros(10), np.arange(1, 91)]
+    kept = capped_values(con, _frame(values), [metric(cap_lower_percentile=0.2)])
+    assert (kept["value"] == 0).sum() == 10  # ignored: zeros neither set the cap nor move
+    assert kept["value"][kept["value"] > 0].min() == pytest.approx(np.quantile(np.arange(1, 91), 0.2))
+    # Counted: the 0.2 percentile of all 100 subjects (10 of them without a row) is above zero,
+    # so every zero, with a row or without, is raised to it.
+    frame = _frame(np.arange(1, 91), [f"s{i}" for i in range(10, 100)])
+    everyone = pd.DataFrame({"experiment_id": "exp", "subject_id": [f"s{i}" for i in range(100)], "variant_id": "control"})
+    counted = capped_values(con, frame, [metric(cap_lower_percentile=0.2, cap_ignore_zeros=False)], everyone)
+    low = np.quantile(np.r_[np.zeros(10), np.arange(1, 91)], 0.2)
+    assert low > 0 and len(counted) == 100
+    assert sorted(counted["value"])[:10] == pytest.approx([low] * 10)
+
+
+def test_the_covariate_gets_its_own_caps_and_rowless_subjects_count_in_both_periods(con):
+    post = _frame(np.arange(1, 11))
+    pre = _frame(np.arange(1, 11) * 10.0).assign(period="pre")
+    everyone = pd.DataFrame({"experiment_id": "exp", "subject_id": [f"s{i}" for i in range(20)], "variant_id": "control"})
+    capped = capped_values(
+        con, pd.concat([post, pre]), [metric(cap_percentile=0.9, cap_ignore_zeros=False)], everyone, pre_window_days=14,
+    )
+    top = capped.groupby("period")["value"].max()
+    every = np.r_[np.arange(1, 11), np.zeros(10)]
+    assert top["post"] == pytest.approx(np.quantile(every, 0.9)) and top["pre"] == pytest.approx(10 * np.quantile(every, 0.9))
 
 
 def test_sufficient_statistics_match_numpy(con):
