@@ -633,6 +633,7 @@ def _write_results(
             top = outcome.causes[0]
             outcome.metadata[METRICS]["srm_likely_cause"] = f"{top.property} = {top.value} (p = {top.p_value_bonferroni:.2e})"
         outcome.record(METRICS, "matches_schema", schema_outcomes[e.id])
+        outcome.record(METRICS, "no_pre_period_bias", checks.pre_period_bias_outcome(frames[e.id], e))
 
 
 @dataclass(frozen=True)

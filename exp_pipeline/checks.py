@@ -10,6 +10,7 @@ defs/ records them. Blocking checks that fail with ERROR stop the later stages o
 from __future__ import annotations
 
 import datetime as dt
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -17,7 +18,7 @@ import ibis
 import ibis.expr.types as ir
 import pandas as pd
 
-from exp_pipeline import schemas, validation
+from exp_pipeline import results, schemas, stats, validation
 from exp_pipeline.registry import Experiment, Registry
 from exp_pipeline.stats import SrmCause, SrmResult
 from exp_pipeline.transforms.ingestion import RowAccounting
@@ -87,6 +88,9 @@ EXPERIMENT_CHECKS = [CheckDefinition(*c) for c in (
      "experiment's span of the log, or when more than sources.events.max_unmatched_share of those events "
      "fall in no analysable subject's window."),
     (METRICS, "matches_schema", False, "variant_metrics matches its Pandera schema."),
+    (METRICS, "no_pre_period_bias", False,
+     "Each metric's pre-period value (the CUPED covariate) compared between each treatment and the control "
+     "(Welch's test): WARN below pre_period_bias.p_threshold (default 0.001). CUPED corrects such an imbalance."),
 )]
 BLOCKING = {(c.asset, c.check): c.blocking for c in EXPERIMENT_CHECKS}
 
@@ -239,6 +243,51 @@ def sample_ratio_outcome(
     return CheckOutcome(
         passed=not srm.flagged, severity=severity, description=description, metadata=metadata
     )
+
+
+def pre_period_bias_outcome(metrics: pd.DataFrame, experiment: Experiment) -> CheckOutcome:
+    """Each metric's pre-period value (the CUPED covariate) compared between every treatment and the
+    control with Welch's test, from the experiment's `variant_metrics` rows; WARN when any p-value is
+    below `pre_period_bias.p_threshold`."""
+    threshold = experiment.pre_period_bias.p_threshold
+    if experiment.cuped_pre_window_days <= 0:
+        return CheckOutcome(True, WARN, "not judged: the experiment has no pre-period (cuped_pre_window_days: 0)",
+                            {"threshold": threshold, "tests": []})
+    by_key = {(r["variant_id"], r["metric"]): results.sufficient_stats_of(r) for _, r in metrics.iterrows()}
+    control = experiment.control.id
+    tests = []
+    for metric in dict.fromkeys(metrics["metric"]):
+        for variant in experiment.variants:
+            if variant.control or (variant.id, metric) not in by_key or (control, metric) not in by_key:
+                continue
+            t, c = (stats.covariate_stats(by_key[(v, metric)]) for v in (variant.id, control))
+            test = stats.welch_test(t, c)
+            tests.append({
+                "metric": metric, "variant_id": variant.id, "treatment_pre_mean": _finite(t.mean),
+                "control_pre_mean": _finite(c.mean), "difference": _finite(test.difference), "p_value": _finite(test.p_value),
+            })
+    judged = [t for t in tests if t["p_value"] is not None]
+    metadata = {"threshold": threshold, "tests": tests}
+    if not judged:
+        return CheckOutcome(True, WARN, "not judged: no metric has pre-period values that vary", metadata)
+    worst = min(judged, key=lambda t: t["p_value"])
+    metadata["smallest_p_value"] = worst["p_value"]
+    where = f"{worst['metric']}, {worst['variant_id']} vs {control}"
+    if worst["p_value"] >= threshold:
+        return CheckOutcome(True, WARN, f"no pre-period imbalance: smallest {_p(worst['p_value'])} ({where}; "
+                            f"WARN below {threshold:g})", metadata)
+    flagged = sum(t["p_value"] < threshold for t in judged)
+    return CheckOutcome(False, WARN, (
+        f"pre-period imbalance in {flagged} of {len(judged)} comparisons: {where}: pre-period means "
+        f"{worst['treatment_pre_mean']:.4g} vs {worst['control_pre_mean']:.4g} ({_p(worst['p_value'])}, WARN below "
+        f"{threshold:g}). Randomization makes this rare: check how subjects were assigned and exposures "
+        "logged. CUPED adjusts for the pre-period difference: read cuped_rel_lift rather than rel_lift."
+    ), metadata)
+
+
+def _finite(value: float) -> float | None:
+    # Metadata is JSON: an undefined statistic is null, not NaN.
+    return float(value) if math.isfinite(value) else None
 
 
 def rejected_share(rows: RowAccounting, bound: float, what: str) -> CheckOutcome:

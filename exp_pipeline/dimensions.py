@@ -29,6 +29,7 @@ def dim_experiments_frame(registry: Registry, now: dt.datetime) -> pd.DataFrame:
                 "cuped_pre_window_days": float(e.cuped_pre_window_days),
                 "multi_variant_warn_share": e.multi_variant.warn_share,
                 "multi_variant_error_share": e.multi_variant.error_share,
+                "pre_period_bias_p_threshold": e.pre_period_bias.p_threshold,
             }
             for e in registry.experiments
         ]

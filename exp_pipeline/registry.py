@@ -88,6 +88,12 @@ class SrmSettings(_Strict):
     )
 
 
+class PrePeriodBiasSettings(_Strict):
+    """The pre-experiment bias check: each metric's pre-period mean compared across arms."""
+
+    p_threshold: float = Field(default=0.001, gt=0, lt=1, description="WARN below this Welch p-value")
+
+
 class MultiVariantSettings(_Strict):
     """Bounds on the share of subjects excluded for being exposed to several variants."""
 
@@ -147,6 +153,7 @@ class Experiment(_Strict):
     metrics: list[SafeId] = Field(min_length=1)
     srm: SrmSettings = SrmSettings()
     multi_variant: MultiVariantSettings = MultiVariantSettings()
+    pre_period_bias: PrePeriodBiasSettings = PrePeriodBiasSettings()
     cuped_pre_window_days: float = Field(default=14, ge=0, description="0 turns CUPED off")
     alpha: float = Field(default=0.05, gt=0, lt=1, description="1 - confidence level")
 

@@ -17,7 +17,8 @@ from exp_pipeline.schemas import VARIANT_METRICS_COLUMNS, variant_metrics_schema
 SUFFICIENT_COLUMNS = ("n", "sum_y", "sum_y2", "sum_x", "sum_x2", "sum_xy")
 
 
-def _stats_of(row: pd.Series) -> stats.SufficientStats:
+def sufficient_stats_of(row: pd.Series) -> stats.SufficientStats:
+    """A (variant, metric) row's sums as SufficientStats."""
     return stats.SufficientStats(
         n=int(row["n"]), **{c: float(row[c]) for c in SUFFICIENT_COLUMNS if c != "n"}
     )
@@ -38,7 +39,7 @@ def variant_metric_rows(
     Variants or metrics without any subject still get a row (n = 0, statistics NaN), so an empty
     arm is visible rather than missing.
     """
-    by_key = {(row["variant_id"], row["metric"]): _stats_of(row) for _, row in sufficient.iterrows()}
+    by_key = {(row["variant_id"], row["metric"]): sufficient_stats_of(row) for _, row in sufficient.iterrows()}
     control_id = experiment.control.id
     rows = []
     for metric in metrics:

@@ -262,6 +262,7 @@ def dim_experiments_schema(experiment: Experiment | None = None) -> pa.DataFrame
             "cuped_pre_window_days": _column(FLOAT64, "CUPED covariate period before assignment (0: off)"),
             "multi_variant_warn_share": _column(FLOAT64, "multi-variant share that warns"),
             "multi_variant_error_share": _column(FLOAT64, "multi-variant share that errors"),
+            "pre_period_bias_p_threshold": _column(FLOAT64, "the pre-experiment bias check warns below this p-value"),
         },
         unique=["experiment_id"],
         strict=True,

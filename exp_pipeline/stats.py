@@ -166,6 +166,34 @@ def compare(
     )
 
 
+@dataclass(frozen=True)
+class WelchTest:
+    """Welch's t test of a difference in means."""
+
+    difference: float
+    t_stat: float
+    df: float
+    p_value: float
+
+
+def welch_test(treatment: SufficientStats, control: SufficientStats) -> WelchTest:
+    """Two-sided Welch test of mean_t - mean_c; NaN fields when undefined (too few subjects, no
+    variance in either arm)."""
+    v_t = _mean_variance(treatment.variance, treatment.n)
+    v_c = _mean_variance(control.variance, control.n)
+    difference = treatment.mean - control.mean
+    df = welch_df(treatment.variance, treatment.n, control.variance, control.n)
+    if not (v_t + v_c > 0 and df == df):
+        return WelchTest(float(difference), _NAN, _NAN, _NAN)
+    t_stat = difference / math.sqrt(v_t + v_c)
+    return WelchTest(float(difference), float(t_stat), float(df), float(2 * sps.t.sf(abs(t_stat), df)))
+
+
+def covariate_stats(s: SufficientStats) -> SufficientStats:
+    """The pre-period covariate x of a variant as the sample to test."""
+    return SufficientStats(n=s.n, sum_y=s.sum_x, sum_y2=s.sum_x2)
+
+
 def _pooled(stats: Sequence[SufficientStats]) -> SufficientStats:
     """All given variants summed into one sample."""
     return SufficientStats(

@@ -3,9 +3,11 @@ values (defs/test_checks.py runs them as Dagster asset checks on materialized ex
 
 import duckdb
 import ibis
+import numpy as np
 import pandas as pd
 import pytest
 import yaml
+from scipy import stats as sps
 
 from exp_pipeline import checks, results, schemas
 from exp_pipeline.registry import parse_registry
@@ -179,3 +181,57 @@ def test_metric_event_counts_equal_a_filter_per_experiment_and_time(session, reg
             expected = {"purchase": [len(before), int(before.checksum.sum())]} if len(before) else {}
             assert counted.before(experiment_id, until) == expected
     assert counted.before("exp_a", pd.Timestamp("2026-10-16T00:00Z").to_pydatetime()) is None
+
+
+def variant_rows(arms: dict[str, tuple]) -> pd.DataFrame:
+    """variant_metrics rows of metric revenue from per-subject (y, x) arrays per variant."""
+    return pd.DataFrame([
+        {"variant_id": v, "metric": "revenue", "n": len(y), "sum_y": y.sum(), "sum_y2": y @ y,
+         "sum_x": x.sum(), "sum_x2": x @ x, "sum_xy": x @ y}
+        for v, (y, x) in arms.items()
+    ])
+
+
+def pre_period_arms(shift: float, seed: int = 5) -> dict[str, tuple]:
+    rng = np.random.default_rng(seed)
+    x_c, x_t = rng.gamma(2.0, 5.0, 4000), rng.gamma(2.0, 5.0, 4000) + shift
+    return {"control": (0.8 * x_c + rng.gamma(2, 3, 4000), x_c), "treatment": (0.8 * x_t + rng.gamma(2, 3, 4000), x_t)}
+
+
+def test_pre_period_bias_passes_when_randomized_and_warns_on_an_imbalance(registry):
+    experiment = registry.experiment("exp_a")
+    balanced = checks.pre_period_bias_outcome(variant_rows(pre_period_arms(0.0)), experiment)
+    assert balanced.passed and balanced.severity == checks.WARN
+    assert balanced.description.startswith("no pre-period imbalance: smallest p = ")
+
+    arms = pre_period_arms(1.0)  # treatment subjects spent more before they were assigned
+    outcome = checks.pre_period_bias_outcome(variant_rows(arms), experiment)
+    (_, x_t), (_, x_c) = arms["treatment"], arms["control"]
+    p_value = sps.ttest_ind(x_t, x_c, equal_var=False).pvalue
+    assert p_value < 1e-6
+    assert not outcome.passed and outcome.severity == checks.WARN
+    assert outcome.metadata["smallest_p_value"] == pytest.approx(p_value, rel=1e-9)
+    [test] = outcome.metadata["tests"]
+    assert test["metric"] == "revenue" and test["variant_id"] == "treatment"
+    assert test["difference"] == pytest.approx(x_t.mean() - x_c.mean(), rel=1e-12)
+    assert "pre-period imbalance in 1 of 1 comparisons: revenue, treatment vs control" in outcome.description
+    assert "CUPED adjusts for the pre-period difference: read cuped_rel_lift" in outcome.description
+
+
+def test_the_pre_period_bias_threshold_is_the_experiments(registry, tmp_path):
+    raw = yaml.safe_load(TINY_REGISTRY.replace("BLOCKS", "false"))
+    rows = variant_rows(pre_period_arms(0.0))
+    p_value = checks.pre_period_bias_outcome(rows, registry.experiment("exp_a")).metadata["smallest_p_value"]
+    raw["experiments"][0]["pre_period_bias"] = {"p_threshold": min(0.99, p_value * 1.5)}
+    strict = parse_registry(raw, tmp_path / "registry.yaml").experiment("exp_a")
+    outcome = checks.pre_period_bias_outcome(rows, strict)
+    assert not outcome.passed and outcome.metadata["threshold"] == min(0.99, p_value * 1.5)
+
+
+def test_pre_period_bias_is_not_judged_without_a_pre_period_or_its_variance(registry):
+    no_pre = registry.experiment("exp_a").model_copy(update={"cuped_pre_window_days": 0})
+    outcome = checks.pre_period_bias_outcome(variant_rows(pre_period_arms(1.0)), no_pre)
+    assert outcome.passed and outcome.description.startswith("not judged: the experiment has no pre-period")
+    flat = {v: (y, np.zeros_like(x)) for v, (y, x) in pre_period_arms(0.0).items()}
+    outcome = checks.pre_period_bias_outcome(variant_rows(flat), registry.experiment("exp_a"))
+    assert outcome.passed and outcome.metadata["tests"][0]["p_value"] is None

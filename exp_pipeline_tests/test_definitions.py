@@ -17,6 +17,7 @@ CHECKS = {
     "post_assignment_events.metric_events_match_subjects",
     "raw_assignments.rows_read_not_dropped", "post_assignment_events.rows_read_not_dropped",
     "pre_assignment_events.matches_schema", "variant_metrics.matches_schema",
+    "variant_metrics.no_pre_period_bias",
     "source_audit.rejected_share_within_bound",
 }
 

@@ -21,6 +21,7 @@ from exp_pipeline.stats import (
     srm_by_property,
     srm_test,
     welch_df,
+    welch_test,
 )
 
 # Every function must stay silent on degenerate input, so any warning fails.
@@ -258,6 +259,21 @@ def test_cuped_lift_close_to_ancova_ols(ab_cuped):
     # Pooled-total and within-group slopes differ only by chance under
     # randomisation, so the estimates agree to a small fraction of the SE.
     assert res.abs_lift == pytest.approx(ols_lift, abs=0.02 * res.abs_se)
+
+
+def test_welch_test_matches_scipy(ab):
+    ref = sps.ttest_ind(ab[0], ab[1], equal_var=False)
+    res = welch_test(suff(ab[0]), suff(ab[1]))
+    assert res.difference == pytest.approx(ab[0].mean() - ab[1].mean(), rel=1e-12)
+    assert res.t_stat == pytest.approx(ref.statistic, rel=1e-12)
+    assert res.df == pytest.approx(ref.df, rel=1e-12)
+    assert res.p_value == pytest.approx(ref.pvalue, rel=1e-12)
+
+
+def test_welch_test_is_undefined_without_variance_or_subjects():
+    flat = SufficientStats(n=5, sum_y=10.0, sum_y2=20.0)
+    assert math.isnan(welch_test(flat, flat).p_value)
+    assert math.isnan(welch_test(SufficientStats(n=1, sum_y=1.0, sum_y2=1.0), flat).p_value)
 
 
 # --- degenerate inputs -----------------------------------------------------
