@@ -35,9 +35,11 @@ from exp_pipeline.transforms.assignments import (
     assignment_counts,
     exposure_row_counts,
     first_exposures,
+    subject_segments,
 )
 from exp_pipeline.transforms.fixed_point import read_bounds, value_bounds
 from exp_pipeline.transforms.subject_values import (
+    SEGMENT_KEY,
     VALUE_KEY,
     cap_subject_values,
     complete_statistics,
@@ -50,6 +52,8 @@ from exp_pipeline.vocabulary import MULTIPLE_VARIANTS
 from exp_pipeline.warehouse.interface import WarehouseSession
 
 ANALYSIS_STATE = "analysis_state"
+# Written with variant_metrics, in the same transaction.
+SEGMENT_METRICS, SEGMENT_HETEROGENEITY = "segment_metrics", "segment_heterogeneity"
 METRIC_WINDOWS = "metric_windows"
 # The assets of the pass, in the order their stages run.
 PASS_ASSETS = (RAW, DEDUPED, POST, PRE, METRICS)
@@ -554,18 +558,23 @@ def _analyse(
             join.subjects.filter(join.subjects.experiment_id.isin(ids)), join.windows.filter(join.windows.experiment_id.isin(ids)),
         )
         capped = session.temp_table("_capped_values", capped)
-        subjects = pd.concat([
-            counts[i].query("property == ''")[["variant_id", "n"]].assign(experiment_id=i) for i in ids
-        ], ignore_index=True)
-        per_experiment = subjects.groupby("experiment_id")["n"].sum().astype(int).to_dict()
+        segment_counts = pd.concat([counts[i].assign(experiment_id=i) for i in ids], ignore_index=True)
+        per_experiment = segment_counts.query("property == ''").groupby("experiment_id")["n"].sum().astype(int).to_dict()
         bounds = subject_bounds(read_bounds(session.to_pandas(value_bounds(capped, VALUE_KEY)), VALUE_KEY), per_experiment)
-        # Only this small table leaves the engine.
-        sums = session.to_pandas(sufficient_statistics(capped, bounds))
-        sufficient = complete_statistics(sums, subjects, {e.id: [m.id for m in registry.metrics_of(e)] for e in analysed})
+        analysable = ibis.union(*(analysable_assignments(session.partition(DEDUPED, i)) for i in ids), distinct=False)
+        segments = session.temp_table("_subject_segments", subject_segments(analysable, registry.sources.assignments.properties))
+        # Only this small table leaves the engine: every variant's and every segment's sums at once.
+        sums = session.to_pandas(sufficient_statistics(capped, bounds, segments))
+        full = complete_statistics(
+            sums, segment_counts, {e.id: [m.id for m in registry.metrics_of(e)] for e in analysed}, by=SEGMENT_KEY,
+        )
+        overall = full["property"] == ""
+        sufficient = full[overall].drop(columns=list(SEGMENT_KEY))
+        by_segment = full[~overall]
     with clock.stage("settled rows"):
         states = _settle(session, analysed, join, run, settled_pass)
     with clock.stage("inference and writes"):
-        _write_results(session, registry, analysed, sufficient, counts, rows_read, now, states, outcomes)
+        _write_results(session, registry, analysed, sufficient, by_segment, counts, rows_read, now, states, outcomes)
         # After the commit: the rows no state names any more (recomputed, or left by a failed run).
         refresh.prune_uncommitted(session, states)
 
@@ -600,8 +609,8 @@ def _settle(
 
 def _write_results(
     session: WarehouseSession, registry: Registry, analysed: Sequence[Experiment], sufficient: pd.DataFrame,
-    counts: dict[str, pd.DataFrame], rows_read: int, now: dt.datetime, states: Sequence[refresh.RefreshState],
-    outcomes: dict[str, ExperimentResult],
+    by_segment: pd.DataFrame, counts: dict[str, pd.DataFrame], rows_read: int, now: dt.datetime,
+    states: Sequence[refresh.RefreshState], outcomes: dict[str, ExperimentResult],
 ) -> None:
     """Inference per experiment (pure Python on the sufficient statistics) and one write of every
     experiment's partitions, with its refresh state (the commit of the rows it settled)."""
@@ -615,8 +624,14 @@ def _write_results(
     state["analysed_at"] = pd.to_datetime(state["analysed_at"], utc=True)
     ids = [e.id for e in analysed]
     metrics = pd.concat(list(frames.values()), ignore_index=True)
+    segment_frames = {e.id: by_segment[by_segment.experiment_id == e.id] for e in analysed}
+    segment_rows = {e.id: results.segment_metric_rows(segment_frames[e.id], e, registry.metrics_of(e)) for e in analysed}
+    heterogeneity = {e.id: results.heterogeneity_rows(segment_frames[e.id], e, registry.metrics_of(e)) for e in analysed}
     written = session.replace_experiments(ids, {
-        METRICS: ibis.memtable(metrics), ANALYSIS_STATE: ibis.memtable(state),
+        METRICS: ibis.memtable(metrics),
+        SEGMENT_METRICS: _rows_table(list(segment_rows.values()), schemas.segment_metrics_schema(None)),
+        SEGMENT_HETEROGENEITY: _rows_table(list(heterogeneity.values()), schemas.segment_heterogeneity_schema(None)),
+        ANALYSIS_STATE: ibis.memtable(state),
         refresh.REFRESH_STATE: ibis.memtable(refresh.state_frame(states)),
     })[METRICS]
     schema_outcomes = checks.schema_outcomes(session, METRICS, analysed, registry)
@@ -634,6 +649,11 @@ def _write_results(
             outcome.metadata[METRICS]["srm_likely_cause"] = f"{top.property} = {top.value} (p = {top.p_value_bonferroni:.2e})"
         outcome.record(METRICS, "matches_schema", schema_outcomes[e.id])
         outcome.record(METRICS, "no_pre_period_bias", checks.pre_period_bias_outcome(frames[e.id], e))
+
+
+def _rows_table(frames: list[pd.DataFrame], schema) -> ir.Table:
+    """Frames of one table as an engine table with the table's types (none may have rows)."""
+    return ibis.memtable(pd.concat(frames, ignore_index=True), schema=schemas.ibis_schema(schema))
 
 
 @dataclass(frozen=True)

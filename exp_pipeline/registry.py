@@ -94,6 +94,12 @@ class PrePeriodBiasSettings(_Strict):
     p_threshold: float = Field(default=0.001, gt=0, lt=1, description="WARN below this Welch p-value")
 
 
+class SegmentSettings(_Strict):
+    """Results per assignment property value (segment_metrics, segment_heterogeneity)."""
+
+    min_subjects: int = Field(default=100, ge=2, description="segments with an arm below this get no lifts")
+
+
 class MultiVariantSettings(_Strict):
     """Bounds on the share of subjects excluded for being exposed to several variants."""
 
@@ -154,6 +160,7 @@ class Experiment(_Strict):
     srm: SrmSettings = SrmSettings()
     multi_variant: MultiVariantSettings = MultiVariantSettings()
     pre_period_bias: PrePeriodBiasSettings = PrePeriodBiasSettings()
+    segments: SegmentSettings = SegmentSettings()
     cuped_pre_window_days: float = Field(default=14, ge=0, description="0 turns CUPED off")
     alpha: float = Field(default=0.05, gt=0, lt=1, description="1 - confidence level")
 

@@ -7,12 +7,19 @@ stats.py; this module only decides which comparisons to make and lays the rows o
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import pandas as pd
+import pandera.ibis as pa
 
 from exp_pipeline import stats
 from exp_pipeline.registry import Experiment, Metric
-from exp_pipeline.schemas import VARIANT_METRICS_COLUMNS, variant_metrics_schema
+from exp_pipeline.schemas import (
+    VARIANT_METRICS_COLUMNS,
+    segment_heterogeneity_schema,
+    segment_metrics_schema,
+    variant_metrics_schema,
+)
 
 SUFFICIENT_COLUMNS = ("n", "sum_y", "sum_y2", "sum_x", "sum_x2", "sum_xy")
 
@@ -26,6 +33,23 @@ def sufficient_stats_of(row: pd.Series) -> stats.SufficientStats:
 
 def _empty_stats() -> stats.SufficientStats:
     return stats.SufficientStats(n=0, sum_y=0.0, sum_y2=0.0)
+
+
+def _group_columns(s: stats.SufficientStats) -> dict:
+    """A group's sums, mean and standard deviation."""
+    return {
+        "n": s.n, "sum_y": s.sum_y, "sum_y2": s.sum_y2, "sum_x": s.sum_x, "sum_x2": s.sum_x2, "sum_xy": s.sum_xy,
+        "mean": s.mean,
+        "std": math.sqrt(s.variance) if s.variance == s.variance else math.nan,
+    }
+
+
+def _raw_columns(raw: stats.LiftResult) -> dict:
+    """The raw comparison with the control."""
+    return {
+        "abs_lift": raw.abs_lift, "abs_lift_ci_low": raw.abs_ci_low, "abs_lift_ci_high": raw.abs_ci_high,
+        "rel_lift": raw.rel_lift, "ci_low": raw.ci_low, "ci_high": raw.ci_high, "df": raw.df, "p_value": raw.p_value,
+    }
 
 
 def variant_metric_rows(
@@ -52,10 +76,7 @@ def variant_metric_rows(
                 "metric": metric.id,
                 "is_control": variant.control,
                 "aggregation": metric.aggregation,
-                "n": s.n, "sum_y": s.sum_y, "sum_y2": s.sum_y2,
-                "sum_x": s.sum_x, "sum_x2": s.sum_x2, "sum_xy": s.sum_xy,
-                "mean": s.mean,
-                "std": math.sqrt(s.variance) if s.variance == s.variance else math.nan,
+                **_group_columns(s),
                 "expected_share": variant.weight,
                 "srm_p_value": srm.p_value,
                 "srm_flagged": srm.flagged,
@@ -65,12 +86,7 @@ def variant_metric_rows(
                 rows.append(row)
                 continue
             raw = stats.compare(s, control, alpha=experiment.alpha)
-            row.update(
-                abs_lift=raw.abs_lift, abs_lift_ci_low=raw.abs_ci_low,
-                abs_lift_ci_high=raw.abs_ci_high,
-                rel_lift=raw.rel_lift, ci_low=raw.ci_low, ci_high=raw.ci_high,
-                df=raw.df, p_value=raw.p_value,
-            )
+            row.update(_raw_columns(raw))
             if experiment.cuped_pre_window_days > 0:
                 theta = stats.cuped_theta([s, control])
                 adjusted = stats.compare_cuped(s, control, alpha=experiment.alpha, theta=theta)
@@ -95,11 +111,90 @@ def variant_metric_rows(
     return frame.astype(_FRAME_TYPES)
 
 
-# The pandas type of each column, from the table's schema.
-_FRAME_TYPES = {
-    name: {"float64": "float64", "int64": "int64", "boolean": bool, "string": object}[str(column.dtype)]
-    for name, column in variant_metrics_schema(None).columns.items()
-}
+def _frame_types(schema: pa.DataFrameSchema) -> dict[str, object]:
+    """The pandas type of each column, from the table's schema."""
+    return {
+        name: {"float64": "float64", "int64": "int64", "boolean": bool, "string": object}[str(column.dtype)]
+        for name, column in schema.columns.items()
+    }
+
+
+_FRAME_TYPES = _frame_types(variant_metrics_schema(None))
+
+
+@dataclass(frozen=True)
+class _Segment:
+    """One segment's arms for one metric, and each treatment's raw comparison (none when too small)."""
+
+    prop: str
+    value: str
+    metric: str
+    arms: dict[str, stats.SufficientStats]
+    too_small: bool
+    lifts: dict[str, stats.LiftResult]
+
+
+def _segments(segments: pd.DataFrame, experiment: Experiment, metrics: list[Metric]) -> list[_Segment]:
+    """The segments of `segments` (`complete_statistics` by SEGMENT_KEY). A segment with an arm
+    below `segments.min_subjects` is too small: no comparison is made."""
+    by_key = {
+        (r["property"], r["value"], r["variant_id"], r["metric"]): sufficient_stats_of(r) for _, r in segments.iterrows()
+    }
+    control_id, least = experiment.control.id, experiment.segments.min_subjects
+    found = []
+    for prop, value in dict.fromkeys(zip(segments["property"], segments["value"], strict=True)):
+        for metric in metrics:
+            arms = {v.id: by_key.get((prop, value, v.id, metric.id), _empty_stats()) for v in experiment.variants}
+            too_small = min(s.n for s in arms.values()) < least
+            lifts = {} if too_small else {
+                v.id: stats.compare(arms[v.id], arms[control_id], alpha=experiment.alpha)
+                for v in experiment.variants if not v.control
+            }
+            found.append(_Segment(prop, value, metric.id, arms, too_small, lifts))
+    return found
+
+
+def segment_metric_rows(segments: pd.DataFrame, experiment: Experiment, metrics: list[Metric]) -> pd.DataFrame:
+    """variant_metric_rows' sums and raw comparison per segment: one row per (property, value,
+    variant, metric); a too-small segment's rows keep the sums, without lifts."""
+    rows = []
+    for seg in _segments(segments, experiment, metrics):
+        for variant in experiment.variants:
+            row = {
+                "experiment_id": experiment.id, "property": seg.prop, "value": seg.value, "variant_id": variant.id,
+                "metric": seg.metric, "is_control": variant.control, **_group_columns(seg.arms[variant.id]),
+                "too_small": seg.too_small,
+            }
+            if variant.id in seg.lifts:
+                row.update(_raw_columns(seg.lifts[variant.id]))
+            rows.append(row)
+    schema = segment_metrics_schema(None)
+    return pd.DataFrame(rows).reindex(columns=list(schema.columns)).astype(_frame_types(schema))
+
+
+def heterogeneity_rows(segments: pd.DataFrame, experiment: Experiment, metrics: list[Metric]) -> pd.DataFrame:
+    """Per (property, treatment, metric): Cochran's Q on the relative lifts of the property's
+    segments that are not too small, Holm across the experiment's tests, `differs` below its alpha."""
+    groups: dict[tuple[str, str, str], list[_Segment]] = {}
+    for seg in _segments(segments, experiment, metrics):
+        for variant in experiment.variants:
+            if not variant.control:
+                groups.setdefault((seg.prop, variant.id, seg.metric), []).append(seg)
+    rows = []
+    for (prop, variant, metric), segs in groups.items():
+        judged = [seg.lifts[variant] for seg in segs if not seg.too_small]
+        het = stats.cochran_q([r.rel_lift for r in judged], [r.rel_se for r in judged])
+        rows.append({
+            "experiment_id": experiment.id, "property": prop, "variant_id": variant, "metric": metric,
+            "segments": het.k, "segments_too_small": sum(seg.too_small for seg in segs), "pooled_rel_lift": het.pooled,
+            "q": het.q, "df": het.df, "p_value": het.p_value, "i_squared": het.i_squared,
+        })
+    schema = segment_heterogeneity_schema(None)
+    frame = pd.DataFrame(rows).reindex(columns=list(schema.columns))
+    if len(frame):
+        frame["p_value_holm"] = stats.holm(frame["p_value"].astype(float).tolist())
+        frame["differs"] = frame["p_value_holm"] < experiment.alpha  # False for NaN: not judged
+    return frame.astype(_frame_types(schema))
 
 
 def srm_of(counts: pd.DataFrame, experiment: Experiment) -> tuple[stats.SrmResult, list[stats.SrmCause]]:

@@ -162,6 +162,29 @@ def _float(description: str) -> pa.Column:
     return _column(FLOAT64, description, nullable=True)
 
 
+def _comparison_columns() -> dict[str, pa.Column]:
+    """The sufficient statistics of a group of subjects and the raw comparison with the control:
+    the same columns in variant_metrics and segment_metrics."""
+    return {
+        "n": _column(INT64, "analysable subjects", pa.Check.ge(0)),
+        "sum_y": _float("sum of the per-subject metric values (capped)"),
+        "sum_y2": _float("sum of their squares"),
+        "sum_x": _float("sum of the pre-period covariate (CUPED)"),
+        "sum_x2": _float("sum of its squares"),
+        "sum_xy": _float("sum of covariate x metric value"),
+        "mean": _float("per-subject mean"),
+        "std": _float("per-subject standard deviation"),
+        "abs_lift": _float("difference in means, treatment - control"),
+        "abs_lift_ci_low": _float("its Welch confidence interval, low end"),
+        "abs_lift_ci_high": _float("its Welch confidence interval, high end"),
+        "rel_lift": _float("relative lift mean_t / mean_c - 1"),
+        "ci_low": _float("its confidence interval (delta method, Welch df), low end"),
+        "ci_high": _float("its confidence interval, high end"),
+        "df": _float("Welch-Satterthwaite degrees of freedom"),
+        "p_value": _probability("two-sided p-value of the relative lift"),
+    }
+
+
 def variant_metrics_schema(experiment: Experiment | None, metric_ids: Sequence[str] | None = None) -> pa.DataFrameSchema:
     """One row per (experiment, variant, metric); lifts and p-values are null on the control row."""
     return pa.DataFrameSchema(
@@ -176,22 +199,7 @@ def variant_metrics_schema(experiment: Experiment | None, metric_ids: Sequence[s
             "aggregation": _column(
                 STRING, "how the metric aggregates events: sum, count or conversion", pa.Check.isin(list(AGGREGATIONS))
             ),
-            "n": _column(INT64, "analysable subjects", pa.Check.ge(0)),
-            "sum_y": _float("sum of the per-subject metric values (capped)"),
-            "sum_y2": _float("sum of their squares"),
-            "sum_x": _float("sum of the pre-period covariate (CUPED)"),
-            "sum_x2": _float("sum of its squares"),
-            "sum_xy": _float("sum of covariate x metric value"),
-            "mean": _float("per-subject mean"),
-            "std": _float("per-subject standard deviation"),
-            "abs_lift": _float("difference in means, treatment - control"),
-            "abs_lift_ci_low": _float("its Welch confidence interval, low end"),
-            "abs_lift_ci_high": _float("its Welch confidence interval, high end"),
-            "rel_lift": _float("relative lift mean_t / mean_c - 1"),
-            "ci_low": _float("its confidence interval (delta method, Welch df), low end"),
-            "ci_high": _float("its confidence interval, high end"),
-            "df": _float("Welch-Satterthwaite degrees of freedom"),
-            "p_value": _probability("two-sided p-value of the relative lift"),
+            **_comparison_columns(),
             "p_value_holm": _probability("Holm-adjusted across the experiment's treatments x metrics"),
             "cuped_theta": _float("CUPED theta, pooled over the treatment and the control"),
             "cuped_rel_lift": _float("CUPED-adjusted difference / the unadjusted control mean (GrowthBook's convention)"),
@@ -215,6 +223,61 @@ def variant_metrics_schema(experiment: Experiment | None, metric_ids: Sequence[s
         unique=["experiment_id", "variant_id", "metric"],
         strict=True,
         name="variant_metrics",
+    )
+
+
+SEGMENT_KEY_COLUMNS = ("experiment_id", "property", "value", "variant_id", "metric")
+
+
+def segment_metrics_schema(experiment: Experiment | None, metric_ids: Sequence[str] | None = None) -> pa.DataFrameSchema:
+    """variant_metrics per segment: one row per (experiment, property, value, variant, metric)."""
+    return pa.DataFrameSchema(
+        {
+            "experiment_id": _experiment_column(experiment),
+            "property": _column(STRING, "assignment property (registry sources.assignments.properties)"),
+            "value": _column(STRING, "its value at the subject's first exposure; '(null)' when missing"),
+            "variant_id": _column(STRING, "variant", _variants(experiment)),
+            "metric": _column(
+                STRING, "metric id from the registry",
+                pa.Check.isin(list(metric_ids)) if metric_ids is not None else None,
+            ),
+            "is_control": _column(BOOLEAN, "the control of the experiment"),
+            **_comparison_columns(),
+            "too_small": _column(
+                BOOLEAN, "an arm of the segment has fewer than segments.min_subjects subjects: no lifts"
+            ),
+        },
+        unique=list(SEGMENT_KEY_COLUMNS),
+        strict=True,
+        name="segment_metrics",
+    )
+
+
+def segment_heterogeneity_schema(experiment: Experiment | None, metric_ids: Sequence[str] | None = None) -> pa.DataFrameSchema:
+    """Does a treatment's lift differ across a property's values? One row per (experiment,
+    property, treatment, metric)."""
+    return pa.DataFrameSchema(
+        {
+            "experiment_id": _experiment_column(experiment),
+            "property": _column(STRING, "assignment property"),
+            "variant_id": _column(STRING, "treatment compared with the control", _variants(experiment)),
+            "metric": _column(
+                STRING, "metric id from the registry",
+                pa.Check.isin(list(metric_ids)) if metric_ids is not None else None,
+            ),
+            "segments": _column(INT64, "values of the property with a relative lift and its standard error", pa.Check.ge(0)),
+            "segments_too_small": _column(INT64, "values left out: an arm below segments.min_subjects", pa.Check.ge(0)),
+            "pooled_rel_lift": _float("inverse-variance weighted mean of the segments' relative lifts"),
+            "q": _float("Cochran's Q: sum of w (lift - pooled)^2, w = 1 / se^2"),
+            "df": _column(INT64, "segments - 1", pa.Check.ge(0)),
+            "p_value": _probability("chi-square(df) p-value of Q: small when the lift differs across values"),
+            "p_value_holm": _probability("Holm-adjusted across the experiment's properties x treatments x metrics"),
+            "i_squared": _probability("share of the variation between segments beyond chance, max(0, (Q - df) / Q)"),
+            "differs": _column(BOOLEAN, "p_value_holm below the experiment's alpha"),
+        },
+        unique=["experiment_id", "property", "variant_id", "metric"],
+        strict=True,
+        name="segment_heterogeneity",
     )
 
 
@@ -450,6 +513,12 @@ TABLES = {
         Table("variant_metrics", "experiment x variant x metric",
               "sufficient statistics, lifts with intervals and p-values, CUPED, Holm, the SRM verdict",
               variant_metrics_schema),
+        Table("segment_metrics", "experiment x property x value x variant x metric",
+              "variant_metrics per segment (assignment property value): sufficient statistics, lifts, too-small segments",
+              segment_metrics_schema),
+        Table("segment_heterogeneity", "experiment x property x treatment x metric",
+              "whether a lift differs across a property's values: Cochran's Q on the segments' lifts, Holm",
+              segment_heterogeneity_schema),
         Table("alerts", "alert", "one row per failed check evaluation or failed run, with its delivery state",
               alerts_schema, per_experiment=False),
     )

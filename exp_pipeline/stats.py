@@ -359,6 +359,33 @@ def srm_by_property(
     return sorted(causes, key=lambda c: (c.p_value, -c.chi2))
 
 
+@dataclass(frozen=True)
+class Heterogeneity:
+    """Cochran's Q test that k estimates share one true value."""
+
+    k: int
+    pooled: float
+    q: float
+    df: int
+    p_value: float
+    i_squared: float
+
+
+def cochran_q(estimates: Sequence[float], standard_errors: Sequence[float]) -> Heterogeneity:
+    """Fixed-effect (inverse-variance) pooling and Cochran's Q over the estimates with a positive,
+    finite standard error; NaN fields with fewer than two of them."""
+    pairs = [(e, se) for e, se in zip(estimates, standard_errors, strict=True) if math.isfinite(e) and se > 0 and math.isfinite(se)]
+    k = len(pairs)
+    if k < 2:
+        return Heterogeneity(k, _NAN, _NAN, max(k - 1, 0), _NAN, _NAN)
+    e = np.array([p[0] for p in pairs])
+    w = 1.0 / np.array([p[1] for p in pairs]) ** 2
+    pooled = float(w @ e / w.sum())
+    q = float(w @ (e - pooled) ** 2)
+    df = k - 1
+    return Heterogeneity(k, pooled, q, df, float(sps.chi2.sf(q, df)), max(0.0, (q - df) / q) if q > 0 else 0.0)
+
+
 def holm(p_values: Sequence[float]) -> list[float]:
     """Holm–Bonferroni adjusted p-values in input order; NaNs stay NaN and are not counted."""
     p = np.asarray(p_values, dtype=float)

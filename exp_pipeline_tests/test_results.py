@@ -2,11 +2,14 @@
 
 import math
 
+import numpy as np
 import pandas as pd
+import pytest
+from scipy import stats as sps
 
 from exp_pipeline import stats
 from exp_pipeline.registry import Experiment, Metric
-from exp_pipeline.results import srm_of, variant_metric_rows
+from exp_pipeline.results import heterogeneity_rows, segment_metric_rows, srm_of, variant_metric_rows
 from exp_pipeline.schemas import VARIANT_METRICS_COLUMNS
 
 EXPERIMENT = Experiment.model_validate(
@@ -88,3 +91,63 @@ def test_srm_of_names_the_segment_that_lost_exposures():
         rows += [("device_type", device, "control", control), ("device_type", device, "treatment", treatment)]
     result, causes = srm_of(pd.DataFrame(rows, columns=counts.columns), experiment)
     assert result.flagged and causes == []
+
+
+def segment_stats(rows: list[tuple]) -> pd.DataFrame:
+    """(property, value, variant, n, mean, sd) of revenue -> complete_statistics rows by segment."""
+    return pd.DataFrame([
+        {"experiment_id": "pricing", "property": p, "value": v, **stats_row(variant, "revenue", n, mean, sd)}
+        for p, v, variant, n, mean, sd in rows
+    ])
+
+
+SEGMENTS = segment_stats([
+    ("device_type", "ios", "control", 800, 10.0, 6.0), ("device_type", "ios", "low", 400, 13.0, 6.0),
+    ("device_type", "ios", "high", 420, 10.2, 6.0),
+    ("device_type", "web", "control", 700, 10.0, 6.0), ("device_type", "web", "low", 350, 10.1, 6.0),
+    ("device_type", "web", "high", 330, 9.9, 6.0),
+    ("device_type", "tv", "control", 90, 10.0, 6.0), ("device_type", "tv", "low", 40, 30.0, 6.0),
+    ("device_type", "tv", "high", 45, 9.0, 6.0),
+])
+
+
+def test_a_segments_rows_are_the_variant_rows_of_its_subjects_alone():
+    rows = segment_metric_rows(SEGMENTS, EXPERIMENT, METRICS[:1]).set_index(["value", "variant_id"])
+    srm = stats.srm_test({"control": 800, "low": 400, "high": 420}, EXPERIMENT.weights)
+    ios = variant_metric_rows(SEGMENTS[SEGMENTS.value == "ios"], EXPERIMENT, METRICS[:1], srm).set_index("variant_id")
+    for variant in ("control", "low", "high"):
+        for column in ("n", "sum_y", "mean", "std", "abs_lift", "abs_lift_ci_low", "rel_lift", "ci_low", "ci_high", "df", "p_value"):
+            want, got = ios.loc[variant, column], rows.loc[("ios", variant), column]
+            assert (math.isnan(want) and math.isnan(got)) or want == got, (variant, column)
+    assert not rows.loc[("ios", "low"), "too_small"]
+
+
+def test_a_segment_with_an_arm_below_the_minimum_is_too_small_not_a_result():
+    rows = segment_metric_rows(SEGMENTS, EXPERIMENT, METRICS[:1]).set_index(["value", "variant_id"])
+    tv = rows.loc["tv"]
+    assert tv["too_small"].all() and tv["rel_lift"].isna().all() and tv["p_value"].isna().all()
+    assert tv.loc["low", "n"] == 40 and tv.loc["low", "mean"] == 30.0  # the sums stay visible
+    smaller = EXPERIMENT.model_copy(update={"segments": EXPERIMENT.segments.model_copy(update={"min_subjects": 40})})
+    assert not segment_metric_rows(SEGMENTS, smaller, METRICS[:1]).set_index("value").loc["tv", "too_small"].any()
+
+
+def test_heterogeneity_is_cochrans_q_on_the_segments_relative_lifts():
+    from statsmodels.stats.meta_analysis import combine_effects
+
+    het = heterogeneity_rows(SEGMENTS, EXPERIMENT, METRICS[:1]).set_index("variant_id")
+    for variant in ("low", "high"):
+        lifts = [stats.compare(
+            stats.SufficientStats(**{k: stats_row(variant, "revenue", n, m, 6.0)[k] for k in ("n", "sum_y", "sum_y2")}),
+            stats.SufficientStats(**{k: stats_row("control", "revenue", 800 if d == "ios" else 700, 10.0, 6.0)[k]
+                                     for k in ("n", "sum_y", "sum_y2")}),
+        ) for d, n, m in ({"low": [("ios", 400, 13.0), ("web", 350, 10.1)], "high": [("ios", 420, 10.2), ("web", 330, 9.9)]}[variant])]
+        ref = combine_effects(np.array([r.rel_lift for r in lifts]), np.array([r.rel_se for r in lifts]) ** 2)
+        row = het.loc[variant]
+        assert row["segments"] == 2 and row["segments_too_small"] == 1 and row["df"] == 1  # tv left out
+        assert row["q"] == pytest.approx(ref.q, rel=1e-12)
+        assert row["pooled_rel_lift"] == pytest.approx(ref.mean_effect_fe, rel=1e-12)
+        assert row["i_squared"] == pytest.approx(max(0.0, ref.i2), rel=1e-12, abs=1e-15)
+        assert row["p_value"] == pytest.approx(sps.chi2.sf(ref.q, 1), rel=1e-12)
+    # ios +30% against web +1%: the effect differs; the high arm's lifts agree.
+    assert het.loc["low", "differs"] and not het.loc["high", "differs"]
+    assert het["p_value_holm"].tolist() == pytest.approx(stats.holm(het["p_value"].tolist()))

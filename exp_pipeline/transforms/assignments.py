@@ -120,6 +120,22 @@ def analysable_assignments(deduped: ir.Table) -> ir.Table:
 
 
 
+def _property_value(assignments: ir.Table, prop: str) -> ir.StringValue:
+    """A property's value as segments name it: text, a missing one as '(null)'."""
+    return assignments[prop].cast("string").fill_null("(null)")
+
+
+def subject_segments(assignments: ir.Table, properties: Sequence[str]) -> ir.Table:
+    """(experiment_id, subject_id, property, value): the segments each subject belongs to, one per
+    property, and the overall ('', '') of everyone (the grain of `assignment_counts`)."""
+    parts = [assignments.select("experiment_id", "subject_id", property=ibis.literal(""), value=ibis.literal(""))]
+    parts += [
+        assignments.select("experiment_id", "subject_id", property=ibis.literal(prop), value=_property_value(assignments, prop))
+        for prop in properties
+    ]
+    return ibis.union(*parts, distinct=False)
+
+
 def assignment_counts(assignments: ir.Table, properties: Sequence[str], by: Sequence[str] = ()) -> ir.Table:
     """Small table of subject counts per variant, overall (property '') and per property value,
     per group of `by` (e.g. every experiment at once)."""
@@ -129,7 +145,7 @@ def assignment_counts(assignments: ir.Table, properties: Sequence[str], by: Sequ
     parts = [overall]
     for prop in properties:
         parts.append(
-            assignments.group_by(*by, "variant_id", value=assignments[prop].cast("string").fill_null("(null)"))
+            assignments.group_by(*by, "variant_id", value=_property_value(assignments, prop))
             .aggregate(n=assignments.count())
             .mutate(property=ibis.literal(prop))
         )

@@ -128,10 +128,17 @@ def subject_bounds(bounds: dict[tuple, SumBound], subjects: dict[str, int]) -> d
     return {key: SumBound(subjects.get(key[0], bound.rows), bound.max_abs) for key, bound in bounds.items()}
 
 
-def sufficient_statistics(values: ir.Table, bounds: dict[tuple, SumBound]) -> ir.Table:
+SEGMENT_KEY = ("property", "value")
+
+
+def sufficient_statistics(values: ir.Table, bounds: dict[tuple, SumBound], segments: ir.Table | None = None) -> ir.Table:
     """Per (experiment, variant, metric) with values: the sums and cross products of y (the post
     value) and its covariate x (the pre value, 0 without one); a subject without a row adds zero.
     `complete_statistics` adds n and the groups without any value.
+
+    With `segments` (`assignments.subject_segments`: each subject's (property, value) pairs, the
+    overall ('', '') among them), per (experiment, variant, metric, property, value) instead:
+    every segment's sums and the overall ones from the same aggregate.
 
     `bounds` bound the values per (experiment, metric, period) (`value_bounds(values, VALUE_KEY)`,
     counted over every subject: `subject_bounds`). This small table is all that leaves the engine
@@ -139,7 +146,7 @@ def sufficient_statistics(values: ir.Table, bounds: dict[tuple, SumBound]) -> ir
     """
     # y and x of a subject side by side: one row per period at most, so each sum has one term.
     joined = values.group_by("experiment_id", "subject_id", "variant_id", "metric").aggregate(
-        value=ibis.ifelse(values.period == "post", values.value, 0.0).sum(),
+        y=ibis.ifelse(values.period == "post", values.value, 0.0).sum(),
         x=ibis.ifelse(values.period == "pre", values.value, 0.0).sum(),
     )
     scale_rows = []
@@ -170,10 +177,15 @@ def sufficient_statistics(values: ir.Table, bounds: dict[tuple, SumBound]) -> ir
                 **x_bound.scale_columns("x"), **SumBound(x_bound.rows, max_x * max_x).scale_columns("x2"),
                 **NO_TERMS.scale_columns("xy"),
             })
+    keys = ["experiment_id", "variant_id", "metric"]
+    if segments is not None:
+        # A segment's terms are some of the experiment's: its metric's scale fits them too.
+        joined = joined.join(segments.select("experiment_id", "subject_id", *SEGMENT_KEY), ["experiment_id", "subject_id"])
+        keys += SEGMENT_KEY
     joined = joined.join(scales_table(scale_rows, ["y", "y2", "x", "x2", "xy"]), ["experiment_id", "metric"])
-    y = joined.value.cast("float64")
+    y = joined.y.cast("float64")
     x = joined.x.cast("float64")
-    return joined.group_by("experiment_id", "variant_id", "metric").aggregate(
+    return joined.group_by(*keys).aggregate(
         sum_y=fixed_point_sum(joined, y, "y"),
         sum_y2=fixed_point_sum(joined, y * y, "y2"),
         sum_x=fixed_point_sum(joined, x, "x"),
@@ -182,13 +194,17 @@ def sufficient_statistics(values: ir.Table, bounds: dict[tuple, SumBound]) -> ir
     )
 
 
-def complete_statistics(sums: pd.DataFrame, subjects: pd.DataFrame, metrics: dict[str, Sequence[str]]) -> pd.DataFrame:
+def complete_statistics(
+    sums: pd.DataFrame, subjects: pd.DataFrame, metrics: dict[str, Sequence[str]], by: Sequence[str] = (),
+) -> pd.DataFrame:
     """The sufficient statistics of every (experiment, variant, metric): `sums`
     (`sufficient_statistics`) with n, the variant's analysable subjects (`subjects`: experiment_id,
-    variant_id, n), and zero sums where no subject has a value."""
+    variant_id, n), and zero sums where no subject has a value. `by`: further keys of both
+    (SEGMENT_KEY: per segment, `subjects` then being the assignment counts)."""
+    keys = ["experiment_id", "variant_id", *by]
     grid = pd.DataFrame(
         [(e, m) for e, ids in metrics.items() for m in ids], columns=["experiment_id", "metric"]
-    ).merge(subjects[["experiment_id", "variant_id", "n"]], on="experiment_id")
-    full = grid.merge(sums, on=["experiment_id", "variant_id", "metric"], how="left")
+    ).merge(subjects[[*keys, "n"]], on="experiment_id")
+    full = grid.merge(sums, on=[*keys, "metric"], how="left")
     full[list(SUM_COLUMNS)] = full[list(SUM_COLUMNS)].astype("float64").fillna(0.0)
-    return full.astype({"n": "int64"})[["experiment_id", "variant_id", "metric", "n", *SUM_COLUMNS]]
+    return full.astype({"n": "int64"})[["experiment_id", "variant_id", "metric", *by, "n", *SUM_COLUMNS]]

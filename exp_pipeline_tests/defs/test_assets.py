@@ -134,6 +134,20 @@ def test_the_real_effect_is_recovered(pipeline):
         assert r["ci_low"] < lift < r["ci_high"]
 
 
+def test_the_effect_only_on_ios_is_found_by_segment_and_the_aa_test_differs_nowhere(pipeline):
+    workspace, _, _ = pipeline
+    truth = workspace.truth["experiments"]["checkout_redesign"]["true_revenue_lift_by_device"]["treatment"]
+    segments = workspace.rows("segment_metrics", "checkout_redesign")
+    revenue = segments[(segments.metric == "revenue") & (segments.property == "device_type") & ~segments.is_control]
+    for row in revenue.itertuples():
+        assert row.ci_low < truth[row.value] < row.ci_high, row.value
+    assert revenue.set_index("value").loc["ios", "ci_low"] > 0
+    heterogeneity = workspace.rows("segment_heterogeneity").set_index(["experiment_id", "property", "variant_id", "metric"])
+    assert heterogeneity.loc[("checkout_redesign", "device_type", "treatment", "revenue"), "differs"]
+    assert not heterogeneity.loc[("checkout_redesign", "country", "treatment", "revenue"), "differs"]
+    assert not heterogeneity.loc["aa_homepage", "differs"].any()
+
+
 def test_the_aa_experiment_is_not_significant(pipeline):
     workspace, _, _ = pipeline
     aa = metrics_of(workspace, "aa_homepage")

@@ -7,7 +7,15 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from exp_pipeline.transforms.subject_values import cap_subject_values
+from exp_pipeline.transforms.assignments import assignment_counts, subject_segments
+from exp_pipeline.transforms.subject_values import (
+    SEGMENT_KEY,
+    SUM_COLUMNS,
+    cap_subject_values,
+    complete_statistics,
+    subject_bounds,
+    sufficient_statistics,
+)
 from exp_pipeline.warehouse.duckdb_engine import DuckDBWarehouseSession
 from exp_pipeline_tests.tables import assignments_table, events_table, metric, values_of, windows_table
 
@@ -240,3 +248,43 @@ def test_a_subjects_sum_does_not_depend_on_other_subjects(con):
     # text (see test_fixed_point): within an ulp there.
     rel = 0 if isinstance(con.session, DuckDBWarehouseSession) else 4e-16
     assert value_of_a(alone) == pytest.approx(math.fsum([0.1, 0.2]), rel=rel, abs=0)
+
+
+def test_segment_statistics_equal_the_statistics_of_the_segments_subjects_alone(con):
+    """One aggregate gives every segment's sums; each equals the normal statistics of the values
+    filtered to the segment's subjects (and the overall segment those of everyone)."""
+    rng = np.random.default_rng(21)
+    n = 600
+    people = pd.DataFrame({
+        "experiment_id": "exp", "subject_id": [f"s{i}" for i in range(n)],
+        "variant_id": rng.choice(["control", "treatment"], n),
+        "device_type": rng.choice(["ios", "android", "web"], n), "country": rng.choice(["US", "DE"], n),
+    })
+    people.loc[:9, "device_type"] = None  # a missing property is its own segment, '(null)'
+    valued = people.sample(frac=0.7, random_state=3)  # the others have no events: zeros
+    post = valued.assign(metric="revenue", period="post", value=rng.gamma(2, 10, len(valued)))
+    pre = valued.assign(metric="revenue", period="pre", value=rng.gamma(2, 5, len(valued)))
+    values = pd.concat([post, pre])[["experiment_id", "subject_id", "variant_id", "metric", "period", "value"]]
+    table = con.create_table("values", values)
+    assignments = con.create_table("assignments", people)
+    counts = con.to_pandas(assignment_counts(assignments, ["device_type", "country"], by=["experiment_id"]))
+    bounds = subject_bounds(con.bounds(table), {"exp": n})
+    segments = subject_segments(assignments, ["device_type", "country"])
+    sums = con.to_pandas(sufficient_statistics(table, bounds, segments))
+    full = complete_statistics(sums, counts, {"exp": ["revenue"]}, by=SEGMENT_KEY).set_index(["property", "value", "variant_id"])
+    expected_segments = {("", "")} | {("device_type", v) for v in ("ios", "android", "web", "(null)")} | {
+        ("country", v) for v in ("US", "DE")}
+    assert {k[:2] for k in full.index} == expected_segments
+    for prop, value in expected_segments:
+        if prop == "":
+            members = people
+        else:
+            members = people[people[prop].fillna("(null)") == value]
+        mine = con.create_table("mine", values[values.subject_id.isin(members.subject_id)])
+        alone = con.to_pandas(sufficient_statistics(mine, bounds))
+        n_of = members.groupby(["experiment_id", "variant_id"]).size().rename("n").reset_index()
+        alone = complete_statistics(alone, n_of, {"exp": ["revenue"]}).set_index("variant_id")
+        for variant in ("control", "treatment"):
+            got = full.loc[(prop, value, variant)]
+            for column in ("n", *SUM_COLUMNS):
+                assert got[column] == alone.loc[variant, column], (prop, value, variant, column)
