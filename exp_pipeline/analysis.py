@@ -24,7 +24,7 @@ import ibis.expr.types as ir
 import numpy as np
 import pandas as pd
 
-from exp_pipeline import checks, refresh, results, schemas, sources, validation
+from exp_pipeline import checks, refresh, reports, results, schemas, sources, validation
 from exp_pipeline.checks import BLOCKING, DEDUPED, ERROR, METRICS, POST, PRE, RAW, ROWS_READ, CheckOutcome
 from exp_pipeline.registry import Experiment, Registry
 from exp_pipeline.stats import SrmCause, SrmResult
@@ -88,6 +88,8 @@ class ExperimentResult:
     checks: list[CheckRecord] = field(default_factory=list)
     stopped_by: str | None = None  # the check that stopped it ("asset.check"), None: analysed
     frame: pd.DataFrame | None = None  # the variant_metrics rows written
+    segments: pd.DataFrame | None = None  # its segment_metrics rows
+    heterogeneity: pd.DataFrame | None = None  # its segment_heterogeneity rows
     srm: SrmResult | None = None
     causes: list[SrmCause] = field(default_factory=list)  # property values explaining an SRM
 
@@ -637,13 +639,14 @@ def _write_results(
     schema_outcomes = checks.schema_outcomes(session, METRICS, analysed, registry)
     for e in analysed:
         outcome = outcomes[e.id]
-        outcome.frame = frames[e.id]
+        outcome.frame, outcome.segments, outcome.heterogeneity = frames[e.id], segment_rows[e.id], heterogeneity[e.id]
         outcome.metadata[METRICS] = {
             "dagster/row_count": written[e.id],
             "srm_p_value": float(outcome.srm.p_value),
             "srm_flagged": outcome.srm.flagged,
             "analysable_subjects": int(counts[e.id].query("property == ''").n.sum()),
         }
+        outcome.metadata[METRICS]["effect_differs_by"] = reports.differs_lines(heterogeneity[e.id])
         if outcome.causes:
             top = outcome.causes[0]
             outcome.metadata[METRICS]["srm_likely_cause"] = f"{top.property} = {top.value} (p = {top.p_value_bonferroni:.2e})"

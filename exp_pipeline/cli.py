@@ -162,10 +162,14 @@ def run(experiment_ids: list[str] | None, users: int, seed: int) -> int:
     failed = [o.name for o in outcomes if not o.success and o.name != "analysis"]
     # Results of a failed (or blocked) run would be the previous run's: they are not shown as fresh.
     fresh = [e for e in wanted if e not in failed]
-    frame, set_aside = _fresh_results(warehouse, fresh)
+    frame, differs, set_aside = _fresh_results(warehouse, fresh)
     print()
     if frame is not None and len(frame):
         print(results_text(frame))
+    if differs:
+        print("\nLifts that differ by segment (segment_heterogeneity, segment_metrics):")
+        for line in differs:
+            print(f"  {line}")
     if set_aside:
         print("\nRows set aside (kept with their reason in rejected_rows / rejected_source_rows):")
         for line in set_aside:
@@ -201,18 +205,23 @@ def _open_or_explain(warehouse) -> None:
 
 
 def _fresh_results(warehouse, experiment_ids: list[str]) -> tuple:
-    """The fresh experiments' results, and the rows set aside (theirs and the logs' as a whole)."""
+    """The fresh experiments' results, the lifts that differ by segment, and the rows set aside
+    (theirs and the logs' as a whole)."""
     import ibis
 
-    from exp_pipeline.reports import set_aside_lines
+    from exp_pipeline.reports import differs_lines, set_aside_lines
 
-    frame, parts = None, []
+    frame, parts, differs = None, [], []
     with warehouse.session() as session:
         if experiment_ids and session.has_table("variant_metrics"):
             table = session.table("variant_metrics")
             frame = session.to_pandas(
                 table.filter(table.experiment_id.isin(experiment_ids)).order_by("experiment_id", "metric", "variant_id")
             )
+        if experiment_ids and session.has_table("segment_heterogeneity"):
+            tests = session.table("segment_heterogeneity")
+            tests = session.to_pandas(tests.filter(tests.experiment_id.isin(experiment_ids)).order_by("experiment_id", "property"))
+            differs = [f"{e}: {line}" for e, group in tests.groupby("experiment_id", sort=False) for line in differs_lines(group)]
         if experiment_ids and session.has_table("rejected_rows"):
             rejected = session.table("rejected_rows")
             rejected = rejected.filter(rejected.experiment_id.isin(experiment_ids))
@@ -223,7 +232,7 @@ def _fresh_results(warehouse, experiment_ids: list[str]) -> tuple:
             parts.append(whole.group_by(where=ibis.literal(""), source=whole.source, reason=whole.reason)
                          .aggregate(rows=whole.count()))
         by_reason = session.to_pandas(ibis.union(*parts, distinct=False)) if parts else None
-    return frame, set_aside_lines(by_reason) if by_reason is not None and len(by_reason) else []
+    return frame, differs, set_aside_lines(by_reason) if by_reason is not None and len(by_reason) else []
 
 
 def _print_summary(outcomes: list[RunOutcome], wanted: list[str]) -> None:

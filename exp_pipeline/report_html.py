@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from exp_pipeline.reports import is_finite, p_value_text, percent, results_rows
+from exp_pipeline.reports import HETEROGENEITY_NOTE, heterogeneity_table, is_finite, p_value_text, percent, results_rows
 
 ALPHA = 0.05  # the marker threshold used by the markdown table too (unadjusted p)
 
@@ -95,7 +95,7 @@ td.fail-error { color: #fff; background: #c62828; }
 td.fail-warn { color: #5c4300; background: #ffe08a; }
 .note { color: #666; font-size: 0.9em; }
 #forest-plot { margin: 0; }
-#forest-plot svg { max-width: 100%; height: auto; }
+#forest-plot svg, .segment-plot svg { max-width: 100%; height: auto; }
 .how-to-read { background: #f8f9fa; border-radius: 4px; padding: 10px 16px; }
 .how-to-read li { margin: 4px 0; }
 """
@@ -358,6 +358,23 @@ def forest_plot_svg(frame: pd.DataFrame, title: str = "") -> str:
     )
 
 
+def segment_forest_plot_svg(segments: pd.DataFrame, prop: str, title: str = "") -> str:
+    """The forest plot of one property's segments (segment_metrics rows): per metric and treatment,
+    the raw relative lift of each value; too-small segments show as n/a."""
+    rows = segments[(segments["property"] == prop) & ~segments["is_control"].astype(bool)]
+    several = rows["variant_id"].nunique() > 1
+    frame = pd.DataFrame({
+        "experiment_id": rows["experiment_id"],
+        "is_control": False,
+        # Grouped (banded) by metric and treatment; each row is one value of the property.
+        "metric": [f"{m} · {v}" if several else m for m, v in zip(rows["metric"], rows["variant_id"], strict=True)],
+        "variant_id": rows["value"],
+        "rel_lift": rows["rel_lift"], "ci_low": rows["ci_low"], "ci_high": rows["ci_high"], "p_value": rows["p_value"],
+        "cuped_rel_lift": math.nan, "cuped_ci_low": math.nan, "cuped_ci_high": math.nan, "cuped_p_value": math.nan,
+    })
+    return forest_plot_svg(frame, title=title or f"Relative lift by {prop} (95% CI)")
+
+
 def svg_data_uri(svg: str) -> str:
     """The SVG as a base64 data URI, e.g. for an <img> in Dagster markdown metadata."""
     return "data:image/svg+xml;base64," + base64.b64encode(svg.encode("utf-8")).decode("ascii")
@@ -444,6 +461,33 @@ def _results_section(frame: pd.DataFrame) -> str:
     )
 
 
+def _segments_section(segments: pd.DataFrame | None, heterogeneity: pd.DataFrame | None) -> str:
+    """Per assignment property: does a lift differ across its values (Cochran's Q), and the
+    segments' lifts as a forest plot."""
+    if segments is None or heterogeneity is None or not len(heterogeneity):
+        return ""
+    parts = ['<section id="segments">', "<h2>By segment</h2>"]
+    for prop, tests in heterogeneity.groupby("property", sort=False):
+        differs = tests[tests["differs"].astype(bool)]
+        verdict = (
+            "The lift differs by " + _esc(prop) + " for " + ", ".join(_esc(f"{r.metric} · {r.variant_id}") for r in differs.itertuples())
+            if len(differs) else f"No evidence that a lift differs by {_esc(prop)}"
+        )
+        table = heterogeneity_table(tests)
+        rows = [
+            ("significant" if d else "", [_cell(v) for v in values])
+            for d, values in zip(tests["differs"].astype(bool), table.itertuples(index=False), strict=True)
+        ]
+        parts += [
+            f"<h3>{_esc(prop)}</h3>", f"<p>{verdict} (Cochran's Q, Holm-adjusted, alpha as the experiment's).</p>",
+            '<div class="scroll">', _table("", list(table.columns), rows), "</div>",
+            f'<p class="note">{_esc(HETEROGENEITY_NOTE)}</p>',
+            '<figure class="segment-plot">', segment_forest_plot_svg(segments, str(prop)), "</figure>",
+        ]
+    parts.append("</section>")
+    return "\n".join(parts)
+
+
 def _check_status(check: dict) -> tuple[str, str]:
     if check["passed"]:
         return "✓ pass", "status pass"
@@ -509,8 +553,12 @@ def experiment_report_html(
     checks: list[dict],
     srm: dict,
     generated_at: datetime,
+    segments: pd.DataFrame | None = None,
+    heterogeneity: pd.DataFrame | None = None,
 ) -> str:
-    """A self-contained HTML page of one experiment's results, SRM verdict, forest plot and checks.
+    """A self-contained HTML page of one experiment's results, SRM verdict, forest plot, results by
+    segment (`segments`: its segment_metrics rows, `heterogeneity`: its segment_heterogeneity rows)
+    and checks.
 
     `frame` holds the experiment's variant_metrics rows; `srm` has verdict ("ok", "SRM" or
     "not judged"), p_value, observed and expected counts per variant and likely_cause; each check
@@ -541,6 +589,7 @@ def experiment_report_html(
             '<section>\n<h2>Relative lift vs control (95% CI)</h2>\n<figure id="forest-plot">',
             plot,
             "</figure>\n</section>",
+            _segments_section(segments, heterogeneity),
             _checks_section(checks),
             HOW_TO_READ,
             "</main>",

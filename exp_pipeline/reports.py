@@ -92,3 +92,40 @@ def set_aside_lines(by_reason: pd.DataFrame) -> list[str]:
         reasons = ", ".join(f"{r.reason} {int(r.rows)}" for r in group.sort_values("reason").itertuples())
         lines.append(f"{label}: {reasons}")
     return lines
+
+
+def differs_lines(heterogeneity: pd.DataFrame) -> list[str]:
+    """One line per lift that differs across a property's values (segment_heterogeneity rows):
+    'revenue · treatment differs by device_type (Cochran's Q p = 1.1e-06, Holm 8.6e-06)'."""
+    return [
+        f"{r.metric} · {r.variant_id} differs by {r.property} (Cochran's Q p = {p_value_text(r.p_value)}, "
+        f"Holm {p_value_text(r.p_value_holm)}; I² = {r.i_squared:.0%})"
+        for r in heterogeneity[heterogeneity["differs"].astype(bool)].itertuples()
+    ]
+
+
+def heterogeneity_table(heterogeneity: pd.DataFrame) -> pd.DataFrame:
+    """segment_heterogeneity rows for display."""
+    return pd.DataFrame({
+        "property": heterogeneity["property"],
+        "variant": heterogeneity["variant_id"],
+        "metric": heterogeneity["metric"],
+        "segments": [f"{int(k)} (+{int(s)} too small)" if s else str(int(k))
+                     for k, s in zip(heterogeneity["segments"], heterogeneity["segments_too_small"], strict=True)],
+        "pooled lift": [percent(v) for v in heterogeneity["pooled_rel_lift"]],
+        "Q": [f"{q:.2f}" if is_finite(q) else "n/a" for q in heterogeneity["q"]],
+        "p": [p_value_text(v) for v in heterogeneity["p_value"]],
+        "p (Holm)": [p_value_text(v) for v in heterogeneity["p_value_holm"]],
+        "differs": ["yes" if d else "no" for d in heterogeneity["differs"]],
+    })
+
+
+HETEROGENEITY_NOTE = (
+    "Cochran's Q tests whether a lift is the same in every value of the property (segments with an arm "
+    "below segments.min_subjects left out); Holm across the experiment's properties x treatments x metrics."
+)
+
+
+def heterogeneity_markdown(heterogeneity: pd.DataFrame) -> str:
+    """segment_heterogeneity rows as a markdown table."""
+    return heterogeneity_table(heterogeneity).to_markdown(index=False) + "\n\n" + HETEROGENEITY_NOTE

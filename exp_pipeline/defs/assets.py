@@ -31,7 +31,7 @@ from exp_pipeline.defs.checks import EXPERIMENT_CHECK_SPECS, check_evaluation, s
 from exp_pipeline.defs.partitions import WRITER_POOL, experiment_partitions
 from exp_pipeline.defs.resources import RegistryResource
 from exp_pipeline.registry import Experiment, Registry
-from exp_pipeline.reports import results_markdown
+from exp_pipeline.reports import heterogeneity_markdown, results_markdown
 from exp_pipeline.transforms import ingestion
 from exp_pipeline.warehouse.resources import Warehouse
 
@@ -193,10 +193,17 @@ def _materialization(asset: str, partition: str, result: ExperimentResult) -> As
 
 def _results_metadata(experiment: Experiment, result: ExperimentResult) -> dict:
     plot = report_html.forest_plot_svg(result.frame, title=f"{experiment.name}: relative lift vs control (95% CI)")
-    return {
+    metadata = {
         "results": MetadataValue.md(results_markdown(result.frame)),
         "forest_plot": MetadataValue.md(f"![forest plot of relative lifts]({report_html.svg_data_uri(plot)})"),
     }
+    if result.heterogeneity is not None and len(result.heterogeneity):
+        plots = [
+            f"![relative lift by {prop}]({report_html.svg_data_uri(report_html.segment_forest_plot_svg(result.segments, prop))})"
+            for prop in dict.fromkeys(result.heterogeneity["property"])
+        ]
+        metadata["by_segment"] = MetadataValue.md(heterogeneity_markdown(result.heterogeneity) + "\n\n" + "\n\n".join(plots))
+    return metadata
 
 
 def _report(registry: Registry, experiment: Experiment, result: ExperimentResult, audit_rows: list[dict]) -> dict:
@@ -222,6 +229,8 @@ def _report(registry: Registry, experiment: Experiment, result: ExperimentResult
             "likely_cause": f"{causes[0].property} = {causes[0].value}" if causes else None,
         },
         generated_at=dt.datetime.now(dt.UTC),
+        segments=result.segments,
+        heterogeneity=result.heterogeneity,
     )
     path = report_html.write_report(registry.data_root / "reports" / f"{experiment.id}.html", html_text)
     return {"report_path": MetadataValue.path(str(path)), "report_url": MetadataValue.url(path.as_uri())}
