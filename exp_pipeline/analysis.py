@@ -30,11 +30,13 @@ from exp_pipeline.registry import Experiment, Registry
 from exp_pipeline.stats import SrmCause, SrmResult
 from exp_pipeline.transforms import ingestion, temporal_join
 from exp_pipeline.transforms.assignments import (
+    PAIR_COLUMNS,
     analysable_assignments,
     apply_assignment_history,
     assignment_counts,
     exposure_row_counts,
     first_exposures,
+    property_pair_counts,
     subject_segments,
 )
 from exp_pipeline.transforms.fixed_point import read_bounds, value_bounds
@@ -573,10 +575,12 @@ def _analyse(
         overall = full["property"] == ""
         sufficient = full[overall].drop(columns=list(SEGMENT_KEY))
         by_segment = full[~overall]
+        pair_counts = property_pair_counts(analysable, registry.sources.assignments.properties, by=["experiment_id"])
+        pairs = session.to_pandas(pair_counts) if pair_counts is not None else pd.DataFrame(columns=["experiment_id", *PAIR_COLUMNS])
     with clock.stage("settled rows"):
         states = _settle(session, analysed, join, run, settled_pass)
     with clock.stage("inference and writes"):
-        _write_results(session, registry, analysed, sufficient, by_segment, counts, rows_read, now, states, outcomes)
+        _write_results(session, registry, analysed, sufficient, by_segment, pairs, counts, rows_read, now, states, outcomes)
         # After the commit: the rows no state names any more (recomputed, or left by a failed run).
         refresh.prune_uncommitted(session, states)
 
@@ -611,14 +615,16 @@ def _settle(
 
 def _write_results(
     session: WarehouseSession, registry: Registry, analysed: Sequence[Experiment], sufficient: pd.DataFrame,
-    by_segment: pd.DataFrame, counts: dict[str, pd.DataFrame], rows_read: int, now: dt.datetime,
+    by_segment: pd.DataFrame, pairs: pd.DataFrame, counts: dict[str, pd.DataFrame], rows_read: int, now: dt.datetime,
     states: Sequence[refresh.RefreshState], outcomes: dict[str, ExperimentResult],
 ) -> None:
     """Inference per experiment (pure Python on the sufficient statistics) and one write of every
     experiment's partitions, with its refresh state (the commit of the rows it settled)."""
+    segment_frames = {e.id: by_segment[by_segment.experiment_id == e.id] for e in analysed}
     frames = {
         e.id: results.variant_metric_rows(
-            sufficient[sufficient.experiment_id == e.id], e, registry.metrics_of(e), outcomes[e.id].srm
+            sufficient[sufficient.experiment_id == e.id], e, registry.metrics_of(e), outcomes[e.id].srm,
+            covariates=registry.covariates_of(e), segments=segment_frames[e.id], pairs=pairs[pairs.experiment_id == e.id],
         )
         for e in analysed
     }
@@ -626,7 +632,6 @@ def _write_results(
     state["analysed_at"] = pd.to_datetime(state["analysed_at"], utc=True)
     ids = [e.id for e in analysed]
     metrics = pd.concat(list(frames.values()), ignore_index=True)
-    segment_frames = {e.id: by_segment[by_segment.experiment_id == e.id] for e in analysed}
     segment_rows = {e.id: results.segment_metric_rows(segment_frames[e.id], e, registry.metrics_of(e)) for e in analysed}
     heterogeneity = {e.id: results.heterogeneity_rows(segment_frames[e.id], e, registry.metrics_of(e)) for e in analysed}
     written = session.replace_experiments(ids, {

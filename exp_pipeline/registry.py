@@ -68,6 +68,8 @@ def _utc(value: dt.datetime) -> dt.datetime:
 
 UtcDatetime = Annotated[dt.datetime, AfterValidator(_utc)]
 
+PRE_PERIOD = "pre_period"  # the CUPED++ covariate that is the metric itself before assignment
+
 
 class _Strict(BaseModel):
     # No infinite or NaN numbers anywhere: `window_end_days: .inf` is a typo, not a window.
@@ -161,6 +163,10 @@ class Experiment(_Strict):
     multi_variant: MultiVariantSettings = MultiVariantSettings()
     pre_period_bias: PrePeriodBiasSettings = PrePeriodBiasSettings()
     segments: SegmentSettings = SegmentSettings()
+    covariates: list[str] | None = Field(
+        default=None,
+        description="CUPED++ covariates: 'pre_period' and assignment properties (default: all of them)",
+    )
     cuped_pre_window_days: float = Field(default=14, ge=0, description="0 turns CUPED off")
     alpha: float = Field(default=0.05, gt=0, lt=1, description="1 - confidence level")
 
@@ -314,6 +320,14 @@ class Registry(_Strict):
     def metrics_of(self, experiment: Experiment) -> list[Metric]:
         return [self.metrics[m] for m in experiment.metrics]
 
+    def covariates_of(self, experiment: Experiment) -> list[str]:
+        """The experiment's CUPED++ covariates: as configured, or the pre-period (when CUPED is on)
+        and every assignment property."""
+        if experiment.covariates is not None:
+            return list(dict.fromkeys(experiment.covariates))
+        pre = [PRE_PERIOD] if experiment.cuped_pre_window_days > 0 else []
+        return pre + list(self.sources.assignments.properties)
+
     def resolve_path(self, path: str) -> str:
         """Absolute path (or glob) of a source, kept inside the data root unless allowed.
 
@@ -375,6 +389,15 @@ def _cross_check(registry: Registry, path: Path) -> None:
         if experiment.id in seen:
             problems.append(f"experiment {experiment.id!r}, field 'id': defined twice")
         seen.add(experiment.id)
+        properties = registry.sources.assignments.properties
+        if experiment.covariates is not None:
+            allowed = ([PRE_PERIOD] if experiment.cuped_pre_window_days > 0 else []) + list(properties)
+            wrong = [c for c in experiment.covariates if c not in allowed]
+            if wrong:
+                problems.append(
+                    f"experiment {experiment.id!r}, field 'covariates': {wrong} are not covariates of this "
+                    f"experiment; allowed: {allowed} ('{PRE_PERIOD}' needs cuped_pre_window_days > 0)"
+                )
         unknown = [m for m in experiment.metrics if m not in registry.metrics]
         if unknown:
             problems.append(

@@ -9,11 +9,12 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import pandas as pd
 import pandera.ibis as pa
 
 from exp_pipeline import stats
-from exp_pipeline.registry import Experiment, Metric
+from exp_pipeline.registry import PRE_PERIOD, Experiment, Metric
 from exp_pipeline.schemas import (
     VARIANT_METRICS_COLUMNS,
     segment_heterogeneity_schema,
@@ -52,19 +53,84 @@ def _raw_columns(raw: stats.LiftResult) -> dict:
     }
 
 
+def _design(covariates: list[str], segments: pd.DataFrame) -> list[tuple[str, str | None]]:
+    """CUPED++'s covariate columns: the pre-period, and per property one indicator per value seen
+    in the experiment but the first (the reference level, absorbed by the intercept)."""
+    columns: list[tuple[str, str | None]] = []
+    for covariate in covariates:
+        if covariate == PRE_PERIOD:
+            columns.append((covariate, None))
+        else:
+            levels = sorted(set(segments.loc[segments["property"] == covariate, "value"]))
+            columns += [(covariate, level) for level in levels[1:]]
+    return columns
+
+
+def covariate_moments(
+    overall: stats.SufficientStats, segments: dict[tuple[str, str], stats.SufficientStats],
+    pairs: dict[tuple[str, str, str, str], int], columns: list[tuple[str, str | None]],
+) -> stats.Moments:
+    """One variant's Moments of (y, covariates) for one metric, from its sufficient statistics
+    (`overall`), its segments' (by (property, value)) and its subjects per pair of values of two
+    properties: an indicator's sums are its segment's n, sum_y and sum_x; two values of one
+    property never meet."""
+    k = len(columns)
+    sums, cross = np.zeros(k + 1), np.zeros((k + 1, k + 1))
+    sums[0], cross[0, 0] = overall.sum_y, overall.sum_y2
+    empty = _empty_stats()
+    for i, (prop, value) in enumerate(columns, start=1):
+        if prop == PRE_PERIOD:
+            sums[i], cross[0, i], cross[i, i] = overall.sum_x, overall.sum_xy, overall.sum_x2
+        else:
+            seg = segments.get((prop, value), empty)
+            sums[i], cross[0, i], cross[i, i] = seg.n, seg.sum_y, seg.n
+        for j, (other, other_value) in enumerate(columns[: i - 1], start=1):
+            if prop == PRE_PERIOD or other == PRE_PERIOD:
+                indicator = (other, other_value) if prop == PRE_PERIOD else (prop, value)
+                cross[i, j] = segments.get(indicator, empty).sum_x
+            elif prop != other:
+                cross[i, j] = pairs.get((other, other_value, prop, value), pairs.get((prop, value, other, other_value), 0))
+    # Each off-diagonal sum was set on one side of the diagonal only.
+    cross = cross + cross.T - np.diag(np.diag(cross))
+    return stats.Moments(n=overall.n, sums=sums, cross=cross)
+
+
+def _variance_reduction(adjusted: stats.LiftResult, raw: stats.LiftResult) -> float:
+    """1 - (adjusted relative standard error / raw)^2."""
+    return 1 - (adjusted.rel_se / raw.rel_se) ** 2 if raw.rel_se and raw.rel_se == raw.rel_se else math.nan
+
+
 def variant_metric_rows(
     sufficient: pd.DataFrame,
     experiment: Experiment,
     metrics: list[Metric],
     srm: stats.SrmResult,
+    covariates: list[str] | None = None,
+    segments: pd.DataFrame | None = None,
+    pairs: pd.DataFrame | None = None,
 ) -> pd.DataFrame:
     """One row per (variant, metric) with the inference of each treatment against the control.
 
     Variants or metrics without any subject still get a row (n = 0, statistics NaN), so an empty
-    arm is visible rather than missing.
+    arm is visible rather than missing. CUPED++ on `covariates` needs the experiment's segment
+    statistics (`segments`, complete_statistics by SEGMENT_KEY) and, with two properties or more,
+    its subjects per pair of property values (`pairs`, assignments.property_pair_counts).
     """
     by_key = {(row["variant_id"], row["metric"]): sufficient_stats_of(row) for _, row in sufficient.iterrows()}
     control_id = experiment.control.id
+    columns = _design(covariates or [], segments) if covariates and segments is not None else []
+    if columns:
+        by_segment = {
+            (r["variant_id"], r["metric"], r["property"], r["value"]): sufficient_stats_of(r) for _, r in segments.iterrows()
+        }
+        pair_counts = {} if pairs is None else {
+            (r.variant_id, (r.property_a, r.value_a, r.property_b, r.value_b)): int(r.n) for r in pairs.itertuples()
+        }
+
+        def moments(variant: str, metric: str) -> stats.Moments:
+            mine = {(p, v): st for (va, m, p, v), st in by_segment.items() if va == variant and m == metric}
+            its_pairs = {key: n for (va, key), n in pair_counts.items() if va == variant}
+            return covariate_moments(by_key.get((variant, metric), _empty_stats()), mine, its_pairs, columns)
     rows = []
     for metric in metrics:
         control = by_key.get((control_id, metric.id), _empty_stats())
@@ -99,8 +165,20 @@ def variant_metric_rows(
                     cuped_ci_low=adjusted.ci_low,
                     cuped_ci_high=adjusted.ci_high,
                     cuped_p_value=adjusted.p_value,
-                    cuped_variance_reduction=1 - (adjusted.rel_se / raw.rel_se) ** 2
-                    if raw.rel_se and raw.rel_se == raw.rel_se else math.nan,
+                    cuped_variance_reduction=_variance_reduction(adjusted, raw),
+                )
+            if columns:
+                adjusted = stats.compare_regression_adjusted(
+                    moments(variant.id, metric.id), moments(control_id, metric.id), alpha=experiment.alpha
+                )
+                row.update(
+                    cuped_pp_covariates=", ".join(covariates),
+                    cuped_pp_abs_lift=adjusted.abs_lift,
+                    cuped_pp_rel_lift=adjusted.rel_lift,
+                    cuped_pp_ci_low=adjusted.ci_low,
+                    cuped_pp_ci_high=adjusted.ci_high,
+                    cuped_pp_p_value=adjusted.p_value,
+                    cuped_pp_variance_reduction=_variance_reduction(adjusted, raw),
                 )
             rows.append(row)
     frame = pd.DataFrame(rows).reindex(columns=list(VARIANT_METRICS_COLUMNS))

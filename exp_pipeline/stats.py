@@ -254,6 +254,53 @@ def compare_cuped(
 
 
 @dataclass(frozen=True)
+class Moments:
+    """A variant's first and second moments of the vector (y, z_1, ..., z_k): n, the sums, and the
+    matrix of cross-product sums (index 0 is the metric y, the others covariates)."""
+
+    n: int
+    sums: np.ndarray  # shape (k + 1,)
+    cross: np.ndarray  # shape (k + 1, k + 1), symmetric
+
+    def mean(self) -> np.ndarray:
+        return self.sums / self.n
+
+    def covariance(self) -> np.ndarray:
+        """Sample (ddof=1) covariance matrix."""
+        return (self.cross - np.outer(self.sums, self.sums) / self.n) / (self.n - 1)
+
+
+def compare_regression_adjusted(treatment: Moments, control: Moments, alpha: float = 0.05) -> LiftResult:
+    """CUPED++: the treatment effect adjusted on several covariates z, their coefficients pooled
+    over both arms (docs/data-model.md#cuped-1).
+
+    beta is the within-arm regression of y on z (the two arms' centred cross products summed), so
+    abs_lift = (m_t - m_c) - beta . (mean_z_t - mean_z_c) is the treatment coefficient of OLS of y
+    on an intercept, the treatment indicator and z. Its variance is that of y - beta . z per arm
+    (Welch); the relative lift divides it by the unadjusted control mean, with the delta method of
+    `compare_cuped`: treatment (y_t - beta . z_t) / m_c, control ((m_t / m_c) y_c - beta . z_c) / m_c.
+    """
+    _check_alpha(alpha)
+    if min(treatment.n, control.n) < 2:
+        return _inference(_NAN, _NAN, _NAN, _NAN, _NAN, _NAN, alpha)
+    c_t, c_c = treatment.covariance(), control.covariance()
+    within = (treatment.n - 1) * c_t + (control.n - 1) * c_c
+    # pinv: a covariate constant within the arms (or collinear with others) gets no weight.
+    beta = np.linalg.pinv(within[1:, 1:]) @ within[1:, 0]
+    mean_t, mean_c = treatment.mean(), control.mean()
+    m_t, m_c = float(mean_t[0]), float(mean_c[0])
+    abs_lift = (m_t - m_c) - float(beta @ (mean_t[1:] - mean_c[1:]))
+    adjust = np.r_[1.0, -beta]
+    var_t, var_c = (_clamp0(float(adjust @ c @ adjust)) for c in (c_t, c_c))
+    v_t, v_c = var_t / treatment.n, var_c / control.n
+    rel_var = _NAN
+    if m_c != 0:
+        control_gradient = np.r_[m_t / m_c, -beta]
+        rel_var = (v_t + _clamp0(float(control_gradient @ c_c @ control_gradient)) / control.n) / m_c**2
+    return _inference(m_c, m_c + abs_lift, abs_lift, v_t + v_c, rel_var, welch_df(var_t, treatment.n, var_c, control.n), alpha)
+
+
+@dataclass(frozen=True)
 class SrmResult:
     """Sample-ratio-mismatch test; expected holds expected counts, not weights."""
 

@@ -9,7 +9,13 @@ from scipy import stats as sps
 
 from exp_pipeline import stats
 from exp_pipeline.registry import Experiment, Metric
-from exp_pipeline.results import heterogeneity_rows, segment_metric_rows, srm_of, variant_metric_rows
+from exp_pipeline.results import (
+    covariate_moments,
+    heterogeneity_rows,
+    segment_metric_rows,
+    srm_of,
+    variant_metric_rows,
+)
 from exp_pipeline.schemas import VARIANT_METRICS_COLUMNS
 
 EXPERIMENT = Experiment.model_validate(
@@ -151,3 +157,28 @@ def test_heterogeneity_is_cochrans_q_on_the_segments_relative_lifts():
     # ios +30% against web +1%: the effect differs; the high arm's lifts agree.
     assert het.loc["low", "differs"] and not het.loc["high", "differs"]
     assert het["p_value_holm"].tolist() == pytest.approx(stats.holm(het["p_value"].tolist()))
+
+
+def test_cuped_pp_moments_from_segment_sums_equal_those_of_the_subjects():
+    """The cross products CUPED++ needs, assembled from the engine's small tables (overall and
+    segment sums, subjects per pair of property values), equal the per-subject design's."""
+    rng = np.random.default_rng(8)
+    n = 2000
+    device = rng.choice(["android", "ios", "web"], n)
+    country = rng.choice(["DE", "US"], n)
+    x = rng.gamma(2, 5, n) * (rng.random(n) < 0.7)
+    y = 0.5 * x + rng.gamma(2, 3, n)
+    overall = stats.SufficientStats(n, y.sum(), y @ y, x.sum(), x @ x, x @ y)
+    segments = {}
+    for prop, values in (("device_type", device), ("country", country)):
+        for v in np.unique(values):
+            m = values == v
+            segments[(prop, str(v))] = stats.SufficientStats(int(m.sum()), y[m].sum(), y[m] @ y[m], x[m].sum(), x[m] @ x[m], x[m] @ y[m])
+    pairs = {("device_type", d, "country", c): int(((device == d) & (country == c)).sum()) for d in np.unique(device) for c in np.unique(country)}
+    columns = [("pre_period", None), ("device_type", "ios"), ("device_type", "web"), ("country", "US")]
+    got = covariate_moments(overall, segments, pairs, columns)
+    z = np.column_stack([x, device == "ios", device == "web", country == "US"]).astype(float)
+    w = np.column_stack([y, z])
+    np.testing.assert_allclose(got.sums, w.sum(axis=0), rtol=1e-12)
+    np.testing.assert_allclose(got.cross, w.T @ w, rtol=1e-12)
+    assert got.n == n

@@ -13,9 +13,11 @@ from scipy import stats as sps
 from statsmodels.stats.multitest import multipletests
 
 from exp_pipeline.stats import (
+    Moments,
     SufficientStats,
     compare,
     compare_cuped,
+    compare_regression_adjusted,
     cuped_theta,
     holm,
     srm_by_property,
@@ -274,6 +276,72 @@ def test_welch_test_is_undefined_without_variance_or_subjects():
     flat = SufficientStats(n=5, sum_y=10.0, sum_y2=20.0)
     assert math.isnan(welch_test(flat, flat).p_value)
     assert math.isnan(welch_test(SufficientStats(n=1, sum_y=1.0, sum_y2=1.0), flat).p_value)
+
+
+# --- CUPED++ ------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def ab_covariates():
+    """y depends on the pre-period x and on the device (one-hot, first level dropped); 5% lift."""
+    rng = np.random.default_rng(2024)
+    arms = []
+    for n, lift in ((3000, 1.05), (2500, 1.0)):
+        x = revenue(rng, n, 1.0, 1.0, 0.3)
+        device = rng.choice(3, n, p=[0.5, 0.3, 0.2])
+        country = rng.choice(2, n)
+        y = (0.6 * x + np.array([0.0, 4.0, -1.5])[device] + 1.0 * country + rng.lognormal(0.8, 0.7, n)) * lift
+        z = np.column_stack([x, device == 1, device == 2, country == 1]).astype(float)
+        arms.append((y, z))
+    return arms
+
+
+def moments(y, z):
+    w = np.column_stack([y, z])
+    return Moments(n=len(y), sums=w.sum(axis=0), cross=w.T @ w)
+
+
+def test_cuped_pp_is_ols_with_the_treatment_indicator_and_centred_covariates(ab_covariates):
+    (y_t, z_t), (y_c, z_c) = ab_covariates
+    y, z = np.r_[y_t, y_c], np.r_[z_t, z_c]
+    treated = np.r_[np.ones(len(y_t)), np.zeros(len(y_c))]
+    fit = sm.OLS(y, np.column_stack([np.ones_like(y), treated, z - z.mean(axis=0)])).fit()
+    res = compare_regression_adjusted(moments(y_t, z_t), moments(y_c, z_c))
+    assert res.abs_lift == pytest.approx(fit.params[1], rel=1e-9)
+    # The variance: Welch on each subject's y - beta . z, beta the OLS covariate coefficients.
+    beta = fit.params[2:]
+    adj_t, adj_c = y_t - z_t @ beta, y_c - z_c @ beta
+    welch = sps.ttest_ind(adj_t, adj_c, equal_var=False)
+    assert res.abs_lift / res.abs_se == pytest.approx(welch.statistic, rel=1e-9)
+    assert res.df == pytest.approx(welch.df, rel=1e-9)
+    assert res.abs_ci_low == pytest.approx(welch.confidence_interval().low, rel=1e-9)
+    # Relative: over the unadjusted control mean, the delta method on the per-subject terms.
+    m_t, m_c = y_t.mean(), y_c.mean()
+    var = np.var(adj_t, ddof=1) / len(y_t) / m_c**2 + np.var(m_t / m_c * y_c - z_c @ beta, ddof=1) / len(y_c) / m_c**2
+    assert res.rel_lift == pytest.approx(fit.params[1] / m_c, rel=1e-9)
+    assert res.rel_se == pytest.approx(np.sqrt(var), rel=1e-9)
+    assert res.p_value == pytest.approx(2 * sps.t.sf(abs(res.rel_lift) / np.sqrt(var), welch.df), rel=1e-9)
+    # And it is robust-SE OLS to first order (HC2 on the same regression).
+    assert res.abs_se == pytest.approx(fit.get_robustcov_results("HC2").bse[1], rel=2e-3)
+
+
+def test_cuped_pp_narrows_cuped_when_the_properties_explain_the_metric(ab_covariates):
+    (y_t, z_t), (y_c, z_c) = ab_covariates
+    cuped = compare_cuped(suff(y_t, z_t[:, 0]), suff(y_c, z_c[:, 0]))
+    pp = compare_regression_adjusted(moments(y_t, z_t), moments(y_c, z_c))
+    only_x = compare_regression_adjusted(moments(y_t, z_t[:, :1]), moments(y_c, z_c[:, :1]))
+    assert pp.rel_se < 0.9 * cuped.rel_se
+    # With the pre-period alone it is CUPED up to the slope (within-arm against pooled: chance-level).
+    assert only_x.abs_lift == pytest.approx(cuped.abs_lift, abs=0.02 * cuped.abs_se)
+
+
+def test_cuped_pp_without_covariate_variance_is_the_raw_comparison(ab):
+    y_t, y_c = ab
+    constant = np.ones((len(y_t), 1)), np.ones((len(y_c), 1))
+    res = compare_regression_adjusted(moments(y_t, constant[0]), moments(y_c, constant[1]))
+    raw = compare(suff(y_t), suff(y_c))
+    assert res.abs_lift == pytest.approx(raw.abs_lift, rel=1e-12)
+    assert res.rel_se == pytest.approx(raw.rel_se, rel=1e-9)
 
 
 # --- degenerate inputs -----------------------------------------------------

@@ -151,3 +151,21 @@ def assignment_counts(assignments: ir.Table, properties: Sequence[str], by: Sequ
         )
     columns = [*by, "property", "value", "variant_id", "n"]
     return ibis.union(*(p.select(*columns) for p in parts), distinct=False)
+
+
+PAIR_COLUMNS = ("variant_id", "property_a", "value_a", "property_b", "value_b", "n")
+
+
+def property_pair_counts(assignments: ir.Table, properties: Sequence[str], by: Sequence[str] = ()) -> ir.Table | None:
+    """Subjects per variant and pair of values of two different properties (the cross products of
+    their one-hot indicators, for CUPED++), per group of `by`; None with fewer than two properties."""
+    pairs = [(a, b) for i, a in enumerate(properties) for b in properties[i + 1:]]
+    if not pairs:
+        return None
+    parts = [
+        assignments.group_by(*by, "variant_id", value_a=_property_value(assignments, a), value_b=_property_value(assignments, b))
+        .aggregate(n=assignments.count())
+        .mutate(property_a=ibis.literal(a), property_b=ibis.literal(b))
+        for a, b in pairs
+    ]
+    return ibis.union(*(p.select(*by, *PAIR_COLUMNS) for p in parts), distinct=False)

@@ -167,6 +167,16 @@ def test_cuped_narrows_the_interval(pipeline):
         assert (rows["cuped_variance_reduction"] > 0).all()
 
 
+def test_cuped_pp_is_at_least_as_narrow_as_cuped_on_every_comparison(pipeline):
+    workspace, _, _ = pipeline
+    rows = workspace.rows("variant_metrics")
+    treatments = rows[~rows.is_control]
+    assert (treatments["cuped_pp_covariates"] == "pre_period, device_type, country").all()
+    width = treatments["cuped_pp_ci_high"] - treatments["cuped_pp_ci_low"]
+    assert (width <= treatments["cuped_ci_high"] - treatments["cuped_ci_low"]).all()
+    assert (treatments["cuped_pp_variance_reduction"] >= treatments["cuped_variance_reduction"]).all()
+
+
 def test_srm_fires_only_where_injected_and_names_the_cause(pipeline):
     workspace, result, _ = pipeline
     for experiment_id in EXPERIMENTS:
