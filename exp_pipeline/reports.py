@@ -51,10 +51,10 @@ def results_rows(frame: pd.DataFrame) -> pd.DataFrame:
             "experiment": treatments["experiment_id"],
             "variant": treatments["variant_id"],
             "metric": treatments["metric"],
-            "n (treat/ctrl)": [
+            "n (t/c)": [
                 f"{int(n)}/{int(controls.loc[k, 'n'])}" for n, k in zip(treatments["n"], keys, strict=True)
             ],
-            "mean (treat/ctrl)": [
+            "mean (t/c)": [
                 f"{t:.4g}/{controls.loc[k, 'mean']:.4g}" for t, k in zip(treatments["mean"], keys, strict=True)
             ],
             "lift": [percent(v) + _marker(p) for v, p in zip(treatments["rel_lift"], treatments["p_value"], strict=True)],
@@ -66,6 +66,10 @@ def results_rows(frame: pd.DataFrame) -> pd.DataFrame:
                 interval(lo, hi) for lo, hi in zip(treatments["cuped_ci_low"], treatments["cuped_ci_high"], strict=True)
             ],
             "CUPED p": [p_value_text(v) for v in treatments["cuped_p_value"]],
+            "CUPED++ lift": [percent(v) for v in treatments["cuped_pp_rel_lift"]],
+            "CUPED++ 95% CI": [
+                interval(lo, hi) for lo, hi in zip(treatments["cuped_pp_ci_low"], treatments["cuped_pp_ci_high"], strict=True)
+            ],
             "SRM": [srm_text(v, p) for v, p in zip(treatments["srm_verdict"], treatments["srm_p_value"], strict=True)],
         }
     )
@@ -76,8 +80,18 @@ def results_markdown(frame: pd.DataFrame) -> str:
     return table.to_markdown(index=False) + "\n\n`*` p < 0.05 (unadjusted); intervals are for the relative lift."
 
 
+# The console table leaves out what the markdown and HTML tables add (the unadjusted p-values,
+# CUPED++, the SRM column: the SRM verdict heads each experiment), so that it reads in 120 columns.
+CONSOLE_DROPS = ["experiment", "SRM", "p", "CUPED p", "CUPED++ lift", "CUPED++ 95% CI"]
+
+
 def results_text(frame: pd.DataFrame) -> str:
-    return results_rows(frame).to_string(index=False)
+    """The console table: a heading per experiment with its SRM verdict, then its comparisons."""
+    rows = results_rows(frame)
+    blocks = []
+    for experiment, block in rows.groupby("experiment", sort=False):
+        blocks.append(f"{experiment} · sample ratio {block['SRM'].iloc[0]}\n" + block.drop(columns=CONSOLE_DROPS).to_string(index=False))
+    return "\n\n".join(blocks) + "\n\n* p < 0.05 (unadjusted); intervals are for the relative lift; p (Holm) across the experiment's comparisons."
 
 
 def set_aside_lines(by_reason: pd.DataFrame) -> list[str]:

@@ -43,3 +43,17 @@ def test_the_srm_column_shows_the_one_stored_verdict():
 
 def test_a_row_written_before_the_verdict_was_stored_reads_n_a():
     assert reports.srm_text(None, 0.5) == "n/a" and reports.srm_text(math.nan, 0.5) == "n/a"
+
+
+def test_the_console_table_reads_in_120_columns_with_the_verdict_heading_each_experiment():
+    exp = experiment()
+    srm = stats.srm_test({"control": 24875, "treatment": 25038}, exp.weights, min_total=100)
+    sufficient = pd.DataFrame([
+        {"variant_id": v, "metric": m, "n": n, "sum_y": 17.76 * n, "sum_y2": 900.0 * n,
+         "sum_x": 5.0 * n, "sum_x2": 400.0 * n, "sum_xy": 300.0 * n}
+        for v, n in (("control", 24875), ("treatment", 25038)) for m in ("revenue", "a_long_metric_name")
+    ])
+    frame = variant_metric_rows(sufficient, exp, [metric(), metric(id="a_long_metric_name")], srm)
+    text = reports.results_text(frame)
+    assert max(len(line) for line in text.splitlines()) <= 120
+    assert text.splitlines()[0] == f"{exp.id} · sample ratio ok (p={reports.p_value_text(srm.p_value)})"
