@@ -539,6 +539,9 @@ metric comparisons, so that looking at many comparisons does not inflate false p
 when deciding.</li>
 <li><strong>CUPED</strong> uses each subject's behaviour in the pre-assignment period to remove
 variance unrelated to the treatment: same expected lift, usually a narrower interval.</li>
+<li><strong>By segment</strong>: the lift per value of each assignment property. Read the
+heterogeneity test first: "differs" means the lift is not the same across the values (Cochran's Q,
+Holm-adjusted); without it, a segment whose interval excludes 0 is most likely chance.</li>
 <li>In the forest plot, each comparison shows the raw lift (blue) and the CUPED lift (orange) with
 their 95% CIs; filled points are significant (p &lt; {ALPHA:g}, unadjusted), the dashed line is no
 effect.</li>

@@ -133,9 +133,11 @@ def test_ground_truth_file_matches_the_return_value(generated):
     assert checkout["start_at"] == "2026-10-01T00:00:00Z"
     assert checkout["end_at"] == "2026-10-29T00:00:00Z"
     assert truth["experiments"]["aa_homepage"]["end_at"] is None
+    # +25% on iOS only, which holds 45% of the control's revenue in expectation.
     assert checkout["true_relative_lift"]["treatment"] == {
-        "revenue": 0.12, "purchases": 0.0, "conversion": 0.0, "sessions": 0.0,
+        "revenue": 0.1125, "purchases": 0.0, "conversion": 0.0, "sessions": 0.0,
     }
+    assert checkout["true_revenue_lift_by_device"]["treatment"] == {"ios": 0.25, "android": 0.0, "web": 0.0}
     pricing = truth["experiments"]["pricing_three_arm"]
     assert pricing["weights"] == {"control": 0.5, "price_low": 0.25, "price_high": 0.25}
     assert pricing["true_relative_lift"]["price_low"]["revenue"] == 0.08
@@ -250,9 +252,12 @@ def test_arms_multiply_purchase_amounts_after_first_exposure():
         since = np.zeros(len(population.device), dtype=np.int64)
         since[draw.subject] = draw.first_exposure
         after = (arm[buyer] >= 0) & (bought_at >= since[buyer])
-        means = [amount[after & (arm[buyer] == i)].mean() for i in range(len(draw.spec.arms))]
-        for i, spec_arm in enumerate(draw.spec.arms):
-            assert means[i] / means[0] == pytest.approx(spec_arm.amount_multiplier, abs=0.04)
+        for device_index, device in enumerate(sample_data.DEVICES):
+            on = after & (population.device[buyer] == device_index)
+            means = [amount[on & (arm[buyer] == i)].mean() for i in range(len(draw.spec.arms))]
+            for i, spec_arm in enumerate(draw.spec.arms):
+                # An arm with only_device multiplies that device's amounts, the others' not at all.
+                assert means[i] / means[0] == pytest.approx(1 + spec_arm.segment_lifts()[device], abs=0.06), (device, i)
 
 
 def test_pre_and_post_purchase_totals_correlate(generated, events):

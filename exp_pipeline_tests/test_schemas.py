@@ -42,6 +42,8 @@ def test_variant_metrics_columns_keep_their_order():
         "cuped_p_value_holm", "cuped_variance_reduction",
         "expected_share", "srm_p_value", "srm_flagged", "srm_verdict",
         "cuped_abs_lift", "cuped_abs_lift_ci_low", "cuped_abs_lift_ci_high",
+        "cuped_pp_covariates", "cuped_pp_abs_lift", "cuped_pp_rel_lift", "cuped_pp_ci_low", "cuped_pp_ci_high",
+        "cuped_pp_p_value", "cuped_pp_variance_reduction",
     )
 
 

@@ -142,7 +142,7 @@ def test_the_effect_only_on_ios_is_found_by_segment_and_the_aa_test_differs_nowh
     for row in revenue.itertuples():
         assert row.ci_low < truth[row.value] < row.ci_high, row.value
     assert revenue.set_index("value").loc["ios", "ci_low"] > 0
-    heterogeneity = workspace.rows("segment_heterogeneity").set_index(["experiment_id", "property", "variant_id", "metric"])
+    heterogeneity = workspace.rows("segment_heterogeneity").set_index(["experiment_id", "property", "variant_id", "metric"]).sort_index()
     assert heterogeneity.loc[("checkout_redesign", "device_type", "treatment", "revenue"), "differs"]
     assert not heterogeneity.loc[("checkout_redesign", "country", "treatment", "revenue"), "differs"]
     assert not heterogeneity.loc["aa_homepage", "differs"].any()

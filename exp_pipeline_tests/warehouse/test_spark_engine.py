@@ -23,7 +23,8 @@ EXPERIMENTS = ["checkout_redesign", "aa_homepage", "pricing_three_arm", "onboard
 STATISTICS = [
     "n", "sum_y", "sum_y2", "sum_x", "sum_x2", "sum_xy", "mean", "std", "abs_lift", "rel_lift", "ci_low",
     "ci_high", "p_value", "p_value_holm", "cuped_theta", "cuped_rel_lift", "cuped_ci_low", "cuped_ci_high",
-    "cuped_p_value", "cuped_variance_reduction", "srm_p_value",
+    "cuped_p_value", "cuped_variance_reduction", "srm_p_value", "cuped_abs_lift", "cuped_pp_abs_lift",
+    "cuped_pp_rel_lift", "cuped_pp_ci_low", "cuped_pp_ci_high", "cuped_pp_p_value",
 ]
 
 
@@ -74,6 +75,19 @@ def test_the_sample_gives_the_same_results_on_spark_and_duckdb(tmp_path):
             assert np.array_equal(np.isnan(want), np.isnan(got)), (experiment_id, column)
             both = ~np.isnan(want)
             np.testing.assert_allclose(got[both], want[both], rtol=1e-9, atol=1e-12, err_msg=f"{experiment_id} {column}")
+
+        # The segments come from the same aggregate on both engines.
+        for table, key, columns in (
+            ("segment_metrics", ["property", "value", "variant_id", "metric"], ["n", "sum_y", "sum_xy", "rel_lift", "p_value"]),
+            ("segment_heterogeneity", ["property", "variant_id", "metric"], ["segments", "q", "p_value", "p_value_holm"]),
+        ):
+            frames = [w.rows(table, experiment_id).set_index(key).sort_index() for w in (duckdb_workspace, spark_workspace)]
+            assert list(frames[0].index) == list(frames[1].index) and len(frames[0]), table
+            for column in columns:
+                want, got = frames[0][column].to_numpy(float), frames[1][column].to_numpy(float)
+                both = ~np.isnan(want)
+                assert np.array_equal(both, ~np.isnan(got)), (table, column)
+                np.testing.assert_allclose(got[both], want[both], rtol=1e-9, atol=1e-12, err_msg=f"{table} {column}")
 
 
 def test_a_new_process_finds_the_tables_of_the_last_one(tmp_path):
