@@ -237,7 +237,7 @@ def test_the_ui_shows_the_graph_and_the_results(dagster_dev, launched_run, brows
     table = dialog.locator("table")
     table.wait_for(timeout=10_000)
     text = table.inner_text()
-    assert "revenue" in text and "CUPED lift" in text and "+13.86%*" in text
+    assert "revenue" in text and "CUPED lift" in text and "CUPED++ lift" in text and "+12.96%*" in text
     page.screenshot(path=str(screenshot_path(tmp_path, "ui_results_table")))
     dialog.get_by_role("button", name="Close").click()
 
@@ -247,6 +247,14 @@ def test_the_ui_shows_the_graph_and_the_results(dagster_dev, launched_run, brows
     width, height = image.evaluate("i => [i.naturalWidth, i.naturalHeight]")
     assert width > 500 and height > 100  # the plot decoded and rendered
     page.screenshot(path=str(screenshot_path(tmp_path, "ui_forest_plot")))
+    page.get_by_role("dialog").get_by_role("button", name="Close").click()
+
+    # The results by segment: the heterogeneity table and one plot per property.
+    page.get_by_role("row", name="by_segment").get_by_text("[Show Markdown]").click()
+    dialog = page.get_by_role("dialog")
+    dialog.locator("table").wait_for(timeout=10_000)
+    assert "device_type" in dialog.locator("table").inner_text()
+    assert dialog.locator("img").count() == 2  # device_type and country
     page.close()
 
 
@@ -258,12 +266,18 @@ def test_the_html_report_opens_in_the_browser(dagster_dev, launched_run, browser
     rows = page.locator("#results tbody tr")
     assert rows.count() == 4
     revenue = page.locator("#results tbody tr", has_text="revenue")
-    assert "+13.86%" in revenue.inner_text()
+    assert "+12.96%" in revenue.inner_text()
     plot = page.locator("#forest-plot svg")
     box = plot.bounding_box()
     assert box and box["width"] > 500 and box["height"] > 100
+    segments = page.locator("#segments")
+    assert "The lift differs by device_type for revenue · treatment" in segments.inner_text()
+    assert page.locator(".segment-plot svg").count() == 2
+    box = page.locator(".segment-plot svg").first.bounding_box()
+    assert box and box["width"] > 500 and box["height"] > 100
     checks = page.locator("#checks").inner_text()
     assert "one_active_row_per_subject" in checks and "no_sample_ratio_mismatch" in checks
+    assert "no_pre_period_bias" in checks
     page.screenshot(path=str(screenshot_path(tmp_path, "report_checkout_redesign")), full_page=True)
     page.close()
 
