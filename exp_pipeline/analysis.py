@@ -566,7 +566,9 @@ def _analyse(
         per_experiment = segment_counts.query("property == ''").groupby("experiment_id")["n"].sum().astype(int).to_dict()
         bounds = subject_bounds(read_bounds(session.to_pandas(value_bounds(capped, VALUE_KEY)), VALUE_KEY), per_experiment)
         analysable = ibis.union(*(analysable_assignments(session.partition(DEDUPED, i)) for i in ids), distinct=False)
-        segments = session.temp_table("_subject_segments", subject_segments(analysable, registry.sources.assignments.properties))
+        segments = session.temp_table("_subject_segments", subject_segments(
+            join.subjects.filter(join.subjects.experiment_id.isin(ids)), analysable, registry.sources.assignments.properties,
+        ))
         # Only this small table leaves the engine: every variant's and every segment's sums at once.
         sums = session.to_pandas(sufficient_statistics(capped, bounds, segments))
         full = complete_statistics(

@@ -90,7 +90,7 @@ EXPERIMENT_CHECKS = [CheckDefinition(*c) for c in (
     (METRICS, "matches_schema", False, "variant_metrics matches its Pandera schema."),
     (METRICS, "no_pre_period_bias", False,
      "Each metric's pre-period value (the CUPED covariate) compared between each treatment and the control "
-     "(Welch's test): WARN below pre_period_bias.p_threshold (default 0.001). CUPED corrects such an imbalance."),
+     "(Welch's test): WARN below pre_period_bias.p_threshold (default 0.001). CUPED adjusts for such an imbalance."),
 )]
 BLOCKING = {(c.asset, c.check): c.blocking for c in EXPERIMENT_CHECKS}
 
@@ -281,7 +281,7 @@ def pre_period_bias_outcome(metrics: pd.DataFrame, experiment: Experiment) -> Ch
         f"pre-period imbalance in {flagged} of {len(judged)} comparisons: {where}: pre-period means "
         f"{worst['treatment_pre_mean']:.4g} vs {worst['control_pre_mean']:.4g} ({_p(worst['p_value'])}, WARN below "
         f"{threshold:g}). Randomization makes this rare: check how subjects were assigned and exposures "
-        "logged. CUPED adjusts for the pre-period difference: read cuped_rel_lift rather than rel_lift."
+        "logged. CUPED adjusts (linearly) for the pre-period difference: read cuped_rel_lift rather than rel_lift."
     ), metadata)
 
 

@@ -292,6 +292,11 @@ class Sources(_Strict):
         clash = sorted(set(self.assignments.properties) & set(ASSIGNMENT_COLUMNS))
         if clash:
             raise ValueError(f"assignments.properties must not repeat canonical columns: {clash}")
+        if PRE_PERIOD in self.assignments.properties:
+            raise ValueError(
+                f"assignments.properties: '{PRE_PERIOD}' names the CUPED++ pre-period covariate; rename the "
+                "column in the log or leave it out of properties"
+            )
         reserved = sorted(set(self.assignments.properties) & RESERVED_COLUMN_NAMES)
         if reserved:
             raise ValueError(

@@ -272,7 +272,8 @@ def segment_heterogeneity_schema(experiment: Experiment | None, metric_ids: Sequ
                 STRING, "metric id from the registry",
                 pa.Check.isin(list(metric_ids)) if metric_ids is not None else None,
             ),
-            "segments": _column(INT64, "values of the property with a relative lift and its standard error", pa.Check.ge(0)),
+            "segments": _column(INT64, "values of the property in the test: a relative lift with a standard error (a value "
+                                          "not too small whose lift is undefined, e.g. a zero control mean, is in neither count)", pa.Check.ge(0)),
             "segments_too_small": _column(INT64, "values left out: an arm below segments.min_subjects", pa.Check.ge(0)),
             "pooled_rel_lift": _float("inverse-variance weighted mean of the segments' relative lifts"),
             "q": _float("Cochran's Q: sum of w (lift - pooled)^2, w = 1 / se^2"),

@@ -215,7 +215,7 @@ def test_pre_period_bias_passes_when_randomized_and_warns_on_an_imbalance(regist
     assert test["metric"] == "revenue" and test["variant_id"] == "treatment"
     assert test["difference"] == pytest.approx(x_t.mean() - x_c.mean(), rel=1e-12)
     assert "pre-period imbalance in 1 of 1 comparisons: revenue, treatment vs control" in outcome.description
-    assert "CUPED adjusts for the pre-period difference: read cuped_rel_lift" in outcome.description
+    assert "CUPED adjusts (linearly) for the pre-period difference: read cuped_rel_lift" in outcome.description
 
 
 def test_the_pre_period_bias_threshold_is_the_experiments(registry, tmp_path):

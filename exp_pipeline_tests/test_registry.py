@@ -93,6 +93,8 @@ def test_status_follows_the_dates():
          r"metric 'revenue', field 'window_end_days': Input should be a finite number"),
         (lambda r: r["experiments"][0].update(cuped_pre_window_days=float("nan")),
          r"experiment 'checkout_redesign', field 'cuped_pre_window_days': Input should be a finite number"),
+        (lambda r: r["sources"]["assignments"]["properties"].append("pre_period"),
+         r"sources: assignments.properties: 'pre_period' names the CUPED\+\+ pre-period covariate"),
         (lambda r: r["sources"]["assignments"]["properties"].append("source_file"),
          r"sources: assignments.properties \['source_file'\] are names of columns the pipeline adds"),
         (lambda r: r["sources"]["assignments"]["properties"].append(r["sources"]["assignments"]["properties"][0]),

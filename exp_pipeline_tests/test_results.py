@@ -159,12 +159,14 @@ def test_heterogeneity_is_cochrans_q_on_the_segments_relative_lifts():
     assert het["p_value_holm"].tolist() == pytest.approx(stats.holm(het["p_value"].tolist()))
 
 
-def test_cuped_pp_moments_from_segment_sums_equal_those_of_the_subjects():
+@pytest.mark.parametrize("case", ["as_listed", "pre_period_after_a_property_pairs_reversed", "a_level_missing"])
+def test_cuped_pp_moments_from_segment_sums_equal_those_of_the_subjects(case):
     """The cross products CUPED++ needs, assembled from the engine's small tables (overall and
     segment sums, subjects per pair of property values), equal the per-subject design's."""
     rng = np.random.default_rng(8)
     n = 2000
-    device = rng.choice(["android", "ios", "web"], n)
+    # A level of the experiment this arm never saw ("web"): its indicator is zero throughout.
+    device = rng.choice(["android", "ios"] if case == "a_level_missing" else ["android", "ios", "web"], n)
     country = rng.choice(["DE", "US"], n)
     x = rng.gamma(2, 5, n) * (rng.random(n) < 0.7)
     y = 0.5 * x + rng.gamma(2, 3, n)
@@ -176,8 +178,12 @@ def test_cuped_pp_moments_from_segment_sums_equal_those_of_the_subjects():
             segments[(prop, str(v))] = stats.SufficientStats(int(m.sum()), y[m].sum(), y[m] @ y[m], x[m].sum(), x[m] @ x[m], x[m] @ y[m])
     pairs = {("device_type", d, "country", c): int(((device == d) & (country == c)).sum()) for d in np.unique(device) for c in np.unique(country)}
     columns = [("pre_period", None), ("device_type", "ios"), ("device_type", "web"), ("country", "US")]
+    design = {"pre_period": x, "device_type": {v: device == v for v in ("ios", "web")}, "country": {"US": country == "US"}}
+    if case == "pre_period_after_a_property_pairs_reversed":
+        columns = [("country", "US"), ("device_type", "web"), ("pre_period", None), ("device_type", "ios")]
+        pairs = {(b, vb, a, va): count for (a, va, b, vb), count in pairs.items()}
     got = covariate_moments(overall, segments, pairs, columns)
-    z = np.column_stack([x, device == "ios", device == "web", country == "US"]).astype(float)
+    z = np.column_stack([design[p] if p == "pre_period" else design[p][v] for p, v in columns]).astype(float)
     w = np.column_stack([y, z])
     np.testing.assert_allclose(got.sums, w.sum(axis=0), rtol=1e-12)
     np.testing.assert_allclose(got.cross, w.T @ w, rtol=1e-12)

@@ -125,10 +125,12 @@ def _property_value(assignments: ir.Table, prop: str) -> ir.StringValue:
     return assignments[prop].cast("string").fill_null("(null)")
 
 
-def subject_segments(assignments: ir.Table, properties: Sequence[str]) -> ir.Table:
+def subject_segments(subjects: ir.Table, assignments: ir.Table, properties: Sequence[str]) -> ir.Table:
     """(experiment_id, subject_id, property, value): the segments each subject belongs to, one per
-    property, and the overall ('', '') of everyone (the grain of `assignment_counts`)."""
-    parts = [assignments.select("experiment_id", "subject_id", property=ibis.literal(""), value=ibis.literal(""))]
+    property (from `assignments`, which hold the properties), and the overall ('', '') of every one
+    of `subjects`, the subjects analysed (the grain of `assignment_counts`). The overall rows come
+    from the analysed subjects themselves: no subject with values can miss the overall sums."""
+    parts = [subjects.select("experiment_id", "subject_id", property=ibis.literal(""), value=ibis.literal(""))]
     parts += [
         assignments.select("experiment_id", "subject_id", property=ibis.literal(prop), value=_property_value(assignments, prop))
         for prop in properties

@@ -33,8 +33,8 @@ def metric_bucket_sums(segments: ir.Table, coverage: ir.Table) -> ir.Table:
 def subject_metric_values(subjects: ir.Table, bucket_sums: ir.Table, windows: ir.Table) -> ir.Table:
     """Per (experiment, subject, metric, period) value of the subjects with events of the metric in
     the period, for every experiment in `windows` at once. A subject without a row has the value
-    zero: capping leaves zeros alone and zeros add nothing to a sum, so only the counts need every
-    subject (`complete_statistics`).
+    zero: zeros add nothing to a sum, so only the counts need every subject (`complete_statistics`);
+    capping adds the zeros it changes (`cap_subject_values`, `cap_ignore_zeros: false`).
 
     `subjects`: the analysable subjects with their `unit` (`numbered_subjects`); `bucket_sums`:
     `metric_bucket_sums`; `windows`: the `metric_windows_frame` table. Period `post`: the metric's

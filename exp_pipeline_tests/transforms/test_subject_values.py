@@ -269,7 +269,7 @@ def test_segment_statistics_equal_the_statistics_of_the_segments_subjects_alone(
     assignments = con.create_table("assignments", people)
     counts = con.to_pandas(assignment_counts(assignments, ["device_type", "country"], by=["experiment_id"]))
     bounds = subject_bounds(con.bounds(table), {"exp": n})
-    segments = subject_segments(assignments, ["device_type", "country"])
+    segments = subject_segments(assignments, assignments, ["device_type", "country"])
     sums = con.to_pandas(sufficient_statistics(table, bounds, segments))
     full = complete_statistics(sums, counts, {"exp": ["revenue"]}, by=SEGMENT_KEY).set_index(["property", "value", "variant_id"])
     expected_segments = {("", "")} | {("device_type", v) for v in ("ios", "android", "web", "(null)")} | {
