@@ -45,8 +45,10 @@ def test_blocked_experiments_are_not_shown_as_fresh_and_the_command_fails(tmp_pa
     assert done.returncode == 1
     assert "No fresh results for exp_a" in done.stdout
     assert "ERROR exp_a: deduped_assignments.no_sample_ratio_mismatch" in done.stdout
-    lines = [line for line in done.stdout.splitlines() if "revenue" in line]
-    assert len(lines) == 1 and "exp_b" in lines[0]
+    # Only exp_b's results are shown: its heading, then its one comparison.
+    headings = [line for line in done.stdout.splitlines() if " · sample ratio " in line]
+    assert [h.split(" · ")[0] for h in headings] == ["exp_b"]
+    assert len([line for line in done.stdout.splitlines() if "revenue" in line]) == 1
     assert "FAILED: exp_a" in done.stderr
 
 
