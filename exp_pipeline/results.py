@@ -95,9 +95,15 @@ def covariate_moments(
     return stats.Moments(n=overall.n, sums=sums, cross=cross)
 
 
-def _variance_reduction(adjusted: stats.LiftResult, raw: stats.LiftResult) -> float:
-    """1 - (adjusted relative standard error / raw)^2."""
-    return 1 - (adjusted.rel_se / raw.rel_se) ** 2 if raw.rel_se and raw.rel_se == raw.rel_se else math.nan
+def _adjusted_columns(prefix: str, adjusted: stats.LiftResult, raw: stats.LiftResult) -> dict:
+    """A variance-reduced comparison's columns (CUPED, CUPED++), with its variance reduction
+    1 - (adjusted relative standard error / raw)^2."""
+    reduction = 1 - (adjusted.rel_se / raw.rel_se) ** 2 if raw.rel_se and raw.rel_se == raw.rel_se else math.nan
+    return {
+        f"{prefix}_abs_lift": adjusted.abs_lift, f"{prefix}_rel_lift": adjusted.rel_lift,
+        f"{prefix}_ci_low": adjusted.ci_low, f"{prefix}_ci_high": adjusted.ci_high,
+        f"{prefix}_p_value": adjusted.p_value, f"{prefix}_variance_reduction": reduction,
+    }
 
 
 def variant_metric_rows(
@@ -158,28 +164,15 @@ def variant_metric_rows(
                 adjusted = stats.compare_cuped(s, control, alpha=experiment.alpha, theta=theta)
                 row.update(
                     cuped_theta=theta,
-                    cuped_abs_lift=adjusted.abs_lift,
                     cuped_abs_lift_ci_low=adjusted.abs_ci_low,
                     cuped_abs_lift_ci_high=adjusted.abs_ci_high,
-                    cuped_rel_lift=adjusted.rel_lift,
-                    cuped_ci_low=adjusted.ci_low,
-                    cuped_ci_high=adjusted.ci_high,
-                    cuped_p_value=adjusted.p_value,
-                    cuped_variance_reduction=_variance_reduction(adjusted, raw),
+                    **_adjusted_columns("cuped", adjusted, raw),
                 )
             if columns:
                 adjusted = stats.compare_regression_adjusted(
                     moments(variant.id, metric.id), moments(control_id, metric.id), alpha=experiment.alpha
                 )
-                row.update(
-                    cuped_pp_covariates=", ".join(covariates),
-                    cuped_pp_abs_lift=adjusted.abs_lift,
-                    cuped_pp_rel_lift=adjusted.rel_lift,
-                    cuped_pp_ci_low=adjusted.ci_low,
-                    cuped_pp_ci_high=adjusted.ci_high,
-                    cuped_pp_p_value=adjusted.p_value,
-                    cuped_pp_variance_reduction=_variance_reduction(adjusted, raw),
-                )
+                row.update(cuped_pp_covariates=", ".join(covariates), **_adjusted_columns("cuped_pp", adjusted, raw))
             rows.append(row)
     frame = pd.DataFrame(rows).reindex(columns=list(VARIANT_METRICS_COLUMNS))
     # Holm across the experiment's treatment x metric comparisons (the family a reader scans).

@@ -162,6 +162,12 @@ def _float(description: str) -> pa.Column:
     return _column(FLOAT64, description, nullable=True)
 
 
+def _metric_column(metric_ids: Sequence[str] | None) -> pa.Column:
+    return _column(
+        STRING, "metric id from the registry", pa.Check.isin(list(metric_ids)) if metric_ids is not None else None
+    )
+
+
 def _comparison_columns() -> dict[str, pa.Column]:
     """The sufficient statistics of a group of subjects and the raw comparison with the control:
     the same columns in variant_metrics and segment_metrics."""
@@ -191,10 +197,7 @@ def variant_metrics_schema(experiment: Experiment | None, metric_ids: Sequence[s
         {
             "experiment_id": _experiment_column(experiment),
             "variant_id": _column(STRING, "variant", _variants(experiment)),
-            "metric": _column(
-                STRING, "metric id from the registry",
-                pa.Check.isin(list(metric_ids)) if metric_ids is not None else None,
-            ),
+            "metric": _metric_column(metric_ids),
             "is_control": _column(BOOLEAN, "the control of the experiment"),
             "aggregation": _column(
                 STRING, "how the metric aggregates events: sum, count or conversion", pa.Check.isin(list(AGGREGATIONS))
@@ -244,10 +247,7 @@ def segment_metrics_schema(experiment: Experiment | None, metric_ids: Sequence[s
             "property": _column(STRING, "assignment property (registry sources.assignments.properties)"),
             "value": _column(STRING, "its value at the subject's first exposure; '(null)' when missing"),
             "variant_id": _column(STRING, "variant", _variants(experiment)),
-            "metric": _column(
-                STRING, "metric id from the registry",
-                pa.Check.isin(list(metric_ids)) if metric_ids is not None else None,
-            ),
+            "metric": _metric_column(metric_ids),
             "is_control": _column(BOOLEAN, "the control of the experiment"),
             **_comparison_columns(),
             "too_small": _column(
@@ -268,10 +268,7 @@ def segment_heterogeneity_schema(experiment: Experiment | None, metric_ids: Sequ
             "experiment_id": _experiment_column(experiment),
             "property": _column(STRING, "assignment property"),
             "variant_id": _column(STRING, "treatment compared with the control", _variants(experiment)),
-            "metric": _column(
-                STRING, "metric id from the registry",
-                pa.Check.isin(list(metric_ids)) if metric_ids is not None else None,
-            ),
+            "metric": _metric_column(metric_ids),
             "segments": _column(INT64, "values of the property in the test: a relative lift with a standard error (a value "
                                           "not too small whose lift is undefined, e.g. a zero control mean, is in neither count)", pa.Check.ge(0)),
             "segments_too_small": _column(INT64, "values left out: an arm below segments.min_subjects", pa.Check.ge(0)),
