@@ -239,7 +239,7 @@ def _dedupe(
         # Materialize the previous state first: the write below replaces it.
         stored = session.table(DEDUPED)
         previous = session.temp_table("_previous_deduped", stored.filter(stored.experiment_id.isin(ids)))
-    written = session.replace_experiments(ids, {DEDUPED: apply_assignment_history(current, previous, now)})[DEDUPED]
+    written = session.replace_experiments(ids, {DEDUPED: apply_assignment_history(current, previous, now, properties)})[DEDUPED]
     deduped = session.table(DEDUPED)
     deduped = deduped.filter(deduped.experiment_id.isin(ids))
     active = deduped.filter(deduped.is_active)

@@ -125,6 +125,7 @@ def schema_outcomes(
         "variant_metrics": lambda e: schemas.variant_metrics_schema(e, e.metrics),
     }[table]
     rows = session.table(table)
+    stored = rows.schema()
     rows = rows.filter(rows.experiment_id.isin([e.id for e in experiments]))
     if table == "deduped_assignments":
         # History rows keep the registry of their day (a moved window, a retired variant): the
@@ -132,7 +133,9 @@ def schema_outcomes(
         rows = rows.filter(rows.is_active)
     counts = session.to_pandas(rows.group_by("experiment_id").aggregate(n=rows.count()))
     counts = dict(zip(counts["experiment_id"], counts["n"].astype(int), strict=True))
-    verdicts = validation.validate_partitions({e.id: schema_of(e) for e in experiments}, rows)
+    verdicts = validation.validate_partitions(
+        {e.id: schemas.with_retired_columns(schema_of(e), stored) for e in experiments}, rows
+    )
     return {e.id: schema_outcome(verdicts[e.id], counts.get(e.id, 0)) for e in experiments}
 
 

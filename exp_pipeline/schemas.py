@@ -539,6 +539,24 @@ def type_name(dtype: dt.DataType) -> str:
     return str(dtype)
 
 
+def with_retired_columns(schema: pa.DataFrameSchema, stored: ibis.Schema) -> pa.DataFrameSchema:
+    """`schema` for a stored table that may also hold columns no longer written (a property taken
+    out of the registry, kept for the partitions written before): each is allowed, and must be
+    null in the rows validated (every partition written since leaves it null)."""
+    retired = {c: dtype for c, dtype in stored.items() if c not in schema.columns}
+    if not retired:
+        return schema
+
+    def is_null(data) -> ir.BooleanColumn:
+        return data.table[data.key].isnull()
+
+    return schema.add_columns({
+        c: _column(dtype.copy(nullable=True), "retired: no longer in the registry; null in partitions written since",
+                   pa.Check(is_null, name="retired_column_is_null"), nullable=True)
+        for c, dtype in retired.items()
+    })
+
+
 def ibis_schema(schema: pa.DataFrameSchema) -> ibis.Schema:
     """The table's columns as an Ibis schema (to create it, or to build rows of it)."""
     return ibis.schema({name: column.dtype.type for name, column in schema.columns.items()})

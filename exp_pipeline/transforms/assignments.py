@@ -76,13 +76,15 @@ COUNT_COLUMNS = ("n_exposures", "n_variants_seen")
 
 
 def apply_assignment_history(
-    current: ir.Table, previous: ir.Table | None, recorded_at: dt.datetime
+    current: ir.Table, previous: ir.Table | None, recorded_at: dt.datetime, properties: Sequence[str] = ()
 ) -> ir.Table:
     """The new contents of an experiment's deduped_assignments partition, history included.
 
-    `current` is the assignment state computed from the log now; `previous` is what the table held.
-    Unchanged subjects keep their row (properties and `valid_from` included), so reruns are
-    idempotent; only their counts (n_exposures, n_variants_seen) follow the log.
+    `current` is the assignment state computed from the log now; `previous` is what the table held
+    (written under any earlier registry: columns it lacks read as null, columns the registry no
+    longer names are left out). Unchanged subjects keep their row (`valid_from` included), so
+    reruns are idempotent; only their counts (n_exposures, n_variants_seen) follow the log, and
+    a property they have no value of (one added to the registry since) is filled from the log.
     A subject whose variant, first exposure or exclusion changed is a correction: the old row is
     kept with `is_active = false` and `valid_to` set, and the new row is inserted active. Rows that
     were already inactive stay forever. Nothing is deleted.
@@ -96,7 +98,9 @@ def apply_assignment_history(
     if previous is None:
         return fresh
     columns = fresh.columns
-    previous = previous.select(*columns)
+    previous = previous.select(
+        *(previous[c] if c in previous.columns else ibis.null(fresh[c].type()).name(c) for c in columns)
+    )
     history = previous.filter(~previous.is_active)
     active = previous.filter(previous.is_active)
 
@@ -105,8 +109,11 @@ def apply_assignment_history(
     # in place: they are not history.
     same = [active[c].identical_to(current[c]) for c in TRACKED_COLUMNS]
     unchanged = active.semi_join(current, [*(active[k] == current[k] for k in key), *same])
-    counts = current.select(*key, *(ibis._[c].name(f"_{c}") for c in COUNT_COLUMNS))
-    kept = unchanged.join(counts, key).mutate(**{c: ibis._[f"_{c}"] for c in COUNT_COLUMNS}).select(*columns)
+    followed = current.select(*key, *(ibis._[c].name(f"_{c}") for c in (*COUNT_COLUMNS, *properties)))
+    kept = unchanged.join(followed, key).mutate(
+        **{c: ibis._[f"_{c}"] for c in COUNT_COLUMNS},
+        **{p: ibis._[p].coalesce(ibis._[f"_{p}"]) for p in properties},
+    ).select(*columns)
     # Changed or vanished subjects: the previous active row closes.
     closed = active.anti_join(kept, key).mutate(is_active=ibis.literal(False), valid_to=recorded)
     # New or changed subjects: the current row opens.

@@ -122,6 +122,7 @@ class DuckDBWarehouseSession(WarehouseSession):
         if not self.has_table(name):
             self.ibis.create_table(name, schema=schema, database=self.schema)
             return
+        self._refuse_retyping(name, schema)
         existing = self.ibis.table(name, database=self.schema).schema()
         for column, dtype in schema.items():
             if column not in existing:
@@ -131,6 +132,10 @@ class DuckDBWarehouseSession(WarehouseSession):
                     f"ALTER TABLE {_quote(self.schema)}.{_quote(name)} "
                     f"ADD COLUMN {_quote(column)} {sql_type}"
                 )
+
+    def _cast_hint(self, name: str, column: str, dtype) -> str:
+        sql_type = self.ibis.compiler.type_mapper.to_string(dtype)
+        return f"cast the stored column (ALTER TABLE {self.schema}.{name} ALTER COLUMN {column} TYPE {sql_type})"
 
     @contextmanager
     def _transaction(self) -> Iterator[None]:

@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import ibis
+import ibis.expr.datatypes as dt
 import ibis.expr.types as ir
 import pandas as pd
 from ibis.backends import BaseBackend
@@ -31,6 +32,26 @@ def unreadable_file(description: str, path: str, file_format: str, reason: str) 
         f"{description}: {path} is not a readable {file_format} file ({reason}). Fix or remove "
         f"the file, or set 'format' for this source in the registry if it is not {file_format}."
     )
+
+
+class SchemaChangeError(ValueError):
+    """A stored column would change its type: the table cannot evolve in place."""
+
+
+def _comparable(dtype: dt.DataType) -> dt.DataType | str:
+    # Nullability is the writer's business (ALTER ADD is nullable), and a timestamp's precision the
+    # engine's (DuckDB stores microseconds whatever Ibis asked for); the kind itself must agree.
+    if dtype.is_timestamp():
+        return "timestamp with time zone" if dtype.timezone else "timestamp"
+    return dtype.copy(nullable=True)
+
+
+def retyped_columns(stored: ibis.Schema, written: ibis.Schema) -> list[tuple[str, dt.DataType, dt.DataType]]:
+    """(column, stored type, written type) of the columns both schemas have, with different types."""
+    return [
+        (column, stored[column], dtype) for column, dtype in written.items()
+        if column in stored and _comparable(stored[column]) != _comparable(dtype)
+    ]
 
 
 class WarehouseSession(ABC):
@@ -136,6 +157,29 @@ class WarehouseSession(ABC):
 
     # -- writing -------------------------------------------------------------------------------
 
+    def retyped_columns(self, name: str, written: ibis.Schema) -> list[tuple[str, dt.DataType, dt.DataType]]:
+        """The stored columns of `name` that rows of schema `written` would give another type."""
+        return retyped_columns(self.table(name).schema(), written) if self.has_table(name) else []
+
+    def schema_change_error(self, name: str, changes: Sequence[tuple[str, dt.DataType, dt.DataType]]) -> SchemaChangeError:
+        """What to say when rows would change the type of a stored column of `name` (nothing is written)."""
+        listed = "; ".join(f"column {c!r} is stored as {a} but this run writes {b}" for c, a, b in changes)
+        return SchemaChangeError(
+            f"table {self.schema}.{name} cannot take this run's rows: {listed}. A stored column's type cannot "
+            f"change in place, so the run stopped before writing. Either {self._cast_hint(name, changes[0][0], changes[0][2])}, "
+            f"or drop the table so that the next run rebuilds it from the logs (deduped_assignments would "
+            f"lose its correction history), or point the pipeline at a new warehouse"
+        )
+
+    @abstractmethod
+    def _cast_hint(self, name: str, column: str, dtype: dt.DataType) -> str:
+        """How to cast a stored column to `dtype` on this engine, as advice."""
+
+    def _refuse_retyping(self, name: str, written: ibis.Schema) -> None:
+        changes = self.retyped_columns(name, written)
+        if changes:
+            raise self.schema_change_error(name, changes)
+
     def replace_partition(self, name: str, experiment_id: str, rows: ir.Table | pd.DataFrame) -> int:
         """Replace one experiment's rows of `name`; returns the rows written.
 
@@ -206,20 +250,28 @@ def _refuse_files_outside(files: list[str], root: Path, description: str) -> Non
             )
 
 
-def _refuse_repeated_header_names(path: str, description: str) -> None:
-    """A CSV header naming a column twice: readers keep one copy (or rename the other) without a word."""
+def csv_header(path: str) -> list[str] | None:
+    """The column names of a CSV file's header (its first line only), None when it cannot be read."""
     opener = gzip.open if path.endswith(".gz") else open
     try:
         with opener(path, "rt", encoding="utf-8-sig", newline="") as handle:
             header = handle.readline()
     except (OSError, UnicodeDecodeError, EOFError):
-        return  # the engine's probe reports an unreadable file with its reason
+        return None
     try:
         dialect = csv.Sniffer().sniff(header, delimiters=",;\t|")
     except csv.Error:
         dialect = csv.excel
+    return [name.strip() for name in next(csv.reader([header], dialect), [])]
+
+
+def _refuse_repeated_header_names(path: str, description: str) -> None:
+    """A CSV header naming a column twice: readers keep one copy (or rename the other) without a word."""
+    header = csv_header(path)
+    if header is None:
+        return  # the engine's probe reports an unreadable file with its reason
     # Engines match column names without regard to case (DuckDB renames `User_ID` after `user_id`).
-    names = [name.strip().casefold() for name in next(csv.reader([header], dialect), [])]
+    names = [name.casefold() for name in header]
     repeated = sorted({name for name in names if names.count(name) > 1})
     if repeated:
         raise SourceError(

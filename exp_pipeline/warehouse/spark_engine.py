@@ -261,6 +261,7 @@ class SparkWarehouseSession(WarehouseSession):
             self._recover_partitions(name)  # files already there (a table dropped from the catalog)
             self._record_in_manifest(name)
             return
+        self._refuse_retyping(name, schema)
         existing = {c.name for c in self._columns(name)}
         added = [c for c in schema if c not in existing]
         if added:
@@ -269,6 +270,10 @@ class SparkWarehouseSession(WarehouseSession):
                 f"ALTER TABLE {self._qualified(name)} ADD COLUMNS ({', '.join(ddl(c, schema[c]) for c in added)})"
             )
             self._record_in_manifest(name)
+
+    def _cast_hint(self, name: str, column: str, dtype) -> str:
+        # A Parquet table's column type cannot be altered in Spark's catalog: its files must be rewritten.
+        return f"rewrite the table with {column} cast to {dtype} (CREATE TABLE ... AS SELECT, then swap the names)"
 
     def _in_table_order(self, name: str, frame):
         from pyspark.sql import functions as F
@@ -330,7 +335,10 @@ class SparkWarehouseSession(WarehouseSession):
         # Computed before anything is deleted: a failing query leaves the table as it was. (An
         # overwrite of an unpartitioned Parquet table still deletes before it writes.)
         frame = self._checkpoint(self._dataframe(expr))
-        if self.has_table(name) and {c.name for c in self._columns(name)} != set(expr.columns):
+        # A whole table replaced may change its columns and their types: it is created anew.
+        if self.has_table(name) and (
+            {c.name for c in self._columns(name)} != set(expr.columns) or self.retyped_columns(name, expr.schema())
+        ):
             self.spark.sql(f"DROP TABLE {self._qualified(name)}")
             self._forget(name)
         self._ensure_table(name, expr.schema(), partitioned=False)

@@ -107,11 +107,11 @@ def test_ties_on_the_first_timestamp_are_broken_deterministically(con):
     assert first.loc["s", "device_type"] == again.loc["s", "device_type"]
 
 
-def history(con, current_rows, previous: str | None, at: str, name: str) -> pd.DataFrame:
+def history(con, current_rows, previous: str | None, at: str, name: str, properties=("device_type",)) -> pd.DataFrame:
     """Run one dedupe + history step; the state is kept as table `name` for the next step."""
-    current = first_exposures(raw_rows(con, current_rows), [experiment()], ["device_type"])
+    current = first_exposures(raw_rows(con, current_rows), [experiment()], list(properties))
     prev = con.table(previous) if previous is not None else None
-    out = apply_assignment_history(current, prev, dt.datetime.fromisoformat(at))
+    out = apply_assignment_history(current, prev, dt.datetime.fromisoformat(at), list(properties))
     con.create_table(name, out)
     return con.to_pandas(con.table(name)).sort_values(["subject_id", "valid_from"]).reset_index(drop=True)
 
@@ -141,6 +141,32 @@ def test_a_corrected_variant_closes_the_old_row_and_opens_a_new_one(con):
     # A third run keeps the closed row forever.
     third = history(con, corrected, "s2", "2026-10-12T00:00:00+00:00", "s3")
     pd.testing.assert_frame_equal(second, third)
+
+
+def test_a_property_added_to_the_registry_is_filled_from_the_log_without_a_correction(con):
+    rows = [("a", "control", "2026-10-02T00:00:00Z", "ios"), ("b", "treatment", "2026-10-03T00:00:00Z", "web")]
+    first = history(con, rows, None, "2026-10-10T00:00:00+00:00", "s1", properties=())
+    assert "device_type" not in first.columns
+    second = history(con, rows, "s1", "2026-10-11T00:00:00+00:00", "s2")
+    # The same subjects, rows and valid_from: no correction, and the new property's values.
+    assert second.is_active.all() and len(second) == 2
+    assert list(second.valid_from) == [ts("2026-10-10T00:00:00Z")] * 2
+    assert list(second.device_type) == ["ios", "web"]
+    # A value recorded stays as recorded, even when the log's first exposure now says otherwise.
+    relabelled = [("a", "control", "2026-10-02T00:00:00Z", "android"), rows[1]]
+    third = history(con, relabelled, "s2", "2026-10-12T00:00:00+00:00", "s3")
+    assert list(third.device_type) == ["ios", "web"]
+
+
+def test_a_property_removed_from_the_registry_leaves_the_rows_and_their_history(con):
+    before = [("a", "control", "2026-10-02T00:00:00Z", "ios"), ("b", "treatment", "2026-10-03T00:00:00Z", "web")]
+    history(con, before, None, "2026-10-10T00:00:00+00:00", "s1")
+    corrected = [("a", "treatment", "2026-10-02T00:00:00Z", "ios"), before[1]]
+    history(con, corrected, "s1", "2026-10-11T00:00:00+00:00", "s2")
+    third = history(con, corrected, "s2", "2026-10-12T00:00:00+00:00", "s3", properties=())
+    assert "device_type" not in third.columns
+    assert len(third) == 3 and third.is_active.sum() == 2  # the closed row of a stays
+    assert third[third.subject_id == "b"].valid_from.tolist() == [ts("2026-10-10T00:00:00Z")]
 
 
 def test_assignment_counts_overall_and_per_property(con):

@@ -13,7 +13,7 @@ from pyspark.errors import PySparkException
 
 from exp_pipeline.registry import Source
 from exp_pipeline.warehouse.duckdb_engine import WarehouseBusy
-from exp_pipeline.warehouse.interface import SourceError
+from exp_pipeline.warehouse.interface import SchemaChangeError, SourceError
 from exp_pipeline.warehouse.resources import DuckDBWarehouse
 from exp_pipeline_tests.conftest import ENGINES, warehouse_at
 
@@ -174,6 +174,36 @@ def test_a_column_added_by_a_newer_version_is_added_and_older_partitions_read_it
     assert sorted(frame.columns) == ["experiment_id", "x", "y"]  # Spark keeps its partition column last
     assert frame["x"].tolist() == [1, 2]
     assert frame["y"].isna().tolist() == [True, False] and frame["y"].iloc[1] == 2.5
+
+
+def test_a_column_no_longer_written_stays_for_older_partitions_and_is_null_in_the_rewritten_one(warehouse):
+    """A property taken out of the registry: its column stays (the partitions not rewritten keep
+    their values), the partition rewritten without it reads null."""
+    with warehouse.session() as session:
+        for e in ("e1", "e2"):
+            session.replace_partition("t", e, pd.DataFrame({"experiment_id": [e], "x": [1], "device": ["ios"]}))
+        session.replace_partition("t", "e1", pd.DataFrame({"experiment_id": ["e1"], "x": [3]}))
+        frame = session.to_pandas(session.table("t")).sort_values("experiment_id")
+    assert frame["x"].tolist() == [3, 1]
+    assert frame["device"].isna().tolist() == [True, False]
+
+
+def test_a_stored_column_of_another_type_stops_the_write_naming_table_column_and_fix(warehouse):
+    with warehouse.session() as session:
+        session.replace_partition("t", "e1", pd.DataFrame({"experiment_id": ["e1"], "x": [1]}))
+        session.replace_partition("t", "e2", pd.DataFrame({"experiment_id": ["e2"], "x": [2]}))
+        new = pd.DataFrame({"experiment_id": ["e1"], "x": ["one"]})
+        assert [(c, str(a), str(b)) for c, a, b in session.retyped_columns("t", ibis.memtable(new).schema())] == [
+            ("x", "int64", "string")
+        ]
+        with pytest.raises(SchemaChangeError, match=r"table \w+\.t cannot take this run's rows: column 'x' is "
+                           r"stored as int64 but this run writes string\. .* the run stopped before writing"):
+            session.replace_partition("t", "e1", new)
+        assert sorted_rows(session, "t") == [("e1", 1), ("e2", 2)]
+        # A whole table replaced is created anew, whatever its types were.
+        session.replace_table("w", pd.DataFrame({"x": [1]}))
+        session.replace_table("w", pd.DataFrame({"x": ["one"]}))
+        assert session.to_pandas(session.table("w"))["x"].tolist() == ["one"]
 
 
 def test_an_empty_result_empties_only_its_partition(warehouse):
