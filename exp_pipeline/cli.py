@@ -93,7 +93,7 @@ def _experiment_outcomes(result, experiment_ids: list[str]) -> list[RunOutcome]:
 
 
 # Our own errors already say what is wrong and where: their class name adds nothing.
-_PLAIN_ERRORS = ("ValueError: ", "SourceError: ", "RegistryError: ", "WarehouseBusy: ", "LookupError: ")
+_PLAIN_ERRORS = ("ValueError: ", "SourceError: ", "SchemaChangeError: ", "exp_pipeline.warehouse.interface.SchemaChangeError: ", "RegistryError: ", "WarehouseBusy: ", "LookupError: ")
 
 
 def _root_cause(error) -> str:
@@ -135,7 +135,7 @@ def run(experiment_ids: list[str] | None, users: int, seed: int) -> int:
     for experiment_id in wanted:
         registry.experiment(experiment_id)  # fails early, naming an unknown experiment
     warehouse: Warehouse = defs.resources["warehouse"]
-    _open_or_explain(warehouse)
+    _open_or_explain(warehouse, registry)
 
     with instance_lock(home):
         ensure_instance_config(home)
@@ -177,7 +177,10 @@ def run(experiment_ids: list[str] | None, users: int, seed: int) -> int:
     _print_summary(outcomes, wanted)
     print(f"\nwarehouse: {warehouse.describe()}")
     if failed:
-        print(f"FAILED: {', '.join(failed)}; see the run logs in the Dagster UI", file=sys.stderr)
+        # The last line says why: the first root error (the others are listed above).
+        errors = [error for o in outcomes for error in o.errors]
+        cause = f": {errors[0]}" if errors else ""
+        print(f"FAILED: {', '.join(failed)}{cause}; see the run logs in the Dagster UI", file=sys.stderr)
         return 1
     return 0
 
@@ -186,14 +189,16 @@ class WarehouseUnusable(RuntimeError):
     """The warehouse cannot be opened at all (a directory, a file that is not a database)."""
 
 
-def _open_or_explain(warehouse) -> None:
-    """Open the warehouse once before any run: a path that is no database is one message, not
-    a failed step per asset and a traceback at the end."""
+def _open_or_explain(warehouse, registry) -> None:
+    """Before any run: open the warehouse (a path that is no database is one message, not a failed
+    step per asset) and run the preflight (sources, column mappings, stored column types), so
+    that a problem is said once and no run starts."""
+    from exp_pipeline.preflight import PreflightError, preflight
     from exp_pipeline.warehouse.duckdb_engine import WarehouseBusy
 
     try:
         with warehouse.session() as session:
-            session.has_table("variant_metrics")
+            problems = preflight(session, registry, registry_path())
     except WarehouseBusy:
         raise  # its own message says who holds it
     except Exception as exc:  # the engines' error types vary (duckdb.IOException, Spark's)
@@ -202,6 +207,8 @@ def _open_or_explain(warehouse) -> None:
             f"the warehouse {warehouse.describe()} cannot be opened ({reason}); point EXP_PIPELINE_DUCKDB "
             "at a DuckDB file (it is created if missing) or move the file that is in the way"
         ) from None
+    if problems:
+        raise PreflightError(problems)
 
 
 def _fresh_results(warehouse, experiment_ids: list[str]) -> tuple:
@@ -270,11 +277,17 @@ def main(argv: list[str] | None = None) -> int:
     run_parser.add_argument("--users", type=int, default=100_000, help="sample size if generating")
     run_parser.add_argument("--seed", type=int, default=20261123, help="sample seed if generating")
     args = parser.parse_args(argv)
+    from exp_pipeline.preflight import PreflightError
     from exp_pipeline.registry import RegistryError
     from exp_pipeline.warehouse.duckdb_engine import WarehouseBusy
 
     try:
         return run(args.experiment, args.users, args.seed)
+    except PreflightError as exc:
+        for problem in exc.problems:
+            print(f"error: {problem}", file=sys.stderr)
+        print("nothing was run; fix the registry (or the warehouse) and run again", file=sys.stderr)
+        return 2
     except (RegistryError, KeyError, WarehouseUnusable, WarehouseBusy) as exc:
         # A clear message, not a stack trace: what is wrong and where to fix it.
         print(f"error: {exc.args[0] if exc.args else exc}", file=sys.stderr)

@@ -163,18 +163,20 @@ def test_a_warehouse_path_that_is_no_database_is_one_message(tmp_path, kind):
     assert "Traceback" not in done.stderr and "All checks passed" not in done.stdout
 
 
-def test_a_failed_run_is_named_with_its_error_and_never_summarized_as_all_passed(tmp_path):
+def test_a_wrong_column_mapping_is_one_error_line_and_no_run_is_launched(tmp_path):
     workspace = write_tiny_workspace(tmp_path)
     registry = workspace.registry_path.read_text()
     workspace.registry_path.write_text(registry.replace("experiment_id: experiment_key", "experiment_id: nowhere"))
     done = run_cli(workspace, tmp_path)
-    assert done.returncode == 1
-    assert "All checks passed" not in done.stdout
-    assert "Failed steps:" in done.stdout
-    # The one step of the run failed: said for the run, not once per experiment.
-    assert "  analysis: experiment_analysis: assignments source: missing columns 'nowhere'" in done.stdout
-    assert "exp_a: experiment_analysis" not in done.stdout
-    assert "No check failed, but not every run succeeded (above)." in done.stdout
+    assert done.returncode == 2
+    assert done.stderr.splitlines() == [
+        f"error: {workspace.registry_path}: sources.assignments.columns.experiment_id: column 'nowhere' is not in "
+        f"{tmp_path / 'logs' / 'assignments.parquet'}; its columns are: user_id, experiment_key, variation, exposed_at, device_type",
+        "nothing was run; fix the registry (or the warehouse) and run again",
+    ]
+    assert done.stdout == "" and "All checks passed" not in done.stdout
+    with instance_at(tmp_path / "dagster_home") as instance:
+        assert instance.get_runs() == []
 
 
 def results_of(workspace):

@@ -23,7 +23,7 @@ from dagster import (
 )
 from pydantic import Field
 
-from exp_pipeline import dimensions, report_html, schemas, sources
+from exp_pipeline import dimensions, preflight, report_html, schemas, sources
 from exp_pipeline.analysis import PASS_ASSETS, ExperimentResult, analyse_experiments
 from exp_pipeline.checks import DEDUPED, EXPERIMENT_CHECKS, METRICS, POST, PRE, RAW
 from exp_pipeline.defs.check_history import latest_check_results
@@ -88,6 +88,7 @@ def dim_variants(registry: RegistryResource, warehouse: Warehouse) -> Materializ
 def source_audit(registry: RegistryResource, warehouse: Warehouse) -> MaterializeResult:
     reg = registry.load()
     with warehouse.session() as session:
+        preflight.require_ready(session, reg, registry.path)
         exposure_log = sources.read_source(session, reg, "assignments")
         event_log = sources.read_source(session, reg, "events")
         exposures = ingestion.canonical_assignments(exposure_log, reg.sources.assignments, None)
@@ -278,6 +279,7 @@ def experiment_analysis(
                 "remove the partition or add the experiment to the registry"
             ) from None
     with warehouse.session() as session:
+        preflight.require_ready(session, reg, registry.path)
         analysed = analyse_experiments(session, reg, experiments, dt.datetime.now(dt.UTC), config.accept_empty_source)
     results_by_id = analysed.experiments
     context.log.info("pass stages (wall s): " + ", ".join(f"{k} {v:.2f}" for k, v in analysed.seconds.items()))

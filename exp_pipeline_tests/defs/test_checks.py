@@ -314,15 +314,15 @@ def test_an_experiment_with_an_empty_arm_still_reports_every_variant(tmp_path, i
     ("mutate", "message"),
     [
         (lambda root: (root / "logs" / "assignments.parquet").unlink(),
-         "assignments source: no file matches"),
+         "sources.assignments.path: no non-empty file matches 'logs/assignments.parquet'"),
         (lambda root: (root / "logs" / "assignments.parquet").write_bytes(b"garbage"),
          "is not a readable parquet file"),
         (lambda root: (root / "registry.yaml").write_text(
             (root / "registry.yaml").read_text().replace("variant_id: variation", "variant_id: arm")),
-         "missing columns 'arm' (mapped from 'variant_id')"),
+         "sources.assignments.columns.variant_id: column 'arm' is not in"),
         (lambda root: pd.read_parquet(root / "logs" / "assignments.parquet").drop(columns=["device_type"])
          .to_parquet(root / "logs" / "assignments.parquet"),
-         "missing columns 'device_type'"),
+         "sources.assignments.properties: column 'device_type' is not in"),
     ],
 )
 @pytest.mark.parametrize("engine", ENGINES)
