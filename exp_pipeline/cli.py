@@ -13,10 +13,9 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from exp_pipeline.settings import PROJECT_ROOT, registry_path
+from exp_pipeline.settings import PROJECT_ROOT, dagster_home, registry_path
 
 SAMPLE_DIR = PROJECT_ROOT / "data" / "sample"
-DEFAULT_DAGSTER_HOME = PROJECT_ROOT / ".dagster_home"
 
 
 def _ensure_sample_data(users: int, seed: int) -> None:
@@ -115,7 +114,8 @@ def _unique(values: list[str]) -> list[str]:
 
 
 def run(experiment_ids: list[str] | None, users: int, seed: int) -> int:
-    os.environ.setdefault("DAGSTER_HOME", str(DEFAULT_DAGSTER_HOME))
+    # The registry's own instance unless DAGSTER_HOME names one (set before Dagster reads it).
+    os.environ["DAGSTER_HOME"] = dagster_home()
     home = Path(os.environ["DAGSTER_HOME"])
     if registry_path() == str(PROJECT_ROOT / "data" / "registry.yaml"):
         _ensure_sample_data(users, seed)

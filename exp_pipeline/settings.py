@@ -1,7 +1,10 @@
 """Where things are by default, and the settings read from the environment.
 
-Environment variables override every default: EXP_PIPELINE_REGISTRY, EXP_PIPELINE_DUCKDB,
-EXP_PIPELINE_ENGINE (`duckdb`, the default, or `spark`), EXP_PIPELINE_SPARK_CONF.
+One registry, one place: the warehouse and the Dagster instance default to folders beside the
+registry file (`warehouse/warehouse.duckdb`, `.dagster_home/`), so that two registries never share
+partitions, runs or alerts. Environment variables override every default: EXP_PIPELINE_REGISTRY,
+EXP_PIPELINE_DUCKDB, DAGSTER_HOME, EXP_PIPELINE_ENGINE (`duckdb`, the default, or `spark`),
+EXP_PIPELINE_SPARK_CONF.
 """
 
 from __future__ import annotations
@@ -12,9 +15,8 @@ from pathlib import Path
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_REGISTRY = PROJECT_ROOT / "data" / "registry.yaml"
-# The schema is `exp`; the file is not named after it (DuckDB 2.0 finds `exp.x` ambiguous then).
-DEFAULT_DUCKDB = PROJECT_ROOT / "data" / "warehouse" / "warehouse.duckdb"
-DEFAULT_SPARK_LOCATION = PROJECT_ROOT / "data" / "warehouse" / "spark" / "exp.db"
+# The configuration every Dagster instance of the project starts from (copied into a new one).
+INSTANCE_CONFIG_TEMPLATE = PROJECT_ROOT / "exp_pipeline" / "dagster_instance.yaml"
 ENGINES = ("duckdb", "spark")
 
 # Every session: Spark's timestamps shown and parsed in UTC, like the pipeline's.
@@ -35,8 +37,24 @@ def registry_path() -> str:
     return os.environ.get("EXP_PIPELINE_REGISTRY", str(DEFAULT_REGISTRY))
 
 
+def registry_folder() -> Path:
+    """The folder of the registry file: its data root, and where its warehouse and instance live."""
+    return Path(registry_path()).resolve().parent
+
+
 def duckdb_path() -> str:
-    return os.environ.get("EXP_PIPELINE_DUCKDB", str(DEFAULT_DUCKDB))
+    # The schema is `exp`; the file is not named after it (DuckDB 2.0 finds `exp.x` ambiguous then).
+    return os.environ.get("EXP_PIPELINE_DUCKDB", str(registry_folder() / "warehouse" / "warehouse.duckdb"))
+
+
+def spark_location() -> Path:
+    """Local Spark's default table folder for the registry."""
+    return registry_folder() / "warehouse" / "spark" / "exp.db"
+
+
+def dagster_home() -> str:
+    """The Dagster instance of the registry: its runs, partitions, check results and alerts' history."""
+    return os.environ.get("DAGSTER_HOME") or str(registry_folder() / ".dagster_home")
 
 
 def engine() -> str:
@@ -63,7 +81,7 @@ def spark_config() -> dict[str, str]:
     overrides = {str(k): str(v) for k, v in overrides.items()}
     if is_local_spark(overrides):
         # The catalog's own default folder next to the pipeline's (Spark would use ./spark-warehouse).
-        local = {**LOCAL_SPARK_CONFIG, "spark.sql.warehouse.dir": str(DEFAULT_SPARK_LOCATION.parent)}
+        local = {**LOCAL_SPARK_CONFIG, "spark.sql.warehouse.dir": str(spark_location().parent)}
         return {**COMMON_SPARK_CONFIG, **local, **overrides}
     return {**COMMON_SPARK_CONFIG, **overrides}
 

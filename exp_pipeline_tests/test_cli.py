@@ -179,6 +179,28 @@ def test_a_wrong_column_mapping_is_one_error_line_and_no_run_is_launched(tmp_pat
         assert instance.get_runs() == []
 
 
+def test_two_registries_keep_their_runs_partitions_and_warehouses_apart_by_default(tmp_path):
+    """No EXP_PIPELINE_DUCKDB or DAGSTER_HOME: each registry's main command uses the folder beside it."""
+    env = {k: v for k, v in os.environ.items() if k not in ("EXP_PIPELINE_DUCKDB", "DAGSTER_HOME")}
+    homes = {}
+    for team, arms in (("growth", {"exp_a": {"control": 300, "treatment": 300}}),
+                       ("checkout", {"exp_b": {"control": 300, "treatment": 300}})):
+        workspace = write_tiny_workspace(tmp_path / team, arms=arms)
+        done = subprocess.run(
+            [sys.executable, "-m", "exp_pipeline.cli", "run", "--experiment", next(iter(arms))],
+            env={**env, "EXP_PIPELINE_REGISTRY": str(workspace.registry_path), "DAGSTER_DISABLE_TELEMETRY": "1"},
+            capture_output=True, text=True, timeout=600,
+        )
+        assert done.returncode == 0, done.stderr[-3000:]
+        assert f"warehouse: DuckDB {tmp_path / team / 'warehouse' / 'warehouse.duckdb'} (schema exp)" in done.stdout
+        homes[team] = tmp_path / team / ".dagster_home"
+        assert workspace.rows("variant_metrics").experiment_id.unique().tolist() == [next(iter(arms))]
+    for team, experiment_id in (("growth", "exp_a"), ("checkout", "exp_b")):
+        with instance_at(homes[team]) as instance:
+            assert instance.get_dynamic_partitions("experiment") == [experiment_id]
+            assert len(instance.get_runs()) == 2  # refresh_registry and the analysis, of this registry only
+
+
 def results_of(workspace):
     frame = workspace.rows("variant_metrics")
     return frame.sort_values(["experiment_id", "variant_id"])[["experiment_id", "variant_id", "n", "sum_y"]].reset_index(

@@ -15,7 +15,7 @@ import pytest
 import yaml
 from dagster_duckdb import DuckDBResource
 
-from exp_pipeline.settings import DEFAULT_REGISTRY, PROJECT_ROOT
+from exp_pipeline.settings import DEFAULT_REGISTRY, INSTANCE_CONFIG_TEMPLATE, PROJECT_ROOT
 from exp_pipeline.warehouse.resources import DuckDBWarehouse
 
 pytestmark = pytest.mark.browser
@@ -47,7 +47,7 @@ class DagsterDev:
         (root / "registry.yaml").write_text(yaml.safe_dump(registry))
         home = root / "dagster_home"
         home.mkdir()
-        shutil.copy(PROJECT_ROOT / ".dagster_home" / "dagster.yaml", home / "dagster.yaml")
+        shutil.copy(INSTANCE_CONFIG_TEMPLATE, home / "dagster.yaml")
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = root / "dagster_dev.log"

@@ -3,5 +3,5 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-export DAGSTER_HOME="${DAGSTER_HOME:-$PWD/.dagster_home}"
+# The Dagster instance and the warehouse default to folders beside the registry (exp_pipeline/settings.py).
 exec .venv/bin/python -m exp_pipeline.cli run "$@"

@@ -19,4 +19,3 @@ if [ ! -f "$STAMP" ] || [ requirements.lock -nt "$STAMP" ] || [ pyproject.toml -
     .venv/bin/python -m pip install --quiet --no-deps --no-build-isolation -e .
     touch "$STAMP"
 fi
-mkdir -p .dagster_home

@@ -21,7 +21,7 @@ import sqlalchemy
 from dagster import DagsterInstance, DagsterRunStatus, RunsFilter
 
 from exp_pipeline.defs.partitions import WRITER_POOL, experiment_partitions
-from exp_pipeline.settings import PROJECT_ROOT
+from exp_pipeline.settings import INSTANCE_CONFIG_TEMPLATE
 
 PID_TAG = "exp_pipeline/pid"
 HOST_TAG = "exp_pipeline/host"
@@ -29,8 +29,6 @@ HOST_TAG = "exp_pipeline/host"
 # any later process has another start time.
 STARTED_TAG = "exp_pipeline/process_started"
 LOCK_FILE = ".exp_pipeline.lock"
-# The project's instance configuration: the pool limit that keeps DuckDB's single writer safe.
-PROJECT_INSTANCE_CONFIG = PROJECT_ROOT / ".dagster_home" / "dagster.yaml"
 UNFINISHED = [
     DagsterRunStatus.NOT_STARTED, DagsterRunStatus.STARTING, DagsterRunStatus.STARTED, DagsterRunStatus.CANCELING,
 ]
@@ -58,8 +56,8 @@ def instance_lock(home: Path) -> Iterator[None]:
 def ensure_instance_config(home: Path) -> None:
     """A DAGSTER_HOME without a dagster.yaml gets the project's (pool limit, no telemetry)."""
     config = home / "dagster.yaml"
-    if not config.exists() and PROJECT_INSTANCE_CONFIG.exists() and config.resolve() != PROJECT_INSTANCE_CONFIG.resolve():
-        shutil.copyfile(PROJECT_INSTANCE_CONFIG, config)
+    if not config.exists():
+        shutil.copyfile(INSTANCE_CONFIG_TEMPLATE, config)
 
 
 def _process_start(pid: int) -> str | None:

@@ -5,7 +5,7 @@ import dagster as dg
 experiment_partitions = dg.DynamicPartitionsDefinition(name="experiment")
 
 # Every asset and check writing the DuckDB file shares one pool so that writers queue instead of
-# colliding on DuckDB's single-writer lock (limited to 1 in .dagster_home/dagster.yaml).
+# colliding on DuckDB's single-writer lock (limited to 1 in exp_pipeline/dagster_instance.yaml).
 WRITER_POOL = "warehouse_writer"
 
 # A run over several experiments covers a range of partitions (in the order they were added);

@@ -105,7 +105,7 @@ def spark_warehouse() -> SparkWarehouse:
     """The Spark warehouse of the environment; a cluster's tables must live on shared storage."""
     config = settings.spark_config()
     local = settings.is_local_spark(config)
-    default_location = str(settings.DEFAULT_SPARK_LOCATION) if local else ""
+    default_location = str(settings.spark_location()) if local else ""
     location = os.environ.get("EXP_PIPELINE_SPARK_LOCATION", default_location)
     if location and not local and not is_uri(location):
         raise ValueError(
