@@ -1,14 +1,24 @@
 """The Definitions load (from exp_pipeline/defs/) with exactly the expected assets, checks, jobs,
 schedule, sensors and resources."""
 
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import dagster as dg
+import pytest
 
 from exp_pipeline.definitions import defs
+from exp_pipeline.settings import PROJECT_ROOT
 
 ASSETS = {
     "dim_experiments", "dim_variants", "source_audit", "raw_assignments", "deduped_assignments",
     "post_assignment_events", "pre_assignment_events", "variant_metrics", "experiment_report",
 }
+# The logs and the registry: external assets upstream of what reads them.
+SOURCES = {"exposure_log", "event_log", "experiment_registry"}
 CHECKS = {
     "raw_assignments.matches_schema", "raw_assignments.rejected_share_within_bound",
     "deduped_assignments.matches_schema", "deduped_assignments.one_active_row_per_subject",
@@ -24,7 +34,7 @@ CHECKS = {
 
 def test_the_definitions_hold_every_asset_check_job_schedule_sensor_and_resource():
     graph = defs.resolve_asset_graph()
-    assert {k.to_user_string() for k in graph.get_all_asset_keys()} == ASSETS
+    assert {k.to_user_string() for k in graph.get_all_asset_keys()} == ASSETS | SOURCES
     assert {f"{k.asset_key.to_user_string()}.{k.name}" for k in graph.asset_check_keys} == CHECKS
     assert {j.name for j in defs.resolve_all_job_defs()} - {"__ASSET_JOB"} == {"analyze_experiment", "refresh_registry"}
     assert [s.name for s in defs.schedules] == ["daily_experiment_refresh"]
@@ -46,3 +56,36 @@ def test_the_analysis_job_covers_every_experiment_asset_and_its_checks():
     assert selected == ASSETS - {"dim_experiments", "dim_variants", "source_audit"}
     checks = {f"{k.asset_key.to_user_string()}.{k.name}" for k in job.asset_layer.asset_graph.asset_check_keys}
     assert CHECKS - {"source_audit.rejected_share_within_bound"} <= checks
+
+
+def test_every_asset_links_to_its_code():
+    graph = defs.resolve_asset_graph()
+    for key in graph.get_all_asset_keys():
+        if not graph.get(key).is_executable:
+            continue
+        [reference] = graph.get(key).metadata["dagster/code_references"].code_references
+        assert reference.file_path.endswith("exp_pipeline/defs/assets.py") and reference.line_number > 0
+
+
+def run_dg(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [str(Path(sys.executable).parent / "dg"), *args], cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=600,
+        env={**os.environ, "DAGSTER_DISABLE_TELEMETRY": "1"},
+    )
+
+
+@pytest.mark.e2e
+def test_dg_check_defs_passes():
+    done = run_dg("check", "defs")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "All definitions loaded successfully." in done.stdout + done.stderr
+
+
+@pytest.mark.e2e
+def test_dg_list_defs_lists_every_asset_job_schedule_and_sensor():
+    done = run_dg("list", "defs", "--json")
+    assert done.returncode == 0, done.stderr[-3000:]
+    listed = json.loads(done.stdout)
+    assert {a["asset_key"] for a in listed["assets"]} == ASSETS | SOURCES
+    assert {j["name"] for j in listed["jobs"]} == {"analyze_experiment", "refresh_registry"}
+    assert [s["name"] for s in listed["schedules"]] == ["daily_experiment_refresh"]

@@ -10,6 +10,7 @@ from dagster import (
     AssetExecutionContext,
     AssetKey,
     AssetMaterialization,
+    AssetObservation,
     AssetSpec,
     BackfillPolicy,
     Config,
@@ -20,10 +21,11 @@ from dagster import (
     TableSchema,
     asset,
     multi_asset,
+    with_source_code_references,
 )
 from pydantic import Field
 
-from exp_pipeline import dimensions, preflight, report_html, schemas, sources
+from exp_pipeline import dimensions, preflight, report_html, schemas, settings, sources
 from exp_pipeline.analysis import PASS_ASSETS, ExperimentResult, analyse_experiments
 from exp_pipeline.checks import DEDUPED, EXPERIMENT_CHECKS, METRICS, POST, PRE, RAW
 from exp_pipeline.defs.check_history import latest_check_results
@@ -49,11 +51,38 @@ def _columns(table: str) -> dict:
     return {"dagster/column_schema": TableSchema(columns=columns)}
 
 
+# The inputs, as external assets: the lineage starts at the logs and the registry file. Their
+# paths and row counts are observed by source_audit, which reads both logs whole.
+EXPOSURE_LOG, EVENT_LOG, REGISTRY_FILE = "exposure_log", "event_log", "experiment_registry"
+SOURCES_GROUP = "sources"
+exposure_log = AssetSpec(
+    EXPOSURE_LOG, group_name=SOURCES_GROUP, owners=OWNERS,
+    description="The feature-flag system's exposure log (registry: sources.assignments), read as it is.",
+)
+event_log = AssetSpec(
+    EVENT_LOG, group_name=SOURCES_GROUP, owners=OWNERS,
+    description="The product's event log (registry: sources.events), read as it is.",
+)
+experiment_registry = AssetSpec(
+    REGISTRY_FILE, group_name=SOURCES_GROUP, owners=OWNERS, kinds={"yaml"},
+    description="The experiment registry: experiments, variants, metrics and where the logs are.",
+    metadata={"path": MetadataValue.path(settings.registry_path())},
+)
+
+
+def _observe_registry(context: AssetExecutionContext, registry_path: str, reg: Registry) -> None:
+    context.log_event(AssetObservation(asset_key=REGISTRY_FILE, metadata={
+        "path": MetadataValue.path(registry_path),
+        "experiments": len(reg.experiments),
+        "metrics": len(reg.metrics),
+    }))
+
+
 def _registry_asset(table: str, description: str):
     """The decorator of an asset built from the registry alone (one table, no partition)."""
     return asset(
         name=table, group_name=GROUP, owners=OWNERS, kinds={"duckdb"}, pool=WRITER_POOL,
-        description=description, metadata=_columns(table),
+        description=description, metadata=_columns(table), deps=[REGISTRY_FILE],
     )
 
 
@@ -66,8 +95,10 @@ def _replace_dimension(warehouse: Warehouse, table: str, frame: pd.DataFrame) ->
 
 
 @_registry_asset("dim_experiments", "Experiments from the registry: dates, status and analysis settings.")
-def dim_experiments(registry: RegistryResource, warehouse: Warehouse) -> MaterializeResult:
-    frame = dimensions.dim_experiments_frame(registry.load(), dt.datetime.now(dt.UTC))
+def dim_experiments(context: AssetExecutionContext, registry: RegistryResource, warehouse: Warehouse) -> MaterializeResult:
+    reg = registry.load()
+    _observe_registry(context, registry.path, reg)
+    frame = dimensions.dim_experiments_frame(reg, dt.datetime.now(dt.UTC))
     return _replace_dimension(warehouse, "dim_experiments", frame)
 
 
@@ -84,8 +115,9 @@ def dim_variants(registry: RegistryResource, warehouse: Warehouse) -> Materializ
         "exact duplicates) are kept in rejected_source_rows with their reason and file."
     ),
     metadata=_columns("rejected_source_rows"),
+    deps=[EXPOSURE_LOG, EVENT_LOG, REGISTRY_FILE],
 )
-def source_audit(registry: RegistryResource, warehouse: Warehouse) -> MaterializeResult:
+def source_audit(context: AssetExecutionContext, registry: RegistryResource, warehouse: Warehouse) -> MaterializeResult:
     reg = registry.load()
     with warehouse.session() as session:
         preflight.require_ready(session, reg, registry.path)
@@ -113,6 +145,14 @@ def source_audit(registry: RegistryResource, warehouse: Warehouse) -> Materializ
         stored = session.table("rejected_source_rows")
         by_reason = session.to_pandas(stored.group_by("source", "reason").aggregate(rows=stored.count()))
         read = {"assignments": session.count(exposure_log), "events": session.count(event_log)}
+        files = {kind: session.to_pandas(log.select("source_file").distinct())["source_file"].tolist()
+                 for kind, log in (("assignments", exposure_log), ("events", event_log))}
+    for kind, key in (("assignments", EXPOSURE_LOG), ("events", EVENT_LOG)):
+        source = getattr(reg.sources, kind)
+        where = source.table or reg.resolve_path(source.path)
+        context.log_event(AssetObservation(asset_key=key, metadata={
+            "path": MetadataValue.path(where), "dagster/row_count": read[kind], "files_read": len(files[kind]),
+        }))
     exposures, events = (
         ingestion.RowAccounting.of_rejected(by_reason[by_reason.source == kind], read[kind])
         for kind in ("assignments", "events")
@@ -164,7 +204,8 @@ REPORT = "experiment_report"
 def _analysis_specs() -> list[AssetSpec]:
     # Built by a function: load_from_defs_folder would take module-level specs for assets of their own.
     return [
-        _spec(RAW, "The experiment's exposure log as ingested, many rows per subject, canonical names."),
+        _spec(RAW, "The experiment's exposure log as ingested, many rows per subject, canonical names.",
+              deps=[EXPOSURE_LOG, REGISTRY_FILE]),
         _spec(DEDUPED, (
             "One row per (experiment, subject) among active rows: first exposure wins, properties frozen "
             "at it, subjects exposed to several variants kept but excluded, corrections keep history."
@@ -172,17 +213,17 @@ def _analysis_specs() -> list[AssetSpec]:
         _spec(POST, (
             "A view: events of analysable subjects at or after their assignment (event_at >= assigned_at) "
             "and inside the widest window of a metric on that event, joined at query time."
-        ), deps=[DEDUPED]),
+        ), deps=[DEDUPED, EVENT_LOG]),
         _spec(PRE, "A view: events of analysable subjects in the pre-assignment window (the CUPED covariate period).",
-              deps=[DEDUPED]),
+              deps=[DEDUPED, EVENT_LOG]),
         _spec(METRICS, (
             "Per (experiment, variant, metric): sufficient statistics, lift vs control with its interval "
             "and p-value, CUPED-adjusted lift, Holm-adjusted p-values and the SRM verdict."
-        ), kinds=("duckdb", "pandas", "pandera"), deps=[DEDUPED, POST, PRE]),
+        ), kinds=("duckdb", "pandas", "pandera"), deps=[DEDUPED, POST, PRE, REGISTRY_FILE]),
         _spec(REPORT, (
             "A self-contained HTML report per experiment (results table, forest plot, SRM verdict, check "
             "results) written under the data root's reports/ folder, for attaching to a decision."
-        ), kinds=("html",), deps=[METRICS]),
+        ), kinds=("html",), deps=[METRICS, "source_audit"]),
     ]
 
 
@@ -309,5 +350,9 @@ def experiment_analysis(
             )
 
 
+# The UI links each asset to the file and line of its body (rebound: the loader takes these names).
+dim_experiments, dim_variants, source_audit, experiment_analysis = with_source_code_references(
+    [dim_experiments, dim_variants, source_audit, experiment_analysis]
+)
 ANALYSIS_ASSETS = [experiment_analysis]
 REGISTRY_ASSETS = [dim_experiments, dim_variants, source_audit]

@@ -50,7 +50,8 @@ def retyped_columns(stored: ibis.Schema, written: ibis.Schema) -> list[tuple[str
     """(column, stored type, written type) of the columns both schemas have, with different types."""
     return [
         (column, stored[column], dtype) for column, dtype in written.items()
-        if column in stored and _comparable(stored[column]) != _comparable(dtype)
+        # A column of nulls (no rows to type it, e.g. an empty frame) fits any type.
+        if column in stored and not dtype.is_null() and _comparable(stored[column]) != _comparable(dtype)
     ]
 
 
