@@ -143,3 +143,24 @@ HETEROGENEITY_NOTE = (
 def heterogeneity_markdown(heterogeneity: pd.DataFrame) -> str:
     """segment_heterogeneity rows as a markdown table."""
     return heterogeneity_table(heterogeneity).to_markdown(index=False) + "\n\n" + HETEROGENEITY_NOTE
+
+
+def report_markdown(
+    name: str, experiment_id: str, srm: dict, results_md: str, plot_md: str, segments_md: str | None, checks: list[dict]
+) -> str:
+    """The experiment report as markdown (what the HTML report says, for the UI's metadata view):
+    the SRM verdict with its counts, the results, the forest plot, the results by segment, the checks."""
+    lines = [f"# {name} ({experiment_id})", "", f"**Sample ratio:** {srm_text(srm['verdict'], srm['p_value'])}; "
+             f"observed {srm['observed']}, expected {srm['expected']}."]
+    if srm["verdict"] == "SRM":
+        cause = f" Likely cause: {srm['likely_cause']}." if srm.get("likely_cause") else ""
+        lines += ["", f"**Do not trust the lifts below:** the variants' subject counts do not match their weights.{cause}"]
+    lines += ["", "## Results", "", results_md, "", plot_md]
+    if segments_md:
+        lines += ["", "## By segment", "", segments_md]
+    table = pd.DataFrame(
+        [{"check": f"{c['asset']}.{c['check']}", "result": "passed" if c["passed"] else f"FAILED ({c['severity']})",
+          "detail": c["description"] or ""} for c in checks]
+    )
+    lines += ["", "## Checks", "", table.to_markdown(index=False) if len(table) else "no checks evaluated"]
+    return "\n".join(lines)

@@ -56,14 +56,14 @@ class DagsterDev:
             "DAGSTER_HOME": str(home),
             "EXP_PIPELINE_REGISTRY": str(root / "registry.yaml"),
             "EXP_PIPELINE_DUCKDB": str(root / "warehouse.duckdb"),
-            "EXP_PIPELINE_UI_URL": self.url,
             "DAGSTER_DISABLE_TELEMETRY": "1",
         }
+        # The alert links must come from the address dg dev is given (scripts/dg.sh), not from the environment.
+        env.pop("EXP_PIPELINE_UI_URL", None)
         env.pop("EXP_PIPELINE_ALERT_WEBHOOK_URL", None)
         self.log = open(self.log_path, "w")
         self.process = subprocess.Popen(
-            [str(Path(os.sys.executable).parent / "dagster"), "dev", "-w", str(PROJECT_ROOT / "workspace.yaml"),
-             "-h", "127.0.0.1", "-p", str(self.port)],
+            ["bash", str(PROJECT_ROOT / "scripts" / "dg.sh"), "dev", "--host", "127.0.0.1", "--port", str(self.port)],
             cwd=PROJECT_ROOT, env=env, stdout=self.log, stderr=subprocess.STDOUT,
             start_new_session=True,  # its own process group: stopping it stops its run workers too
         )
@@ -304,3 +304,49 @@ def test_runs_launched_at_once_queue_on_the_pool_and_all_succeed(dagster_dev, la
             "SELECT experiment_id, count(*) FROM exp.variant_metrics GROUP BY 1"
         ).fetchall())
     assert counts == {"checkout_redesign": 8, "onboarding_srm": 4}
+
+
+def test_the_alert_of_a_failed_check_links_to_the_run_on_the_uis_own_address(dagster_dev, launched_run):
+    """onboarding_srm's SRM check fails (WARN); the daemon's alert sensor records it with its link."""
+    dagster_dev.gql(
+        "mutation($p: String!, $k: String!, $r: RepositorySelector!) { addDynamicPartition("
+        "partitionsDefName: $p, partitionKey: $k, repositorySelector: $r) { __typename } }",
+        {"p": "experiment", "k": "onboarding_srm", "r": LOCATION},
+    )
+    assert wait_for_run(dagster_dev, launch(dagster_dev, "onboarding_srm")) == "SUCCESS"
+    deadline = time.monotonic() + RUN_TIMEOUT
+    warehouse = DuckDBWarehouse(duckdb=DuckDBResource(database=str(dagster_dev.root / "warehouse.duckdb")))
+    links = []
+    while time.monotonic() < deadline and not links:
+        with warehouse.session() as session:
+            if session.has_table("alerts"):
+                links = [url for (url,) in session.raw.execute(
+                    "SELECT run_url FROM exp.alerts WHERE experiment_id = 'onboarding_srm'").fetchall()]
+        if not links:
+            time.sleep(5)
+    assert links, "no alert was recorded for onboarding_srm's failed SRM check"
+    assert all(url.startswith(f"{dagster_dev.url}/runs/") for url in links), links
+
+
+def test_the_lineage_starts_at_the_logs_and_the_report_opens_from_the_ui(dagster_dev, launched_run, browser, tmp_path):
+    page = browser.new_page(viewport={"width": 1400, "height": 900})
+    page.goto(f"{dagster_dev.url}/assets/raw_assignments?view=lineage&lineageScope=upstream")
+    dismiss_welcome(page)
+    for upstream in ("exposure_log", "experiment_registry"):
+        page.get_by_text(upstream, exact=True).first.wait_for(timeout=30_000)
+    page.screenshot(path=str(screenshot_path(tmp_path, "ui_lineage")))
+
+    page.goto(f"{dagster_dev.url}/assets/experiment_report?view=events&partition={EXPERIMENT}")
+    dismiss_welcome(page)
+    row = page.get_by_role("row", name="report")
+    row.wait_for(timeout=30_000)
+    row.get_by_text("[Show Markdown]").click()
+    dialog = page.get_by_role("dialog")
+    dialog.locator("table").first.wait_for(timeout=10_000)
+    text = dialog.inner_text()
+    assert "Checkout redesign (checkout_redesign)" in text and "Sample ratio:" in text
+    assert "+12.96%*" in text and "no_sample_ratio_mismatch" in text
+    width, _ = dialog.locator('img[alt="forest plot of relative lifts"]').evaluate("i => [i.naturalWidth, i.naturalHeight]")
+    assert width > 500
+    page.screenshot(path=str(screenshot_path(tmp_path, "ui_report")))
+    page.close()

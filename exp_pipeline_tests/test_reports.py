@@ -57,3 +57,22 @@ def test_the_console_table_reads_in_120_columns_with_the_verdict_heading_each_ex
     text = reports.results_text(frame)
     assert max(len(line) for line in text.splitlines()) <= 120
     assert text.splitlines()[0] == f"{exp.id} · sample ratio ok (p={reports.p_value_text(srm.p_value)})"
+
+
+def test_the_report_as_markdown_says_the_verdict_the_results_and_every_check():
+    srm = {"verdict": "SRM", "p_value": 1e-9, "observed": {"control": 700, "treatment": 300},
+           "expected": {"control": 500.0, "treatment": 500.0}, "likely_cause": "device_type = android"}
+    checks = [
+        {"asset": "raw_assignments", "check": "matches_schema", "passed": True, "severity": "ERROR", "description": None},
+        {"asset": "deduped_assignments", "check": "no_sample_ratio_mismatch", "passed": False, "severity": "WARN",
+         "description": "sample ratio mismatch"},
+    ]
+    text = reports.report_markdown("Test", "exp_t", srm, "| results |", "![plot](data:x)", None, checks)
+    lines = text.splitlines()
+    assert lines[0] == "# Test (exp_t)"
+    assert lines[2].startswith("**Sample ratio:** SRM (p=1e-09); observed {'control': 700, 'treatment': 300}")
+    assert "Likely cause: device_type = android." in text and "## By segment" not in text
+    assert "| deduped_assignments.no_sample_ratio_mismatch | FAILED (WARN) | sample ratio mismatch |" in text
+    assert "| raw_assignments.matches_schema" in text and "| passed " in text
+    ok = reports.report_markdown("Test", "exp_t", {**srm, "verdict": "ok"}, "r", "p", "| by segment |", [])
+    assert "Do not trust" not in ok and "## By segment\n\n| by segment |" in ok and "no checks evaluated" in ok

@@ -33,7 +33,7 @@ from exp_pipeline.defs.checks import EXPERIMENT_CHECK_SPECS, check_evaluation, s
 from exp_pipeline.defs.partitions import WRITER_POOL, experiment_partitions
 from exp_pipeline.defs.resources import RegistryResource
 from exp_pipeline.registry import Experiment, Registry
-from exp_pipeline.reports import heterogeneity_markdown, results_markdown
+from exp_pipeline.reports import heterogeneity_markdown, report_markdown, results_markdown
 from exp_pipeline.transforms import ingestion
 from exp_pipeline.warehouse.resources import Warehouse
 
@@ -233,19 +233,20 @@ def _materialization(asset: str, partition: str, result: ExperimentResult) -> As
     return AssetMaterialization(asset_key=asset, partition=partition, metadata=metadata)
 
 
-def _results_metadata(experiment: Experiment, result: ExperimentResult) -> dict:
+def _results_markdown(experiment: Experiment, result: ExperimentResult) -> dict[str, str]:
+    """The results table, the forest plot and (when any) the results by segment, as markdown."""
     plot = report_html.forest_plot_svg(result.frame, title=f"{experiment.name}: relative lift vs control (95% CI)")
-    metadata = {
-        "results": MetadataValue.md(results_markdown(result.frame)),
-        "forest_plot": MetadataValue.md(f"![forest plot of relative lifts]({report_html.svg_data_uri(plot)})"),
+    sections = {
+        "results": results_markdown(result.frame),
+        "forest_plot": f"![forest plot of relative lifts]({report_html.svg_data_uri(plot)})",
     }
     if result.heterogeneity is not None and len(result.heterogeneity):
         plots = [
             f"![relative lift by {prop}]({report_html.svg_data_uri(report_html.segment_forest_plot_svg(result.segments, prop))})"
             for prop in dict.fromkeys(result.heterogeneity["property"])
         ]
-        metadata["by_segment"] = MetadataValue.md(heterogeneity_markdown(result.heterogeneity) + "\n\n" + "\n\n".join(plots))
-    return metadata
+        sections["by_segment"] = heterogeneity_markdown(result.heterogeneity) + "\n\n" + "\n\n".join(plots)
+    return sections
 
 
 def _report(registry: Registry, experiment: Experiment, result: ExperimentResult, audit_rows: list[dict]) -> dict:
@@ -258,24 +259,31 @@ def _report(registry: Registry, experiment: Experiment, result: ExperimentResult
          "description": c.outcome.description}
         for c in sorted(result.checks, key=lambda c: order.index((c.asset, c.check)))
     ] + audit_rows
+    srm_figures = {
+        "verdict": srm.verdict,
+        "p_value": float(srm.p_value),
+        "observed": srm.observed,
+        "expected": srm.expected,
+        "likely_cause": f"{causes[0].property} = {causes[0].value}" if causes else None,
+    }
     html_text = report_html.experiment_report_html(
         experiment_id=experiment.id,
         name=experiment.name,
         frame=result.frame.sort_values(["metric", "variant_id"]),
         checks=check_rows,
-        srm={
-            "verdict": srm.verdict,
-            "p_value": float(srm.p_value),
-            "observed": srm.observed,
-            "expected": srm.expected,
-            "likely_cause": f"{causes[0].property} = {causes[0].value}" if causes else None,
-        },
+        srm=srm_figures,
         generated_at=dt.datetime.now(dt.UTC),
         segments=result.segments,
         heterogeneity=result.heterogeneity,
     )
     path = report_html.write_report(registry.data_root / "reports" / f"{experiment.id}.html", html_text)
-    return {"report_path": MetadataValue.path(str(path)), "report_url": MetadataValue.url(path.as_uri())}
+    sections = _results_markdown(experiment, result)
+    # The report itself, one click away in the UI (a browser opens no file:// link from a web page).
+    report = report_markdown(
+        experiment.name, experiment.id, srm_figures, sections["results"], sections["forest_plot"],
+        sections.get("by_segment"), check_rows,
+    )
+    return {"report": MetadataValue.md(report), "report_path": MetadataValue.path(str(path))}
 
 
 def _log_failures(context: AssetExecutionContext, experiment_id: str, result: ExperimentResult) -> None:
@@ -333,7 +341,8 @@ def experiment_analysis(
         _log_failures(context, experiment.id, result)
         if result.frame is not None:
             result.metadata[METRICS] = {
-                **result.metadata[METRICS], **_results_metadata(experiment, result),
+                **result.metadata[METRICS],
+                **{name: MetadataValue.md(text) for name, text in _results_markdown(experiment, result).items()},
                 # The whole run's, the same on every experiment it analysed: where its time went.
                 "pass_stage_seconds": {k: round(v, 3) for k, v in analysed.seconds.items()},
                 "experiments_in_pass": len(experiments),

@@ -21,7 +21,7 @@ import sqlalchemy
 from dagster import DagsterInstance, DagsterRunStatus, RunsFilter
 
 from exp_pipeline.defs.partitions import WRITER_POOL, experiment_partitions
-from exp_pipeline.settings import INSTANCE_CONFIG_TEMPLATE
+from exp_pipeline.settings import INSTANCE_CONFIG_TEMPLATE, dagster_home
 
 PID_TAG = "exp_pipeline/pid"
 HOST_TAG = "exp_pipeline/host"
@@ -51,6 +51,14 @@ def instance_lock(home: Path) -> Iterator[None]:
             yield
         finally:
             fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def ready_home() -> Path:
+    """The registry's Dagster home (settings.dagster_home), created with the project's configuration."""
+    home = Path(dagster_home())
+    with instance_lock(home):
+        ensure_instance_config(home)
+    return home
 
 
 def ensure_instance_config(home: Path) -> None:

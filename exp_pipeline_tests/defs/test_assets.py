@@ -297,6 +297,12 @@ def test_the_html_report_is_written_with_checks_and_srm(pipeline):
             assert "device_type = android" in html_text and 'id="srm-warning"' in html_text
         else:
             assert 'id="srm-warning"' not in html_text
+        # The same report in the UI: markdown in the materialization's metadata.
+        report = event.materialization.metadata["report"].value
+        assert report.startswith(f"# {load_registry(workspace.registry_path).experiment(experiment_id).name} ({experiment_id})")
+        assert "## Results" in report and "![forest plot of relative lifts](data:image/svg+xml" in report
+        assert "deduped_assignments.no_sample_ratio_mismatch" in report
+        assert ("Do not trust the lifts below" in report) == (experiment_id == "onboarding_srm")
 
 
 def test_the_report_materialized_alone_lists_every_check_of_the_experiment_in_order(pipeline):
