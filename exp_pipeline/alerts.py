@@ -35,13 +35,13 @@ MAX_FIGURES = 12
 @dataclass(frozen=True)
 class Alert:
     alert_id: str  # stable per failed evaluation / failed run, so nothing is sent twice
-    kind: str  # "asset_check" or "run_failure"
+    kind: str  # "asset_check", "run_failure" or "late_results"
     experiment_id: str | None
     source: str  # "deduped_assignments / no_sample_ratio_mismatch" or the job name
     severity: str  # "ERROR" or "WARN"
     summary: str
-    run_id: str
-    run_url: str
+    run_id: str  # empty for late results (no run to point at)
+    run_url: str  # the run in the UI, or the experiment's results for late results
     created_at: dt.datetime
     figures: dict = field(default_factory=dict)
 
@@ -56,6 +56,41 @@ def ui_url() -> str:
 
 def run_url(run_id: str) -> str:
     return f"{ui_url()}/runs/{run_id}"
+
+
+def asset_url(asset: str, partition: str) -> str:
+    return f"{ui_url()}/assets/{asset}?partition={partition}"
+
+
+# The daily refresh runs at 06:00 UTC: results older than a day and a bit missed it. The freshness
+# policy of variant_metrics (warn, fail) and the late-results alert (at fail) use these windows.
+RESULTS_WARN_AFTER = dt.timedelta(hours=26)
+RESULTS_LATE_AFTER = dt.timedelta(hours=30)
+
+
+def late_results_alert(
+    experiment_id: str, last_written: dt.datetime | None, started_at: dt.datetime, now: dt.datetime
+) -> Alert | None:
+    """An alert when an experiment whose analysis window is open has results older than
+    RESULTS_LATE_AFTER (or none, that long after its start); one per stale state (its id holds
+    the time of the results it is about, so the next refresh that is late again alerts again)."""
+    since = last_written or started_at
+    age = now - since
+    if age <= RESULTS_LATE_AFTER:
+        return None
+    hours = age.total_seconds() / 3600
+    late_after = RESULTS_LATE_AFTER.total_seconds() / 3600
+    if last_written is None:
+        what = f"no results were written in the {hours:.0f} h since the experiment started"
+    else:
+        what = f"the results were last written {hours:.0f} h ago, on {last_written:%Y-%m-%d %H:%M} UTC"
+    return Alert(
+        alert_id=f"late-{experiment_id}-{since.isoformat()}", kind="late_results", experiment_id=experiment_id,
+        source="variant_metrics / freshness", severity="ERROR",
+        summary=f"{what} (late after {late_after:.0f} h): the daily refresh did not run or did not finish",
+        run_id="", run_url=asset_url("variant_metrics", experiment_id), created_at=now,
+        figures={"hours_since_results": round(hours, 1), "late_after_hours": late_after},
+    )
 
 
 def key_figures(metadata: dict) -> dict:
@@ -79,7 +114,7 @@ def slack_payload(alert: Alert) -> dict:
         "blocks": [
             {"type": "section", "text": {"type": "mrkdwn", "text": f"*{title}*\n{alert.summary}"}},
             *([{"type": "section", "text": {"type": "mrkdwn", "text": figures}}] if figures else []),
-            {"type": "context", "elements": [{"type": "mrkdwn", "text": f"<{alert.run_url}|Open the run>"}]},
+            {"type": "context", "elements": [{"type": "mrkdwn", "text": f"<{alert.run_url}|Open in Dagster>"}]},
         ],
         # Delivery is at least once (a POST that times out after arriving is sent again): receivers
         # can drop repeats by this id.

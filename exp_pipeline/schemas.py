@@ -436,14 +436,15 @@ def metric_windows_schema(experiment: Experiment | None = None) -> pa.DataFrameS
 def alerts_schema(experiment: Experiment | None = None) -> pa.DataFrameSchema:
     return pa.DataFrameSchema(
         {
-            "alert_id": _column(STRING, "one per failed check evaluation or failed run: nothing is sent twice"),
-            "kind": _column(STRING, "asset_check or run_failure", pa.Check.isin(["asset_check", "run_failure"])),
+            "alert_id": _column(STRING, "one per failed check evaluation, failed run or late state: nothing is sent twice"),
+            "kind": _column(STRING, "asset_check, run_failure or late_results",
+                            pa.Check.isin(["asset_check", "run_failure", "late_results"])),
             "experiment_id": _column(STRING, "the experiment (the partition), if any", nullable=True),
             "source": _column(STRING, "'<asset> / <check>' or 'job <name>'"),
             "severity": _column(STRING, "ERROR or WARN", pa.Check.isin(["ERROR", "WARN"])),
             "summary": _column(STRING, "what failed, in words"),
-            "run_id": _column(STRING, "the Dagster run"),
-            "run_url": _column(STRING, "link to the run in the UI"),
+            "run_id": _column(STRING, "the Dagster run (empty for late results)"),
+            "run_url": _column(STRING, "link to the run in the UI (late results: to the experiment's variant_metrics)"),
             "created_at": _column(UTC_TIMESTAMP, "when the check was evaluated or the run failed"),
             "figures": _column(STRING, "the check's key figures (JSON)"),
             "delivered": _column(BOOLEAN, "the webhook accepted it"),

@@ -338,7 +338,7 @@ def test_the_lineage_starts_at_the_logs_and_the_report_opens_from_the_ui(dagster
 
     page.goto(f"{dagster_dev.url}/assets/experiment_report?view=events&partition={EXPERIMENT}")
     dismiss_welcome(page)
-    row = page.get_by_role("row", name="report")
+    row = page.get_by_role("row", name="report [Show Markdown]", exact=True)
     row.wait_for(timeout=30_000)
     row.get_by_text("[Show Markdown]").click()
     dialog = page.get_by_role("dialog")

@@ -38,7 +38,9 @@ def test_the_definitions_hold_every_asset_check_job_schedule_sensor_and_resource
     assert {f"{k.asset_key.to_user_string()}.{k.name}" for k in graph.asset_check_keys} == CHECKS
     assert {j.name for j in defs.resolve_all_job_defs()} - {"__ASSET_JOB"} == {"analyze_experiment", "refresh_registry"}
     assert [s.name for s in defs.schedules] == ["daily_experiment_refresh"]
-    assert {s.name for s in defs.sensors} == {"register_new_experiments", "alert_on_failed_checks", "alert_on_run_failure"}
+    assert {s.name for s in defs.sensors} == {
+        "register_new_experiments", "alert_on_failed_checks", "alert_on_run_failure", "alert_on_late_results",
+    }
     assert set(defs.resources) == {"registry", "warehouse"}
     assert defs.executor is dg.in_process_executor
 
@@ -89,3 +91,11 @@ def test_dg_list_defs_lists_every_asset_job_schedule_and_sensor():
     assert {a["asset_key"] for a in listed["assets"]} == ASSETS | SOURCES
     assert {j["name"] for j in listed["jobs"]} == {"analyze_experiment", "refresh_registry"}
     assert [s["name"] for s in listed["schedules"]] == ["daily_experiment_refresh"]
+
+
+def test_variant_metrics_is_late_in_the_ui_when_the_daily_refresh_misses_a_day():
+    from exp_pipeline import alerts
+
+    policy = defs.resolve_asset_graph().get(dg.AssetKey("variant_metrics")).freshness_policy
+    assert (policy.warn_window.to_timedelta(), policy.fail_window.to_timedelta()) == (
+        alerts.RESULTS_WARN_AFTER, alerts.RESULTS_LATE_AFTER)

@@ -12,8 +12,10 @@ command -v chromium > /dev/null || missing+=(chromium)
 java -version 2>&1 | grep -qE 'version "(1[7-9]|[2-9][0-9])' || missing+=(openjdk-17-jre-headless)
 if [ ${#missing[@]} -gt 0 ]; then
     if [ "$(id -u)" = 0 ]; then SUDO=""; else SUDO="sudo"; fi
+    echo "installing ${missing[*]} with apt-get (Debian packages, needs root or sudo; a few minutes once) ..." >&2
     $SUDO apt-get update -qq
     DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${missing[@]}" > /dev/null
+    echo "installed ${missing[*]}" >&2
 fi
 .venv/bin/ruff check .
 exec .venv/bin/python -m pytest "$@"

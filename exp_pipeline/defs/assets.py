@@ -14,6 +14,7 @@ from dagster import (
     AssetSpec,
     BackfillPolicy,
     Config,
+    FreshnessPolicy,
     MaterializeResult,
     MetadataValue,
     TableColumn,
@@ -25,7 +26,7 @@ from dagster import (
 )
 from pydantic import Field
 
-from exp_pipeline import dimensions, preflight, report_html, schemas, settings, sources
+from exp_pipeline import alerts, dimensions, preflight, report_html, schemas, settings, sources
 from exp_pipeline.analysis import PASS_ASSETS, ExperimentResult, analyse_experiments
 from exp_pipeline.checks import DEDUPED, EXPERIMENT_CHECKS, METRICS, POST, PRE, RAW
 from exp_pipeline.defs.check_history import latest_check_results
@@ -53,18 +54,18 @@ def _columns(table: str) -> dict:
 
 # The inputs, as external assets: the lineage starts at the logs and the registry file. Their
 # paths and row counts are observed by source_audit, which reads both logs whole.
+# In the pipeline's group: the UI draws one group's graph expanded, with its inputs at the left.
 EXPOSURE_LOG, EVENT_LOG, REGISTRY_FILE = "exposure_log", "event_log", "experiment_registry"
-SOURCES_GROUP = "sources"
 exposure_log = AssetSpec(
-    EXPOSURE_LOG, group_name=SOURCES_GROUP, owners=OWNERS,
+    EXPOSURE_LOG, group_name=GROUP, owners=OWNERS,
     description="The feature-flag system's exposure log (registry: sources.assignments), read as it is.",
 )
 event_log = AssetSpec(
-    EVENT_LOG, group_name=SOURCES_GROUP, owners=OWNERS,
+    EVENT_LOG, group_name=GROUP, owners=OWNERS,
     description="The product's event log (registry: sources.events), read as it is.",
 )
 experiment_registry = AssetSpec(
-    REGISTRY_FILE, group_name=SOURCES_GROUP, owners=OWNERS, kinds={"yaml"},
+    REGISTRY_FILE, group_name=GROUP, owners=OWNERS, kinds={"yaml"},
     description="The experiment registry: experiments, variants, metrics and where the logs are.",
     metadata={"path": MetadataValue.path(settings.registry_path())},
 )
@@ -191,10 +192,11 @@ class AnalysisConfig(Config):
     )
 
 
-def _spec(table: str, description: str, kinds=("duckdb", "pandera"), deps=()) -> AssetSpec:
+def _spec(table: str, description: str, kinds=("duckdb", "pandera"), deps=(), freshness_policy=None) -> AssetSpec:
     return AssetSpec(
         table, group_name=GROUP, owners=OWNERS, kinds=set(kinds), deps=list(deps), skippable=True,
         metadata=_columns(table) if table in schemas.TABLES else None, description=description,
+        freshness_policy=freshness_policy,
     )
 
 
@@ -219,7 +221,11 @@ def _analysis_specs() -> list[AssetSpec]:
         _spec(METRICS, (
             "Per (experiment, variant, metric): sufficient statistics, lift vs control with its interval "
             "and p-value, CUPED-adjusted lift, Holm-adjusted p-values and the SRM verdict."
-        ), kinds=("duckdb", "pandas", "pandera"), deps=[DEDUPED, POST, PRE, REGISTRY_FILE]),
+        ), kinds=("duckdb", "pandas", "pandera"), deps=[DEDUPED, POST, PRE, REGISTRY_FILE],
+            # Late in the UI when the daily refresh missed a day (alert_on_late_results alerts per experiment).
+            freshness_policy=FreshnessPolicy.time_window(
+                fail_window=alerts.RESULTS_LATE_AFTER, warn_window=alerts.RESULTS_WARN_AFTER
+            )),
         _spec(REPORT, (
             "A self-contained HTML report per experiment (results table, forest plot, SRM verdict, check "
             "results) written under the data root's reports/ folder, for attaching to a decision."

@@ -1,9 +1,11 @@
-"""Jobs, the daily schedule and the sensors (new experiments, alerts on failed checks and runs)."""
+"""Jobs, the daily schedule and the sensors (new experiments; alerts on failed checks, failed runs and late results)."""
 
 import datetime as dt
 import os
 
 from dagster import (
+    AssetKey,
+    AssetRecordsFilter,
     AssetSelection,
     DefaultScheduleStatus,
     DefaultSensorStatus,
@@ -20,6 +22,7 @@ from dagster import (
 )
 
 from exp_pipeline import alerts
+from exp_pipeline.checks import METRICS
 from exp_pipeline.defs.assets import ANALYSIS_ASSETS, REGISTRY_ASSETS
 from exp_pipeline.defs.check_history import failed_check_executions
 from exp_pipeline.defs.checks import CHECK_KEYS
@@ -199,3 +202,44 @@ def alert_on_run_failure(context: RunFailureSensorContext, warehouse: Warehouse)
     except Exception as exc:  # the run-status cursor moves on regardless: never crash silently
         context.log.error(f"alert {alert.alert_id} could not be stored or delivered: {type(exc).__name__}")
         raise
+
+
+def _now() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)
+
+
+def _last_written(context: SensorEvaluationContext, asset: str, partition: str) -> dt.datetime | None:
+    """When the partition of `asset` was last materialized, per the instance."""
+    records = context.instance.fetch_materializations(
+        AssetRecordsFilter(asset_key=AssetKey(asset), asset_partitions=[partition]), limit=1, ascending=False
+    ).records
+    return dt.datetime.fromtimestamp(records[0].timestamp, dt.UTC) if records else None
+
+
+@sensor(
+    minimum_interval_seconds=600,
+    default_status=DefaultSensorStatus.RUNNING,
+    description=(
+        "Alerts once per stale state when an experiment whose analysis window is open has results "
+        "older than 30 h (the daily refresh missed it); the UI shows the same with variant_metrics' "
+        "freshness policy."
+    ),
+)
+def alert_on_late_results(context: SensorEvaluationContext, registry: RegistryResource, warehouse: Warehouse):
+    now = _now()
+    reg = registry.load()
+    known = set(context.instance.get_dynamic_partitions(experiment_partitions.name))
+    late = [
+        alert for experiment_id in experiments_to_refresh(reg, known, now)
+        if (alert := alerts.late_results_alert(
+            experiment_id, _last_written(context, METRICS, experiment_id), reg.experiment(experiment_id).start_at, now
+        )) is not None
+    ]
+    if not late:
+        return SkipReason("no experiment's results are late")
+    with warehouse.session() as session:
+        new = alerts.record_alerts(session, late)
+    for alert in new:
+        context.log.error(alert.log_line())
+    delivered, pending = alerts.deliver_pending(warehouse, os.environ.get(alerts.WEBHOOK_ENV))
+    return SkipReason(f"{len(late)} experiments late, {len(new)} new alerts, {delivered} delivered, {pending} undelivered")

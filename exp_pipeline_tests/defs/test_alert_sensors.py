@@ -1,6 +1,7 @@
 """Alerts reach a real HTTP endpoint on 127.0.0.1: once per failed evaluation, never repeated,
 none for passing checks, and not lost while the endpoint is down."""
 
+import datetime as dt
 import json
 import socket
 import threading
@@ -301,3 +302,27 @@ def test_a_trickling_webhook_is_abandoned_at_the_deadline_and_the_alert_arrives_
     finally:
         trickle.close()
         receiver.close()
+
+
+def test_an_experiment_whose_results_go_stale_alerts_once(tmp_path, instance, monkeypatch):
+    from exp_pipeline.defs import automation
+    from exp_pipeline.defs.resources import RegistryResource
+
+    monkeypatch.delenv(alerts.WEBHOOK_ENV, raising=False)
+    workspace = write_tiny_workspace(tmp_path)
+    assert run(workspace, instance, "exp_b").success  # exp_b has no end: its window stays open
+
+    def late_tick(hours: float):
+        now = dt.datetime.now(dt.UTC) + dt.timedelta(hours=hours)
+        monkeypatch.setattr(automation, "_now", lambda: now)
+        resources = {"warehouse": workspace.warehouse(), "registry": RegistryResource(path=str(workspace.registry_path))}
+        with build_sensor_context(instance=instance, resources=resources) as context:
+            return automation.alert_on_late_results(context)
+
+    assert late_tick(0).skip_message == "no experiment's results are late"
+    assert late_tick(31).skip_message.startswith("1 experiments late, 1 new alerts")
+    assert late_tick(40).skip_message.startswith("1 experiments late, 0 new alerts")
+    [row] = alert_rows(workspace).to_dict("records")
+    assert (row["kind"], row["experiment_id"], row["source"]) == ("late_results", "exp_b", "variant_metrics / freshness")
+    assert row["run_url"].endswith("/assets/variant_metrics?partition=exp_b")
+    assert_alerts_keep_their_contract(workspace)
