@@ -350,3 +350,20 @@ def test_the_lineage_starts_at_the_logs_and_the_report_opens_from_the_ui(dagster
     assert width > 500
     page.screenshot(path=str(screenshot_path(tmp_path, "ui_report")))
     page.close()
+
+
+def test_every_column_the_ui_shows_has_a_real_type(dagster_dev, launched_run):
+    """The column schemas of the definitions and of the latest materializations: no `mixed`."""
+    nodes = dagster_dev.gql(
+        "{ assetNodes { assetKey { path } metadataEntries { label ... on TableSchemaMetadataEntry { schema { columns "
+        "{ name type } } } } assetMaterializations(limit: 1) { metadataEntries { label ... on TableSchemaMetadataEntry "
+        "{ schema { columns { name type } } } } } } }"
+    )["assetNodes"]
+    types = {}
+    for node in nodes:
+        entries = node["metadataEntries"] + [e for m in node["assetMaterializations"] for e in m["metadataEntries"]]
+        for entry in entries:
+            for column in (entry.get("schema") or {}).get("columns", []):
+                types[(node["assetKey"]["path"][-1], column["name"])] = column["type"]
+    assert ("variant_metrics", "rel_lift") in types
+    assert set(types.values()) <= {"string", "int64", "float64", "boolean", "timestamp UTC", "decimal(38, 0)"}, types
