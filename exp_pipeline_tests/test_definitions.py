@@ -99,3 +99,29 @@ def test_variant_metrics_is_late_in_the_ui_when_the_daily_refresh_misses_a_day()
     policy = defs.resolve_asset_graph().get(dg.AssetKey("variant_metrics")).freshness_policy
     assert (policy.warn_window.to_timedelta(), policy.fail_window.to_timedelta()) == (
         alerts.RESULTS_WARN_AFTER, alerts.RESULTS_LATE_AFTER)
+
+
+@pytest.mark.e2e
+def test_dg_launch_reruns_one_experiment_and_rewrites_its_report(tmp_path):
+    """The README's re-run of one experiment: scripts/dg.sh on the registry's own instance."""
+    from exp_pipeline_tests.conftest import write_tiny_workspace
+
+    workspace = write_tiny_workspace(tmp_path)
+    env = {k: v for k, v in os.environ.items() if k not in ("EXP_PIPELINE_DUCKDB", "DAGSTER_HOME")}
+    env.update(EXP_PIPELINE_REGISTRY=str(workspace.registry_path), DAGSTER_DISABLE_TELEMETRY="1")
+    first = subprocess.run([sys.executable, "-m", "exp_pipeline.cli", "run"], env=env, capture_output=True, text=True,
+                           timeout=600)
+    assert first.returncode == 0, first.stderr[-3000:]
+    report = tmp_path / "reports" / "exp_a.html"
+    before = report.stat().st_mtime_ns
+    done = subprocess.run(
+        ["bash", str(PROJECT_ROOT / "scripts" / "dg.sh"), "launch", "--assets", "variant_metrics+", "--partition", "exp_a"],
+        env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert report.stat().st_mtime_ns > before
+    from dagster import DagsterInstance
+    from dagster._core.instance.ref import InstanceRef
+
+    with DagsterInstance.from_ref(InstanceRef.from_dir(str(tmp_path / ".dagster_home"))) as instance:
+        assert len(instance.get_runs()) == 3  # the main command's two runs and the launch
