@@ -2,6 +2,7 @@
 partition for the analysis pass)."""
 
 import datetime as dt
+import glob
 
 import ibis
 import pandas as pd
@@ -146,13 +147,13 @@ def source_audit(context: AssetExecutionContext, registry: RegistryResource, war
         stored = session.table("rejected_source_rows")
         by_reason = session.to_pandas(stored.group_by("source", "reason").aggregate(rows=stored.count()))
         read = {"assignments": session.count(exposure_log), "events": session.count(event_log)}
-        files = {kind: session.to_pandas(log.select("source_file").distinct())["source_file"].tolist()
-                 for kind, log in (("assignments", exposure_log), ("events", event_log))}
     for kind, key in (("assignments", EXPOSURE_LOG), ("events", EVENT_LOG)):
         source = getattr(reg.sources, kind)
         where = source.table or reg.resolve_path(source.path)
+        # The files the path matches (a listing, not a scan); a warehouse table has none.
+        files = {} if source.table else {"files": len(glob.glob(where))}
         context.log_event(AssetObservation(asset_key=key, metadata={
-            "path": MetadataValue.path(where), "dagster/row_count": read[kind], "files_read": len(files[kind]),
+            "path": MetadataValue.path(where), "dagster/row_count": read[kind], **files,
         }))
     exposures, events = (
         ingestion.RowAccounting.of_rejected(by_reason[by_reason.source == kind], read[kind])
