@@ -329,3 +329,23 @@ def test_variant_metrics_metadata_embeds_the_forest_plot(pipeline):
     assert meta["forest_plot"].startswith("![forest plot of relative lifts](data:image/svg+xml;base64,")
     rows = [[cell.strip() for cell in line.split("|")[1:3]] for line in meta["results"].splitlines()]
     assert ["treatment", "revenue"] in rows
+
+
+def test_the_logs_and_the_registry_are_observed_with_their_paths_and_row_counts(tmp_path, instance):
+    from dagster import AssetKey, AssetRecordsFilter
+
+    from exp_pipeline_tests.conftest import write_tiny_workspace
+
+    workspace = write_tiny_workspace(tmp_path)
+    assert materialize(REGISTRY_ASSETS, instance=instance, resources=workspace.resources()).success
+
+    def observed(asset: str) -> dict:
+        [record] = instance.fetch_observations(AssetRecordsFilter(asset_key=AssetKey(asset)), limit=1).records
+        return {k: v.value for k, v in record.asset_observation.metadata.items()}
+
+    exposures = pd.read_parquet(tmp_path / "logs" / "assignments.parquet")
+    events = pd.read_parquet(tmp_path / "logs" / "events.parquet")
+    assert observed("exposure_log") == {
+        "path": str(tmp_path / "logs" / "assignments.parquet"), "dagster/row_count": len(exposures), "files": 1}
+    assert observed("event_log")["dagster/row_count"] == len(events)
+    assert observed("experiment_registry") == {"path": str(workspace.registry_path), "experiments": 2, "metrics": 1}
