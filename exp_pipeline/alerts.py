@@ -68,24 +68,18 @@ RESULTS_WARN_AFTER = dt.timedelta(hours=26)
 RESULTS_LATE_AFTER = dt.timedelta(hours=30)
 
 
-def late_results_alert(
-    experiment_id: str, last_written: dt.datetime | None, started_at: dt.datetime, now: dt.datetime
-) -> Alert | None:
+def late_results_alert(experiment_id: str, last_written: dt.datetime | None, now: dt.datetime) -> Alert | None:
     """An alert when an experiment whose analysis window is open has results older than
-    RESULTS_LATE_AFTER (or none, that long after its start); one per stale state (its id holds
-    the time of the results it is about, so the next refresh that is late again alerts again)."""
-    since = last_written or started_at
-    age = now - since
-    if age <= RESULTS_LATE_AFTER:
+    RESULTS_LATE_AFTER; one per stale state (its id holds the time of the results it is about, so
+    the next refresh that is late again alerts again). An experiment never analysed yet is not
+    late: its first run is the new-experiment sensor's, and a failed run alerts on its own."""
+    if last_written is None or now - last_written <= RESULTS_LATE_AFTER:
         return None
-    hours = age.total_seconds() / 3600
+    hours = (now - last_written).total_seconds() / 3600
     late_after = RESULTS_LATE_AFTER.total_seconds() / 3600
-    if last_written is None:
-        what = f"no results were written in the {hours:.0f} h since the experiment started"
-    else:
-        what = f"the results were last written {hours:.0f} h ago, on {last_written:%Y-%m-%d %H:%M} UTC"
+    what = f"the results were last written {hours:.0f} h ago, on {last_written:%Y-%m-%d %H:%M} UTC"
     return Alert(
-        alert_id=f"late-{experiment_id}-{since.isoformat()}", kind="late_results", experiment_id=experiment_id,
+        alert_id=f"late-{experiment_id}-{last_written.isoformat()}", kind="late_results", experiment_id=experiment_id,
         source="variant_metrics / freshness", severity="ERROR",
         summary=f"{what} (late after {late_after:.0f} h): the daily refresh did not run or did not finish",
         run_id="", run_url=asset_url("variant_metrics", experiment_id), created_at=now,

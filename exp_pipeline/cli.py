@@ -92,7 +92,7 @@ def _experiment_outcomes(result, experiment_ids: list[str]) -> list[RunOutcome]:
 
 
 # Our own errors already say what is wrong and where: their class name adds nothing.
-_PLAIN_ERRORS = ("ValueError: ", "SourceError: ", "SchemaChangeError: ", "exp_pipeline.warehouse.interface.SchemaChangeError: ", "RegistryError: ", "WarehouseBusy: ", "LookupError: ")
+_PLAIN_ERRORS = ("ValueError: ", "SourceError: ", "exp_pipeline.warehouse.interface.SchemaChangeError: ", "RegistryError: ", "WarehouseBusy: ", "LookupError: ")
 
 
 def _root_cause(error) -> str:

@@ -45,7 +45,8 @@ def source_problems(registry: Registry, registry_path: str) -> list[str]:
         except RegistryError as exc:
             problems.append(f"{where}.path: {exc}")
             continue
-        files = [f for f in sorted(globlib.glob(pattern)) if os.path.isfile(f) and os.path.getsize(f) > 0]
+        # Empty files are skipped by the engines too; a directory is read (and refused) like a file.
+        files = [f for f in sorted(globlib.glob(pattern)) if not (os.path.isfile(f) and os.path.getsize(f) == 0)]
         if not files:
             problems.append(
                 f"{where}.path: no non-empty file matches {source.path!r} (resolved to {pattern}); relative "
@@ -68,7 +69,8 @@ def source_problems(registry: Registry, registry_path: str) -> list[str]:
 def _required_event_columns(registry: Registry) -> tuple[str, ...]:
     # A value column is needed when the registry maps one, or when a metric sums values.
     source = registry.sources.events
-    needs_value = "value" in source.columns or any(m.aggregation == "sum" for m in registry.metrics.values())
+    summed = any(m.aggregation == "sum" for e in registry.experiments for m in registry.metrics_of(e))
+    needs_value = "value" in source.columns or summed
     return (*REQUIRED_EVENT_COLUMNS, "value") if needs_value else REQUIRED_EVENT_COLUMNS
 
 
@@ -85,14 +87,14 @@ def _file_columns(path: str, file_format: str) -> tuple[list[str] | None, str]:
 
 def _mapping_problems(where: str, source: Source, required: Sequence[str], columns: list[str], files: list[str]) -> list[str]:
     """One line per canonical column or property the source does not have."""
-    # Engines match names without regard to case.
-    present = {c.casefold() for c in columns}
+    # Exactly as the run looks them up (ingestion's column mapping): names are case-sensitive.
+    present = set(columns)
     shown = ", ".join(c for c in columns if c != "source_file")
     named = files[0] if len(files) == 1 else f"{len(files)} files matching the path (e.g. {files[0]})"
     problems = []
     for name in required:
         column = source.source_column(name)
-        if column.casefold() in present:
+        if column in present:
             continue
         if name in source.properties:
             field = f"{where}.properties"
@@ -123,10 +125,14 @@ def table_source_problems(session: WarehouseSession, registry: Registry, registr
 
 
 def warehouse_problems(session: WarehouseSession, registry: Registry) -> list[str]:
-    """Stored tables whose columns this registry's rows would give another type."""
+    """Stored tables whose columns this registry's rows would give another type. Only tables that
+    keep their columns across runs: views and tables written whole are created anew each time
+    (and a view over files that are gone is the next run's to replace, not a reason to stop)."""
     properties = registry.sources.assignments.properties
     problems = []
     for name, table in schemas.TABLES.items():
+        if not table.keeps_its_columns:
+            continue
         schema = table.schema(None, properties) if name in PROPERTY_TABLES else table.documented_schema()
         changes = session.retyped_columns(name, schemas.ibis_schema(schema))
         if changes:

@@ -466,7 +466,14 @@ class Table:
     grain: str
     holds: str
     schema: Callable[..., pa.DataFrameSchema]
-    per_experiment: bool = True
+    # How runs write it: "by partition" (one experiment's rows replaced), "appended", "whole"
+    # (dropped and created again) or "as a view". The first two keep their columns across runs.
+    written: str = "by partition"
+
+    @property
+    def keeps_its_columns(self) -> bool:
+        """Stored columns outlive a run: a column's type cannot change (see preflight)."""
+        return self.written in ("by partition", "appended")
 
     def documented_schema(self) -> pa.DataFrameSchema:
         """The schema without an experiment: its columns and the checks that hold for every one."""
@@ -484,9 +491,9 @@ TABLES = {
     t.name: t
     for t in (
         Table("dim_experiments", "experiment", "the registry's experiments: dates, status, analysis settings",
-              dim_experiments_schema, per_experiment=False),
+              dim_experiments_schema, written="whole"),
         Table("dim_variants", "experiment x variant", "the registry's variants: weight, which is the control",
-              dim_variants_schema, per_experiment=False),
+              dim_variants_schema, written="whole"),
         Table("raw_assignments", "exposure row", "the exposure log of the experiment, canonical names, UTC",
               raw_assignments_schema),
         Table("rejected_rows", "rejected exposure row",
@@ -494,18 +501,19 @@ TABLES = {
               rejected_rows_schema),
         Table("rejected_source_rows", "rejected log row",
               "exposure rows of no known experiment and unusable event rows (the logs as a whole)",
-              rejected_source_rows_schema, per_experiment=False),
+              rejected_source_rows_schema, written="whole"),
         Table("deduped_assignments", "experiment x subject (unique among is_active rows)",
               "first exposure per subject, properties frozen at it, exclusions, correction history",
               deduped_assignments_schema),
         Table("metric_windows", "experiment x metric",
               "the registry's metric windows and pre-periods, which the two event views join with",
-              metric_windows_schema, per_experiment=False),
+              metric_windows_schema, written="whole"),
         Table("post_assignment_events", "event x experiment",
               "a view: events of analysable subjects inside the widest window of a metric on that event",
-              post_assignment_events_schema),
+              post_assignment_events_schema, written="as a view"),
         Table("pre_assignment_events", "event x experiment",
-              "a view: events in the CUPED covariate period before assignment", pre_assignment_events_schema),
+              "a view: events in the CUPED covariate period before assignment", pre_assignment_events_schema,
+              written="as a view"),
         Table("analysis_state", "experiment", "when the experiment was last analysed, on how many event rows",
               analysis_state_schema),
         Table("refresh_state", "experiment",
@@ -526,7 +534,7 @@ TABLES = {
               "whether a lift differs across a property's values: Cochran's Q on the segments' lifts, Holm",
               segment_heterogeneity_schema),
         Table("alerts", "alert", "one row per failed check evaluation or failed run, with its delivery state",
-              alerts_schema, per_experiment=False),
+              alerts_schema, written="appended"),
     )
 }
 
@@ -570,7 +578,7 @@ def tables_markdown() -> str:
         "",
         "Generated from the Pandera schemas in `exp_pipeline/schemas.py` (`.venv/bin/python -m "
         "exp_pipeline.schemas > docs/tables.md`; a test fails when this page is stale). All tables live in "
-        "the warehouse (DuckDB: `data/warehouse/warehouse.duckdb`, schema `exp`); tables per experiment "
+        "the warehouse (DuckDB: `warehouse/warehouse.duckdb` beside the registry file, schema `exp`); tables per experiment "
         "are partitioned by `experiment_id`. The assignment tables also carry the assignment properties "
         "the registry names (device_type, country, ...), after `assigned_at`. How the rows are computed: "
         "[data-model.md](data-model.md).",

@@ -68,7 +68,7 @@ def spark_config() -> dict[str, str]:
     """Spark settings: EXP_PIPELINE_SPARK_CONF (a JSON object) over the defaults.
 
     Without a `spark.master` (or `spark.remote`) in it, Spark runs in local mode on this machine
-    with the local defaults (two cores, 4 GB driver, the catalog's folder under data/warehouse);
+    with the local defaults (two cores, 4 GB driver, the catalog's folder under the registry's warehouse/);
     with one, only the settings every engine needs (UTC) are added to the user's.
     """
     text = os.environ.get("EXP_PIPELINE_SPARK_CONF", "{}")

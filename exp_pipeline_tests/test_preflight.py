@@ -100,3 +100,24 @@ def test_a_stored_column_whose_type_would_change_is_named_with_the_fix(workspace
         "run writes string."
     )
     assert "ALTER TABLE exp.raw_assignments ALTER COLUMN device_type TYPE TEXT" in problem
+
+
+def test_names_are_matched_exactly_as_the_run_matches_them(workspace, session):
+    edit_registry(workspace, "variant_id: variation", "variant_id: Variation")
+    [problem] = problems(workspace, session)
+    assert "sources.assignments.columns.variant_id: column 'Variation' is not in" in problem
+
+
+def test_a_directory_matched_by_the_glob_is_named(workspace, session):
+    (workspace.root / "logs" / "old.parquet").mkdir()
+    edit_registry(workspace, "path: logs/assignments.parquet", "path: logs/*.parquet")
+    found = problems(workspace, session)
+    assert any(f"{workspace.root / 'logs' / 'old.parquet'} is not a readable parquet file" in p for p in found), found
+
+
+def test_a_stored_view_over_files_that_are_gone_does_not_stop_the_run(workspace, session, tmp_path):
+    gone = tmp_path / "gone.parquet"
+    pd.DataFrame({"x": [1]}).to_parquet(gone)
+    session.raw.execute(f"CREATE VIEW exp.post_assignment_events AS SELECT * FROM read_parquet('{gone}')")
+    gone.unlink()
+    assert problems(workspace, session) == []

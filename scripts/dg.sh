@@ -6,6 +6,11 @@
 #   bash scripts/dg.sh launch --assets "variant_metrics+" --partition checkout_redesign
 #   bash scripts/dg.sh check defs
 set -euo pipefail
+# A registry path relative to where the command was typed, made absolute before the cd below.
+if [ -n "${EXP_PIPELINE_REGISTRY:-}" ]; then
+    EXP_PIPELINE_REGISTRY="$(realpath -m "$EXP_PIPELINE_REGISTRY")"
+    export EXP_PIPELINE_REGISTRY
+fi
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 DAGSTER_HOME="$(.venv/bin/python -c 'from exp_pipeline.defs.instance import ready_home; print(ready_home())')"
@@ -19,8 +24,12 @@ if [ "${1:-}" = dev ] && [ -z "${EXP_PIPELINE_UI_URL:-}" ]; then
             -p|--port) port="${args[i+1]:-$port}" ;;
             --host=*) host="${args[i]#--host=}" ;;
             --port=*) port="${args[i]#--port=}" ;;
+            -h?*) host="${args[i]#-h}" ;;
+            -p?*) port="${args[i]#-p}" ;;
         esac
     done
+    # Listening on every interface: links name this machine (set EXP_PIPELINE_UI_URL for a proxy).
+    if [ "$host" = 0.0.0.0 ]; then host="$(hostname)"; fi
     export EXP_PIPELINE_UI_URL="http://$host:$port"
 fi
 exec .venv/bin/dg "$@"

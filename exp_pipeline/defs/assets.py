@@ -256,9 +256,11 @@ def _results_markdown(experiment: Experiment, result: ExperimentResult) -> dict[
     return sections
 
 
-def _report(registry: Registry, experiment: Experiment, result: ExperimentResult, audit_rows: list[dict]) -> dict:
+def _report(
+    registry: Registry, experiment: Experiment, result: ExperimentResult, audit_rows: list[dict], sections: dict[str, str]
+) -> dict:
     """Write the experiment's HTML report from what the pass computed (and `audit_rows`, the latest
-    source-audit check results); its metadata."""
+    source-audit check results, and `sections`, its results as markdown); its metadata."""
     srm, causes = result.srm, result.causes
     order = [(c.asset, c.check) for c in EXPERIMENT_CHECKS]
     check_rows = [
@@ -284,7 +286,6 @@ def _report(registry: Registry, experiment: Experiment, result: ExperimentResult
         heterogeneity=result.heterogeneity,
     )
     path = report_html.write_report(registry.data_root / "reports" / f"{experiment.id}.html", html_text)
-    sections = _results_markdown(experiment, result)
     # The report itself, one click away in the UI (a browser opens no file:// link from a web page).
     report = report_markdown(
         experiment.name, experiment.id, srm_figures, sections["results"], sections["forest_plot"],
@@ -346,10 +347,11 @@ def experiment_analysis(
     for experiment in experiments:
         result = results_by_id[experiment.id]
         _log_failures(context, experiment.id, result)
+        sections = _results_markdown(experiment, result) if result.frame is not None else {}
         if result.frame is not None:
             result.metadata[METRICS] = {
                 **result.metadata[METRICS],
-                **{name: MetadataValue.md(text) for name, text in _results_markdown(experiment, result).items()},
+                **{name: MetadataValue.md(text) for name, text in sections.items()},
                 # The whole run's, the same on every experiment it analysed: where its time went.
                 "pass_stage_seconds": {k: round(v, 3) for k, v in analysed.seconds.items()},
                 "experiments_in_pass": len(experiments),
@@ -362,7 +364,7 @@ def experiment_analysis(
                 yield check_evaluation(record, experiment.id)
         if result.frame is not None and REPORT in selected:
             yield AssetMaterialization(
-                asset_key=REPORT, partition=experiment.id, metadata=_report(reg, experiment, result, audit_rows)
+                asset_key=REPORT, partition=experiment.id, metadata=_report(reg, experiment, result, audit_rows, sections)
             )
 
 

@@ -221,8 +221,8 @@ def _last_written(context: SensorEvaluationContext, asset: str, partition: str) 
     default_status=DefaultSensorStatus.RUNNING,
     description=(
         "Alerts once per stale state when an experiment whose analysis window is open has results "
-        "older than 30 h (the daily refresh missed it); the UI shows the same with variant_metrics' "
-        "freshness policy."
+        f"older than {alerts.RESULTS_LATE_AFTER.total_seconds() / 3600:.0f} h (the daily refresh missed "
+        "it). variant_metrics' freshness policy judges the asset as a whole (its newest partition)."
     ),
 )
 def alert_on_late_results(context: SensorEvaluationContext, registry: RegistryResource, warehouse: Warehouse):
@@ -231,9 +231,8 @@ def alert_on_late_results(context: SensorEvaluationContext, registry: RegistryRe
     known = set(context.instance.get_dynamic_partitions(experiment_partitions.name))
     late = [
         alert for experiment_id in experiments_to_refresh(reg, known, now)
-        if (alert := alerts.late_results_alert(
-            experiment_id, _last_written(context, METRICS, experiment_id), reg.experiment(experiment_id).start_at, now
-        )) is not None
+        if (alert := alerts.late_results_alert(experiment_id, _last_written(context, METRICS, experiment_id), now))
+        is not None
     ]
     if not late:
         return SkipReason("no experiment's results are late")

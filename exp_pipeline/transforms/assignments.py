@@ -82,7 +82,8 @@ def apply_assignment_history(
 
     `current` is the assignment state computed from the log now; `previous` is what the table held
     (written under any earlier registry: columns it lacks read as null, columns the registry no
-    longer names are left out). Unchanged subjects keep their row (`valid_from` included), so
+    longer names are left out, history rows included: a removed property's values go from the
+    rewritten partition). Unchanged subjects keep their row (`valid_from` included), so
     reruns are idempotent; only their counts (n_exposures, n_variants_seen) follow the log, and
     a property they have no value of (one added to the registry since) is filled from the log.
     A subject whose variant, first exposure or exclusion changed is a correction: the old row is

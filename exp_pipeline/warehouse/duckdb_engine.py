@@ -133,9 +133,11 @@ class DuckDBWarehouseSession(WarehouseSession):
                     f"ADD COLUMN {_quote(column)} {sql_type}"
                 )
 
-    def _cast_hint(self, name: str, column: str, dtype) -> str:
+    def _schema_change_remedy(self, name: str, column: str, dtype) -> str:
         sql_type = self.ibis.compiler.type_mapper.to_string(dtype)
-        return f"cast the stored column (ALTER TABLE {self.schema}.{name} ALTER COLUMN {column} TYPE {sql_type})"
+        table = f"{self.schema}.{name}"
+        return (f"cast the stored column (ALTER TABLE {table} ALTER COLUMN {column} TYPE {sql_type}), or drop the "
+                f"table (DROP TABLE {table}) so that the next run rebuilds it from the logs")
 
     @contextmanager
     def _transaction(self) -> Iterator[None]:

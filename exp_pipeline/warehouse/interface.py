@@ -167,14 +167,14 @@ class WarehouseSession(ABC):
         listed = "; ".join(f"column {c!r} is stored as {a} but this run writes {b}" for c, a, b in changes)
         return SchemaChangeError(
             f"table {self.schema}.{name} cannot take this run's rows: {listed}. A stored column's type cannot "
-            f"change in place, so the run stopped before writing. Either {self._cast_hint(name, changes[0][0], changes[0][2])}, "
-            f"or drop the table so that the next run rebuilds it from the logs (deduped_assignments would "
-            f"lose its correction history), or point the pipeline at a new warehouse"
+            f"change in place, so the run stopped before writing. Either {self._schema_change_remedy(name, changes[0][0], changes[0][2])} "
+            f"(deduped_assignments would lose its correction history), or point the pipeline at a new warehouse"
         )
 
     @abstractmethod
-    def _cast_hint(self, name: str, column: str, dtype: dt.DataType) -> str:
-        """How to cast a stored column to `dtype` on this engine, as advice."""
+    def _schema_change_remedy(self, name: str, column: str, dtype: dt.DataType) -> str:
+        """How to cast a stored column to `dtype`, or to remove the table so that the next run
+        rebuilds it from the logs, on this engine, as advice."""
 
     def _refuse_retyping(self, name: str, written: ibis.Schema) -> None:
         changes = self.retyped_columns(name, written)
@@ -263,7 +263,7 @@ def csv_header(path: str) -> list[str] | None:
         dialect = csv.Sniffer().sniff(header, delimiters=",;\t|")
     except csv.Error:
         dialect = csv.excel
-    return [name.strip() for name in next(csv.reader([header], dialect), [])]
+    return list(next(csv.reader([header], dialect), []))
 
 
 def _refuse_repeated_header_names(path: str, description: str) -> None:
@@ -272,7 +272,7 @@ def _refuse_repeated_header_names(path: str, description: str) -> None:
     if header is None:
         return  # the engine's probe reports an unreadable file with its reason
     # Engines match column names without regard to case (DuckDB renames `User_ID` after `user_id`).
-    names = [name.casefold() for name in header]
+    names = [name.strip().casefold() for name in header]
     repeated = sorted({name for name in names if names.count(name) > 1})
     if repeated:
         raise SourceError(

@@ -271,9 +271,13 @@ class SparkWarehouseSession(WarehouseSession):
             )
             self._record_in_manifest(name)
 
-    def _cast_hint(self, name: str, column: str, dtype) -> str:
-        # A Parquet table's column type cannot be altered in Spark's catalog: its files must be rewritten.
-        return f"rewrite the table with {column} cast to {dtype} (CREATE TABLE ... AS SELECT, then swap the names)"
+    def _schema_change_remedy(self, name: str, column: str, dtype) -> str:
+        # A Parquet table's column type cannot be altered in Spark's catalog, and a dropped table
+        # comes back from its files and the manifest: both must go for the next run to rebuild it.
+        manifest = self._manifest()
+        where = f" and its manifest entry {manifest / (name + '.sql')}" if manifest is not None else ""
+        return (f"rewrite the table with {column} cast to {dtype}, or drop it (DROP TABLE {self._qualified(name)}) and "
+                f"delete its folder {self._table_location(name)}{where} so that the next run rebuilds it from the logs")
 
     def _in_table_order(self, name: str, frame):
         from pyspark.sql import functions as F

@@ -310,7 +310,7 @@ def test_an_experiment_whose_results_go_stale_alerts_once(tmp_path, instance, mo
 
     monkeypatch.delenv(alerts.WEBHOOK_ENV, raising=False)
     workspace = write_tiny_workspace(tmp_path)
-    assert run(workspace, instance, "exp_b").success  # exp_b has no end: its window stays open
+    instance.add_dynamic_partitions("experiment", ["exp_b"])
 
     def late_tick(hours: float):
         now = dt.datetime.now(dt.UTC) + dt.timedelta(hours=hours)
@@ -319,6 +319,9 @@ def test_an_experiment_whose_results_go_stale_alerts_once(tmp_path, instance, mo
         with build_sensor_context(instance=instance, resources=resources) as context:
             return automation.alert_on_late_results(context)
 
+    # Registered long after its start but not analysed yet: not late.
+    assert late_tick(0).skip_message == "no experiment's results are late"
+    assert run(workspace, instance, "exp_b").success  # exp_b has no end: its window stays open
     assert late_tick(0).skip_message == "no experiment's results are late"
     assert late_tick(31).skip_message.startswith("1 experiments late, 1 new alerts")
     assert late_tick(40).skip_message.startswith("1 experiments late, 0 new alerts")

@@ -176,13 +176,20 @@ def test_a_column_mapping_renamed(analysed, instance, tmp_path, instance_factory
     assert_same_as_fresh(analysed, tmp_path, instance_factory)
 
 
-def test_a_source_switched_from_parquet_to_csv(analysed, instance, tmp_path, instance_factory):
+def test_both_sources_switched_from_parquet_to_csv_and_the_old_files_removed(analysed, instance, tmp_path, instance_factory):
     before = results(analysed)
     logs = analysed.root / "logs"
-    exposures = pd.read_parquet(logs / "assignments.parquet")
-    exposures["exposed_at"] = exposures.exposed_at.dt.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
-    exposures.to_csv(logs / "assignments.csv", index=False)
-    edit_registry(analysed, lambda r: r["sources"]["assignments"].update(path="logs/assignments.csv"))
+    for log, at in (("assignments", "exposed_at"), ("events", "event_ts")):
+        rows = pd.read_parquet(logs / f"{log}.parquet")
+        rows[at] = rows[at].dt.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+        rows.to_csv(logs / f"{log}.csv", index=False)
+        (logs / f"{log}.parquet").unlink()  # the stored event views still name this file
+
+    def switch(registry):
+        for log in ("assignments", "events"):
+            registry["sources"][log]["path"] = f"logs/{log}.csv"
+
+    edit_registry(analysed, switch)
     assert passes(analyse(analysed, instance))
     for table in RESULT_TABLES:
         pd.testing.assert_frame_equal(analysed.rows(table), before[table], check_like=True, obj=table)
