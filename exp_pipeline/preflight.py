@@ -34,8 +34,7 @@ def source_problems(registry: Registry, registry_path: str) -> list[str]:
     """Files and column mappings of both sources (file sources; a warehouse table or a URI is
     checked by `table_source_problems` or when the engine reads it)."""
     problems = []
-    for kind, required in (("assignments", (*ASSIGNMENT_COLUMNS, *registry.sources.assignments.properties)),
-                           ("events", _required_event_columns(registry))):
+    for kind, required in _required_columns(registry).items():
         source: Source = getattr(registry.sources, kind)
         if source.path is None or is_uri(source.path):
             continue
@@ -53,25 +52,28 @@ def source_problems(registry: Registry, registry_path: str) -> list[str]:
                 "paths are relative to the registry file's folder"
             )
             continue
-        columns: dict[str, str] = {}  # column -> the first file that has it
+        columns: dict[str, None] = {}  # every file's columns, united by name as the engines read them
         for path in files:
             names, reason = _file_columns(path, source.file_format)
             if names is None:
                 problems.append(f"{where}.path: {path} is not a readable {source.file_format} file ({reason})")
                 continue
-            for name in names:
-                columns.setdefault(name, path)
+            columns.update(dict.fromkeys(names))
         if columns:
             problems += _mapping_problems(where, source, required, list(columns), files)
     return problems
 
 
-def _required_event_columns(registry: Registry) -> tuple[str, ...]:
-    # A value column is needed when the registry maps one, or when a metric sums values.
-    source = registry.sources.events
+def _required_columns(registry: Registry) -> dict[str, tuple[str, ...]]:
+    """The canonical columns (and properties) each source must have. A value column is needed
+    when the registry maps one, or when a metric in use sums values."""
+    events = registry.sources.events
     summed = any(m.aggregation == "sum" for e in registry.experiments for m in registry.metrics_of(e))
-    needs_value = "value" in source.columns or summed
-    return (*REQUIRED_EVENT_COLUMNS, "value") if needs_value else REQUIRED_EVENT_COLUMNS
+    needs_value = "value" in events.columns or summed
+    return {
+        "assignments": (*ASSIGNMENT_COLUMNS, *registry.sources.assignments.properties),
+        "events": (*REQUIRED_EVENT_COLUMNS, "value") if needs_value else REQUIRED_EVENT_COLUMNS,
+    }
 
 
 def _file_columns(path: str, file_format: str) -> tuple[list[str] | None, str]:
@@ -109,8 +111,7 @@ def _mapping_problems(where: str, source: Source, required: Sequence[str], colum
 def table_source_problems(session: WarehouseSession, registry: Registry, registry_path: str) -> list[str]:
     """The column mappings of sources that are warehouse tables (their schemas, no data)."""
     problems = []
-    for kind, required in (("assignments", (*ASSIGNMENT_COLUMNS, *registry.sources.assignments.properties)),
-                           ("events", _required_event_columns(registry))):
+    for kind, required in _required_columns(registry).items():
         source: Source = getattr(registry.sources, kind)
         if source.table is None:
             continue
