@@ -475,6 +475,11 @@ class Table:
         """Stored columns outlive a run: a column's type cannot change (see preflight)."""
         return self.written in ("by partition", "appended")
 
+    @property
+    def per_experiment(self) -> bool:
+        """Every row belongs to one registry experiment's partition (views read partitioned tables)."""
+        return self.written in ("by partition", "as a view")
+
     def documented_schema(self) -> pa.DataFrameSchema:
         """The schema without an experiment: its columns and the checks that hold for every one."""
         return self.schema(None)
