@@ -300,6 +300,59 @@ def compare_regression_adjusted(treatment: Moments, control: Moments, alpha: flo
     return _inference(m_c, m_c + abs_lift, abs_lift, v_t + v_c, rel_var, welch_df(var_t, treatment.n, var_c, control.n), alpha)
 
 
+def _ratio_gradients(m: Moments) -> tuple[float, np.ndarray, float, np.ndarray]:
+    """The per-member ratios of a variant's cluster Moments over (Y, N[, X]) and their gradients in
+    the cluster means: r_y = mean_Y / mean_N with gradient (1, -r_y, 0) / mean_N, and likewise r_x
+    for the pre-period sum X (zeros without one)."""
+    means = m.mean()
+    mean_n = float(means[1])
+    r_y = float(means[0]) / mean_n
+    grad_y = np.zeros(len(means))
+    grad_y[:2] = 1 / mean_n, -r_y / mean_n
+    r_x, grad_x = 0.0, np.zeros(len(means))
+    if len(means) > 2:
+        r_x = float(means[2]) / mean_n
+        grad_x[1:3] = -r_x / mean_n, 1 / mean_n
+    return r_y, grad_y, r_x, grad_x
+
+
+def compare_clustered(treatment: Moments, control: Moments, alpha: float = 0.05, cuped: bool = False) -> LiftResult:
+    """A per-member metric of an experiment randomized by cluster (company), on GrowthBook's ratio
+    statistics (docs/data-model.md#clustered-experiments).
+
+    Each variant's Moments run over its clusters, of the vector (Y, N) — the cluster's metric sum
+    and member count — or (Y, N, X) with X the cluster's pre-period sum, used when `cuped`. A
+    variant's estimate is the per-member mean r = sum Y / sum N; its variance is the delta method
+    on the cluster means, var(Y - r N) / (G mean_N^2), which is the cluster-robust variance of a
+    mean (CR0 times G / (G - 1)). Welch degrees of freedom run on clusters, not members.
+
+    With CUPED the estimate is r_y - theta r_x, theta = the arms' summed covariance of the two
+    ratios' per-cluster linearisations over their summed variance of r_x
+    (gbstats' compute_theta_regression_adjusted_ratio). The relative lift divides by the unadjusted
+    control ratio, its variance the delta method through that denominator as well.
+    """
+    _check_alpha(alpha)
+    if min(treatment.n, control.n) < 2 or not (treatment.sums[1] > 0 and control.sums[1] > 0):
+        return _inference(_NAN, _NAN, _NAN, _NAN, _NAN, _NAN, alpha)
+    (r_t, gy_t, rx_t, gx_t), (r_c, gy_c, rx_c, gx_c) = _ratio_gradients(treatment), _ratio_gradients(control)
+    c_t, c_c = treatment.covariance(), control.covariance()
+    theta = 0.0
+    if cuped:
+        var_x = float(gx_t @ c_t @ gx_t + gx_c @ c_c @ gx_c)
+        theta = float(gy_t @ c_t @ gx_t + gy_c @ c_c @ gx_c) / var_x if var_x > 0 else 0.0
+    adjust_t, adjust_c = gy_t - theta * gx_t, gy_c - theta * gx_c
+    var_t, var_c = (_clamp0(float(a @ c @ a)) for a, c in ((adjust_t, c_t), (adjust_c, c_c)))
+    abs_lift = (r_t - theta * rx_t) - (r_c - theta * rx_c)
+    rel_var = _NAN
+    if r_c != 0:
+        control_gradient = -(r_c + abs_lift) / r_c**2 * gy_c + theta / r_c * gx_c
+        rel_var = var_t / (treatment.n * r_c**2) + _clamp0(float(control_gradient @ c_c @ control_gradient)) / control.n
+    return _inference(
+        r_c, r_c + abs_lift, abs_lift, var_t / treatment.n + var_c / control.n, rel_var,
+        welch_df(var_t, treatment.n, var_c, control.n), alpha,
+    )
+
+
 @dataclass(frozen=True)
 class SrmResult:
     """Sample-ratio-mismatch test; expected holds expected counts, not weights."""
