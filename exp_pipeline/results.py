@@ -213,7 +213,8 @@ def _segments(segments: pd.DataFrame, experiment: Experiment, metrics: list[Metr
     }
     control_id, least = experiment.control.id, experiment.segments.min_subjects
     found = []
-    for prop, value in dict.fromkeys(zip(segments["property"], segments["value"], strict=True)):
+    # Sorted: the engine returns the rows in any order, and Cochran's Q sums in this one.
+    for prop, value in sorted(set(zip(segments["property"], segments["value"], strict=True))):
         for metric in metrics:
             arms = {v.id: by_key.get((prop, value, v.id, metric.id), _empty_stats()) for v in experiment.variants}
             too_small = min(s.n for s in arms.values()) < least
