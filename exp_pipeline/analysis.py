@@ -26,7 +26,7 @@ import pandas as pd
 
 from exp_pipeline import checks, refresh, reports, results, schemas, sources, validation
 from exp_pipeline.checks import BLOCKING, DEDUPED, ERROR, METRICS, POST, PRE, RAW, ROWS_READ, CheckOutcome
-from exp_pipeline.registry import Experiment, Registry
+from exp_pipeline.registry import SUBJECT, Experiment, Registry
 from exp_pipeline.stats import SrmCause, SrmResult
 from exp_pipeline.transforms import ingestion, temporal_join
 from exp_pipeline.transforms.assignments import (
@@ -38,8 +38,10 @@ from exp_pipeline.transforms.assignments import (
     first_exposures,
     property_pair_counts,
     subject_segments,
+    usable_exposures,
 )
 from exp_pipeline.transforms.fixed_point import read_bounds, value_bounds
+from exp_pipeline.transforms.secondary_ids import subject_id_maps
 from exp_pipeline.transforms.subject_values import (
     SEGMENT_KEY,
     VALUE_KEY,
@@ -54,6 +56,7 @@ from exp_pipeline.vocabulary import MULTIPLE_VARIANTS
 from exp_pipeline.warehouse.interface import WarehouseSession
 
 ANALYSIS_STATE = "analysis_state"
+ID_MAP = "subject_id_map"  # written with deduped_assignments, in the same transaction
 # Written with variant_metrics, in the same transaction.
 SEGMENT_METRICS, SEGMENT_HETEROGENEITY = "segment_metrics", "segment_heterogeneity"
 METRIC_WINDOWS = "metric_windows"
@@ -165,7 +168,7 @@ def _ingest_exposures(
     """raw_assignments and rejected_rows of every experiment, with their checks."""
     source = registry.sources.assignments
     classified = session.temp_table(
-        "_classified_assignments", ingestion.classify_assignments(exposures, experiments, source.properties)
+        "_classified_assignments", ingestion.classify_assignments(exposures, experiments, source.kept_columns)
     )
     reasons = session.to_pandas(ingestion.rejection_counts(classified, by=["experiment_id"]))
     stored = _rows_per_experiment(session, session.table(RAW)) if session.has_table(RAW) else {}
@@ -229,17 +232,22 @@ def _dedupe(
     the subject counts per variant and property value (for SRM)."""
     if not experiments:
         return {}
-    properties = registry.sources.assignments.properties
+    properties, secondary_ids = registry.sources.assignments.properties, list(registry.sources.assignments.secondary_ids)
     ids = [e.id for e in experiments]
     raw = session.table(RAW)
+    mine = raw.filter(raw.experiment_id.isin(ids))
     # Materialized: the history compares it with the previous rows three ways.
-    current = session.temp_table("_current_assignments", first_exposures(raw.filter(raw.experiment_id.isin(ids)), experiments, properties))
+    current = session.temp_table("_current_assignments", first_exposures(mine, experiments, properties, secondary_ids))
     previous = None
     if session.has_table(DEDUPED):
         # Materialize the previous state first: the write below replaces it.
         stored = session.table(DEDUPED)
         previous = session.temp_table("_previous_deduped", stored.filter(stored.experiment_id.isin(ids)))
-    written = session.replace_experiments(ids, {DEDUPED: apply_assignment_history(current, previous, now, properties)})[DEDUPED]
+    written = session.replace_experiments(ids, {
+        DEDUPED: apply_assignment_history(current, previous, now, properties, secondary_ids),
+        ID_MAP: subject_id_maps(usable_exposures(mine, experiments), secondary_ids),
+    })
+    id_map_rows, written = written[ID_MAP], written[DEDUPED]
     deduped = session.table(DEDUPED)
     deduped = deduped.filter(deduped.experiment_id.isin(ids))
     active = deduped.filter(deduped.is_active)
@@ -249,6 +257,12 @@ def _dedupe(
     previews = _previews(session, deduped, ids)
     schema_outcomes = checks.schema_outcomes(session, DEDUPED, experiments, registry)
     unique = checks.unique_active_subject_outcomes(session, active, ids)
+    id_map_outcomes = checks.schema_outcomes(session, ID_MAP, experiments, registry)
+    id_map = session.table(ID_MAP)
+    id_map = id_map.filter(id_map.experiment_id.isin(ids))
+    conflicts = session.to_pandas(id_map.group_by("experiment_id", "id_name").aggregate(
+        values=id_map.count(), conflicting=(id_map.n_subjects > 1).cast("int64").sum()
+    ))
     counts = {}
     for e in experiments:
         result = outcomes[e.id]
@@ -269,6 +283,7 @@ def _dedupe(
         mine = reasons[reasons.experiment_id == e.id]
         result.metadata[DEDUPED] = {
             "dagster/row_count": written[e.id],
+            "subject_id_map_rows": id_map_rows[e.id],
             "analysable_subjects": analysable,
             "multi_variant_subjects": multi,
             "multi_variant_share": multi / (analysable + multi) if analysable + multi else 0.0,
@@ -280,6 +295,9 @@ def _dedupe(
         }
         result.record(DEDUPED, "matches_schema", schema_outcomes[e.id])
         result.record(DEDUPED, "one_active_row_per_subject", unique[e.id])
+        result.record(DEDUPED, "one_subject_per_secondary_id", id_map_outcomes[e.id])
+        result.record(DEDUPED, "conflicting_secondary_ids_within_bound", checks.conflicting_ids_outcome(
+            conflicts[conflicts.experiment_id == e.id], secondary_ids, registry.sources.assignments.max_conflicting_id_share))
         result.record(DEDUPED, "multi_variant_share_within_bounds", checks.multi_variant_outcome(multi, analysable + multi, e))
         srm, causes = results.srm_of(counts[e.id], e)
         result.srm, result.causes = srm, causes
@@ -307,9 +325,17 @@ def _window_views(session: WarehouseSession, registry: Registry) -> None:
     analysable = analysable_assignments(session.table(DEDUPED)).select(
         "experiment_id", "subject_id", "variant_id", "assigned_at"
     )
-    rows = temporal_join.window_rows(analysable, events, session.table(METRIC_WINDOWS))
+    rows = temporal_join.window_rows(analysable, events, session.table(METRIC_WINDOWS), _id_map(session, registry, registry.experiments))
     session.publish_view(POST, temporal_join.post_assignment_rows(rows))
     session.publish_view(PRE, temporal_join.pre_assignment_rows(rows))
+
+
+def _id_map(session: WarehouseSession, registry: Registry, experiments: Sequence[Experiment]) -> ir.Table | None:
+    """subject_id_map of the experiments, when one of their metrics is keyed by a secondary id."""
+    if all(m.entity == SUBJECT for e in experiments for m in registry.metrics_of(e)):
+        return None
+    id_map = session.table(ID_MAP)
+    return id_map.filter(id_map.experiment_id.isin([e.id for e in experiments]))
 
 
 # Columns of the window-event tables that come from the subject side of the join.
@@ -386,6 +412,7 @@ def _plan_refresh(
         run.plans[e.id] = refresh.plan_refresh(
             e.id, refresh.definition_fingerprint(e, registry.metrics_of(e), registry.sources.events), state, settle_until,
             counts.before(e.id, state.settled_until) if state else None, stored_rows.get(e.id, 0) if state else None,
+            keyed_by_secondary_ids=any(m.entity != SUBJECT for m in registry.metrics_of(e)),
         )
     return run
 
@@ -419,7 +446,7 @@ def _run_join(
         verdicts.update(shared)
         return shared
 
-    sides = session.temp_table("_subject_spans", temporal_join.subject_spans(subjects, spans))
+    sides = session.temp_table("_subject_spans", temporal_join.subject_spans(subjects, spans, _id_map(session, registry, going)))
     if fresh_from:
         # Settled subjects need only their events from the watermark on: the log before the
         # earliest watermark is read for the others (new subjects, experiments recomputed) only.

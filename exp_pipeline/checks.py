@@ -68,6 +68,12 @@ EXPERIMENT_CHECKS = [CheckDefinition(*c) for c in (
     (DEDUPED, "matches_schema", True, "deduped_assignments (its active rows) matches its Pandera schema."),
     (DEDUPED, "one_active_row_per_subject", True,
      "UNIQUE(experiment_id, subject_id) among active rows: one subject, one experiment, one variant."),
+    (DEDUPED, "one_subject_per_secondary_id", True,
+     "subject_id_map matches its Pandera schema: UNIQUE(experiment_id, id_name, secondary_id), each value "
+     "of a secondary id (sources.assignments.secondary_ids) belongs to one subject, the first seen with it."),
+    (DEDUPED, "conflicting_secondary_ids_within_bound", False,
+     "Share of a secondary id's values seen with several subjects (a shared device, a forwarded email): "
+     "WARN above sources.assignments.max_conflicting_id_share; their events count for the first subject only."),
     (DEDUPED, "multi_variant_share_within_bounds", True,
      "Share of subjects excluded for seeing several variants: WARN above warn_share, ERROR above error_share."),
     (DEDUPED, "no_sample_ratio_mismatch", True,
@@ -118,10 +124,12 @@ def schema_outcomes(
 ) -> dict[str, CheckOutcome]:
     """Each experiment's stored partition of `table` against its Pandera schema, every experiment
     in one aggregate query (validation.validate_partitions)."""
-    properties = registry.sources.assignments.properties
+    source = registry.sources.assignments
+    properties, ids = source.properties, list(source.secondary_ids)
     schema_of = {
-        "raw_assignments": lambda e: schemas.raw_assignments_schema(e, properties),
-        "deduped_assignments": lambda e: schemas.deduped_assignments_schema(e, properties),
+        "raw_assignments": lambda e: schemas.raw_assignments_schema(e, properties, ids),
+        "deduped_assignments": lambda e: schemas.deduped_assignments_schema(e, properties, ids),
+        "subject_id_map": schemas.subject_id_map_schema,
         "variant_metrics": lambda e: schemas.variant_metrics_schema(e, e.metrics),
     }[table]
     rows = session.table(table)
@@ -195,6 +203,31 @@ def multi_variant_outcome(excluded: int, total: int, experiment: Experiment) -> 
             "multi_variant_share": share,
             "warn_share": bounds.warn_share,
             "error_share": bounds.error_share,
+        },
+    )
+
+
+def conflicting_ids_outcome(counts: pd.DataFrame, id_names: Sequence[str], max_share: float) -> CheckOutcome:
+    """One experiment's values per secondary id (`counts`: id_name, values, conflicting) against
+    the bound on the share seen with several subjects."""
+    per_id = {r.id_name: (int(r.values), int(r.conflicting)) for r in counts.itertuples(index=False)}
+    shares = {name: (c / v if v else 0.0) for name, (v, c) in per_id.items()}
+    over = sorted(name for name, share in shares.items() if share > max_share)
+    if not id_names:
+        description = "no secondary ids mapped (sources.assignments.secondary_ids)"
+    else:
+        description = "; ".join(
+            f"{name}: {per_id.get(name, (0, 0))[1]} of {per_id.get(name, (0, 0))[0]} values "
+            f"({shares.get(name, 0.0):.2%}) seen with several subjects" for name in id_names
+        ) + f" (warn above {max_share:.2%}; their events count for the first subject seen with them)"
+    return CheckOutcome(
+        passed=not over,
+        severity=WARN,
+        description=description,
+        metadata={
+            "max_conflicting_id_share": max_share,
+            **{f"{name}_values": per_id.get(name, (0, 0))[0] for name in id_names},
+            **{f"{name}_conflicting": per_id.get(name, (0, 0))[1] for name in id_names},
         },
     )
 

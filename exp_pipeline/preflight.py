@@ -71,7 +71,7 @@ def _required_columns(registry: Registry) -> dict[str, tuple[str, ...]]:
     summed = any(m.aggregation == "sum" for e in registry.experiments for m in registry.metrics_of(e))
     needs_value = "value" in events.columns or summed
     return {
-        "assignments": (*ASSIGNMENT_COLUMNS, *registry.sources.assignments.properties),
+        "assignments": (*ASSIGNMENT_COLUMNS, *registry.sources.assignments.kept_columns),
         "events": (*REQUIRED_EVENT_COLUMNS, "value") if needs_value else REQUIRED_EVENT_COLUMNS,
     }
 
@@ -100,6 +100,8 @@ def _mapping_problems(where: str, source: Source, required: Sequence[str], colum
             continue
         if name in source.properties:
             field = f"{where}.properties"
+        elif name in source.secondary_ids:
+            field = f"{where}.secondary_ids.{name}"
         elif name in source.columns:
             field = f"{where}.columns.{name}"
         else:

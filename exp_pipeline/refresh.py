@@ -159,17 +159,20 @@ class RefreshPlan:
 
 def plan_refresh(
     experiment_id: str, fingerprint: str, state: RefreshState | None, settle_until: dt.datetime,
-    events_before_settled: dict[str, list[int]] | None, settled_rows_now: int | None,
+    events_before_settled: dict[str, list[int]] | None, settled_rows_now: int | None, keyed_by_secondary_ids: bool = False,
 ) -> RefreshPlan:
     """Incremental when the stored state still describes the log and its rows: the same
     definition, the watermark not moving back, the same events before it as when they were
     settled (`events_before_settled`: their rows and checksum per name now, before
     state.settled_until), and every settled row still there (`settled_rows_now`: the committed
-    rows counted now)."""
+    rows counted now). Never for an experiment with metrics `keyed_by_secondary_ids`: a subject
+    seen with a new ID gains that ID's earlier events, which no stored sum holds."""
 
     def full(reason: str) -> RefreshPlan:
         return RefreshPlan(experiment_id, fingerprint, settle_until, None, reason)
 
+    if keyed_by_secondary_ids:
+        return full("metrics keyed by a secondary id: a subject's ids (subject_id_map) can change with every run")
     if state is None:
         return full("first analysis: nothing settled yet")
     if state.fingerprint != fingerprint:

@@ -69,6 +69,7 @@ def _utc(value: dt.datetime) -> dt.datetime:
 UtcDatetime = Annotated[dt.datetime, AfterValidator(_utc)]
 
 PRE_PERIOD = "pre_period"  # the CUPED++ covariate that is the metric itself before assignment
+SUBJECT = "subject"  # a metric's entity when its events are keyed by the subject itself
 
 
 class _Strict(BaseModel):
@@ -130,6 +131,13 @@ class Metric(_Strict):
     cap_ignore_zeros: bool = Field(
         default=True,
         description="percentiles of the non-zero values only, zeros left as they are (false: of every subject)",
+    )
+    entity: SafeId = Field(
+        default=SUBJECT,
+        description=(
+            "whose events the metric counts: 'subject' (the events are keyed by the subject), or a secondary id "
+            "of the assignments source (the events are keyed by it, e.g. user_id; see subject_id_map)"
+        ),
     )
     description: str = ""
 
@@ -224,6 +232,18 @@ class Source(_Strict):
     format: Literal["parquet", "csv"] | None = None
     columns: dict[str, str] = Field(default_factory=dict, description="canonical name -> source column")
     properties: list[str] = Field(default_factory=list, description="assignment properties to keep")
+    secondary_ids: dict[SafeId, str] = Field(
+        default_factory=dict,
+        description=(
+            "assignments: other ids of the subject logged with its exposures (nullable, e.g. the user_id "
+            "of an anonymous visitor once logged in), id name -> source column; each experiment maps "
+            "every value to the first subject seen with it (subject_id_map)"
+        ),
+    )
+    max_conflicting_id_share: float = Field(
+        default=0.05, ge=0, le=1,
+        description="assignments: WARN when more than this share of a secondary id's values were seen with several subjects",
+    )
     timestamp_unit: Literal["auto", "s", "ms", "us", "ns"] = Field(
         default="auto",
         description="unit of integer (epoch) timestamps; auto: from each value's magnitude (see docs)",
@@ -271,7 +291,14 @@ class Source(_Strict):
         )
 
     def source_column(self, canonical: str) -> str:
+        if canonical in self.secondary_ids:
+            return self.secondary_ids[canonical]
         return self.columns.get(canonical, canonical)
+
+    @property
+    def kept_columns(self) -> list[str]:
+        """Columns kept beside the canonical ones: the properties, then the secondary ids."""
+        return [*self.properties, *self.secondary_ids]
 
 
 class Sources(_Strict):
@@ -306,6 +333,15 @@ class Sources(_Strict):
         repeated = sorted({p for p in self.assignments.properties if self.assignments.properties.count(p) > 1})
         if repeated:
             raise ValueError(f"assignments.properties repeats {repeated}")
+        if self.events.secondary_ids:
+            raise ValueError("events.secondary_ids: secondary ids are mapped on the assignments source, which links them to subjects")
+        ids = set(self.assignments.secondary_ids)
+        taken = sorted(ids & (set(ASSIGNMENT_COLUMNS) | RESERVED_COLUMN_NAMES | set(self.assignments.properties) | {PRE_PERIOD, SUBJECT}))
+        if taken:
+            raise ValueError(
+                f"assignments.secondary_ids {taken} are names already used (canonical columns, properties or "
+                "columns the pipeline adds); name the ids differently"
+            )
         return self
 
 
@@ -409,6 +445,15 @@ def _cross_check(registry: Registry, path: Path) -> None:
                 f"experiment {experiment.id!r}, field 'metrics': unknown metrics {unknown}; "
                 f"defined: {sorted(registry.metrics)}"
             )
+        ids = registry.sources.assignments.secondary_ids
+        for metric_id in experiment.metrics:
+            metric = registry.metrics.get(metric_id)
+            if metric is not None and metric.entity != SUBJECT and metric.entity not in ids:
+                problems.append(
+                    f"experiment {experiment.id!r}, metric {metric_id!r}, field 'entity': {metric.entity!r} is "
+                    f"not a secondary id of the experiment's assignments source (its secondary_ids: {sorted(ids)}); "
+                    f"map the column under sources.assignments.secondary_ids or use '{SUBJECT}'"
+                )
     for metric_id, metric in registry.metrics.items():
         if metric.id != metric_id:
             problems.append(f"metric {metric_id!r}, field 'id': does not match its key {metric_id!r}")

@@ -75,7 +75,13 @@ def _properties(properties: Sequence[str]) -> dict[str, pa.Column]:
     return {p: _column(STRING, "assignment property from the registry", nullable=True) for p in properties}
 
 
-def raw_assignments_schema(experiment: Experiment | None, properties: Sequence[str] = ()) -> pa.DataFrameSchema:
+def _secondary_ids(names: Sequence[str], what: str) -> dict[str, pa.Column]:
+    return {i: _column(STRING, f"secondary id from the registry: {what}", nullable=True) for i in names}
+
+
+def raw_assignments_schema(
+    experiment: Experiment | None, properties: Sequence[str] = (), secondary_ids: Sequence[str] = ()
+) -> pa.DataFrameSchema:
     # Unusable rows were set aside at ingestion (rejected_rows); exposures outside the window are
     # valid log rows, excluded later by the assignment rules.
     return pa.DataFrameSchema(
@@ -85,6 +91,7 @@ def raw_assignments_schema(experiment: Experiment | None, properties: Sequence[s
             "variant_id": _column(STRING, "variant the subject was exposed to", _variants(experiment)),
             "assigned_at": _column(UTC_TIMESTAMP, "exposure time"),
             **_properties(properties),
+            **_secondary_ids(secondary_ids, "as logged on the exposure"),
             "source_file": _column(STRING, "file (or table) the row was read from"),
         },
         strict=True,
@@ -92,7 +99,9 @@ def raw_assignments_schema(experiment: Experiment | None, properties: Sequence[s
     )
 
 
-def deduped_assignments_schema(experiment: Experiment | None, properties: Sequence[str] = ()) -> pa.DataFrameSchema:
+def deduped_assignments_schema(
+    experiment: Experiment | None, properties: Sequence[str] = (), secondary_ids: Sequence[str] = ()
+) -> pa.DataFrameSchema:
     return pa.DataFrameSchema(
         {
             "experiment_id": _experiment_column(experiment),
@@ -100,6 +109,7 @@ def deduped_assignments_schema(experiment: Experiment | None, properties: Sequen
             "variant_id": _column(STRING, "variant of the first exposure", _variants(experiment)),
             "assigned_at": _column(UTC_TIMESTAMP, "first exposure inside the experiment window", _inside_window(experiment)),
             **_properties(properties),
+            **_secondary_ids(secondary_ids, "the first logged on a usable exposure of the subject"),
             "n_exposures": _column(INT64, "usable exposure rows of the subject", pa.Check.ge(1)),
             "n_variants_seen": _column(INT64, "distinct variants in those rows", pa.Check.ge(1)),
             "exclusion_reason": _column(
@@ -352,6 +362,22 @@ def dim_variants_schema(experiment: Experiment | None = None) -> pa.DataFrameSch
     )
 
 
+def subject_id_map_schema(experiment: Experiment | None = None) -> pa.DataFrameSchema:
+    return pa.DataFrameSchema(
+        {
+            "experiment_id": _experiment_column(experiment),
+            "id_name": _column(STRING, "the secondary id (registry sources.assignments.secondary_ids)"),
+            "secondary_id": _column(STRING, "a value of it seen on the experiment's usable exposures"),
+            "subject_id": _column(STRING, "the subject first seen with it (ties: the smaller subject_id), whose events it keys"),
+            "first_seen_at": _column(UTC_TIMESTAMP, "that subject's first exposure carrying it"),
+            "n_subjects": _column(INT64, "distinct subjects seen with it (above 1: a conflict)", pa.Check.ge(1)),
+        },
+        unique=["experiment_id", "id_name", "secondary_id"],
+        strict=True,
+        name="subject_id_map",
+    )
+
+
 def analysis_state_schema(experiment: Experiment | None = None) -> pa.DataFrameSchema:
     return pa.DataFrameSchema(
         {
@@ -427,6 +453,7 @@ def metric_windows_schema(experiment: Experiment | None = None) -> pa.DataFrameS
             "start_seconds": _column(INT64, "window start after assignment, seconds", pa.Check.ge(0)),
             "end_seconds": _column(INT64, "window end after assignment (exclusive), seconds"),
             "pre_seconds": _column(INT64, "the experiment's CUPED pre-period before assignment, seconds", pa.Check.ge(0)),
+            "entity": _column(STRING, "whose events: 'subject', or the secondary id they are keyed by (subject_id_map)"),
         },
         strict=True,
         name="metric_windows",
@@ -510,6 +537,9 @@ TABLES = {
         Table("deduped_assignments", "experiment x subject (unique among is_active rows)",
               "first exposure per subject, properties frozen at it, exclusions, correction history",
               deduped_assignments_schema),
+        Table("subject_id_map", "experiment x secondary id value",
+              "which subject each secondary id value (e.g. a user_id) belongs to: the first seen with it",
+              subject_id_map_schema),
         Table("metric_windows", "experiment x metric",
               "the registry's metric windows and pre-periods, which the two event views join with",
               metric_windows_schema, written="whole"),

@@ -232,6 +232,43 @@ experiments:
 """
 
 
+def add_logins(workspace: Workspace, logged_in_every: int, shared: int, purchases: bool = False) -> None:
+    """The tiny workspace's exposures gain a `login_id` (mapped as the secondary id `user_id`): every
+    `logged_in_every`-th subject logs in, the rest stay anonymous (null); `shared` logins of exp_a
+    are seen on a second subject later (a shared device). With `purchases`, the event log gains
+    purchases keyed by login (event `order`): one before the subject's first exposure, one 2 hours
+    after, one 20 days after (outside a 14-day window) per login, and orders of a login no
+    subject was seen with."""
+    import pandas as pd
+
+    root = workspace.registry_path.parent
+    exposures = pd.read_parquet(root / "logs/assignments.parquet")
+    number = exposures.user_id.str.rsplit("_", n=1).str[-1].astype(int)
+    exposures["login_id"] = ("login_" + exposures.user_id).where(number % logged_in_every == 0)
+    first = exposures[(exposures.experiment_key == "exp_a") & exposures.login_id.notna()].head(shared)
+    again = first.assign(user_id=first.user_id + "_other", exposed_at=first.exposed_at + pd.Timedelta(hours=1))
+    pd.concat([exposures, again]).to_parquet(root / "logs/assignments.parquet")
+    if purchases:
+        logins = exposures[exposures.login_id.notna()]
+        rows = [
+            (login, at + offset, "order", value)
+            for login, at, number in zip(logins.login_id, logins.exposed_at, range(len(logins)), strict=True)
+            for offset, value in ((pd.Timedelta(hours=-3), 50.0), (pd.Timedelta(hours=2), float(10 + number % 7)),
+                                  (pd.Timedelta(days=20), 70.0))
+        ]
+        rows.append(("login_nobody", logins.exposed_at.min() + pd.Timedelta(hours=1), "order", 99.0))
+        events = pd.read_parquet(root / "logs/events.parquet")
+        orders = pd.DataFrame(rows, columns=["user_id", "event_ts", "event_type", "amount"])
+        pd.concat([events, orders.astype(events.dtypes.to_dict())]).to_parquet(root / "logs/events.parquet")
+    text = workspace.registry_path.read_text().replace("    properties: [device_type]\n", (
+        "    properties: [device_type]\n    secondary_ids: {user_id: login_id}\n"
+    ), 1)
+    if purchases:  # exp_a gains `orders`, a metric keyed by the login
+        text = text.replace("metrics:\n", "metrics:\n  orders: {event_name: order, aggregation: sum, entity: user_id}\n", 1)
+        text = text.replace("    metrics: [revenue]\n", "    metrics: [revenue, orders]\n", 1)
+    workspace.registry_path.write_text(text)
+
+
 def write_tiny_workspace(
     root: Path,
     *,

@@ -88,10 +88,12 @@ def post_rows(con, assignments, events, metrics):
     return post_assignment_rows(window(con, assignments, events, metrics))
 
 
-def values_of(con, assignments, events, metrics, pre_window_days: float = 0):
-    """Per-subject values of experiment `exp`, both periods, as the pass computes them."""
+def values_of(con, assignments, events, metrics, pre_window_days: float = 0, id_map=None):
+    """Per-subject values of experiment `exp`, both periods, as the pass computes them (`id_map`:
+    subject_id_map, for metrics keyed by a secondary id)."""
     spans, _, coverage = window_segments(windows_frame(metrics, pre_window_days))
     subjects = con.create_table("subjects", numbered_subjects(assignments), overwrite=True)
-    segments = segment_sums(segment_rows(con.create_table("sides", subject_spans(subjects, con.create_table("spans", spans))), events))
+    sides = con.create_table("sides", subject_spans(subjects, con.create_table("spans", spans), id_map))
+    segments = segment_sums(segment_rows(sides, events))
     sums = con.create_table("bucket_sums", metric_bucket_sums(segments, con.create_table("coverage", coverage)))
     return subject_metric_values(subjects, sums, windows_table(con, metrics, pre_window_days))

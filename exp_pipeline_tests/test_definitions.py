@@ -23,6 +23,7 @@ CHECKS = {
     "raw_assignments.matches_schema", "raw_assignments.rejected_share_within_bound",
     "deduped_assignments.matches_schema", "deduped_assignments.one_active_row_per_subject",
     "deduped_assignments.multi_variant_share_within_bounds", "deduped_assignments.no_sample_ratio_mismatch",
+    "deduped_assignments.one_subject_per_secondary_id", "deduped_assignments.conflicting_secondary_ids_within_bound",
     "post_assignment_events.matches_schema", "post_assignment_events.no_events_before_assignment",
     "post_assignment_events.metric_events_match_subjects",
     "raw_assignments.rows_read_not_dropped", "post_assignment_events.rows_read_not_dropped",

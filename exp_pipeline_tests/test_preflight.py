@@ -53,6 +53,14 @@ def test_a_property_missing_from_the_log_names_the_properties_field(workspace, s
     assert problem.startswith(f"{workspace.registry_path}: sources.assignments.properties: column 'plan' is not in ")
 
 
+def test_a_secondary_id_missing_from_the_log_names_its_mapping(workspace, session):
+    edit_registry(workspace, "properties: [device_type]", "properties: [device_type]\n    secondary_ids: {user_id: login_id}")
+    [problem] = problems(workspace, session)
+    assert problem.startswith(
+        f"{workspace.registry_path}: sources.assignments.secondary_ids.user_id: column 'login_id' is not in "
+    )
+
+
 def test_an_unmapped_canonical_column_missing_from_the_log_says_which_name_is_expected(workspace, session):
     edit_registry(workspace, "event_at: event_ts, ", "")
     [problem] = problems(workspace, session)

@@ -61,6 +61,11 @@ def test_status_follows_the_dates():
          r"experiment 'Bad-ID', field 'id': 'Bad-ID' is not a valid id: use lowercase"),
         (lambda r: r["experiments"][3]["metrics"].append("nope"),
          r"experiment 'onboarding_srm', field 'metrics': unknown metrics \['nope'\]"),
+        (lambda r: r["metrics"]["sessions"].update(entity="user_id"),
+         r"experiment 'checkout_redesign', metric 'sessions', field 'entity': 'user_id' is not a secondary id of "
+         r"the experiment's assignments source \(its secondary_ids: \[\]\)"),
+        (lambda r: r["sources"]["assignments"].update(secondary_ids={"subject": "login"}),
+         r"sources: assignments.secondary_ids \['subject'\] are names already used"),
         (lambda r: r["experiments"][0]["variants"][0].update(id="treatment"),
          r"experiment 'checkout_redesign', field 'variants': variant ids must be unique"),
         (lambda r: r["experiments"][0].update(srm={"p_threshold": 2}),
@@ -99,6 +104,14 @@ def test_status_follows_the_dates():
          r"sources: assignments.properties \['source_file'\] are names of columns the pipeline adds"),
         (lambda r: r["sources"]["assignments"]["properties"].append(r["sources"]["assignments"]["properties"][0]),
          r"sources: assignments.properties repeats"),
+        (lambda r: r["sources"]["assignments"].update(secondary_ids={"device_type": "login"}),
+         r"sources: assignments.secondary_ids \['device_type'\] are names already used"),
+        (lambda r: r["sources"]["assignments"].update(secondary_ids={"variant_id": "login"}),
+         r"sources: assignments.secondary_ids \['variant_id'\] are names already used"),
+        (lambda r: r["sources"]["assignments"].update(secondary_ids={"User ID": "login"}),
+         r"sources, field 'assignments.secondary_ids.User ID.\[key\]': 'User ID' is not a valid id"),
+        (lambda r: r["sources"]["events"].update(secondary_ids={"user_id": "login"}),
+         r"sources: events.secondary_ids: secondary ids are mapped on the assignments source"),
     ],
 )
 def test_invalid_registry_names_experiment_and_field(tmp_path, mutate, message):

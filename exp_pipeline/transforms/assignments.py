@@ -37,15 +37,24 @@ def exposure_row_counts(raw: ir.Table, experiments: Sequence[Experiment]) -> ir.
     ).aggregate(rows=classified.count())
 
 
-def first_exposures(raw: ir.Table, experiments: Sequence[Experiment], properties: Sequence[str]) -> ir.Table:
-    """One row per experiment and subject: the first usable exposure wins, with its properties.
-    One query for every experiment of `raw` (only rows of `experiments` can be usable).
+def usable_exposures(raw: ir.Table, experiments: Sequence[Experiment]) -> ir.Table:
+    """The raw exposure rows that count for their experiment's assignment (inside its window)."""
+    usable = classify_exposures(raw, experiments)
+    return usable.filter(usable.exclusion_reason.isnull()).drop("exclusion_reason")
+
+
+def first_exposures(
+    raw: ir.Table, experiments: Sequence[Experiment], properties: Sequence[str], secondary_ids: Sequence[str] = ()
+) -> ir.Table:
+    """One row per experiment and subject: the first usable exposure wins, with its properties;
+    each secondary id is the first one logged (on the earliest usable exposure carrying one, the
+    smaller value on a tie). One query for every experiment of `raw` (only rows of `experiments`
+    can be usable).
 
     Subjects whose usable exposures name more than one variant keep a row too, marked
     `exclusion_reason = 'multiple_variants'`, so they are counted and reported, not lost.
     """
-    usable = classify_exposures(raw, experiments)
-    usable = usable.filter(usable.exclusion_reason.isnull()).drop("exclusion_reason")
+    usable = usable_exposures(raw, experiments)
     # The first exposure is the smallest of (time, variant, properties, file): ties on the
     # timestamp are broken deterministically so reruns give the same answer. One aggregate, not a
     # window over every exposure row (which would sort the log).
@@ -54,6 +63,10 @@ def first_exposures(raw: ir.Table, experiments: Sequence[Experiment], properties
         _first=ibis.struct({c: usable[c] for c in order}).min(),
         n_exposures=usable.count(),
         n_variants_seen=usable.variant_id.nunique(),
+        **{
+            f"_first_{i}": ibis.struct({"at": usable.assigned_at, "id": usable[i]}).min(where=usable[i].notnull())
+            for i in secondary_ids
+        },
     )
     return per_subject.select(
         "experiment_id",
@@ -61,6 +74,7 @@ def first_exposures(raw: ir.Table, experiments: Sequence[Experiment], properties
         variant_id=per_subject._first["variant_id"],
         assigned_at=per_subject._first["assigned_at"],
         **{p: per_subject._first[p] for p in properties},
+        **{i: per_subject[f"_first_{i}"]["id"] for i in secondary_ids},
         n_exposures=per_subject.n_exposures.cast("int64"),
         n_variants_seen=per_subject.n_variants_seen.cast("int64"),
         exclusion_reason=ibis.ifelse(
@@ -76,7 +90,8 @@ COUNT_COLUMNS = ("n_exposures", "n_variants_seen")
 
 
 def apply_assignment_history(
-    current: ir.Table, previous: ir.Table | None, recorded_at: dt.datetime, properties: Sequence[str] = ()
+    current: ir.Table, previous: ir.Table | None, recorded_at: dt.datetime, properties: Sequence[str] = (),
+    secondary_ids: Sequence[str] = (),
 ) -> ir.Table:
     """The new contents of an experiment's deduped_assignments partition, history included.
 
@@ -84,7 +99,8 @@ def apply_assignment_history(
     (written under any earlier registry: columns it lacks read as null, columns the registry no
     longer names are left out, history rows included: a removed property's values go from the
     rewritten partition). Unchanged subjects keep their row (`valid_from` included), so
-    reruns are idempotent; only their counts (n_exposures, n_variants_seen) follow the log, and
+    reruns are idempotent; only their counts (n_exposures, n_variants_seen) and secondary ids (a
+    visitor who logs in later) follow the log, and
     a property they have no value of (one added to the registry since) is filled from the log.
     A subject whose variant, first exposure or exclusion changed is a correction: the old row is
     kept with `is_active = false` and `valid_to` set, and the new row is inserted active. Rows that
@@ -110,9 +126,9 @@ def apply_assignment_history(
     # in place: they are not history.
     same = [active[c].identical_to(current[c]) for c in TRACKED_COLUMNS]
     unchanged = active.semi_join(current, [*(active[k] == current[k] for k in key), *same])
-    followed = current.select(*key, *(ibis._[c].name(f"_{c}") for c in (*COUNT_COLUMNS, *properties)))
+    followed = current.select(*key, *(ibis._[c].name(f"_{c}") for c in (*COUNT_COLUMNS, *secondary_ids, *properties)))
     kept = unchanged.join(followed, key).mutate(
-        **{c: ibis._[f"_{c}"] for c in COUNT_COLUMNS},
+        **{c: ibis._[f"_{c}"] for c in (*COUNT_COLUMNS, *secondary_ids)},
         **{p: ibis._[p].coalesce(ibis._[f"_{p}"]) for p in properties},
     ).select(*columns)
     # Changed or vanished subjects: the previous active row closes.

@@ -153,7 +153,7 @@ def canonical_assignments(source_rows: ir.Table, source: Source, experiment_id: 
     _require_columns(
         source_rows,
         source,
-        (*ASSIGNMENT_COLUMNS, *source.properties),
+        (*ASSIGNMENT_COLUMNS, *source.kept_columns),
         "assignments source",
     )
     experiment_column = source_rows[source.source_column("experiment_id")]
@@ -165,6 +165,7 @@ def canonical_assignments(source_rows: ir.Table, source: Source, experiment_id: 
         variant_id=canonical_label(rows[source.source_column("variant_id")]),
         assigned_at=to_utc_timestamp(logged_at, source.timestamp_unit),
         **{p: rows[p].cast("string") for p in source.properties},
+        **{i: canonical_id(rows[source.source_column(i)]).nullif("") for i in source.secondary_ids},
         source_file=rows.source_file.cast("string"),
         **_logged_text("assigned_at", logged_at, _is_time(logged_at)),
     )

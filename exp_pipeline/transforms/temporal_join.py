@@ -13,7 +13,7 @@ import ibis
 import ibis.expr.types as ir
 import pandas as pd
 
-from exp_pipeline.registry import Experiment, Metric
+from exp_pipeline.registry import SUBJECT, Experiment, Metric
 from exp_pipeline.transforms.fixed_point import FIXED_POINT, exact_terms
 from exp_pipeline.vocabulary import whole_seconds
 
@@ -32,11 +32,12 @@ def metric_windows_frame(experiments: Sequence[tuple[Experiment, Sequence[Metric
             "start_seconds": whole_seconds(m.window_start_days),
             "end_seconds": whole_seconds(m.window_end_days),
             "pre_seconds": whole_seconds(experiment.cuped_pre_window_days),
+            "entity": m.entity,
         }
         for experiment, metrics in experiments
         for m in metrics
     ]
-    columns = ["experiment_id", "metric", "event_name", "aggregation", "start_seconds", "end_seconds", "pre_seconds"]
+    columns = ["experiment_id", "metric", "event_name", "aggregation", "start_seconds", "end_seconds", "pre_seconds", "entity"]
     frame = pd.DataFrame(rows, columns=columns)
     return frame.astype({"start_seconds": "int64", "end_seconds": "int64", "pre_seconds": "int64"})
 
@@ -60,17 +61,34 @@ def events_in_span(events: ir.Table, experiments: Sequence[tuple[Experiment, Seq
     return rows
 
 
-def window_rows(assignments: ir.Table, events: ir.Table, windows: ir.Table) -> ir.Table:
+def _keyed_sides(sides: ir.Table, id_map: ir.Table | None) -> ir.Table:
+    """`sides` (subjects joined with their spans, which name an `entity`) with `_key`, the value
+    their events are keyed by: the subject_id for the subject's own events, and for a secondary
+    id every value of it the subject owns in its experiment (`subject_id_map`), so an ID's events
+    reach only the subject first seen with it."""
+    own = sides.filter(sides.entity == SUBJECT).mutate(_key=sides.subject_id)
+    if id_map is None:
+        return own
+    owned = id_map.select("experiment_id", "subject_id", entity="id_name", _key="secondary_id")
+    return ibis.union(own, sides.join(owned, ["experiment_id", "subject_id", "entity"]), distinct=False)
+
+
+def _join_events(sides: ir.Table, events: ir.Table) -> ir.Table:
+    """Each keyed side row with the events of its key and event name."""
+    return sides.join(events, [sides._key == events.subject_id, sides.event_name == events.event_name])
+
+
+def window_rows(assignments: ir.Table, events: ir.Table, windows: ir.Table, id_map: ir.Table | None = None) -> ir.Table:
     """The temporal join of every experiment at once: a subject's events from its experiment's
     pre-period before assignment (the CUPED covariate) to the end of the widest window of a metric
     on that event name. Split it with `post_assignment_rows` and `pre_assignment_rows`.
 
     `assignments`: analysable subjects of any number of experiments (experiment_id, subject_id,
-    variant_id, assigned_at); `windows`: `metric_windows_frame` as a table. Window ends are
-    exclusive; an event exactly at `assigned_at` is post-assignment. Exact duplicate events (logged
-    twice) count once.
+    variant_id, assigned_at); `windows`: `metric_windows_frame` as a table; `id_map`:
+    subject_id_map, for metrics keyed by a secondary id. Window ends are exclusive; an event
+    exactly at `assigned_at` is post-assignment. Exact duplicate events (logged twice) count once.
     """
-    spans = windows.group_by("experiment_id", "event_name").aggregate(
+    spans = windows.group_by("experiment_id", "event_name", "entity").aggregate(
         start_seconds=windows.start_seconds.min(),
         end_seconds=windows.end_seconds.max(),
         pre_seconds=windows.pre_seconds.max(),
@@ -80,13 +98,13 @@ def window_rows(assignments: ir.Table, events: ir.Table, windows: ir.Table) -> i
     subjects = assignments.select("experiment_id", "subject_id", "variant_id", "assigned_at").join(
         spans, "experiment_id"
     )
-    subjects = subjects.select(
-        "experiment_id", "subject_id", "variant_id", "assigned_at", "event_name",
+    subjects = _keyed_sides(subjects.select(
+        "experiment_id", "subject_id", "variant_id", "assigned_at", "event_name", "entity",
         _low=subjects.assigned_at - subjects.pre_seconds.as_interval("s"),
         _start=subjects.assigned_at + subjects.start_seconds.as_interval("s"),
         _end=subjects.assigned_at + subjects.end_seconds.as_interval("s"),
-    )
-    joined = subjects.join(events, ["subject_id", "event_name"])
+    ), id_map)
+    joined = _join_events(subjects, events)
     return joined.filter(_in_windows(joined)).select(*WINDOW_COLUMNS).distinct()
 
 
@@ -110,7 +128,7 @@ def pre_assignment_rows(window_events: ir.Table) -> ir.Table:
 
 # -- the run's join, aggregated: per subject, event name and window segment -------------------------
 
-SPAN_COLUMNS = ("span", "experiment_id", "event_name", "pre_seconds", "start_seconds", "end_seconds")
+SPAN_COLUMNS = ("span", "experiment_id", "event_name", "entity", "pre_seconds", "start_seconds", "end_seconds")
 SEGMENT_KEY = ("unit", "span", "segment")
 # A subject's settled events (the incremental refresh) end here: only later ones are joined.
 FRESH_FROM = "_fresh_from"
@@ -141,13 +159,14 @@ def window_segments(windows: pd.DataFrame) -> WindowSegments:
     pre-period.
     """
     spans, segments, coverage = [], [], []
-    keyed = windows.sort_values(["experiment_id", "event_name", "metric"])
-    for span, ((experiment_id, event_name), group) in enumerate(keyed.groupby(["experiment_id", "event_name"], sort=True)):
+    keyed = windows.sort_values(["experiment_id", "event_name", "entity", "metric"])
+    groups = keyed.groupby(["experiment_id", "event_name", "entity"], sort=True)
+    for span, ((experiment_id, event_name, entity), group) in enumerate(groups):
         pre = int(group.pre_seconds.max())
         start, end = int(group.start_seconds.min()), int(group.end_seconds.max())
         cuts = sorted({-pre, 0, *map(int, group.start_seconds), *map(int, group.end_seconds)})
         spans.append({
-            "span": span, "experiment_id": experiment_id, "event_name": event_name,
+            "span": span, "experiment_id": experiment_id, "event_name": event_name, "entity": entity,
             "pre_seconds": pre, "start_seconds": start, "end_seconds": end, "inner": cuts[1:-1],
         })
         for segment, (low, high) in enumerate(zip(cuts[:-1], cuts[1:], strict=True)):
@@ -162,7 +181,9 @@ def window_segments(windows: pd.DataFrame) -> WindowSegments:
         inner = s.pop("inner")
         s.update({f"bound_{k + 1}": (inner[k] if k < len(inner) else s["end_seconds"]) for k in range(width)})
     columns = [*SPAN_COLUMNS, *(f"bound_{k + 1}" for k in range(width))]
-    spans_frame = pd.DataFrame(spans, columns=columns).astype({c: "int64" for c in columns if c not in ("experiment_id", "event_name")})
+    spans_frame = pd.DataFrame(spans, columns=columns).astype(
+        {c: "int64" for c in columns if c not in ("experiment_id", "event_name", "entity")}
+    )
     keys = {"span": "int64", "segment": "int64"}
     return WindowSegments(
         spans_frame,
@@ -177,8 +198,9 @@ def numbered_subjects(subjects: ir.Table) -> ir.Table:
     return subjects.mutate(unit=ibis.row_number().over(order_by=[subjects.experiment_id, subjects.subject_id]))
 
 
-def subject_spans(subjects: ir.Table, spans: ir.Table) -> ir.Table:
-    """The build side of the run's join: per subject and span, the span's bounds as timestamps.
+def subject_spans(subjects: ir.Table, spans: ir.Table, id_map: ir.Table | None = None) -> ir.Table:
+    """The build side of the run's join: per subject and span, the span's bounds as timestamps,
+    and `_key`, what its events are keyed by (`_keyed_sides`: per owned value of a secondary id).
 
     `subjects`: analysable subjects of every experiment (experiment_id, subject_id, variant_id,
     assigned_at) with their `unit` (`numbered_subjects`), and FRESH_FROM if some have settled
@@ -193,14 +215,14 @@ def subject_spans(subjects: ir.Table, spans: ir.Table) -> ir.Table:
     fresh = [FRESH_FROM] if FRESH_FROM in subjects.columns else []
     # The lowest event time joined: the pre-period's start, or a settled subject's watermark if later.
     low = ibis.greatest(pre_start, sides[FRESH_FROM].fill_null(pre_start)) if fresh else pre_start
-    return sides.select(
-        "unit", "span", "experiment_id", "subject_id", "variant_id", "assigned_at", "event_name", *fresh,
+    return _keyed_sides(sides.select(
+        "unit", "span", "experiment_id", "subject_id", "variant_id", "assigned_at", "event_name", "entity", *fresh,
         _pre_start=pre_start,
         _low=low,
         _start=at + sides.start_seconds.as_interval("s"),
         _end=at + sides.end_seconds.as_interval("s"),
         **{f"_{b}": at + sides[b].as_interval("s") for b in bounds},
-    )
+    ), id_map)
 
 
 def with_every_event(sides: ir.Table) -> ir.Table:
@@ -215,7 +237,7 @@ def segment_rows(sides: ir.Table, events: ir.Table) -> ir.Table:
     `sides`: `subject_spans`, materialized; where it has FRESH_FROM, a subject's events before it
     are left out (they are settled)."""
     bounds = [c for c in sides.columns if c.startswith("_bound_")]
-    joined = sides.join(events, ["subject_id", "event_name"])
+    joined = _join_events(sides, events)
     joined = joined.filter(_in_windows(joined))
     segment = sum((joined.event_at >= joined[b]).cast("int64") for b in bounds) if bounds else ibis.literal(0, "int64")
     return joined.select("unit", "span", *WINDOW_COLUMNS, segment=segment)

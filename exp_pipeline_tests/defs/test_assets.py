@@ -1,16 +1,18 @@
 """End to end: materialize every experiment through Dagster on generated data, recover the truth."""
 
 
+import numpy as np
 import pandas as pd
 import pytest
 from dagster import DagsterInstance, materialize
+from scipy import stats as sps
 
 from exp_pipeline import schemas, validation
 from exp_pipeline.defs.assets import ANALYSIS_ASSETS, REGISTRY_ASSETS
 from exp_pipeline.defs.checks import CHECK_KEYS, EXPERIMENT_CHECK_KEYS
 from exp_pipeline.defs.partitions import experiment_partitions, run_over
 from exp_pipeline.registry import load_registry
-from exp_pipeline_tests.conftest import ENGINES
+from exp_pipeline_tests.conftest import ENGINES, add_logins, write_tiny_workspace
 
 pytestmark = pytest.mark.e2e
 
@@ -349,3 +351,36 @@ def test_the_logs_and_the_registry_are_observed_with_their_paths_and_row_counts(
         "path": str(tmp_path / "logs" / "assignments.parquet"), "dagster/row_count": len(exposures), "files": 1}
     assert observed("event_log")["dagster/row_count"] == len(events)
     assert observed("experiment_registry") == {"path": str(workspace.registry_path), "experiments": 2, "metrics": 1}
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_a_metric_keyed_by_a_secondary_id_counts_for_the_first_subject_seen_with_it(tmp_path, instance, engine):
+    workspace = write_tiny_workspace(tmp_path, engine=engine)
+    add_logins(workspace, logged_in_every=3, shared=10, purchases=True)
+    instance.add_dynamic_partitions(experiment_partitions.name, ["exp_a"])
+    assert materialize_experiment(workspace, instance, "exp_a").success
+    # By hand from the logs: each subject's first exposure, each login's owner (the first subject
+    # seen with it, then the smaller id), the owner's orders in [assigned_at, assigned_at + 14 days).
+    logs = workspace.registry_path.parent / "logs"
+    exposures = pd.read_parquet(logs / "assignments.parquet").query("experiment_key == 'exp_a'")
+    first = exposures.sort_values(["exposed_at", "user_id"]).groupby("user_id").first()
+    owners = exposures.dropna(subset=["login_id"]).sort_values(["exposed_at", "user_id"]).groupby("login_id").user_id.first()
+    orders = pd.read_parquet(logs / "events.parquet").query("event_type == 'order'")
+    orders = orders.assign(subject=orders.user_id.map(owners)).dropna(subset=["subject"])
+    orders = orders.join(first.exposed_at, on="subject")
+    counted = orders[(orders.event_ts >= orders.exposed_at) & (orders.event_ts < orders.exposed_at + pd.Timedelta(days=14))]
+    value = counted.groupby("subject").amount.sum().reindex(first.index, fill_value=0.0)
+    assert len(counted) == len(owners) and (value > 0).sum() == len(owners)  # one order per login, none late
+    rows = metrics_of(workspace, "exp_a")
+    for variant in ("control", "treatment"):
+        mine = value[first.variation == variant]
+        row = rows.loc[(variant, "orders")]
+        assert row["n"] == len(mine)  # subjects without a login count, as zero
+        assert row["sum_y"] == pytest.approx(mine.sum(), rel=1e-12)
+        assert row["mean"] == pytest.approx(mine.mean(), rel=1e-12)
+    welch = sps.ttest_ind(value[first.variation == "treatment"], value[first.variation == "control"], equal_var=False)
+    treatment = rows.loc[("treatment", "orders")]
+    assert treatment["abs_lift_ci_low"] == pytest.approx(welch.confidence_interval().low, rel=1e-9)
+    assert treatment["df"] == pytest.approx(welch.df, rel=1e-9)
+    # The pre-period (CUPED's covariate) counts each login's order 3 hours before its owner's exposure.
+    assert treatment["sum_x"] == pytest.approx(50.0 * np.sum(owners.map(first.variation) == "treatment"), rel=1e-12)

@@ -11,7 +11,7 @@ from exp_pipeline.defs.checks import EXPERIMENT_CHECK_KEYS, check_result
 from exp_pipeline.defs.partitions import experiment_partitions, run_over
 from exp_pipeline.registry import load_registry
 from exp_pipeline.transforms import temporal_join
-from exp_pipeline_tests.conftest import ENGINES, write_tiny_workspace
+from exp_pipeline_tests.conftest import ENGINES, add_logins, write_tiny_workspace
 
 
 def run(workspace, instance, experiment_id="exp_a"):
@@ -334,3 +334,39 @@ def test_sources_that_cannot_be_read_fail_the_step_with_a_clear_message(tmp_path
     [failure] = [e for e in result.all_events if e.event_type_value == "STEP_FAILURE"]
     assert failure.step_key == "experiment_analysis"
     assert message in failure.event_specific_data.error.cause.message
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_secondary_ids_map_to_the_first_subject_and_shared_ones_warn(tmp_path, instance, engine):
+    workspace = write_tiny_workspace(tmp_path, engine=engine)
+    add_logins(workspace, logged_in_every=2, shared=20)  # 20 of exp_a's 300 logins seen twice: 6.7%
+    result = run(workspace, instance)
+    assert result.success
+    found = evaluations(result)
+    assert found["deduped_assignments.one_subject_per_secondary_id"].passed
+    conflicts = found["deduped_assignments.conflicting_secondary_ids_within_bound"]
+    assert not conflicts.passed and conflicts.severity == AssetCheckSeverity.WARN
+    assert conflicts.metadata["user_id_values"].value == 300
+    assert conflicts.metadata["user_id_conflicting"].value == 20
+    assert "20 of 300 values (6.67%)" in conflicts.description
+    # The map, from the log by pandas: the first subject seen with each login (then the smaller id).
+    log = pd.read_parquet(workspace.registry_path.parent / "logs/assignments.parquet")
+    log = log[(log.experiment_key == "exp_a") & log.login_id.notna()].sort_values(["exposed_at", "user_id"])
+    expected = log.groupby("login_id").agg(subject_id=("user_id", "first"), n_subjects=("user_id", "nunique"))
+    with workspace.warehouse().session() as session:
+        stored_map = stored(session, "subject_id_map").set_index("secondary_id").sort_index()
+        deduped = stored(session, "deduped_assignments").set_index("subject_id")
+    assert (stored_map.id_name == "user_id").all()
+    assert stored_map.subject_id.to_dict() == expected.subject_id.to_dict()
+    assert stored_map.n_subjects.to_dict() == expected.n_subjects.to_dict()
+    # deduped_assignments keeps each subject's first logged login; anonymous subjects have none.
+    assert deduped.loc["exp_a_control_2", "user_id"] == "login_exp_a_control_2"
+    assert pd.isna(deduped.loc["exp_a_control_1", "user_id"])
+    assert deduped.loc["exp_a_control_0_other", "user_id"] == "login_exp_a_control_0"
+
+
+def test_few_shared_secondary_ids_pass(tmp_path, instance):
+    workspace = write_tiny_workspace(tmp_path)
+    add_logins(workspace, logged_in_every=2, shared=3)
+    conflicts = evaluations(run(workspace, instance))["deduped_assignments.conflicting_secondary_ids_within_bound"]
+    assert conflicts.passed and conflicts.metadata["user_id_conflicting"].value == 3

@@ -1,15 +1,13 @@
 """Secondary IDs on small tables: the first subject wins, conflicts are counted, a subject without
 an ID counts as zero, an ID's events before its subject's assignment do not count."""
 
+import ibis
 import pandas as pd
 
-from exp_pipeline.transforms.secondary_ids import (
-    ID_MAP_COLUMNS,
-    attributed_events,
-    first_secondary_ids,
-    subject_id_map,
-)
-from exp_pipeline_tests.tables import assignments_table, events_table, metric, post_rows, values_of
+from exp_pipeline.transforms.assignments import first_exposures
+from exp_pipeline.transforms.secondary_ids import ID_MAP_COLUMNS, subject_id_map, subject_id_maps
+from exp_pipeline.transforms.temporal_join import post_assignment_rows, window_rows
+from exp_pipeline_tests.tables import assignments_table, events_table, experiment, metric, values_of, windows_table
 
 
 def exposures(con, rows):
@@ -45,16 +43,24 @@ def test_a_tie_goes_to_the_smaller_subject_id(con):
     assert got == {("exp", "u1"): ("anon_y", 2)}
 
 
-def test_a_subjects_first_observed_id_is_on_its_earliest_exposure_carrying_one(con):
+def test_a_subjects_first_logged_id_is_on_its_earliest_usable_exposure_carrying_one(con):
     rows = exposures(con, [
+        ("exp", "anon_a", "2026-09-30T00:00:00Z", "u0"),  # before the experiment: not usable
         ("exp", "anon_a", "2026-10-01T00:00:00Z", None),
         ("exp", "anon_a", "2026-10-02T00:00:00Z", "u2"),
         ("exp", "anon_a", "2026-10-03T00:00:00Z", "u1"),
         ("exp", "anon_b", "2026-10-01T00:00:00Z", None),
-    ])
-    out = con.to_pandas(first_secondary_ids(rows, ["user_id"]))
+    ]).mutate(variant_id=ibis.literal("control"), source_file=ibis.literal("f.parquet"))
+    out = con.to_pandas(first_exposures(rows, [experiment()], [], ["user_id"]))
     got = dict(zip(out["subject_id"], out["user_id"].where(out["user_id"].notna(), None), strict=True))
     assert got == {"anon_a": "u2", "anon_b": None}
+    assert set(out.loc[out.subject_id == "anon_a", "assigned_at"]) == {pd.Timestamp("2026-10-01", tz="UTC")}
+
+
+def test_without_secondary_ids_the_map_is_empty(con):
+    rows = exposures(con, [("exp", "anon_a", "2026-10-01T00:00:00Z", "u1")])
+    out = con.to_pandas(subject_id_maps(rows, []))
+    assert out.empty and tuple(out.columns) == ID_MAP_COLUMNS
 
 
 def test_user_keyed_events_count_for_their_subject_from_its_assignment_on(con):
@@ -75,13 +81,15 @@ def test_user_keyed_events_count_for_their_subject_from_its_assignment_on(con):
         ("u1", "2026-10-08T00:00:00Z", "purchase", 4.0),   # in, and anon_a's, not anon_c's
         ("u9", "2026-10-08T00:00:00Z", "purchase", 8.0),   # an ID no subject was seen with
     ])
-    rekeyed = con.create_table("rekeyed", attributed_events(purchases, owners, "user_id").drop("experiment_id"))
-    rows = con.to_pandas(post_rows(con, assignments, rekeyed, [metric()]))
+    orders = metric(entity="user_id")
+    rows = con.to_pandas(post_assignment_rows(window_rows(assignments, purchases, windows_table(con, [orders]), owners)))
     assert sorted(zip(rows["subject_id"], rows["value"], strict=True)) == [("anon_a", 2.0), ("anon_a", 4.0)]
-    # Every assigned subject is analysed: anon_b (no user_id) and anon_c (a conflicting one) as zero.
-    values = values_of(con, assignments, rekeyed, [metric()])
-    stats = con.statistics(
-        values, pd.DataFrame({"experiment_id": ["exp", "exp"], "variant_id": ["control", "treatment"], "n": [1, 2]})
-    ).set_index("variant_id")
+    # The subject's own events (keyed by anon ids) are not the metric's: none has the key u1.
+    assert con.to_pandas(post_assignment_rows(window_rows(assignments, purchases, windows_table(con, [metric()])))).empty
+    # The pass's aggregated join agrees, and every assigned subject is analysed: anon_b (no user_id)
+    # and anon_c (a user_id anon_a saw first) as zero.
+    values = values_of(con, assignments, purchases, [orders], id_map=owners)
+    subjects = pd.DataFrame({"experiment_id": ["exp", "exp"], "variant_id": ["control", "treatment"], "n": [1, 2]})
+    stats = con.statistics(values, subjects).set_index("variant_id")
     assert stats.loc["treatment", "n"] == 2 and stats.loc["treatment", "sum_y"] == 6.0
     assert stats.loc["control", "sum_y"] == 0.0
