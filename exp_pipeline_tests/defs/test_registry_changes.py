@@ -13,7 +13,7 @@ from dagster import materialize
 
 from exp_pipeline.defs.assets import ANALYSIS_ASSETS
 from exp_pipeline.defs.partitions import experiment_partitions, run_over
-from exp_pipeline_tests.conftest import Workspace, write_tiny_workspace
+from exp_pipeline_tests.conftest import Workspace, add_logins, write_tiny_workspace
 
 pytestmark = pytest.mark.e2e
 
@@ -134,6 +134,20 @@ def test_a_metric_added(analysed, instance, tmp_path, instance_factory):
     metrics = analysed.rows("variant_metrics")
     assert set(metrics[metrics.experiment_id == "exp_a"].metric) == {"revenue", "purchases"}
     assert set(metrics[metrics.experiment_id == "exp_b"].metric) == {"revenue"}
+    assert_same_as_fresh(analysed, tmp_path, instance_factory)
+
+
+def test_a_secondary_id_and_a_metric_keyed_by_it_added(analysed, instance, tmp_path, instance_factory):
+    before = valid_from(analysed)
+    add_logins(analysed, logged_in_every=3, shared=0, purchases=True)
+    assert passes(analyse(analysed, instance))
+    deduped = analysed.rows("deduped_assignments")
+    assert deduped.is_active.all() and deduped.user_id.notna().sum() == len(deduped) // 3
+    pd.testing.assert_series_equal(valid_from(analysed), before)  # filled in place, no correction
+    assert len(analysed.rows("subject_id_map")) == len(deduped) // 3
+    metrics = analysed.rows("variant_metrics")
+    assert set(metrics[metrics.experiment_id == "exp_a"].metric) == {"revenue", "orders"}
+    assert metrics[metrics.metric == "orders"].sum_y.gt(0).all()
     assert_same_as_fresh(analysed, tmp_path, instance_factory)
 
 
