@@ -332,8 +332,8 @@ def _window_views(session: WarehouseSession, registry: Registry) -> None:
 
 def _id_map(session: WarehouseSession, registry: Registry, experiments: Sequence[Experiment]) -> ir.Table | None:
     """subject_id_map of the experiments, when one of their metrics is keyed by a secondary id."""
-    if all(m.entity == SUBJECT for e in experiments for m in registry.metrics_of(e)):
-        return None
+    if not any(_keyed_by_secondary_ids(registry, e) for e in experiments) or not session.has_table(ID_MAP):
+        return None  # (no map yet: a warehouse where no experiment reached deduped_assignments since)
     id_map = session.table(ID_MAP)
     return id_map.filter(id_map.experiment_id.isin([e.id for e in experiments]))
 
@@ -412,7 +412,7 @@ def _plan_refresh(
         run.plans[e.id] = refresh.plan_refresh(
             e.id, refresh.definition_fingerprint(e, registry.metrics_of(e), registry.sources.events), state, settle_until,
             counts.before(e.id, state.settled_until) if state else None, stored_rows.get(e.id, 0) if state else None,
-            keyed_by_secondary_ids=any(m.entity != SUBJECT for m in registry.metrics_of(e)),
+            keyed_by_secondary_ids=_keyed_by_secondary_ids(registry, e),
         )
     return run
 
@@ -607,34 +607,40 @@ def _analyse(
         pair_counts = property_pair_counts(analysable, registry.sources.assignments.properties, by=["experiment_id"])
         pairs = session.to_pandas(pair_counts) if pair_counts is not None else pd.DataFrame(columns=["experiment_id", *PAIR_COLUMNS])
     with clock.stage("settled rows"):
-        states = _settle(session, analysed, join, run, settled_pass)
+        states = _settle(session, registry, analysed, join, run, settled_pass)
     with clock.stage("inference and writes"):
         _write_results(session, registry, analysed, sufficient, by_segment, pairs, counts, rows_read, now, states, outcomes)
         # After the commit: the rows no state names any more (recomputed, or left by a failed run).
         refresh.prune_uncommitted(session, states)
 
 
+def _keyed_by_secondary_ids(registry: Registry, experiment: Experiment) -> bool:
+    return any(m.entity != SUBJECT for m in registry.metrics_of(experiment))
+
+
 def _settle(
-    session: WarehouseSession, analysed: Sequence[Experiment], join: RunJoin, run: RunRefresh,
+    session: WarehouseSession, registry: Registry, analysed: Sequence[Experiment], join: RunJoin, run: RunRefresh,
     settled_pass: dict[str, dict[str, bool | None]],
 ) -> list[refresh.RefreshState]:
     """Store the rows this run settled as its batch; the analysed experiments' next states (not
-    committed until they are written with the results)."""
+    committed until they are written with the results). Experiments with metrics keyed by a
+    secondary id store none: they are recomputed in full (refresh.plan_refresh)."""
     ids = [e.id for e in analysed]
+    stored_ids = [e.id for e in analysed if not _keyed_by_secondary_ids(registry, e)]
     spans = ibis.memtable(join.cut.spans[["span", "experiment_id", "event_name"]])
     sums = temporal_join.settled_rows(join.segments, join.subjects, spans)
-    mine = join.subjects.filter(join.subjects.experiment_id.isin(ids))
+    mine = join.subjects.filter(join.subjects.experiment_id.isin(stored_ids))
     new = mine.filter(mine[temporal_join.FRESH_FROM].isnull())
     subjects = new.select(
         *refresh.SUBJECT_KEY, batch=new[temporal_join.SETTLED_BATCH].cast("int64"), unit=new[temporal_join.SETTLED_UNIT].cast("int64"),
         revokes_batch=ibis.null("int64"),
     )
-    settled = refresh.settled_subjects(session, [run.plans[i] for i in ids])
+    settled = refresh.settled_subjects(session, [run.plans[i] for i in stored_ids])
     if settled is not None:
         # Computed before this batch is appended: subjects the run went on without.
         gone = session.temp_table("_revoked_subjects", refresh.revocations(settled, mine.select(*refresh.SUBJECT_KEY), run.batch))
         subjects = ibis.union(subjects, gone, distinct=False)
-    refresh.append_settled(session, sums.filter(sums.experiment_id.isin(ids)), subjects, run.batch)
+    refresh.append_settled(session, sums.filter(sums.experiment_id.isin(stored_ids)), subjects, run.batch)
     written = refresh.batch_rows(session, {i: [run.batch] for i in ids})
     return [
         run.plans[i].next_state(run.counts.before(i, run.settle_until) or {}, settled_pass[i], run.batch, written.get(i, 0))

@@ -31,7 +31,7 @@ import ibis.expr.types as ir
 import pandas as pd
 
 from exp_pipeline import schemas
-from exp_pipeline.registry import Experiment, Metric, Source
+from exp_pipeline.registry import SUBJECT, Experiment, Metric, Source
 from exp_pipeline.warehouse.interface import WarehouseSession
 
 REFRESH_STATE = "refresh_state"
@@ -50,8 +50,10 @@ def definition_fingerprint(experiment: Experiment, metrics: Sequence[Metric], ev
     described = {
         "logic": LOGIC_VERSION,
         "experiment": experiment.model_dump(mode="json"),
-        "metrics": [m.model_dump(mode="json") for m in metrics],
-        "events": events.model_dump(mode="json"),
+        # Fields added since a warehouse was written, at values that change nothing, are left out:
+        # an upgrade must not recompute every experiment (nor say its definition changed).
+        "metrics": [m.model_dump(mode="json", exclude={"entity"} if m.entity == SUBJECT else None) for m in metrics],
+        "events": events.model_dump(mode="json", exclude={"secondary_ids", "max_conflicting_id_share"}),
     }
     return hashlib.sha256(json.dumps(described, sort_keys=True).encode()).hexdigest()[:32]
 

@@ -332,6 +332,8 @@ def compare_clustered(treatment: Moments, control: Moments, alpha: float = 0.05,
     control ratio, its variance the delta method through that denominator as well.
     """
     _check_alpha(alpha)
+    if cuped and min(len(treatment.sums), len(control.sums)) < 3:
+        raise ValueError("compare_clustered(cuped=True) needs Moments of (Y, N, X): X is the pre-period sum")
     if min(treatment.n, control.n) < 2 or not (treatment.sums[1] > 0 and control.sums[1] > 0):
         return _inference(_NAN, _NAN, _NAN, _NAN, _NAN, _NAN, alpha)
     (r_t, gy_t, rx_t, gx_t), (r_c, gy_c, rx_c, gx_c) = _ratio_gradients(treatment), _ratio_gradients(control)

@@ -246,7 +246,11 @@ def add_logins(workspace: Workspace, logged_in_every: int, shared: int, purchase
     number = exposures.user_id.str.rsplit("_", n=1).str[-1].astype(int)
     exposures["login_id"] = ("login_" + exposures.user_id).where(number % logged_in_every == 0)
     first = exposures[(exposures.experiment_key == "exp_a") & exposures.login_id.notna()].head(shared)
-    again = first.assign(user_id=first.user_id + "_other", exposed_at=first.exposed_at + pd.Timedelta(hours=1))
+    # In the other arm: the login's events would move arms if the later subject took them.
+    again = first.assign(
+        user_id=first.user_id + "_other", exposed_at=first.exposed_at + pd.Timedelta(hours=1),
+        variation=first.variation.map({"control": "treatment", "treatment": "control"}),
+    )
     pd.concat([exposures, again]).to_parquet(root / "logs/assignments.parquet")
     if purchases:
         logins = exposures[exposures.login_id.notna()]

@@ -96,6 +96,18 @@ def test_the_fingerprint_follows_what_the_sums_depend_on():
     assert refresh.definition_fingerprint(experiment, longer, events) != base
     remapped = events.model_copy(update={"columns": {**events.columns, "value": "price"}})
     assert refresh.definition_fingerprint(experiment, metrics, remapped) != base
+    keyed = [metrics[0].model_copy(update={"entity": "user_id"}), *metrics[1:]]
+    assert refresh.definition_fingerprint(experiment, keyed, events) != base
+
+
+def test_fields_added_at_values_that_change_nothing_leave_stored_fingerprints_as_they_were():
+    # The sample's checkout_redesign as fingerprinted before metrics had an `entity` and sources
+    # `secondary_ids` (f8959b4): an upgraded warehouse goes on refreshing incrementally. A deliberate
+    # LOGIC_VERSION bump changes it (then update this value).
+    registry = load_registry(DEFAULT_REGISTRY)
+    experiment = registry.experiment("checkout_redesign")
+    fingerprint = refresh.definition_fingerprint(experiment, registry.metrics_of(experiment), registry.sources.events)
+    assert fingerprint == "a181edf35213e915e608e4e091c71bfe"
 
 
 # -- a refreshed warehouse against a full recomputation ---------------------------------------------

@@ -636,6 +636,8 @@ def test_clustered_without_two_clusters_or_members_gives_nan():
     _assert_inference_nan(compare_clustered(one, two))
     empty = Moments(n=2, sums=np.zeros(2), cross=np.zeros((2, 2)))
     _assert_inference_nan(compare_clustered(two, empty))
+    with pytest.raises(ValueError, match=r"needs Moments of \(Y, N, X\)"):
+        compare_clustered(two, two, cuped=True)
 
 
 def test_clustered_interval_covers_while_the_naive_one_does_not():

@@ -165,10 +165,16 @@ def canonical_assignments(source_rows: ir.Table, source: Source, experiment_id: 
         variant_id=canonical_label(rows[source.source_column("variant_id")]),
         assigned_at=to_utc_timestamp(logged_at, source.timestamp_unit),
         **{p: rows[p].cast("string") for p in source.properties},
-        **{i: canonical_id(rows[source.source_column(i)]).nullif("") for i in source.secondary_ids},
+        **{i: _present_id(rows[source.source_column(i)]) for i in source.secondary_ids},
         source_file=rows.source_file.cast("string"),
         **_logged_text("assigned_at", logged_at, _is_time(logged_at)),
     )
+
+
+def _present_id(column: ir.Value) -> ir.StringValue:
+    """A secondary id as text (`canonical_id`), null when blank: a visitor not logged in yet."""
+    text = canonical_id(column)
+    return ibis.ifelse(_blank(text), ibis.null("string"), text)
 
 
 def _is_time(column: ir.Value) -> bool:

@@ -48,6 +48,25 @@ def test_assignment_rows_are_ingested_or_rejected_with_a_reason(con):
     assert "assigned_at=yesterday-ish" in unparsable.record and "subject_id=u" in unparsable.record
 
 
+def test_secondary_ids_are_kept_as_text_and_blank_ones_are_missing(con):
+    source = SOURCE.model_copy(update={"secondary_ids": {"user_id": "login"}})
+    frame = pd.DataFrame({
+        "user_id": ["a", "b", "c", "d"], "exp_key": "exp", "arm": "control", "device_type": "ios",
+        "ts": "2026-10-02T00:00:00Z", "login": [100000.0, None, 7.5, float("nan")], "source_file": "f",
+    })
+    text = frame.assign(login=["u1", "  ", "", None])
+    numbers = con.to_pandas(ingestion.canonical_assignments(con.create_table("log", frame), source, "exp"))
+    texts = con.to_pandas(ingestion.canonical_assignments(con.create_table("log_text", text), source, "exp"))
+    present = lambda column: [v if isinstance(v, str) else None for v in column]  # noqa: E731
+    assert present(numbers.user_id) == ["100000", None, "7.5", None]  # a float export of an integer id
+    assert present(texts.user_id) == ["u1", None, None, None]
+    # Rows differing only in their secondary id are not copies of each other.
+    twice = pd.concat([text.iloc[[0]], text.iloc[[0]].assign(login="u2")])
+    rows = ingestion.canonical_assignments(con.create_table("twice", twice), source, "exp")
+    counts = con.to_pandas(ingestion.rejection_counts(ingestion.classify_assignments(rows, [experiment()], source.kept_columns)))
+    assert dict(zip(counts["reason"], counts["rows"], strict=True)) == {"ingested": 2}
+
+
 def test_rows_of_no_known_experiment_are_found(con):
     frame = pd.DataFrame({
         "user_id": ["a", "b", "c", "d"], "exp_key": ["exp", "nope", None, " "], "arm": "control",
