@@ -210,15 +210,16 @@ def multi_variant_outcome(excluded: int, total: int, experiment: Experiment) -> 
 def conflicting_ids_outcome(counts: pd.DataFrame, id_names: Sequence[str], max_share: float) -> CheckOutcome:
     """One experiment's values per secondary id (`counts`: id_name, values, conflicting) against
     the bound on the share seen with several subjects."""
-    per_id = {r.id_name: (int(r.values), int(r.conflicting)) for r in counts.itertuples(index=False)}
+    # Every mapped id, with (values, conflicting values): (0, 0) for an id no exposure carried.
+    per_id = {name: (0, 0) for name in id_names}
+    per_id.update({r.id_name: (int(r.values), int(r.conflicting)) for r in counts.itertuples(index=False)})
     shares = {name: (c / v if v else 0.0) for name, (v, c) in per_id.items()}
-    over = sorted(name for name, share in shares.items() if share > max_share)
+    over = [name for name, share in shares.items() if share > max_share]
     if not id_names:
         description = "no secondary ids mapped (sources.assignments.secondary_ids)"
     else:
         description = "; ".join(
-            f"{name}: {per_id.get(name, (0, 0))[1]} of {per_id.get(name, (0, 0))[0]} values "
-            f"({shares.get(name, 0.0):.2%}) seen with several subjects" for name in id_names
+            f"{name}: {c} of {v} values ({shares[name]:.2%}) seen with several subjects" for name, (v, c) in per_id.items()
         ) + f" (warn above {max_share:.2%}; their events count for the first subject seen with them)"
     return CheckOutcome(
         passed=not over,
@@ -226,8 +227,8 @@ def conflicting_ids_outcome(counts: pd.DataFrame, id_names: Sequence[str], max_s
         description=description,
         metadata={
             "max_conflicting_id_share": max_share,
-            **{f"{name}_values": per_id.get(name, (0, 0))[0] for name in id_names},
-            **{f"{name}_conflicting": per_id.get(name, (0, 0))[1] for name in id_names},
+            **{f"{name}_values": v for name, (v, _) in per_id.items()},
+            **{f"{name}_conflicting": c for name, (_, c) in per_id.items()},
         },
     )
 
