@@ -240,6 +240,8 @@ def test_the_ui_shows_the_graph_and_the_results(dagster_dev, launched_run, brows
     assert "revenue" in text and "CUPED lift" in text and "CUPED++ lift" in text and "+12.96%*" in text
     page.screenshot(path=str(screenshot_path(tmp_path, "ui_results_table")))
     dialog.get_by_role("button", name="Close").click()
+    # Closed before the next opens: a dialog still fading out would be a second one (seen in CI).
+    dialog.wait_for(state="hidden", timeout=10_000)
 
     page.get_by_role("row", name="forest_plot").get_by_text("[Show Markdown]").click()
     image = page.get_by_role("dialog").locator("img")
